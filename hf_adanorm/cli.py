@@ -1,0 +1,63 @@
+"""Command line: ``hf-adanorm inspect`` (and ``python -m hf_adanorm``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .registry import available_norms
+
+
+def _load_model(model_name: str | None, arch: str):
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    if model_name:
+        return AutoModel.from_pretrained(model_name)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128)
+    return AutoModel.from_config(config)
+
+
+def inspect(args) -> int:
+    """Show what patch_model would do, do it, and check that unpatch_model undoes it."""
+    import torch
+
+    from .patch import patch_model, unpatch_model
+
+    model = _load_model(args.model, args.arch).eval()
+    print(patch_model(model, args.norm, include_rmsnorm=args.include_rmsnorm, dry_run=True))
+    ids = torch.randint(0, min(getattr(model.config, "vocab_size", 100), 1000), (2, 16),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).last_hidden_state
+        patch_model(model, args.norm, include_rmsnorm=args.include_rmsnorm)
+        patched = model(input_ids=ids).last_hidden_state
+        unpatch_model(model)
+        after = model(input_ids=ids).last_hidden_state
+    change = ((patched - before).norm() / before.norm()).item()
+    print(f"relative change of the output when patched: {change:.3f}")
+    print(f"unpatch restores the output bitwise: {torch.equal(before, after)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-adanorm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="dry-run patch_model on a model and verify unpatch")
+    p.add_argument("--model", help="hub id or local folder (default: a tiny random model)")
+    p.add_argument("--arch", default="bert", help="architecture of the tiny default model")
+    p.add_argument("--norm", default="adanorm", choices=available_norms())
+    p.add_argument("--include-rmsnorm", action="store_true")
+    p.set_defaults(func=inspect)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""``NormConfig``: every option of ``patch_model``, validated before the model is touched."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional, Union
+
+from .norms import DETACH_CHOICES, check_ada_params
+from .registry import get_spec
+
+Patterns = Optional[Union[str, list[str]]]
+
+
+@dataclass
+class NormConfig:
+    """What to put in place of a model's LayerNorms.
+
+    The field help below is the documentation of each ``patch_model`` option.
+    """
+
+    norm: str = field(default="adanorm", metadata={"help": (
+        "Which norm replaces each LayerNorm: 'layernorm_simple' (z = y), 'adanorm' "
+        "(z = C(1 - k y) y, factor detached), 'detachnorm' (z = y, statistics detached in "
+        "backward, see `detach`) or 'no_norm' (z = x). See `hf_adanorm.available_norms()`.")})
+    k: float = field(default=0.1, metadata={"help": (
+        "AdaNorm's k in C(1 - k y); must be > 0. The paper uses 1/10, which keeps the "
+        "factor positive for |y| < 10.")})
+    C: float = field(default=1.0, metadata={"help": "AdaNorm's output scale C; must be > 0."})
+    detach: str = field(default="both", metadata={"help": (
+        "DetachNorm only: detach the 'mean', the 'variance' or 'both' in backward.")})
+    eps: Optional[float] = field(default=None, metadata={"help": (
+        "The epsilon of the new norms. None keeps each replaced module's own eps.")})
+    eps_mode: str = field(default="torch", metadata={"help": (
+        "'torch': sigma = sqrt(population var + eps), as nn.LayerNorm. 'fairseq': "
+        "sigma = unbiased std + eps, exactly as the paper's released code.")})
+    include_rmsnorm: bool = field(default=False, metadata={"help": (
+        "Also replace RMSNorm modules (Llama, Qwen, Mistral, Gemma, T5 ...) by the RMS "
+        "counterpart (y = x / rms(x)). Off by default: the paper studies LayerNorm.")})
+    include: Patterns = field(default=None, metadata={"help": (
+        "Only replace these modules. A string is a regex matched against the full "
+        "module name; a list holds exact names or name suffixes (PEFT-style).")})
+    exclude: Patterns = field(default=None, metadata={"help": (
+        "Never replace these modules (same matching as `include`).")})
+
+    def __post_init__(self):
+        get_spec(self.norm)  # unknown names raise with the list of choices
+        if self.norm == "adanorm":
+            check_ada_params(self.k, self.C)
+        if self.detach not in DETACH_CHOICES:
+            raise ValueError(f"detach must be one of {DETACH_CHOICES}, got {self.detach!r}")
+        if self.eps_mode not in ("torch", "fairseq"):
+            raise ValueError(f"eps_mode must be 'torch' or 'fairseq', got {self.eps_mode!r}")
+        if self.eps is not None and not self.eps > 0:
+            raise ValueError(f"eps must be > 0 or None (keep each module's), got {self.eps!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "NormConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown NormConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_options(cls, norm, options: dict) -> "NormConfig":
+        """Build from ``patch_model``'s arguments, naming any misspelt option."""
+        if isinstance(norm, cls):
+            if options:
+                raise TypeError("pass either a NormConfig or keyword options, not both")
+            return norm
+        if not isinstance(norm, str):
+            raise TypeError(f"norm must be a name or a NormConfig, got {type(norm).__name__}")
+        known = {f.name for f in fields(cls)} - {"norm"}
+        unknown = set(options) - known
+        if unknown:
+            raise TypeError(f"unknown patch_model option(s) {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(norm=norm, **options)

