@@ -1,0 +1,25 @@
+"""``hf-adanorm compare``: train one model with several norms x several seeds, then report.
+
+    >>> from hf_adanorm.compare import compare
+    >>> compare(setup, norms=["layernorm", "adanorm"], seeds=[0, 1, 2], output_dir="out")
+
+writes ``out/runs/<norm>_seed<seed>/`` (one training run each, skipped when already
+finished) and ``out/report/`` (report.md, runs.csv, runs.json, summary.json, PNG plots).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .report import write_report
+from .stats import BASELINE
+from .sweep import RunFn, accelerate_runner, known_norms, run_sweep
+
+__all__ = ["compare", "run_sweep", "write_report", "accelerate_runner", "known_norms", "BASELINE"]
+
+
+def compare(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
+            progress: bool = True) -> Path:
+    """Run the sweep (see :func:`run_sweep`) and write its report; returns report.md's path."""
+    runs = run_sweep(setup, norms, seeds, output_dir, run_fn=run_fn, progress=progress)
+    return write_report(runs, list(norms), Path(output_dir) / "report", setup=setup)

@@ -1,0 +1,92 @@
+"""PNG plots of a sweep: learning curves with seed bands, final metrics with 95% CIs."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works without a display and in worker processes
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+X_KEYS = ("step", "epoch")  # the x axis of a learning curve, in order of preference
+
+
+def _file_name(prefix: str, metric: str) -> str:
+    return f"{prefix}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png"
+
+
+def history_frame(runs: list[dict]) -> pd.DataFrame:
+    """One row per logged history point, with the run's norm and seed."""
+    rows = [dict(point, norm=r["norm"], seed=r["seed"]) for r in runs for point in r.get("history", [])]
+    return pd.DataFrame(rows)
+
+
+def plot_learning_curves(runs: list[dict], norms: list[str], folder: Path) -> list[Path]:
+    """One figure per history metric: per norm the mean over seeds, shaded mean +/- 1 std."""
+    frame = history_frame(runs)
+    x_key = next((k for k in X_KEYS if k in frame.columns), None)
+    if frame.empty or x_key is None:
+        return []
+    metrics = [c for c in frame.columns if c not in (*X_KEYS, "norm", "seed")
+               and pd.api.types.is_numeric_dtype(frame[c])]
+    written = []
+    for metric in metrics:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for norm in norms:
+            points = frame[frame.norm == norm].dropna(subset=[metric])
+            if points.empty:
+                continue
+            curve = points.groupby(x_key)[metric].agg(["mean", "std", "count"])
+            line, = ax.plot(curve.index, curve["mean"], label=f"{norm} (n={points.seed.nunique()})")
+            spread = curve["std"].fillna(0.0)  # a single seed has no band
+            ax.fill_between(curve.index, curve["mean"] - spread, curve["mean"] + spread,
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set(xlabel=x_key, ylabel=metric, title=f"{metric}: mean over seeds, band = ±1 std")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, folder / _file_name("curve", metric)))
+    return written
+
+
+def plot_final_metrics(runs: list[dict], summary: list[dict], norms: list[str], folder: Path) -> list[Path]:
+    """One figure per final metric: per norm the mean with its 95% CI whisker, every seed a dot.
+
+    Point ranges rather than bars: a bar must start at zero to be honest, which hides
+    differences of a fraction of a point; a point range needs no zero on the axis.
+    """
+    written = []
+    for metric in dict.fromkeys(row["metric"] for row in summary):
+        rows = {row["norm"]: row for row in summary if row["metric"] == metric}
+        shown = [n for n in norms if rows.get(n, {}).get("n", 0) > 0]
+        if not shown:
+            continue
+        fig, ax = plt.subplots(figsize=(1.5 * len(shown) + 2, 4))
+        for i, norm in enumerate(shown):
+            row = rows[norm]
+            seeds = [r["final"][metric] for r in runs if r["norm"] == norm and metric in r["final"]]
+            ax.scatter([i + 0.15] * len(seeds), seeds, color="gray", s=14, zorder=3,
+                       label="one seed" if i == 0 else None)
+            if math.isnan(row["ci_low"]):  # n = 1: no interval to draw
+                ax.plot(i, row["mean"], "o", color="C0")
+                continue
+            ax.errorbar(i, row["mean"], yerr=[[row["mean"] - row["ci_low"]], [row["ci_high"] - row["mean"]]],
+                        fmt="o", color="C0", capsize=6, label="mean, 95% CI" if i == 0 else None)
+        ax.set_xticks(range(len(shown)), shown)
+        ax.set_xlim(-0.6, len(shown) - 0.4)
+        ax.set(ylabel=metric, title=f"final {metric}")
+        ax.legend(fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+        written.append(_save(fig, folder / _file_name("final", metric)))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

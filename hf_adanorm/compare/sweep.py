@@ -1,0 +1,145 @@
+"""The sweep: one training run per (norm, seed), skipping runs that already finished.
+
+A run has finished when its folder holds ``metrics.json`` (the training code writes it
+last and atomically), so an interrupted sweep resumes by running the same command again.
+Runs go one after another, either in this process or each through ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from ..registry import available_norms
+from .stats import BASELINE
+
+METRICS_FILE = "metrics.json"
+SWEEP_FILE = "sweep.json"  # the shared training options the finished runs were made with
+TRAINING_MODULE = "hf_adanorm.training"  # `python -m` entry point of one training run
+
+RunFn = Callable[[dict], object]  # trains one run from its options; writes metrics.json
+
+
+def known_norms() -> list[str]:
+    """What --norms accepts: the unpatched baseline and every registered norm."""
+    return [BASELINE, *available_norms()]
+
+
+def check_plan(norms, seeds) -> None:
+    """Reject a bad sweep before anything runs."""
+    if not norms:
+        raise ValueError("no norms to compare; pass e.g. --norms layernorm adanorm")
+    unknown = [n for n in norms if n not in known_norms()]
+    if unknown:
+        raise ValueError(f"unknown norm(s) {unknown}; choose from {known_norms()}")
+    if len(set(norms)) != len(norms):
+        raise ValueError(f"each norm once please, got {list(norms)}")
+    if len(seeds) < 1:
+        raise ValueError("need at least one seed; pass e.g. --seeds 0 1 2")
+    if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be non-negative integers, got {list(seeds)}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"each seed once please (runs are paired by seed), got {list(seeds)}")
+
+
+def run_dir(output_dir: Path, norm: str, seed: int) -> Path:
+    return Path(output_dir) / "runs" / f"{norm}_seed{seed}"
+
+
+def is_finished(folder: Path) -> bool:
+    return (Path(folder) / METRICS_FILE).is_file()
+
+
+def check_same_setup(output_dir: Path, setup: dict) -> None:
+    """Refuse to mix finished runs made with other training options into one report."""
+    path = Path(output_dir) / SWEEP_FILE
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    changed = sorted(k for k in set(before) | set(setup) if before.get(k) != setup.get(k))
+    if changed:
+        raise ValueError(
+            f"{output_dir} holds runs made with other training options ({', '.join(changed)}: "
+            f"{ {k: before.get(k) for k in changed} } then, { {k: setup.get(k) for k in changed} } now). "
+            "Use a new --output-dir, or delete that folder to start over.")
+
+
+def run_in_process(options: dict):
+    """Train one run in this process with :func:`hf_adanorm.training.run_training`."""
+    from ..training import TrainingArgs, run_training
+
+    return run_training(TrainingArgs(**options))
+
+
+def accelerate_command(options: dict, config_file: str | None = None) -> list[str]:
+    """The ``accelerate launch`` command line that trains one run (``--field value`` per option)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file:
+        cmd += ["--config_file", str(config_file)]
+    cmd += ["-m", TRAINING_MODULE]
+    for key, value in options.items():
+        if value is not None:
+            cmd += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    return cmd
+
+
+def accelerate_runner(config_file: str | None = None) -> RunFn:
+    """A run function that starts each run as its own ``accelerate launch`` job."""
+    if config_file and not Path(config_file).is_file():
+        raise FileNotFoundError(f"accelerate config {config_file} not found; write one with "
+                                "`accelerate config --config_file PATH` or use a recipes/configs/ file")
+
+    def run(options: dict):
+        cmd = accelerate_command(options, config_file)
+        done = subprocess.run(cmd)
+        if done.returncode != 0:
+            raise RuntimeError(f"training run failed (exit code {done.returncode}): {shlex.join(cmd)}")
+
+    return run
+
+
+def load_run(folder: Path, norm: str, seed: int) -> dict:
+    """A finished run as the report uses it: norm, seed, folder, final metrics, history."""
+    metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
+    return dict(norm=norm, seed=seed, run_dir=str(folder), final=metrics["final"],
+                history=metrics.get("history", []), config=metrics.get("config", {}))
+
+
+def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
+              progress: bool = True) -> list[dict]:
+    """Train every (norm, seed) not yet finished under ``output_dir``; return all runs loaded.
+
+    ``setup`` holds the training options shared by every run (TrainingArgs fields, without
+    norm, seed and output_dir).  ``run_fn(options)`` trains one run and must leave
+    ``metrics.json`` in ``options["output_dir"]``; the default trains in this process.
+    """
+    norms, seeds = list(norms), list(seeds)
+    check_plan(norms, seeds)
+    clash = {"norm", "seed", "output_dir"} & set(setup)
+    if clash:
+        raise ValueError(f"{sorted(clash)} are set per run by the sweep; leave them out of the options")
+    output_dir = Path(output_dir)
+    check_same_setup(output_dir, setup)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / SWEEP_FILE).write_text(json.dumps(setup, indent=2, sort_keys=True))
+    run_fn = run_fn or run_in_process
+
+    plan = [(norm, seed, run_dir(output_dir, norm, seed)) for seed in seeds for norm in norms]
+    todo = [p for p in plan if not is_finished(p[2])]
+    if len(todo) < len(plan):
+        tqdm.write(f"hf-adanorm compare: {len(plan) - len(todo)} of {len(plan)} runs already "
+                   f"finished in {output_dir}; running the other {len(todo)}")
+    bar = tqdm(todo, desc="runs", unit="run", disable=not progress)
+    for norm, seed, folder in bar:
+        bar.set_postfix_str(f"{norm} seed {seed}")
+        run_fn(dict(setup, norm=norm, seed=seed, output_dir=str(folder)))
+        if not is_finished(folder):
+            raise RuntimeError(f"the run {norm} seed {seed} returned without writing "
+                               f"{folder / METRICS_FILE}; the sweep cannot report it")
+    return [load_run(folder, norm, seed) for norm, seed, folder in plan]

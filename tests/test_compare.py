@@ -1,0 +1,180 @@
+"""The comparison: the sweep resumes, and the report's numbers are what the runs say."""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from hf_adanorm.cli import main
+from hf_adanorm.compare import compare, run_sweep, write_report
+from hf_adanorm.compare.sweep import METRICS_FILE
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class FakeRun:
+    """Stands in for a training run: writes a metrics.json whose numbers depend on norm and seed."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, options):
+        self.calls.append((options["norm"], options["seed"]))
+        rng = np.random.default_rng([options["seed"], len(options["norm"])])
+        shift = {"layernorm": 0.0, "layernorm_simple": 0.01, "adanorm": 0.02}.get(options["norm"], -0.01)
+        history = [dict(epoch=e, step=10 * e, train_loss=float(1 / e + rng.normal(0, 0.05)),
+                        eval_accuracy=float(0.5 + 0.1 * e + shift + rng.normal(0, 0.01)))
+                   for e in (1, 2, 3)]
+        final = dict(eval_accuracy=history[-1]["eval_accuracy"], eval_loss=float(0.3 - shift + rng.normal(0, 0.02)))
+        path = f"{options['output_dir']}/{METRICS_FILE}"
+        __import__("os").makedirs(options["output_dir"], exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(dict(config=options, history=history, final=final), f)
+        return final
+
+
+SETUP = dict(model="tiny", dataset="fake", learning_rate=1e-3)
+
+
+def test_sweep_skips_finished_runs(tmp_path):
+    fake = FakeRun()
+    runs = run_sweep(SETUP, ["layernorm", "adanorm"], [0, 1], tmp_path, run_fn=fake, progress=False)
+    assert len(fake.calls) == 4 and len(runs) == 4
+    run_sweep(SETUP, ["layernorm", "adanorm"], [0, 1], tmp_path, run_fn=fake, progress=False)
+    assert len(fake.calls) == 4  # nothing ran again
+    (tmp_path / "runs" / "adanorm_seed1" / METRICS_FILE).unlink()  # as if killed mid-run
+    run_sweep(SETUP, ["layernorm", "adanorm"], [0, 1, 2], tmp_path, run_fn=fake, progress=False)
+    assert fake.calls[4:] == [("adanorm", 1), ("layernorm", 2), ("adanorm", 2)]
+
+
+def test_sweep_refuses_to_mix_other_training_options(tmp_path):
+    run_sweep(SETUP, ["layernorm"], [0], tmp_path, run_fn=FakeRun(), progress=False)
+    with pytest.raises(ValueError, match="learning_rate.*new --output-dir"):
+        run_sweep(dict(SETUP, learning_rate=1e-2), ["layernorm"], [0], tmp_path, run_fn=FakeRun(),
+                  progress=False)
+
+
+def test_failed_run_stops_the_sweep_and_keeps_finished_runs(tmp_path):
+    fake = FakeRun()
+
+    def flaky(options):
+        if options["norm"] == "adanorm":
+            raise RuntimeError("out of memory")
+        return fake(options)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_sweep(SETUP, ["layernorm", "adanorm"], [0], tmp_path, run_fn=flaky, progress=False)
+    assert (tmp_path / "runs" / "layernorm_seed0" / METRICS_FILE).is_file()
+    with pytest.raises(RuntimeError, match="without writing"):
+        run_sweep(SETUP, ["adanorm"], [0], tmp_path, run_fn=lambda options: None, progress=False)
+
+
+def _recompute(values, base):
+    """Independent recomputation of one report row from the raw per-seed values."""
+    x = np.array(values)
+    n = len(x)
+    std = x.std(ddof=1)
+    half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
+    row = dict(n=n, mean=x.mean(), std=std, ci_low=x.mean() - half, ci_high=x.mean() + half)
+    if base is not None:
+        d = x - np.array(base)
+        dhalf = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
+        t = d.mean() / (d.std(ddof=1) / math.sqrt(n))
+        row.update(mean_diff=d.mean(), diff_ci_low=d.mean() - dhalf, diff_ci_high=d.mean() + dhalf,
+                   t_pvalue=2 * stats.t.sf(abs(t), n - 1),
+                   wilcoxon_pvalue=stats.wilcoxon(d).pvalue)
+    return row
+
+
+def test_report_numbers_equal_a_recomputation_from_the_run_json(tmp_path):
+    norms, seeds = ["layernorm", "layernorm_simple", "adanorm"], [0, 1, 2, 3]
+    report = compare(SETUP, norms, seeds, tmp_path, run_fn=FakeRun(), progress=False)
+
+    raw = {}  # (norm, metric) -> values in seed order, read from the per-run files only
+    for norm in norms:
+        for seed in seeds:
+            final = json.loads((tmp_path / "runs" / f"{norm}_seed{seed}" / METRICS_FILE).read_text())["final"]
+            for metric, value in final.items():
+                raw.setdefault((norm, metric), []).append(value)
+
+    summary = json.loads((report.parent / "summary.json").read_text())["rows"]
+    assert {(r["norm"], r["metric"]) for r in summary} == set(raw)
+    markdown = report.read_text()
+    for row in summary:
+        base = None if row["norm"] == "layernorm" else raw[("layernorm", row["metric"])]
+        expected = _recompute(raw[(row["norm"], row["metric"])], base)
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (row["norm"], row["metric"], key)
+        # The markdown line shows the same numbers, rounded to 4 (p-values 3) significant digits.
+        section = markdown.split(f"## {row['metric']}\n")[1].split("\n## ")[0]
+        line = next(l for l in section.splitlines() if l.startswith(f"| {row['norm']} |"))
+        shown = [float(v) for v in re.findall(r"-?\d+\.?\d*(?:e[-+]?\d+)?", line.split("|", 2)[2])]
+        wanted = [expected["n"], expected["mean"], expected["std"], expected["ci_low"], expected["ci_high"]]
+        if base is not None:
+            wanted += [expected["mean_diff"], expected["diff_ci_low"], expected["diff_ci_high"], len(base),
+                       expected["t_pvalue"], expected["wilcoxon_pvalue"]]
+        assert len(shown) == len(wanted), line
+        for i, (got, want) in enumerate(zip(shown, wanted)):  # p-values are the last two (3 digits)
+            rel = 5e-3 if base is not None and i >= len(wanted) - 2 else 5e-4
+            assert got == pytest.approx(want, rel=rel, abs=1e-12), line
+
+    table = (report.parent / "runs.csv").read_text().splitlines()
+    assert len(table) == 1 + len(norms) * len(seeds)
+    runs_json = json.loads((report.parent / "runs.json").read_text())
+    assert sorted((r["norm"], r["seed"]) for r in runs_json) == sorted((n, s) for n in norms for s in seeds)
+    assert "Read with care" in markdown and "Runs (seeds) per norm: layernorm 4" in markdown
+
+
+def test_plots_are_valid_pngs(tmp_path):
+    import matplotlib.image
+
+    report = compare(SETUP, ["layernorm", "adanorm"], [0, 1], tmp_path, run_fn=FakeRun(), progress=False)
+    names = sorted(p.name for p in report.parent.glob("*.png"))
+    assert names == ["curve_eval_accuracy.png", "curve_train_loss.png",
+                     "final_eval_accuracy.png", "final_eval_loss.png"]
+    for name in names:
+        path = report.parent / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0  # decodes, not blank
+        assert f"({name})" in report.read_text()  # linked from report.md
+
+
+def test_report_without_baseline_omits_the_paired_columns(tmp_path):
+    report = compare(SETUP, ["adanorm", "layernorm_simple"], [0, 1], tmp_path, run_fn=FakeRun(),
+                     progress=False)
+    text = report.read_text()
+    assert "paired t p" not in text and "No `layernorm` runs" in text
+    rows = json.loads((report.parent / "summary.json").read_text())["rows"]
+    assert all("t_pvalue" not in r for r in rows)
+
+
+def test_single_seed_has_no_interval_and_says_so(tmp_path):
+    report = compare(SETUP, ["layernorm", "adanorm"], [0], tmp_path, run_fn=FakeRun(), progress=False)
+    rows = json.loads((report.parent / "summary.json").read_text())["rows"]
+    assert all(r["ci_low"] is None or math.isnan(r["ci_low"]) for r in rows)
+    assert "one seed there is no spread" in report.read_text()
+
+
+@pytest.mark.parametrize("norms, seeds, message", [
+    (["layernorm", "adanrom"], [0], "unknown norm.*adanrom.*choose from"),
+    ([], [0], "no norms"),
+    (["adanorm"], [], "at least one seed"),
+    (["adanorm"], [0, 0], "each seed once"),
+    (["adanorm"], [-1], "non-negative"),
+])
+def test_bad_plans_fail_before_anything_runs(tmp_path, norms, seeds, message):
+    fake = FakeRun()
+    with pytest.raises(ValueError, match=message):
+        run_sweep(SETUP, norms, seeds, tmp_path / "out", run_fn=fake, progress=False)
+    assert fake.calls == [] and not (tmp_path / "out").exists()
+
+
+def test_cli_rejects_a_norm_typo_with_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--norms", "layernorm", "adanrom", "--output-dir", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "adanrom" in capsys.readouterr().err and not (tmp_path / "o").exists()
