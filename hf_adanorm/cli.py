@@ -1,10 +1,11 @@
-"""Command line: ``hf-adanorm inspect`` (and ``python -m hf_adanorm``)."""
+"""Command line: ``hf-adanorm inspect`` and ``hf-adanorm compare`` (and ``python -m hf_adanorm``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .compare.command import add_compare_parser
 from .registry import available_norms
 
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", default="adanorm", choices=available_norms())
     p.add_argument("--include-rmsnorm", action="store_true")
     p.set_defaults(func=inspect)
+    add_compare_parser(sub)
     return parser
 
 

@@ -11,6 +11,7 @@ import json
 import shlex
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +47,18 @@ def check_plan(norms, seeds) -> None:
         raise ValueError(f"seeds must be non-negative integers, got {list(seeds)}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"each seed once please (runs are paired by seed), got {list(seeds)}")
+
+
+def check_training_options(setup: dict, norms) -> None:
+    """Build each norm's TrainingArgs once, so a bad option fails before the first run starts."""
+    from ..training.args import TrainingArgs
+
+    for norm in norms:
+        try:
+            TrainingArgs(**dict(setup, norm=norm, seed=0, output_dir="unused"))
+        except TypeError as err:  # an option TrainingArgs does not have
+            known = sorted(f.name for f in fields(TrainingArgs))
+            raise ValueError(f"{err}; training options are {known}") from None
 
 
 def run_dir(output_dir: Path, norm: str, seed: int) -> Path:
@@ -124,6 +137,7 @@ def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None
     clash = {"norm", "seed", "output_dir"} & set(setup)
     if clash:
         raise ValueError(f"{sorted(clash)} are set per run by the sweep; leave them out of the options")
+    check_training_options(setup, norms)
     output_dir = Path(output_dir)
     check_same_setup(output_dir, setup)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,84 @@
+"""The ``hf-adanorm compare`` subcommand: sweep options, plus every training option passed through."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+PER_RUN = ("norm", "seed", "output_dir")  # set by the sweep for each run, never shared
+
+DESCRIPTION = """\
+Train the same model once per norm and seed, then write a report comparing them
+(mean ± std, 95%% CI, paired tests against the unpatched layernorm baseline, plots).
+Finished runs are skipped, so rerunning an interrupted command resumes it.
+With neither --model nor --dataset: the built-in demo (scikit-learn's handwritten digits,
+a 2-layer BERT from a config; no network, a few minutes on 2 CPU cores).
+Every other option below is a training option shared by all runs (see TrainingArgs)."""
+
+
+def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``compare`` to the ``hf-adanorm`` subcommands."""
+    from transformers import HfArgumentParser
+
+    from ..training.args import TrainingArgs
+    from .default import DEFAULT_NORMS, DEFAULT_SEEDS
+    from .sweep import known_norms
+
+    # The training options come from TrainingArgs itself, through HfArgumentParser, so the
+    # two never drift apart; our own options replace the per-run ones ("resolve").
+    training = HfArgumentParser(TrainingArgs, add_help=False)
+    p = subparsers.add_parser("compare", parents=[training], conflict_handler="resolve",
+                              help="train norms x seeds and report how they compare",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared = {f.name for f in fields(TrainingArgs)} - set(PER_RUN)
+    for action in p._actions:  # noqa: SLF001 (argparse has no public way to reset defaults)
+        if action.dest in shared:
+            action.default = argparse.SUPPRESS  # only options the user gives reach the runs
+    sweep = p.add_argument_group("sweep")
+    sweep.add_argument("--norms", nargs="+", choices=known_norms(), default=list(DEFAULT_NORMS),
+                       metavar="NORM", help=f"norms to compare, from {known_norms()} "
+                       f"(default: {' '.join(DEFAULT_NORMS)})")
+    sweep.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), metavar="SEED",
+                       help="seeds; runs are paired by seed (default: 0 1 2)")
+    sweep.add_argument("--output-dir", "--output_dir", dest="output_dir", default="outputs/compare",
+                       help="sweep folder: runs/<norm>_seed<seed>/ and report/ (default: %(default)s)")
+    sweep.add_argument("--launcher", choices=("python", "accelerate"), default="python",
+                       help="train each run in this process, or through `accelerate launch`")
+    sweep.add_argument("--accelerate-config", "--accelerate_config", dest="accelerate_config",
+                       help="accelerate config file for --launcher accelerate (e.g. recipes/configs/*.yaml)")
+    sweep.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    for single, plural in (("--norm", "--norms"), ("--seed", "--seeds")):
+        p.add_argument(single, dest=f"single_{single[2:]}", help=argparse.SUPPRESS,
+                       action="append")  # kept only to point to the plural option
+    p.set_defaults(func=run_compare, compare_parser=p, shared_options=shared)
+    return p
+
+
+def run_compare(args) -> int:
+    from . import compare
+    from .default import default_setup, write_digits_csv
+    from .sweep import accelerate_runner, check_plan, check_training_options
+
+    parser = args.compare_parser
+    for single in ("norm", "seed"):
+        if getattr(args, f"single_{single}"):
+            parser.error(f"--{single} sets a single run; compare takes --{single}s A B ...")
+    given = {k: getattr(args, k) for k in sorted(args.shared_options) if hasattr(args, k)}
+    try:
+        check_plan(args.norms, args.seeds)
+        if args.accelerate_config and args.launcher != "accelerate":
+            raise ValueError("--accelerate-config needs --launcher accelerate")
+        if "model" in given and "dataset" not in given:
+            raise ValueError("--model needs --dataset (or give neither for the built-in digits demo)")
+        demo = "model" not in given and "dataset" not in given
+        setup = dict(default_setup(args.output_dir), **given) if demo else given
+        check_training_options(setup, args.norms)
+        run_fn = accelerate_runner(args.accelerate_config) if args.launcher == "accelerate" else None
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    if demo:
+        write_digits_csv(setup["dataset"])
+    report = compare(setup, args.norms, args.seeds, args.output_dir, run_fn=run_fn, progress=args.progress)
+    print(f"report: {report}\n" + Path(report).read_text())
+    return 0
