@@ -1,0 +1,28 @@
+"""Accelerate training for hf_adanorm: the code behind ``recipes/`` and ``hf-adanorm compare``.
+
+    >>> from hf_adanorm.training import TrainingArgs, run_training
+    >>> metrics = run_training(TrainingArgs(task="classification", model="...", dataset="...",
+    ...                                     norm="adanorm", output_dir="runs/adanorm-seed0"))
+
+``run_training`` writes ``run_config.json``, ``checkpoints/step_N``, ``model/`` and, last
+and atomically, ``metrics.json`` into ``output_dir``: that file exists only for a finished run.
+"""
+
+from .args import TrainingArgs
+from .checkpoints import latest_checkpoint
+from .loop import METRICS_FILE, RUN_CONFIG_FILE, train
+
+
+def task_module(task: str):
+    """The module (``classification`` or ``causal_lm``) with ``build_task`` / ``training_function``."""
+    from . import causal_lm, classification
+    return {"classification": classification, "causal_lm": causal_lm}[task]
+
+
+def run_training(args: TrainingArgs) -> dict:
+    """Train as ``args`` says; returns (and writes to metrics.json) {"config", "history", "final", ...}."""
+    return task_module(args.task).training_function(args)
+
+
+__all__ = ["METRICS_FILE", "RUN_CONFIG_FILE", "TrainingArgs", "latest_checkpoint", "run_training",
+           "task_module", "train"]

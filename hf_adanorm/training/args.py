@@ -1,0 +1,139 @@
+"""``TrainingArgs``: every option of a training run, checked before anything runs.
+
+The field help is the command-line help (the recipes parse this dataclass with
+``transformers.HfArgumentParser``) and the documentation of each option.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from ..config import NormConfig
+
+BASELINE = "layernorm"  # the unpatched model
+TASKS = ("classification", "causal_lm")
+BUILT_TOKENIZERS = ("char", "word")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class TrainingArgs:
+    task: str = field(default="classification", metadata=_help(
+        "'classification' (AutoModelForSequenceClassification) or 'causal_lm' (AutoModelForCausalLM)."))
+    model: str = field(default="config:bert", metadata=_help(
+        "Hub id or local folder of a pretrained model, or 'config:<model_type>' (e.g. 'config:gpt2') "
+        "for a randomly initialised model built from that architecture's config (from-scratch runs)."))
+    model_config: Optional[str] = field(default=None, metadata=_help(
+        "Config overrides as a JSON object (or a dict from Python), e.g. "
+        "'{\"num_hidden_layers\": 2, \"hidden_size\": 64}'. Applied to pretrained configs too."))
+    tokenizer: Optional[str] = field(default=None, metadata=_help(
+        "Hub id or folder of a tokenizer; default: the model's own. 'char' or 'word' builds a "
+        "character-level or whitespace-word-level vocabulary from the training text (needed for "
+        "'config:' models, which have no tokenizer)."))
+    dataset: Optional[str] = field(default=None, metadata=_help(
+        "Hub dataset id, or a local csv/json/jsonl/txt file, or a folder holding "
+        "train.* / validation.* / test.* files (or only .txt files)."))
+    dataset_config: Optional[str] = field(default=None, metadata=_help(
+        "Hub dataset configuration name, e.g. 'sst2' for 'glue'."))
+    text_column: str = field(default="text", metadata=_help("Column holding the input text."))
+    text_pair_column: Optional[str] = field(default=None, metadata=_help(
+        "Second text column for sentence-pair classification (e.g. 'sentence2')."))
+    label_column: str = field(default="label", metadata=_help(
+        "Column holding the class label (classification only); strings are mapped to class ids."))
+    validation_fraction: float = field(default=0.1, metadata=_help(
+        "Share of the training split held out for evaluation when the dataset has no validation split."))
+    split_seed: int = field(default=0, metadata=_help(
+        "Seed of that hold-out split; fixed apart from `seed` so every seed sees the same eval set."))
+    max_train_samples: Optional[int] = field(default=None, metadata=_help(
+        "Keep only the first N training examples (quick runs)."))
+    max_eval_samples: Optional[int] = field(default=None, metadata=_help(
+        "Keep only the first N validation/test examples (quick runs)."))
+    norm: str = field(default=BASELINE, metadata=_help(
+        "'layernorm' trains the model as it is (the baseline); any other name is patched in with "
+        "hf_adanorm.patch_model before accelerator.prepare: " "see hf_adanorm.available_norms()."))
+    k: float = field(default=0.1, metadata=_help("AdaNorm's k in C(1 - k y)."))
+    C: float = field(default=1.0, metadata=_help("AdaNorm's scale C."))
+    detach: str = field(default="both", metadata=_help("DetachNorm: 'mean', 'variance' or 'both'."))
+    eps_mode: str = field(default="torch", metadata=_help(
+        "'torch' (sigma = sqrt(var + eps)) or 'fairseq' (unbiased std + eps, the paper's code)."))
+    include_rmsnorm: bool = field(default=False, metadata=_help("Also replace RMSNorms."))
+    seed: int = field(default=0, metadata=_help("Seed of initialisation, data order and dropout."))
+    num_epochs: int = field(default=3, metadata=_help("Passes over the training data."))
+    max_steps: Optional[int] = field(default=None, metadata=_help(
+        "Stop after this many optimizer steps (overrides num_epochs when smaller)."))
+    per_device_batch_size: int = field(default=16, metadata=_help(
+        "Batch size per process; the global batch is this x processes x gradient_accumulation_steps."))
+    eval_batch_size: Optional[int] = field(default=None, metadata=_help(
+        "Evaluation batch size per process (default: per_device_batch_size)."))
+    learning_rate: float = field(default=5e-5, metadata=_help("Peak learning rate of AdamW."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    lr_scheduler: str = field(default="linear", metadata=_help(
+        "transformers scheduler name: 'linear', 'cosine', 'constant', 'constant_with_warmup' ..."))
+    warmup_steps: int = field(default=0, metadata=_help("Learning-rate warm-up steps."))
+    max_grad_norm: Optional[float] = field(default=1.0, metadata=_help(
+        "Clip the global gradient norm to this (None: no clipping)."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help(
+        "Micro-batches per optimizer step."))
+    mixed_precision: str = field(default="no", metadata=_help("'no', 'fp16' or 'bf16'."))
+    max_length: int = field(default=128, metadata=_help(
+        "Classification: truncate inputs to this many tokens. Causal LM: length of each training block."))
+    eval_every: int = field(default=1, metadata=_help(
+        "Evaluate every N epochs (and always at the end)."))
+    checkpointing_steps: Optional[int] = field(default=None, metadata=_help(
+        "Save the full training state (accelerator.save_state) every N optimizer steps."))
+    checkpoints_total_limit: Optional[int] = field(default=None, metadata=_help(
+        "Keep only the newest N checkpoints."))
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata=_help(
+        "A checkpoint folder, or 'latest' for the newest complete one in output_dir (a fresh start "
+        "if there is none)."))
+    output_dir: str = field(default="outputs/run", metadata=_help(
+        "Where checkpoints/, metrics.json, run_config.json and the final model/ go."))
+    save_model: bool = field(default=True, metadata=_help("Save the final model into output_dir/model."))
+    cpu: bool = field(default=False, metadata=_help(
+        "Train on CPU even if a GPU is present (multi-process CPU runs use gloo)."))
+
+    def __post_init__(self):
+        if isinstance(self.model_config, str):
+            try:
+                self.model_config = json.loads(self.model_config)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"model_config must be a JSON object, got {self.model_config!r}: {err}") from None
+        if self.model_config is not None and not isinstance(self.model_config, dict):
+            raise ValueError(f"model_config must be a JSON object / dict, got {self.model_config!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if not self.dataset:
+            raise ValueError("no dataset: pass --dataset with a hub id or a local csv/json/txt file or folder")
+        if self.model.startswith("config:") and self.tokenizer is None:
+            raise ValueError(f"{self.model!r} has no tokenizer: pass --tokenizer 'char', 'word' or a "
+                             "tokenizer hub id / folder")
+        self.norm_config()  # an unknown norm or a bad k / C fails here, listing the choices
+        positive = ("num_epochs", "per_device_batch_size", "gradient_accumulation_steps", "max_length",
+                    "eval_every", "max_steps", "checkpointing_steps", "checkpoints_total_limit",
+                    "eval_batch_size", "max_train_samples", "max_eval_samples")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+
+    def norm_config(self) -> Optional[NormConfig]:
+        """The patch to apply, or None for the LayerNorm baseline."""
+        if self.norm == BASELINE:
+            return None
+        try:
+            return NormConfig(norm=self.norm, k=self.k, C=self.C, detach=self.detach,
+                              eps_mode=self.eps_mode, include_rmsnorm=self.include_rmsnorm)
+        except ValueError as err:
+            raise ValueError(f"{err} (or {BASELINE!r} for the unpatched baseline)") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

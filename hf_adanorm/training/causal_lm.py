@@ -1,0 +1,82 @@
+"""Causal language modelling: train (from a config) or fine-tune any AutoModelForCausalLM.
+
+The text is tokenized, concatenated and cut into blocks of ``max_length`` tokens
+(the remainder is dropped). Metrics over the evaluation blocks, every block
+having the same number T − 1 of predicted tokens:
+
+    loss = mean over blocks and positions of −ln p(x_t | x_<t)      (nats per token)
+    perplexity = exp(loss)
+    bpc = loss / ln 2   (bits per character; only with --tokenizer char, where a token is a character)
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+
+import numpy as np
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, default_data_collator
+
+from .args import TrainingArgs
+from .data import check_columns, load_raw_datasets
+from .loop import Task, train
+from .modeling import apply_norm, load_model, load_tokenizer
+
+
+def _blocks(tokenized, block_size: int) -> dict:
+    ids = list(chain.from_iterable(tokenized["input_ids"]))
+    usable = len(ids) // block_size * block_size
+    blocks = [ids[i:i + block_size] for i in range(0, usable, block_size)]
+    return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+
+def build_task(args: TrainingArgs) -> Task:
+    # paragraphs keep a novel's sentences together when a hold-out split is cut
+    raw = load_raw_datasets(args, text_sample_by="paragraph")
+    check_columns(raw, [args.text_column])
+    tokenizer = load_tokenizer(args, raw["train"][args.text_column])
+    separator = "\n\n" if args.tokenizer == "char" else tokenizer.eos_token or "\n\n"
+
+    def tokenize(batch):
+        return tokenizer([text + separator for text in batch[args.text_column]], add_special_tokens=False)
+
+    splits = {}
+    for name, data in raw.items():
+        if name not in ("train", "validation", "test"):
+            continue
+        tokenized = data.map(tokenize, batched=True, remove_columns=data.column_names)
+        # one batch over the whole split, so blocks may straddle examples
+        splits[name] = tokenized.map(_blocks, batched=True, batch_size=None,
+                                     fn_kwargs={"block_size": args.max_length},
+                                     remove_columns=tokenized.column_names)
+        if len(splits[name]) == 0:
+            raise ValueError(f"split {name!r} holds fewer than max_length={args.max_length} tokens: "
+                             "lower --max_length or give more text")
+
+    model = load_model(args, AutoModelForCausalLM, tokenizer)
+    report = apply_norm(model, args)
+    char_level = args.tokenizer == "char"
+    return Task(model=model, tokenizer=tokenizer, splits=splits, collate_fn=default_data_collator,
+                eval_step=eval_step, compute_metrics=lambda arrays: compute_metrics(arrays, char_level),
+                patch_report=report, info={"vocab_size": len(tokenizer), "char_level": char_level,
+                                           "train_tokens": len(splits["train"]) * args.max_length})
+
+
+def eval_step(model, batch) -> dict:
+    logits = model(input_ids=batch["input_ids"]).logits.float()
+    token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none")
+    return {"loss": token_loss.mean(-1)}  # per block; blocks have equal length, so the mean is exact
+
+
+def compute_metrics(arrays: dict, char_level: bool) -> dict:
+    loss = float(np.mean(arrays["loss"]))
+    metrics = {"loss": loss, "perplexity": math.exp(loss)}
+    if char_level:
+        metrics["bpc"] = loss / math.log(2)
+    return metrics
+
+
+def training_function(args: TrainingArgs) -> dict:
+    """Train and evaluate; returns what is written to ``metrics.json``."""
+    return train(args, build_task).metrics

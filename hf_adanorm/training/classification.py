@@ -1,0 +1,76 @@
+"""Sequence classification: fine-tune (or train) any AutoModelForSequenceClassification.
+
+Metrics are accuracy and macro-F1 from scikit-learn: ``evaluate.load("accuracy")``
+fetches its script from the hub, so it fails offline (checked with evaluate 0.4.6).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+from .args import TrainingArgs
+from .data import check_columns, load_raw_datasets
+from .loop import Task, train
+from .modeling import apply_norm, load_model, load_tokenizer
+
+
+def _label_names(raw, label_column: str) -> list:
+    feature = raw["train"].features[label_column]
+    if hasattr(feature, "names"):  # a ClassLabel already
+        return list(feature.names)
+    return sorted(set(raw["train"][label_column]))
+
+
+def build_task(args: TrainingArgs) -> Task:
+    raw = load_raw_datasets(args, text_sample_by="line")
+    text_columns = [args.text_column] + ([args.text_pair_column] if args.text_pair_column else [])
+    check_columns(raw, text_columns + [args.label_column])
+    labels = _label_names(raw, args.label_column)
+    if len(labels) < 2:
+        raise ValueError(f"column {args.label_column!r} holds {len(labels)} distinct value(s) in train; "
+                         "classification needs at least 2")
+    label_ids = {label: i for i, label in enumerate(labels)}
+    if "test" in raw and any(y not in label_ids for y in raw["test"][args.label_column]):
+        raw.pop("test")  # hidden test labels (e.g. GLUE's -1): nothing to score against
+    unknown = set(raw["validation"][args.label_column]) - set(label_ids)
+    if unknown:
+        raise ValueError(f"validation labels {sorted(unknown)[:5]} never occur in train ({labels[:10]})")
+
+    tokenizer = load_tokenizer(args, raw["train"][args.text_column])
+
+    def encode(batch):
+        texts = [batch[c] for c in text_columns]
+        encoded = tokenizer(*texts, truncation=True, max_length=args.max_length)
+        encoded["labels"] = [label_ids[y] for y in batch[args.label_column]]
+        return encoded
+
+    splits = {name: data.map(encode, batched=True, remove_columns=data.column_names)
+              for name, data in raw.items() if name in ("train", "validation", "test")}
+
+    model = load_model(args, AutoModelForSequenceClassification, tokenizer, num_labels=len(labels))
+    report = apply_norm(model, args)
+    return Task(model=model, tokenizer=tokenizer, splits=splits,
+                collate_fn=DataCollatorWithPadding(tokenizer), eval_step=eval_step,
+                compute_metrics=compute_metrics, patch_report=report,
+                info={"labels": [str(label) for label in labels]})
+
+
+def eval_step(model, batch) -> dict:
+    logits = model(**batch).logits.float()
+    return {"loss": F.cross_entropy(logits, batch["labels"], reduction="none"),
+            "prediction": logits.argmax(-1), "label": batch["labels"]}
+
+
+def compute_metrics(arrays: dict) -> dict:
+    y, p = arrays["label"].astype(np.int64), arrays["prediction"].astype(np.int64)
+    return {"loss": float(arrays["loss"].mean()), "accuracy": float(accuracy_score(y, p)),
+            "f1": float(f1_score(y, p, average="macro"))}
+
+
+def training_function(args: TrainingArgs) -> dict:
+    """Train and evaluate; returns what is written to ``metrics.json``."""
+    return train(args, build_task).metrics
+

@@ -1,0 +1,231 @@
+"""The Accelerate training loop shared by the classification and causal-LM recipes.
+
+Read top to bottom it is the loop of accelerate's own examples: build everything,
+``prepare``, then ``accumulate`` / ``backward`` / ``step``, with evaluation through
+``gather_for_metrics``, crash-safe ``save_state`` checkpoints and exact resumption
+(mid-epoch too: the data order of an epoch depends only on ``seed`` and the epoch,
+and the RNG states come back with ``load_state``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from . import checkpoints
+from .args import TrainingArgs
+
+METRICS_FILE = "metrics.json"
+RUN_CONFIG_FILE = "run_config.json"
+MODEL_DIR = "model"
+
+
+@dataclass
+class Task:
+    """What a recipe supplies to :func:`train`."""
+
+    model: torch.nn.Module  # already patched (or the LayerNorm baseline)
+    tokenizer: object
+    splits: dict  # "train", "validation" and optionally "test": torch-ready datasets
+    collate_fn: Callable
+    eval_step: Callable  # (model, batch) -> {name: per-example tensor}
+    compute_metrics: Callable  # ({name: numpy array over the split}) -> {metric: float}
+    patch_report: Optional[object] = None
+    info: dict = field(default_factory=dict)  # extra facts for run_config.json
+
+
+@dataclass
+class TrainResult:
+    metrics: dict
+    model: torch.nn.Module  # unwrapped
+    accelerator: Accelerator
+
+
+def make_accelerator(args: TrainingArgs) -> Accelerator:
+    # Under torchrun/accelerate launch with no GPU, Accelerator(cpu=False) would start N
+    # independent single-process runs; cpu=True makes them one gloo process group.
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = args.cpu or (multi_process and not torch.cuda.is_available())
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # the shuffle of epoch e is drawn from seed + e alone, so a resumed run sees the same order
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    if multi_process and accelerator.num_processes == 1:
+        raise RuntimeError("launched as several processes but accelerate set up only one; pass --cpu")
+    return accelerator
+
+
+def evaluate(accelerator, model, dataloader, task: Task) -> dict:
+    model.eval()
+    parts = defaultdict(list)
+    for batch in dataloader:
+        with torch.no_grad():
+            outputs = task.eval_step(model, batch)
+        for name, value in accelerator.gather_for_metrics(outputs).items():
+            parts[name].append(value.float().cpu())
+    model.train()
+    return task.compute_metrics({name: torch.cat(values).numpy() for name, values in parts.items()})
+
+
+def _prefixed(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}_{name}": value for name, value in metrics.items()}
+
+
+def _check_output_dir(args, resume_path) -> None:
+    if resume_path is None and checkpoints.latest_checkpoint(args.output_dir) is not None:
+        raise FileExistsError(f"{args.output_dir} already holds checkpoints of another run: pass "
+                              "--resume_from_checkpoint latest to continue it, or another --output_dir")
+
+
+def _save_final_model(accelerator, model, task: Task, directory: Path) -> str:
+    """Save in the plugin's checkpoint format when available (hf_adanorm.checkpoint)."""
+    state_dict = accelerator.get_state_dict(model)  # collective under FSDP / ZeRO-3: all ranks call it
+    if not accelerator.is_main_process:
+        return ""
+    unwrapped = accelerator.unwrap_model(model)
+    try:
+        from ..checkpoint import save_pretrained as save_patched
+    except ImportError:
+        save_patched = None
+    if save_patched is not None:
+        save_patched(unwrapped, directory, state_dict=state_dict)
+        fmt = "hf_adanorm.checkpoint"
+    else:  # the model's own format; the patch record travels in config.json ("hf_adanorm")
+        unwrapped.save_pretrained(directory, state_dict=state_dict)
+        fmt = "save_pretrained"
+    task.tokenizer.save_pretrained(directory)
+    return fmt
+
+
+def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> TrainResult:
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+
+    # Everything that can fail on bad input fails here, before a file is written.
+    resume_path = checkpoints.resolve_resume(args)
+    _check_output_dir(args, resume_path)
+    with accelerator.main_process_first():  # the main process fills the datasets cache first
+        task = build_task(args)
+
+    model = task.model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    loader_seed = torch.Generator().manual_seed(args.seed)  # keeps DataLoader draws off the global RNG
+    train_dataloader = DataLoader(task.splits["train"], shuffle=True, batch_size=args.per_device_batch_size,
+                                  collate_fn=task.collate_fn, generator=loader_seed)
+    eval_batch_size = args.eval_batch_size or args.per_device_batch_size
+    eval_dataloaders = {name: DataLoader(task.splits[name], batch_size=eval_batch_size, collate_fn=task.collate_fn)
+                        for name in ("validation", "test") if name in task.splits}
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    eval_dataloaders = {name: accelerator.prepare(dl) for name, dl in eval_dataloaders.items()}
+
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * args.num_epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    # A prepared scheduler steps once per process at each optimizer step, hence the factor.
+    lr_scheduler = accelerator.prepare(get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes))
+
+    loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "loss_sum": 0.0, "loss_count": 0, "history": []}
+    if resume_path is not None:
+        loop = checkpoints.load_checkpoint(accelerator, resume_path)
+        accelerator.print(f"resumed from {resume_path} at step {loop['step']}")
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints.remove_incomplete(output_dir)
+        (output_dir / METRICS_FILE).unlink(missing_ok=True)  # its presence means "finished"
+        checkpoints.write_json_atomic(output_dir / RUN_CONFIG_FILE, {
+            "args": args.to_dict(), "world_size": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision,
+            "device": str(accelerator.device), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+            "global_batch_size": args.per_device_batch_size * accelerator.num_processes
+            * args.gradient_accumulation_steps,
+            "resumed_from": str(resume_path) if resume_path else None,
+            "patch_report": task.patch_report.to_dict() if task.patch_report else None,
+            "versions": _versions(), **task.info})
+
+    def evaluate_now(epoch):
+        totals = accelerator.reduce(torch.tensor([loop["loss_sum"], loop["loss_count"]],
+                                                 device=accelerator.device, dtype=torch.float64), "sum")
+        entry = {"epoch": epoch + 1, "step": loop["step"],
+                 "train_loss": (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")}
+        entry.update(_prefixed("eval", evaluate(accelerator, model, eval_dataloaders["validation"], task)))
+        loop["history"].append(entry)
+        loop["loss_sum"], loop["loss_count"] = 0.0, 0
+        accelerator.print(entry)
+
+    progress = tqdm(total=total_steps, initial=loop["step"], disable=not accelerator.is_local_main_process,
+                    desc=f"{args.task} [{args.norm}]")
+    model.train()
+    epoch = loop["epoch"]
+    for epoch in range(loop["epoch"], num_epochs):
+        train_dataloader.set_epoch(epoch)
+        skip = loop["batches_in_epoch"] if epoch == loop["epoch"] else 0
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        loop["epoch"], loop["batches_in_epoch"] = epoch, skip
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            loop["batches_in_epoch"] += 1
+            loop["loss_sum"] += loss.item()
+            loop["loss_count"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            loop["step"] += 1
+            progress.update(1)
+            if args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0:
+                checkpoints.save_checkpoint(accelerator, output_dir, loop["step"], loop, args.checkpoints_total_limit)
+            if loop["step"] >= total_steps:
+                break
+        last_epoch = epoch == num_epochs - 1
+        if (epoch + 1) % args.eval_every == 0 or last_epoch:
+            if not loop["history"] or loop["history"][-1]["step"] != loop["step"]:
+                evaluate_now(epoch)
+    progress.close()
+
+    final = {name: value for name, value in loop["history"][-1].items() if name not in ("epoch", "step")}
+    if "test" in eval_dataloaders:
+        final.update(_prefixed("test", evaluate(accelerator, model, eval_dataloaders["test"], task)))
+    model_format = _save_final_model(accelerator, model, task, output_dir / MODEL_DIR) if args.save_model else ""
+    metrics = {"config": args.to_dict(), "history": loop["history"], "final": final,
+               "world_size": accelerator.num_processes, "model_format": model_format}
+    if accelerator.is_main_process:
+        checkpoints.write_json_atomic(output_dir / METRICS_FILE, metrics)  # last: the run is complete
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(metrics, accelerator.unwrap_model(model), accelerator)
+
+
+def _versions() -> dict:
+    import accelerate
+    import datasets
+    import transformers
+
+    from .. import __version__
+    return {"hf_adanorm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "datasets": datasets.__version__,
+            "python": platform.python_version()}
