@@ -24,6 +24,7 @@ class PatchReport:
     entries: list[ModuleEntry] = field(default_factory=list)
     dry_run: bool = False
     effect: str = ""  # what the swap does to a pretrained model's function
+    output_drift: Optional[float] = None  # fold_affine: ||f' - f|| / ||f|| of the output on a probe batch
 
     @property
     def replaced(self) -> list[ModuleEntry]:
@@ -35,7 +36,7 @@ class PatchReport:
 
     def to_dict(self) -> dict:
         return {"norm": self.norm, "dry_run": self.dry_run, "effect": self.effect,
-                "entries": [asdict(e) for e in self.entries]}
+                "output_drift": self.output_drift, "entries": [asdict(e) for e in self.entries]}
 
     def __str__(self) -> str:
         verb = "would replace" if self.dry_run else "replaced"
@@ -43,6 +44,8 @@ class PatchReport:
                  f"skipped {len(self.skipped)}"]
         if self.effect:
             lines.append(f"  effect on a pretrained model: {self.effect}")
+        if self.output_drift is not None:
+            lines.append(f"  model output drift on a probe batch (relative L2): {self.output_drift:.3g}")
         width = max((len(e.name) for e in self.entries), default=0)
         for e in self.entries:
             tail = f"-> {e.replacement}" if e.replacement else ""
