@@ -41,6 +41,12 @@ class NormConfig:
         "module name; a list holds exact names or name suffixes (PEFT-style).")})
     exclude: Patterns = field(default=None, metadata={"help": (
         "Never replace these modules (same matching as `include`).")})
+    fold_affine: bool = field(default=False, metadata={"help": (
+        "Keep each pretrained norm's gain and bias by folding them exactly into the Linear "
+        "layers its output feeds (W' = W diag(gain), b' = b + W bias), so a layernorm_simple "
+        "patch preserves the model's function. Norms whose output also reaches a residual "
+        "connection (post-LN) are reported 'not foldable' with their measured drift. "
+        "See docs/checkpoints.md.")})
 
     def __post_init__(self):
         get_spec(self.norm)  # unknown names raise with the list of choices

@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import NormConfig
 from .detect import NormInfo, classify
+from .fold import apply_fold, fold_summary, plan_fold, unfold
 from .registry import build_norm, get_spec
 from .report import ModuleEntry, PatchReport
 
@@ -189,8 +190,14 @@ def patch_model(
         entry.replacement = type(built[entry.name]).__name__
         if dry_run:
             entry.action = "would replace"
+    folding = plan_fold(model, chosen, built) if config.fold_affine else None  # changes nothing
     if not dry_run:
-        _install(model, config, chosen, built)
+        folded = apply_fold(model, folding) if folding is not None else None  # after all checks
+        record = _install(model, config, chosen, built)
+        if folding is not None:
+            record["fold"] = fold_summary(model, folding, report, folded)
+    elif folding is not None:
+        fold_summary(model, folding, report)
     return report
 
 
@@ -202,6 +209,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if originals is None:
         raise ValueError("this model was rebuilt from a patch record (e.g. loaded from a "
                          "checkpoint) and holds no original norms to restore")
+    unfold(model)  # folded Linear layers back first: it raises, changing nothing, if they were trained
     for name, original in originals.items():
         _swap_in(model, name, original)
     object.__setattr__(model, _ORIGINALS_ATTR, None)
