@@ -1,0 +1,327 @@
+"""Trainer integration: PatchCallback, the gradient statistics, the monitors, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import (BertConfig, BertForSequenceClassification, Trainer, TrainerCallback,
+                          TrainingArguments)
+
+from hf_adanorm import get_patch_record, is_patched, patch_model
+from hf_adanorm.callbacks import (PATCH_RECORD_FILE, AdaNormMonitorCallback, AffineDriftCallback,
+                                  NormGradientStatsCallback, PatchCallback)
+from hf_adanorm.grad_stats import STATISTICS, GradientProbe, find_norm_sites, row_sigma
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rt-polarity"
+
+# (patch_model arguments or None for the original LayerNorms, how the mean's derivative acts)
+NORM_KINDS = {
+    "original": (None, "recentres"),
+    "layernorm_simple": (("layernorm_simple", {}), "recentres"),
+    "adanorm": (("adanorm", {}), "recentres"),
+    "detach_mean": (("detachnorm", {"detach": "mean"}), "mean detached"),
+    "no_norm": (("no_norm", {}), "identity"),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, more threads spin-wait and run ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def total_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in model.modules())
+
+
+def train_args(output_dir, **overrides) -> TrainingArguments:
+    settings = dict(per_device_train_batch_size=4, learning_rate=1e-3, report_to="none", use_cpu=True,
+                    disable_tqdm=True, logging_steps=1000, save_strategy="no", seed=0)
+    settings.update(overrides)
+    return TrainingArguments(str(output_dir), **settings)
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+@pytest.fixture(scope="module")
+def token_dataset():
+    from datasets import Dataset
+    gen = torch.Generator().manual_seed(0)
+    return Dataset.from_dict({"input_ids": torch.randint(1, 64, (24, 12), generator=gen).tolist(),
+                              "labels": torch.randint(0, 2, (24,), generator=gen).tolist()})
+
+
+class HookSpy(TrainerCallback):
+    """Placed after the monitors: counts the hooks they left on the model, and sees their logs."""
+
+    def __init__(self):
+        self.at_step_begin, self.at_step_end, self.logged_keys = {}, {}, set()
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.at_step_begin[state.global_step + 1] = total_hooks(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.at_step_end[state.global_step] = total_hooks(model)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logged_keys |= set(logs)
+
+
+# --------------------------------------------------------------------------- the probe itself
+class ResidualBlock(nn.Module):
+    """``out = norm(h) + h``: the residual branch also reads ``h``, so dL/dh != the norm's share."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.lin = nn.Linear(size, size)
+        self.norm = nn.LayerNorm(size)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.normal_()
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.norm(h) + h
+
+
+@pytest.mark.parametrize("kind", list(NORM_KINDS))
+def test_probe_matches_an_autograd_reference(kind):
+    torch.manual_seed(0)
+    block = ResidualBlock(24)
+    patch = NORM_KINDS[kind][0]
+    if patch:
+        patch_model(block, patch[0], **patch[1])
+    x = torch.randn(3, 5, 24)
+    w = torch.randn(3, 5, 24) + 0.5  # the gradient at the norm's output; non-zero mean per row
+    w[0, 0] = 0.0  # a row with no gradient (like padding) is left out
+
+    # Reference: the norm's own input gradient, by autograd, on a detached copy of its input.
+    h = block.lin(x).detach().requires_grad_()
+    (dx,) = torch.autograd.grad((w * block.norm(h)).sum(), h)
+    site = find_norm_sites(block)[0]
+    sigma = row_sigma(h.detach().reshape(-1, 24), site)[1:]
+    g, dx = w.reshape(-1, 24)[1:], dx.reshape(-1, 24)[1:]
+    expected = {
+        "grad_out_mean": g.mean(-1).abs().mean(), "grad_out_var": g.var(-1, correction=0).mean(),
+        "grad_in_mean": dx.mean(-1).abs().mean(), "grad_in_var": dx.var(-1, correction=0).mean(),
+        "recentring": (sigma * dx.mean(-1).abs()).sum() / g.mean(-1).abs().sum(),
+        "rescaling": (sigma ** 2 * dx.var(-1, correction=0)).sum() / g.var(-1, correction=0).sum(),
+    }
+
+    block.zero_grad()
+    (w * block(x)).sum().backward()
+    plain_grads = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    probe = GradientProbe([site])
+    probe.attach()
+    assert probe.num_hooks == 2
+    (w * block(x)).sum().backward()
+    probe.detach()
+    assert total_hooks(block) == 0
+    measured = probe.collect()["norm"]
+
+    for name in STATISTICS:
+        assert measured[name] == pytest.approx(expected[name].item(), rel=1e-4, abs=1e-6), name  # abs: float32 round-off of a zero mean
+    # Measuring changes no gradient.
+    assert all(torch.equal(p.grad, q) for p, q in zip(block.parameters(), plain_grads))
+    # The controlled case of the paper's Theorem 1.
+    if NORM_KINDS[kind][1] == "recentres":
+        assert measured["recentring"] < 1e-5
+    else:
+        assert measured["recentring"] == pytest.approx(1.0, abs=1e-5)
+    if kind in ("layernorm_simple", "detach_mean"):
+        assert measured["rescaling"] <= 1 + 1e-5
+    if kind == "no_norm":
+        assert measured["rescaling"] == pytest.approx(1.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- end to end on MiniLM
+@pytest.fixture(scope="module")
+def rt_polarity(minilm_path, tmp_path_factory):
+    if not (DATA / "train.csv").is_file():
+        pytest.skip(f"rt-polarity data not found at {DATA}")
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    data = load_dataset("csv", data_files={"train": str(DATA / "train.csv")}, split="train",
+                        cache_dir=str(tmp_path_factory.mktemp("hf_datasets")))
+    data = data.shuffle(seed=0).select(range(24))
+    data = data.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=32),
+                    batched=True, remove_columns=["text"])
+    return data, tokenizer
+
+
+@pytest.mark.parametrize("kind", list(NORM_KINDS))
+def test_minilm_finetune_logs_the_statistics_the_theory_predicts(kind, minilm_path, rt_polarity, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    data, tokenizer = rt_polarity
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
+    patch, effect = NORM_KINDS[kind]
+    spy = HookSpy()
+    callbacks = [NormGradientStatsCallback(every_n_steps=2)]
+    if patch:
+        callbacks.insert(0, PatchCallback(patch[0], **patch[1]))
+    if kind == "adanorm":
+        callbacks.append(AdaNormMonitorCallback(every_n_steps=2))
+    if kind == "original":
+        callbacks.append(AffineDriftCallback(every_n_steps=2))
+    trainer = Trainer(model, train_args(tmp_path, max_steps=2, learning_rate=5e-5),
+                      train_dataset=data, processing_class=tokenizer, callbacks=callbacks + [spy])
+    assert is_patched(model) == bool(patch)
+    trainer.train()
+
+    # Hooks only on the measuring step (2), and none left once its backward is done:
+    # two per norm for the gradient probe, one per AdaNorm for the monitor.
+    assert spy.at_step_begin == {1: 0, 2: 2 * 13 + (13 if kind == "adanorm" else 0)}
+    assert spy.at_step_end == {1: 0, 2: 0}
+    (logged,) = [entry for entry in trainer.state.log_history if "norm_grad/all/recentring" in entry]
+    assert logged["step"] == 2
+    assert "norm_grad/all/recentring" in spy.logged_keys  # callbacks after the monitor see the values
+    layers = {key.split("/")[1] for key in logged if key.startswith("norm_grad/")} - {"all"}
+    assert len(layers) == 13
+    for layer in layers:
+        stats = {name: logged[f"norm_grad/{layer}/{name}"] for name in STATISTICS}
+        assert all(math.isfinite(v) for v in stats.values()), (layer, stats)
+        assert stats["grad_out_var"] > 0
+        if effect == "recentres":
+            assert stats["recentring"] < 1e-3, (layer, stats)
+        else:
+            assert stats["recentring"] == pytest.approx(1.0, abs=1e-3), (layer, stats)
+        if kind in ("layernorm_simple", "detach_mean"):
+            assert stats["rescaling"] <= 1 + 1e-4, (layer, stats)
+        if kind == "no_norm":
+            assert stats["rescaling"] == pytest.approx(1.0, abs=1e-4)
+    if kind == "adanorm":
+        frac, low, high = (logged[f"adanorm/all/{k}"] for k in ("frac_k_abs_y_ge_1", "factor_min", "factor_max"))
+        # phi = C(1 - k y) leaves (0, 2C) exactly where k|y| >= 1 (C = 1 here); pretrained
+        # MiniLM has rare outliers |y| > 10, so both can happen.
+        assert 0.0 <= frac < 0.01 and low < 1 < high
+        assert (frac > 0) == (low <= 0 or high >= 2)
+    if kind == "original":
+        drift = [logged[f"affine/{layer}/gain_dev"] for layer in layers]
+        assert all(math.isfinite(v) and v > 0 for v in drift)
+        assert math.isfinite(logged["affine/all/bias_norm"])
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_continues_a_patched_run_exactly(token_dataset, tmp_path):
+    settings = dict(max_steps=6, save_strategy="steps", save_steps=3)
+
+    straight = tiny_bert()
+    Trainer(straight, train_args(tmp_path / "straight", **settings), train_dataset=token_dataset,
+            callbacks=[PatchCallback("adanorm", k=0.2)]).train()
+
+    # Interrupted after the checkpoint at step 3 (and measured on the way: measuring must not
+    # change training), then resumed by a fresh process-like setup: new model, new Trainer.
+    first = tiny_bert()
+    Trainer(first, train_args(tmp_path / "resumed", **settings), train_dataset=token_dataset,
+            callbacks=[PatchCallback("adanorm", k=0.2), NormGradientStatsCallback(every_n_steps=2),
+                       StopAt(3)]).train()
+    checkpoint = tmp_path / "resumed" / "checkpoint-3"
+    record = get_patch_record(first)
+    assert json.loads((checkpoint / PATCH_RECORD_FILE).read_text()) == record
+    assert json.loads((checkpoint / "config.json").read_text())["hf_adanorm"] == record
+    assert record["config"]["k"] == 0.2 and len(record["modules"]) == 5
+
+    resumed = tiny_bert(seed=1)  # different initial weights: everything must come from the checkpoint
+    Trainer(resumed, train_args(tmp_path / "resumed", **settings), train_dataset=token_dataset,
+            callbacks=[PatchCallback("adanorm", k=0.2), NormGradientStatsCallback(every_n_steps=2)]
+            ).train(resume_from_checkpoint=str(checkpoint))
+
+    assert get_patch_record(resumed) == record
+    final_straight, final_resumed = straight.state_dict(), resumed.state_dict()
+    assert final_straight.keys() == final_resumed.keys()
+    for key, value in final_straight.items():
+        assert torch.equal(value, final_resumed[key]), key
+    assert not torch.equal(first.classifier.weight, straight.classifier.weight)  # training moved on
+
+
+# --------------------------------------------------------------------------- PatchCallback timing
+def test_patch_callback_patches_before_the_optimizer_exists(token_dataset, tmp_path):
+    model = tiny_bert()
+    trainer = Trainer(model, train_args(tmp_path, max_steps=1), train_dataset=token_dataset,
+                      callbacks=[PatchCallback("layernorm_simple")])
+    assert is_patched(model) and trainer.optimizer is None
+    trainer.train()
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not any("LayerNorm" in name for name, _ in model.named_parameters())
+    # A second Trainer on the same model with the same patch is a no-op; a different one is an error.
+    Trainer(model, train_args(tmp_path), callbacks=[PatchCallback("layernorm_simple")])
+    with pytest.raises(RuntimeError, match="already patched"):
+        Trainer(model, train_args(tmp_path), callbacks=[PatchCallback("adanorm")])
+
+
+def test_patch_callback_refuses_when_it_is_too_late(token_dataset, tmp_path, state_of, assert_unchanged):
+    model = tiny_bert()
+    before = state_of(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="optimizer"):
+        Trainer(model, train_args(tmp_path), optimizers=(optimizer, None), callbacks=[PatchCallback()])
+    assert_unchanged(model, before)
+
+    with pytest.raises(RuntimeError, match="wrapped by DataParallel"):
+        PatchCallback().on_init_end(None, None, None, model=nn.DataParallel(model))
+    assert_unchanged(model, before)
+
+    trainer = Trainer(model, train_args(tmp_path, max_steps=1), train_dataset=token_dataset)
+    trainer.add_callback(PatchCallback())  # after construction: the optimizer comes first
+    with pytest.raises(RuntimeError, match="not the one patched"):
+        trainer.train()
+    assert not is_patched(model)
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("callback", [NormGradientStatsCallback, AdaNormMonitorCallback, AffineDriftCallback])
+@pytest.mark.parametrize("interval", [0, -3, 2.5, True, "10"])
+def test_interval_must_be_a_positive_integer(callback, interval):
+    with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
+        callback(every_n_steps=interval)
+
+
+def test_unknown_norm_name_lists_the_choices():
+    with pytest.raises(ValueError, match="unknown norm 'adanrom'.*adanorm"):
+        PatchCallback("adanrom")
+    with pytest.raises(TypeError, match="unknown patch_model option"):
+        PatchCallback("adanorm", kk=0.1)
+
+
+def test_monitors_without_their_norms_say_so(state_of, assert_unchanged):
+    no_norm = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = state_of(no_norm)
+    with pytest.raises(ValueError, match="no LayerNorm/RMSNorm-like module"):
+        NormGradientStatsCallback().on_train_begin(None, None, None, model=no_norm)
+    with pytest.raises(ValueError, match="no LayerNorm-like module"):
+        PatchCallback().on_init_end(None, None, None, model=no_norm)
+    assert_unchanged(no_norm, before)
+
+    unpatched = tiny_bert()
+    with pytest.raises(ValueError, match="no AdaNorm module"):
+        AdaNormMonitorCallback().on_train_begin(None, None, None, model=unpatched)
+    patch_model(unpatched, "adanorm")
+    with pytest.raises(ValueError, match="no unpatched norm with a gain or bias"):
+        AffineDriftCallback().on_train_begin(None, None, None, model=unpatched)
