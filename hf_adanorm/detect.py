@@ -17,8 +17,10 @@ the global random generator.
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -58,6 +60,15 @@ def read_eps(module: nn.Module) -> Optional[float]:
     return None
 
 
+def _extra_inputs(module: nn.Module) -> list[str]:
+    """Inputs of ``forward`` beyond the tensor to normalize (e.g. the ``gate`` of a gated RMSNorm)."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params[1:]]
+
+
 def _size_of(module: nn.Module, params) -> Optional[int]:
     if params:
         return params[0][1].shape[0]
@@ -72,7 +83,9 @@ def _size_of(module: nn.Module, params) -> Optional[int]:
 def _probe_copy(module: nn.Module, tensors: dict) -> nn.Module:
     """A shallow copy of ``module`` with fresh CPU tensors and no hooks."""
     clone = copy.copy(module)
-    clone._parameters = OrderedDict((n, nn.Parameter(t, requires_grad=False)) for n, t in tensors.items())
+    clone._parameters = OrderedDict(  # keep None slots: MPT sets an nn.LayerNorm's bias to None
+        (n, None if p is None else nn.Parameter(tensors[n], requires_grad=False))
+        for n, p in module._parameters.items())
     clone._buffers = OrderedDict(
         (n, None if b is None else (torch.zeros(b.shape) if b.is_meta else b.detach().float().cpu()))
         for n, b in module._buffers.items()
@@ -82,6 +95,17 @@ def _probe_copy(module: nn.Module, tensors: dict) -> nn.Module:
             setattr(clone, name, OrderedDict())
     clone.training = False
     return clone
+
+
+@contextmanager
+def _one_thread():
+    """Probe tensors are tiny: a thread pool only adds overhead (20x on busy shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _references(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -101,8 +125,12 @@ def classify(module: nn.Module) -> tuple[Optional[NormInfo], Optional[str]]:
     named = looks_like_norm(module)
     if isinstance(module, _NOT_LAST_DIM):
         return None, f"{type(module).__name__} does not normalize over the last dimension"
-    if any(True for _ in module.children()):
-        return None, ("has submodules (e.g. a parametrization or weight-norm wrapper)" if named else None)
+    if any(True for _ in module.children()):  # a container: its leaves are classified on their own
+        return None, None
+    extra = _extra_inputs(module)
+    if extra:  # the one-input replacement could not take them (and would drop e.g. a gate)
+        return None, (f"forward takes more inputs than the tensor ({', '.join(extra)}): "
+                      "not a plain last-dimension norm" if named else None)
     if hasattr(module, "weight_g") or hasattr(module, "weight_v"):
         return None, "weight-norm wrapper" if named else None
     if getattr(module, "data_format", "channels_last") != "channels_last":
@@ -120,7 +148,8 @@ def classify(module: nn.Module) -> tuple[Optional[NormInfo], Optional[str]]:
         return None, ("cannot tell the normalized size" if named else None)
     if any(b is not None and b.dim() > 0 and b.numel() > 1 for b in module._buffers.values()):
         return None, ("keeps per-channel buffers (running statistics?)" if named else None)
-    return _probe(module, params, size, named)
+    with _one_thread():
+        return _probe(module, params, size, named)
 
 
 def _probe(module, params, size, named) -> tuple[Optional[NormInfo], Optional[str]]:
