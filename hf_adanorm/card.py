@@ -1,0 +1,53 @@
+"""The model card (``README.md``) of a checkpoint written by ``hf_adanorm.save_pretrained``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+from huggingface_hub import ModelCard, ModelCardData
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _hub_id(model) -> Optional[str]:
+    """The hub id the model was loaded from, if it was one (a local path is not)."""
+    name = getattr(model.config, "_name_or_path", "") or ""
+    return name if _HUB_ID.match(name) and not os.path.exists(name) else None
+
+
+def model_card(model, record: Optional[dict], *, base_model: Optional[str] = None,
+               metrics: Optional[dict] = None, remote_code: bool = True) -> ModelCard:
+    """A card with base_model, library_name, tags, how to load, the patch record and metrics.
+
+    ``record`` is None for a plain (stock) checkpoint.
+    """
+    norm = record["config"]["norm"] if record else "layernorm_simple"
+    tags = ["hf-adanorm", norm.replace("_", "-")] + (["custom_code"] if remote_code else [])
+    base_model = base_model or _hub_id(model)
+    data = ModelCardData(base_model=base_model, library_name="transformers", tags=tags)
+    cls = type(model).__name__
+    if record is None:
+        load = (f"This is a stock `{cls}` checkpoint: each LayerNorm-simple is stored as an "
+                "ordinary norm with gain 1 and bias 0, so transformers alone loads it:\n\n"
+                f"```python\nfrom transformers import {cls}\nmodel = {cls}.from_pretrained(path)\n```")
+    else:
+        load = ("Load with hf_adanorm, or with transformers alone through the remote code "
+                f"`modeling_hf_adanorm.py`:\n\n```python\nimport hf_adanorm, transformers\n"
+                f"model = hf_adanorm.from_pretrained(transformers.{cls}, path)\n"
+                + (f"model = transformers.{cls}.from_pretrained(path, trust_remote_code=True)  "
+                   "# via auto_map\n" if remote_code else "") + "```")
+    parts = [f"# {cls} with {norm}",
+             f"`{base_model or 'A pretrained model'}` with its LayerNorms replaced by **{norm}** "
+             "([Xu et al., 2019](https://arxiv.org/abs/1911.07013)) using "
+             "`hf_adanorm`.", load]
+    if metrics:
+        rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                         for k, v in metrics.items())
+        parts.append(f"## Metrics\n\n| metric | value |\n|---|---|\n{rows}")
+    if record is not None:
+        parts.append("## Patch record\n\nAlso in `config.json` under `hf_adanorm`:\n\n"
+                     f"```json\n{json.dumps(record, indent=2, sort_keys=True)}\n```")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n")
