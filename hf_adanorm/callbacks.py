@@ -33,6 +33,7 @@ from .functional import normalize
 from .grad_stats import STATISTICS, GradientProbe, find_norm_sites
 from .norms import AdaNorm
 from .patch import get_patch_record, is_patched, patch_model
+from .training.checkpoints import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +61,13 @@ def _wrapper_name(model: nn.Module) -> Optional[str]:
 def write_patch_record(folder, record: dict) -> None:
     """Put ``record`` in ``folder/hf_adanorm_patch.json`` and under "hf_adanorm" in its config.json."""
     folder = Path(folder)
-    (folder / PATCH_RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(folder / PATCH_RECORD_FILE, record)
     config_file = folder / "config.json"
-    if config_file.is_file():
+    if config_file.is_file():  # save_pretrained already wrote model.config.hf_adanorm; make sure
         config = json.loads(config_file.read_text())
         if config.get(CONFIG_KEY) != record:
             config[CONFIG_KEY] = record
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            write_json_atomic(config_file, config)
 
 
 class PatchCallback(TrainerCallback):

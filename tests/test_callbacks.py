@@ -14,7 +14,7 @@ from transformers import (BertConfig, BertForSequenceClassification, Trainer, Tr
 
 from hf_adanorm import get_patch_record, is_patched, patch_model
 from hf_adanorm.callbacks import (PATCH_RECORD_FILE, AdaNormMonitorCallback, AffineDriftCallback,
-                                  NormGradientStatsCallback, PatchCallback)
+                                  NormGradientStatsCallback, PatchCallback, write_patch_record)
 from hf_adanorm.grad_stats import STATISTICS, GradientProbe, find_norm_sites, row_sigma
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rt-polarity"
@@ -258,6 +258,25 @@ def test_resume_continues_a_patched_run_exactly(token_dataset, tmp_path):
     for key, value in final_straight.items():
         assert torch.equal(value, final_resumed[key]), key
     assert not torch.equal(first.classifier.weight, straight.classifier.weight)  # training moved on
+
+
+def test_patch_record_is_added_to_a_config_that_lacks_it(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    record = {"format_version": 1, "config": {"norm": "adanorm"}, "modules": {}}
+    write_patch_record(tmp_path, record)
+    assert json.loads((tmp_path / "config.json").read_text()) == {
+        "model_type": "bert", "hidden_size": 32, "hf_adanorm": record}
+    assert json.loads((tmp_path / PATCH_RECORD_FILE).read_text()) == record
+
+
+def test_monitor_inserted_first_reaches_the_report_to_integrations(token_dataset, tmp_path):
+    reporter = HookSpy()  # stands in for TensorBoard/W&B: Trainer runs them before user callbacks
+    trainer = Trainer(tiny_bert(), train_args(tmp_path, max_steps=1), train_dataset=token_dataset,
+                      callbacks=[reporter])
+    trainer.callback_handler.callbacks.insert(0, NormGradientStatsCallback(every_n_steps=1))
+    assert trainer.callback_handler.callbacks.index(reporter) > 0
+    trainer.train()
+    assert {f"norm_grad/bert.encoder.layer.1.output.LayerNorm/{s}" for s in STATISTICS} <= reporter.logged_keys
 
 
 # --------------------------------------------------------------------------- PatchCallback timing
