@@ -1,0 +1,179 @@
+"""fold_affine=True: exact folding of pretrained gains and biases, honest refusal elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+import hf_adanorm
+from hf_adanorm.fold import folded_linear
+
+TINY = {
+    "gpt2": dict(n_layer=2, n_embd=32, n_head=2, n_positions=64),
+    "opt": dict(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                word_embed_proj_dim=32, max_position_embeddings=64),
+    "llama": dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                  num_key_value_heads=2),
+    "gptj": dict(n_layer=2, n_embd=32, n_head=2, rotary_dim=8, n_positions=64),  # parallel block
+}
+RMS = {"llama"}
+
+
+def tiny_lm(model_type: str, seed: int = 0, **overrides) -> nn.Module:
+    """A tiny random LM whose norms have non-trivial gains (0.5 .. 1.5) and biases (N(0, 1))."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, vocab_size=100, bos_token_id=0, eos_token_id=0,
+                                  pad_token_id=0, **{**TINY[model_type], **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if "norm" in type(module).__name__.lower() and weight is not None and weight.dim() == 1:
+                weight.copy_(0.5 + torch.rand(weight.shape, generator=gen))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(torch.randn(module.bias.shape, generator=gen))
+    return model
+
+
+def logits(model, seed: int = 3) -> torch.Tensor:
+    ids = torch.randint(0, 100, (3, 11), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "llama", "gptj"])
+def test_layernorm_simple_with_fold_keeps_logits(model_type):
+    model = tiny_lm(model_type)
+    before = logits(model)
+    report = hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True,
+                                    include_rmsnorm=model_type in RMS)
+    after = logits(model)
+    assert report.replaced and all("folded into" in e.reason for e in report.replaced), str(report)
+    fold = hf_adanorm.get_patch_record(model)["fold"]
+    assert fold["not_foldable"] == {}
+    assert report.output_drift < 1e-5 and fold["output_drift"] == report.output_drift
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # float32 round-off
+    # ... while dropping the same gains and biases without folding changes the model.
+    plain = tiny_lm(model_type)
+    hf_adanorm.patch_model(plain, "layernorm_simple", include_rmsnorm=model_type in RMS)
+    assert (logits(plain) - before).abs().max() > 1e-2
+
+
+def test_parallel_block_folds_into_attention_and_mlp():
+    model = tiny_lm("gptj")
+    hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True)
+    folded = hf_adanorm.get_patch_record(model)["fold"]["folded"]
+    assert folded["transformer.h.0.ln_1"] == sorted(
+        f"transformer.h.0.{n}" for n in ("attn.k_proj", "attn.q_proj", "attn.v_proj", "mlp.fc_in"))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_tied_lm_head_is_untied_and_unpatch_restores_bitwise(model_type):
+    model = tiny_lm(model_type)
+    embedding = model.get_input_embeddings().weight
+    emb_before, before = embedding.detach().clone(), logits(model)
+    assert model.lm_head.weight is embedding
+    hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True)
+    fold = hf_adanorm.get_patch_record(model)["fold"]
+    assert fold["untied"] == ["lm_head"] and fold["added_bias"] == ["lm_head"]
+    assert model.lm_head.weight is not embedding and model.config.tie_word_embeddings is False
+    assert torch.equal(model.get_input_embeddings().weight, emb_before)  # embeddings untouched
+    hf_adanorm.unpatch_model(model)
+    assert torch.equal(logits(model), before)
+    assert model.lm_head.weight is embedding and model.lm_head.bias is None
+    assert model.config.tie_word_embeddings is True
+
+
+def test_post_ln_opt_reports_not_foldable_with_drift():
+    model = tiny_lm("opt", do_layer_norm_before=False)  # OPT-350m style
+    linears = {k: v.clone() for k, v in model.state_dict().items() if "layer_norm" not in k}
+    report = hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True)
+    fold = hf_adanorm.get_patch_record(model)["fold"]
+    refused = fold["not_foldable"]
+    assert "model.decoder.layers.0.self_attn_layer_norm" in refused
+    for name, entry in refused.items():
+        assert entry["drift"] > 1e-2 and entry["reason"]
+        assert f"not foldable: {entry['reason']}" in next(e.reason for e in report.replaced if e.name == name)
+    # The last layer's final_layer_norm feeds only the LM head: that one does fold.
+    assert list(fold["folded"]) == ["model.decoder.layers.1.final_layer_norm"]
+    assert report.output_drift > 1e-2
+    untouched = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head")}
+    assert all(torch.equal(untouched[k], v) for k, v in linears.items() if k in untouched)
+
+
+def test_pretrained_minilm_post_ln_is_not_foldable(minilm, minilm_inputs):
+    with torch.no_grad():
+        before = minilm(**minilm_inputs).last_hidden_state
+    weights = {k: v.clone() for k, v in minilm.state_dict().items() if "LayerNorm" not in k}
+    report = hf_adanorm.patch_model(minilm, "layernorm_simple", fold_affine=True)
+    fold = hf_adanorm.get_patch_record(minilm)["fold"]
+    assert fold["folded"] == {} and len(fold["not_foldable"]) == 13
+    assert all(e["drift"] > 1e-2 for e in fold["not_foldable"].values())
+    assert "model's output" in fold["not_foldable"]["encoder.layer.5.output.LayerNorm"]["reason"]
+    assert all("not foldable" in e.reason for e in report.replaced)
+    with torch.no_grad():
+        after = minilm(**minilm_inputs).last_hidden_state
+    assert report.output_drift > 0.1 and (after - before).abs().max() > 0.1
+    assert all(torch.equal(minilm.state_dict()[k], v) for k, v in weights.items())
+    hf_adanorm.unpatch_model(minilm)
+    with torch.no_grad():
+        assert torch.equal(minilm(**minilm_inputs).last_hidden_state, before)
+
+
+@pytest.mark.parametrize("layer_cls", [nn.Linear, Conv1D])
+def test_folded_linear_matches_the_formula(layer_cls):
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4) if layer_cls is nn.Linear else Conv1D(4, 6)
+    gain, bias = torch.rand(6) + 0.5, torch.randn(6)
+    y = torch.randn(5, 6)
+    weight, new_bias = folded_linear(layer, gain, bias)
+    folded = nn.Linear(6, 4) if layer_cls is nn.Linear else Conv1D(4, 6)
+    with torch.no_grad():
+        folded.weight.copy_(weight)
+        folded.bias.copy_(new_bias)
+    torch.testing.assert_close(folded(y), layer(y * gain + bias), rtol=1e-6, atol=1e-6)
+
+
+def test_unpatch_refuses_when_folded_layers_were_trained():
+    model = tiny_lm("gpt2")
+    hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 100, (2, 7))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    trained = logits(model)
+    with pytest.raises(RuntimeError, match="discard"):
+        hf_adanorm.unpatch_model(model)
+    assert hf_adanorm.is_patched(model) and torch.equal(logits(model), trained)
+
+
+def test_dry_run_reports_folds_and_changes_nothing(state_of, assert_unchanged):
+    model = tiny_lm("gpt2")
+    model.train()
+    before = state_of(model)
+    report = hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True, dry_run=True)
+    assert all("folded into" in e.reason for e in report.replaced)
+    assert_unchanged(model, before)
+
+
+def test_meta_model_is_refused_before_anything_changes(state_of, assert_unchanged):
+    config = AutoConfig.for_model("gpt2", vocab_size=100, **TINY["gpt2"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    before = state_of(model)
+    with pytest.raises(ValueError, match="meta"):
+        hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True)
+    assert_unchanged(model, before)
+
+
+def test_training_flags_survive_the_probe():
+    model = tiny_lm("opt")
+    model.train()
+    model.model.decoder.layers[0].eval()
+    flags = [m.training for m in model.modules()]
+    hf_adanorm.patch_model(model, "adanorm", fold_affine=True)
+    assert [m.training for m in model.modules()] == flags
