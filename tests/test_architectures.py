@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModel  # noqa: E402
@@ -51,6 +52,8 @@ class Arch:
     rejected: tuple[str, ...] = ()  # classes that are in the model but are no last-dim norm
     id: str = ""
     has_norms: bool = True
+    dtype: torch.dtype = torch.float32
+    fact: tuple = ()  # (what this model is here to show, predicate(model, probed) that it holds)
     marks: tuple = ()
 
     def __post_init__(self):
@@ -58,6 +61,20 @@ class Arch:
 
     def param(self):
         return pytest.param(self, id=self.id, marks=self.marks)
+
+
+def _probed_with(pred):
+    """Some module the probe accepted satisfies ``pred(module)``."""
+    return lambda model, probed: any(pred(model.get_submodule(n)) for n in probed)
+
+
+def _rejected_with(pred):
+    """Some module satisfying ``pred(module)`` exists and the probe turned it down."""
+    return lambda model, probed: any(pred(m) and n not in probed for n, m in model.named_modules())
+
+
+def _param_names(module):
+    return sorted(n for n, _ in module.named_parameters(recurse=False))
 
 
 # Mamba-style models read ``norm.weight.dtype`` in forward, which a parameter-free replacement lacks.
@@ -70,6 +87,7 @@ READS_NORM_WEIGHT = pytest.mark.xfail(
 ARCHS = [
     # encoders
     Arch("bert", "text", TEXT),
+    Arch("bert", "text", TEXT, dtype=torch.bfloat16, id="bert-bf16"),
     Arch("roberta", "text", TEXT),
     Arch("xlm-roberta", "text", TEXT),
     Arch("deberta", "text", TEXT),
@@ -90,7 +108,8 @@ ARCHS = [
                                     normalization_type="layer_norm"), id="mobilebert-layer-norm"),
     Arch("squeezebert", "text", dict(TEXT, embedding_size=32, q_groups=1, k_groups=1, v_groups=1,
                                      post_attention_groups=1, intermediate_groups=1, output_groups=1),
-         rejected=("SqueezeBertLayerNorm",)),
+         rejected=("SqueezeBertLayerNorm",), fact=("an nn.LayerNorm subclass that transposes to channels",
+                                                   _rejected_with(lambda m: isinstance(m, nn.LayerNorm)))),
     Arch("xlnet", "text", dict(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=2, d_inner=64)),
     # decoders
     Arch("gpt2", "text", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
@@ -100,7 +119,8 @@ ARCHS = [
                               rotary_dim=8, bos_token_id=1, eos_token_id=2)),
     Arch("opt", "text", dict(TEXT, ffn_dim=64, word_embed_proj_dim=32)),
     Arch("opt", "text", dict(TEXT, ffn_dim=64, word_embed_proj_dim=32, do_layer_norm_before=False),
-         id="opt-post-ln"),
+         id="opt-post-ln", fact=("post-LN: no final decoder norm",
+                                 lambda model, probed: model.decoder.final_layer_norm is None)),
     Arch("bloom", "text", dict(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=2,
                                bos_token_id=1, eos_token_id=2)),
     Arch("falcon", "text", dict(TEXT, num_kv_heads=2, ffn_hidden_size=64)),
@@ -115,19 +135,30 @@ ARCHS = [
     Arch("phi", "text", DECODER),
     Arch("phi", "text", dict(DECODER, qk_layernorm=True), id="phi-qk-layernorm"),
     Arch("llama", "text", DECODER),
+    Arch("llama", "text", DECODER, dtype=torch.bfloat16, id="llama-bf16"),
     Arch("qwen2", "text", DECODER),
-    Arch("qwen3", "text", dict(DECODER, head_dim=16)),
+    Arch("qwen3", "text", dict(DECODER, head_dim=16), fact=(
+        "per-head q/k RMSNorms with a 1-D weight over head_dim: last-dim RMSNorms",
+        lambda model, probed: probed.get("layers.0.self_attn.q_norm") == "rmsnorm")),
     Arch("mistral", "text", DECODER),
     Arch("gemma", "text", dict(DECODER, head_dim=16)),
     Arch("gemma2", "text", dict(DECODER, head_dim=16, sliding_window=4)),
     Arch("phi3", "text", DECODER),
-    Arch("olmo", "text", DECODER),
+    Arch("olmo", "text", DECODER, fact=("a LayerNorm with no parameters at all",
+                                        _probed_with(lambda m: not _param_names(m)))),
     Arch("olmo2", "text", DECODER),
-    Arch("cohere", "text", DECODER),
+    Arch("cohere", "text", DECODER, fact=("a centring LayerNorm with a weight and no bias",
+                                          _probed_with(lambda m: _param_names(m) == ["weight"]))),
     Arch("cohere", "text", dict(DECODER, use_qk_norm=True), id="cohere-qk-norm",
-         rejected=("CohereLayerNorm",)),
-    Arch("mpt", "text", dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)),
-    Arch("imagegpt", "text", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64)),
+         rejected=("CohereLayerNorm",), fact=("per-head q/k LayerNorms with a 2-D weight",
+                                              _rejected_with(lambda m: getattr(m, "weight", None) is not None
+                                                             and m.weight.dim() == 2))),
+    Arch("mpt", "text", dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, max_seq_len=64),
+         fact=("nn.LayerNorms whose bias was set to None",
+               _probed_with(lambda m: isinstance(m, nn.LayerNorm) and m.bias is None))),
+    Arch("imagegpt", "text", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64),
+         fact=("ImageGPTLayerNorm, which does not centre: an RMSNorm",
+               lambda model, probed: set(probed.values()) == {"rmsnorm"})),
     Arch("mamba", "text", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8,
                                intermediate_size=64, time_step_rank=4),
          marks=READS_NORM_WEIGHT),
@@ -154,7 +185,8 @@ ARCHS = [
                                num_heads=[2, 2], window_size=4)),
     Arch("convnext", "image", dict(image_size=32, num_channels=3, hidden_sizes=[16, 32],
                                    depths=[1, 1], num_stages=2),
-         rejected=("ConvNextLayerNorm",)),
+         rejected=("ConvNextLayerNorm",), fact=("channels-first norms that subclass nn.LayerNorm",
+                                                _rejected_with(lambda m: isinstance(m, nn.LayerNorm)))),
     Arch("convnextv2", "image", dict(image_size=32, num_channels=3, hidden_sizes=[16, 32],
                                      depths=[1, 1], num_stages=2),
          rejected=("ConvNextV2LayerNorm", "ConvNextV2GRN")),
@@ -167,7 +199,9 @@ ARCHS = [
     # audio
     Arch("wav2vec2", "audio", dict(TEXT, conv_dim=[16, 16], conv_stride=[5, 4], conv_kernel=[10, 4],
                                    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2),
-         rejected=("GroupNorm", "_WeightNorm")),
+         rejected=("GroupNorm", "_WeightNorm"), fact=("a weight-norm parametrized positional conv",
+                                                      lambda model, probed: is_parametrized(
+                                                          model.encoder.pos_conv_embed.conv))),
     Arch("hubert", "audio", dict(TEXT, conv_dim=[16, 16], conv_stride=[5, 4], conv_kernel=[10, 4],
                                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
                                  feat_extract_norm="layer", do_stable_layer_norm=True)),
@@ -189,14 +223,14 @@ def build(arch: Arch) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModel.from_config(config)
-    return model.eval()
+    return model.to(arch.dtype).eval()
 
 
 def make_inputs(arch: Arch, model: nn.Module) -> dict:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=gen)
     image_size = getattr(getattr(model.config, "vision_config", model.config), "image_size", 32)
-    pixels = torch.randn(BATCH, 3, image_size, image_size, generator=gen)
+    pixels = torch.randn(BATCH, 3, image_size, image_size, generator=gen).to(arch.dtype)
     if arch.inputs == "text":
         return {"input_ids": ids}
     if arch.inputs == "seq2seq":
@@ -339,7 +373,9 @@ def replaced_in_model(model) -> set[str]:
 def check_patch_cycle(model, inputs, expected: dict[str, str], shapes, reference, **options):
     originals = {name: model.get_submodule(name) for name in expected}
     report = patch_model(model, "adanorm", **options)
-    assert {e.name: e.kind for e in report.replaced} == expected
+    reported = {e.name: e.kind for e in report.replaced}
+    assert reported == expected, (f"replaced but no probed norm: {sorted(set(reported) - set(expected))}; "
+                                  f"missed: {sorted(set(expected) - set(reported))}")
     assert replaced_in_model(model) == set(expected)
     for name, kind in expected.items():  # right family, and the eps the original really uses
         new = model.get_submodule(name)
@@ -363,6 +399,8 @@ def test_patch_finds_exactly_the_last_dim_norms(arch):
     assert reference and reference[0].shape[0] == BATCH
     probed, shapes = probe_norms(model, inputs)
     assert bool(probed) == arch.has_norms, sorted(probed)
+    if arch.fact:
+        assert arch.fact[1](model, probed), f"expected {arch.fact[0]}"
     for cls in arch.rejected:  # the decoys are in the model and the probe turned them down
         assert any(type(m).__name__ == cls and n not in probed for n, m in model.named_modules()), cls
     layernorms = {n: k for n, k in probed.items() if k == "layernorm"}
