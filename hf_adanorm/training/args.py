@@ -7,10 +7,12 @@ The field help is the command-line help (the recipes parse this dataclass with
 from __future__ import annotations
 
 import json
+from os import PathLike, fspath
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from ..config import NormConfig
+from ..registry import available_norms
 
 BASELINE = "layernorm"  # the unpatched model
 TASKS = ("classification", "causal_lm")
@@ -25,7 +27,7 @@ def _help(text: str) -> dict:
 class TrainingArgs:
     task: str = field(default="classification", metadata=_help(
         "'classification' (AutoModelForSequenceClassification) or 'causal_lm' (AutoModelForCausalLM)."))
-    model: str = field(default="config:bert", metadata=_help(
+    model: Optional[str] = field(default=None, metadata=_help(
         "Hub id or local folder of a pretrained model, or 'config:<model_type>' (e.g. 'config:gpt2') "
         "for a randomly initialised model built from that architecture's config (from-scratch runs)."))
     model_config: Optional[str] = field(default=None, metadata=_help(
@@ -98,6 +100,9 @@ class TrainingArgs:
         "Train on CPU even if a GPU is present (multi-process CPU runs use gloo)."))
 
     def __post_init__(self):
+        for name in ("model", "tokenizer", "dataset", "output_dir", "resume_from_checkpoint"):
+            if isinstance(getattr(self, name), PathLike):  # pathlib paths from Python callers
+                setattr(self, name, fspath(getattr(self, name)))
         if isinstance(self.model_config, str):
             try:
                 self.model_config = json.loads(self.model_config)
@@ -107,6 +112,8 @@ class TrainingArgs:
             raise ValueError(f"model_config must be a JSON object / dict, got {self.model_config!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if not self.model:
+            raise ValueError("no model: pass --model with a hub id, a local folder or 'config:<model_type>'")
         if not self.dataset:
             raise ValueError("no dataset: pass --dataset with a hub id or a local csv/json/txt file or folder")
         if self.model.startswith("config:") and self.tokenizer is None:
@@ -129,11 +136,11 @@ class TrainingArgs:
         """The patch to apply, or None for the LayerNorm baseline."""
         if self.norm == BASELINE:
             return None
-        try:
-            return NormConfig(norm=self.norm, k=self.k, C=self.C, detach=self.detach,
-                              eps_mode=self.eps_mode, include_rmsnorm=self.include_rmsnorm)
-        except ValueError as err:
-            raise ValueError(f"{err} (or {BASELINE!r} for the unpatched baseline)") from None
+        if self.norm not in available_norms():
+            raise ValueError(f"unknown norm {self.norm!r}; choose {BASELINE!r} (the unpatched baseline) "
+                             f"or one of {available_norms()}")
+        return NormConfig(norm=self.norm, k=self.k, C=self.C, detach=self.detach,
+                          eps_mode=self.eps_mode, include_rmsnorm=self.include_rmsnorm)
 
     def to_dict(self) -> dict:
         return asdict(self)

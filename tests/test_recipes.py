@@ -1,0 +1,243 @@
+"""The Accelerate recipes: real gloo processes, kill-and-resume, bad input, the real RT task.
+
+Multi-process and kill tests run tests/recipe_driver.py in subprocesses (one thread each),
+so that every run being compared executes the same code under the same conditions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import HfArgumentParser
+
+from hf_adanorm.training import TrainingArgs, latest_checkpoint, run_training
+from hf_adanorm.training.checkpoints import CHECKPOINT_DIR, TMP_PREFIX
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "tests" / "recipe_driver.py"
+SHARED_DATA = REPO.parent / "shared" / "data"
+TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the machine is shared, and it keeps CPU round-off run to run alike."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_sentiment_csvs(folder: Path, n_train=48, n_val=16, seed=0) -> Path:
+    """A learnable toy task: the label is whether 'good' words outnumber 'bad' ones."""
+    rng = random.Random(seed)
+    good, bad, filler = ["good", "great", "fine"], ["bad", "awful", "poor"], ["film", "plot", "cast", "the", "a"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", n_val)):
+        rows = []
+        for i in range(n):
+            label = i % 2
+            words = rng.choices(good if label else bad, k=3) + rng.choices(filler, k=rng.randint(1, 5))
+            rng.shuffle(words)
+            rows.append((" ".join(words), label))
+        with open(folder / f"{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("text", "label"), *rows])
+    return folder
+
+
+def tiny_args(tmp_path, **overrides) -> dict:
+    args = dict(task="classification", model="config:bert", tokenizer="word", model_config=TINY_BERT,
+                dataset=str(write_sentiment_csvs(tmp_path / "data")), norm="adanorm", num_epochs=3,
+                per_device_batch_size=8, learning_rate=2e-3, max_length=16, seed=3,
+                output_dir=str(tmp_path / "run"), save_model=False)
+    args.update(overrides)
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_driver(args: dict, dump: Path, *, launcher=(), kill_at=None, expect_rc=0, timeout=120):
+    dump.mkdir(parents=True, exist_ok=True)
+    args_file = dump / "args.json"
+    args_file.write_text(json.dumps(args))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [*(launcher or [sys.executable]), str(DRIVER), str(args_file), str(dump)]
+    if kill_at is not None:
+        command.append(str(kill_at))
+    proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def weights(dump: Path, rank=0) -> dict:
+    return load_file(str(dump / f"rank{rank}.safetensors"))
+
+
+def metrics_of(args: dict) -> dict:
+    return json.loads((Path(args["output_dir"]) / "metrics.json").read_text())
+
+
+def test_two_gloo_processes_match_one_process_with_same_global_batch(tmp_path):
+    # global batch 16 = 2 processes x 4 x 2 accumulation steps = 1 process x 8 x 2; no dropout,
+    # so the only difference left is round-off in the gradient all-reduce and padding.
+    common = dict(model_config={**TINY_BERT, **NO_DROPOUT}, gradient_accumulation_steps=2, num_epochs=2)
+    two = tiny_args(tmp_path, per_device_batch_size=4, output_dir=str(tmp_path / "two"), **common)
+    one = tiny_args(tmp_path, per_device_batch_size=8, output_dir=str(tmp_path / "one"), **common)
+    config = REPO / "recipes" / "configs" / "cpu_2proc.yaml"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                "--main_process_port", str(free_port())]
+    run_driver({**two, "cpu": True}, tmp_path / "dump_two", launcher=launcher)
+    run_driver(one, tmp_path / "dump_one")
+
+    seen = [json.loads((tmp_path / "dump_two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["rank"] for s in seen] == [0, 1]
+    assert all(s["world_size"] == 2 and s["distributed_type"] == "DistributedType.MULTI_CPU" for s in seen)
+    run_config = json.loads((tmp_path / "two" / "run_config.json").read_text())
+    assert run_config["world_size"] == 2 and run_config["global_batch_size"] == 16
+
+    rank0, rank1, single = (weights(tmp_path / "dump_two", 0), weights(tmp_path / "dump_two", 1),
+                            weights(tmp_path / "dump_one"))
+    initial = weights_at_init(tmp_path, common)
+    for name, value in rank0.items():
+        assert torch.equal(value, rank1[name]), f"{name} differs between the ranks"
+        torch.testing.assert_close(value, single[name], rtol=1e-4, atol=1e-5, msg=name)
+    moved = max((rank0[n] - initial[n]).abs().max().item() for n in rank0)
+    assert moved > 1e-3, "training did not change the weights: the comparison would prove nothing"
+
+    h2, h1 = metrics_of(two)["history"], metrics_of(one)["history"]
+    assert [(e["epoch"], e["step"]) for e in h2] == [(e["epoch"], e["step"]) for e in h1] == [(1, 3), (2, 6)]
+    for e2, e1 in zip(h2, h1):
+        for key in ("train_loss", "eval_loss", "eval_accuracy"):
+            assert e2[key] == pytest.approx(e1[key], rel=1e-4, abs=1e-5), key
+
+
+def weights_at_init(tmp_path, common) -> dict:
+    """The model as built (same seed), before any step: to check that training moved it."""
+    from hf_adanorm.training import classification
+    args = TrainingArgs(**tiny_args(tmp_path, output_dir=str(tmp_path / "init"), **common))
+    torch.manual_seed(args.seed)
+    return classification.build_task(args).model.state_dict()
+
+
+def test_sigkill_during_checkpoint_then_resume_equals_uninterrupted(tmp_path):
+    # 6 steps per epoch, checkpoints every 4 steps: the 3rd checkpoint (step 12) is killed half
+    # written, so the resume starts from step 8, mid-epoch 2, with dropout on.
+    args = tiny_args(tmp_path, checkpointing_steps=4, output_dir=str(tmp_path / "killed"))
+    reference = tiny_args(tmp_path, checkpointing_steps=4, output_dir=str(tmp_path / "reference"))
+    run_driver(reference, tmp_path / "dump_reference")
+    run_driver(args, tmp_path / "dump_killed", kill_at=3, expect_rc=-9)
+
+    checkpoints = Path(args["output_dir"]) / CHECKPOINT_DIR
+    half_written = checkpoints / f"{TMP_PREFIX}step_12"
+    assert (half_written / "model.safetensors").is_file(), "the kill did not hit a checkpoint write"
+    assert latest_checkpoint(args["output_dir"]) == checkpoints / "step_8"
+    assert not (Path(args["output_dir"]) / "metrics.json").exists()
+
+    run_driver({**args, "resume_from_checkpoint": "latest"}, tmp_path / "dump_resumed")
+    assert not half_written.exists(), "the leftover of the killed write was not cleaned up"
+    run_config = json.loads((Path(args["output_dir"]) / "run_config.json").read_text())
+    assert run_config["resumed_from"] == str(checkpoints / "step_8")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_12", "step_16", "step_4", "step_8"]
+
+    resumed, uninterrupted = weights(tmp_path / "dump_resumed"), weights(tmp_path / "dump_reference")
+    for name, value in uninterrupted.items():
+        assert torch.equal(resumed[name], value), f"{name} differs after resume"
+    got, want = metrics_of(args), metrics_of(reference)
+    assert got["history"] == want["history"] and got["final"] == want["final"]
+    assert len(want["history"]) == 3
+
+
+def test_resume_from_an_explicit_checkpoint_and_refuse_to_mix_runs(tmp_path):
+    args = TrainingArgs(**tiny_args(tmp_path, num_epochs=1, checkpointing_steps=3))
+    run_training(args)
+    with pytest.raises(FileExistsError, match="resume_from_checkpoint latest"):
+        run_training(args)  # a fresh run into a folder holding another run's checkpoints
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        run_training(TrainingArgs(**{**args.to_dict(), "resume_from_checkpoint": str(tmp_path / "nope")}))
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"dataset": "missing/train.csv"}, FileNotFoundError, "does not exist"),
+    ({"text_column": "sentence"}, ValueError, r"no column \['sentence'\].*columns are \['text', 'label'\]"),
+    ({"label_column": "stars"}, ValueError, r"no column \['stars'\]"),
+    ({"model": "no/such-model-folder"}, ValueError, "cannot load model"),
+    ({"model": "config:not_an_architecture"}, ValueError, "cannot load model"),
+])
+def test_bad_input_fails_before_training(tmp_path, change, error, message):
+    args = TrainingArgs(**tiny_args(tmp_path, **change))
+    with pytest.raises(error, match=message):
+        run_training(args)
+    assert not Path(args.output_dir).exists(), "something was written before the error"
+
+
+def test_bad_options_fail_when_parsed():
+    with pytest.raises(ValueError, match="unknown norm 'adanrom'; choose 'layernorm'.*'adanorm'"):
+        TrainingArgs(model="m", dataset="x.csv", norm="adanrom")
+    with pytest.raises(ValueError, match="k > 0"):
+        TrainingArgs(model="m", dataset="x.csv", norm="adanorm", k=0.0)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        TrainingArgs(dataset="x.csv", model="config:gpt2")
+    with pytest.raises(ValueError, match="no model"):
+        TrainingArgs(dataset="x.csv")
+    with pytest.raises(ValueError, match="no dataset"):
+        TrainingArgs(model="m")
+
+
+def test_command_line_parses_into_training_args():
+    parser = HfArgumentParser(TrainingArgs)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--model", "m", "--dataset", "d.csv", "--norm", "layernorm_simple", "--max_steps", "7", "--cpu",
+         "--model_config", '{"num_hidden_layers": 2}', "--tokenizer", "char"])
+    assert (args.norm, args.max_steps, args.cpu, args.model_config) == ("layernorm_simple", 7, True,
+                                                                         {"num_hidden_layers": 2})
+    assert args.norm_config().norm == "layernorm_simple"
+    assert TrainingArgs(model="m", dataset="d.csv").norm_config() is None  # the baseline is not patched
+
+
+def test_char_level_causal_lm_reports_bits_per_character(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join("the cat sat on the mat. " * 6 for _ in range(40)))
+    args = TrainingArgs(task="causal_lm", model="config:gpt2", tokenizer="char", dataset=str(text),
+                        model_config={"n_layer": 1, "n_embd": 32, "n_head": 2}, norm="layernorm_simple",
+                        max_length=32, per_device_batch_size=8, max_steps=12, learning_rate=3e-3,
+                        output_dir=str(tmp_path / "lm"))
+    final = run_training(args)["final"]
+    assert final["eval_perplexity"] == pytest.approx(torch.tensor(final["eval_loss"]).exp().item(), rel=1e-6)
+    assert final["eval_bpc"] == pytest.approx(final["eval_loss"] / torch.log(torch.tensor(2.0)).item())
+    vocab_size = json.loads((tmp_path / "lm" / "run_config.json").read_text())["vocab_size"]
+    assert final["eval_bpc"] < math.log2(vocab_size) - 0.5, "not better than a uniform guess"
+    saved = json.loads((tmp_path / "lm" / "model" / "config.json").read_text())
+    assert saved["hf_adanorm"]["config"]["norm"] == "layernorm_simple"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "rt-polarity").is_dir(), reason="needs ../shared/data/rt-polarity")
+def test_minilm_on_rotten_tomatoes(tmp_path, minilm_path):
+    from transformers import AutoModelForSequenceClassification
+    args = TrainingArgs(model=minilm_path, dataset=str(SHARED_DATA / "rt-polarity"), norm="adanorm",
+                        max_train_samples=32, max_eval_samples=32, max_steps=2, per_device_batch_size=16,
+                        max_length=32, output_dir=str(tmp_path / "rt"))
+    metrics = run_training(args)
+    assert {"eval_accuracy", "eval_f1", "test_accuracy", "test_loss"} <= set(metrics["final"])
+    assert metrics["history"][-1]["step"] == 2
+    run_config = json.loads((tmp_path / "rt" / "run_config.json").read_text())
+    replaced = [e for e in run_config["patch_report"]["entries"] if e["action"] == "replaced"]
+    assert len(replaced) == 13 and run_config["labels"] == ["0", "1"]
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rt" / "model")
+    assert reloaded.config.hf_adanorm["config"]["norm"] == "adanorm"
