@@ -246,6 +246,11 @@ def test_resume_continues_a_patched_run_exactly(token_dataset, tmp_path):
     assert json.loads((checkpoint / PATCH_RECORD_FILE).read_text()) == record
     assert json.loads((checkpoint / "config.json").read_text())["hf_adanorm"] == record
     assert record["config"]["k"] == 0.2 and len(record["modules"]) == 5
+    # The checkpoint folder is a patched model that hf_adanorm's loader reads as it is.
+    from hf_adanorm.checkpoint import from_pretrained
+    loaded = from_pretrained(BertForSequenceClassification, str(checkpoint))
+    assert get_patch_record(loaded) == record
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in first.state_dict().items())
 
     resumed = tiny_bert(seed=1)  # different initial weights: everything must come from the checkpoint
     Trainer(resumed, train_args(tmp_path / "resumed", **settings), train_dataset=token_dataset,
