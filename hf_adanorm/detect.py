@@ -87,7 +87,7 @@ def _probe_copy(module: nn.Module, tensors: dict) -> nn.Module:
         (n, None if p is None else nn.Parameter(tensors[n], requires_grad=False))
         for n, p in module._parameters.items())
     clone._buffers = OrderedDict(
-        (n, None if b is None else (torch.zeros(b.shape) if b.is_meta else b.detach().float().cpu()))
+        (n, None if b is None else (torch.zeros(b.shape) if b.is_meta else b.detach().float().cpu().clone()))
         for n, b in module._buffers.items()
     )
     for name in _HOOK_DICTS:
