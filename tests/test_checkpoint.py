@@ -1,0 +1,281 @@
+"""save_pretrained / from_pretrained / push_to_hub: round trips, remote code, model card, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForCausalLM
+
+import hf_adanorm
+from hf_adanorm.checkpoint import CheckpointError, from_pretrained, push_to_hub, save_pretrained
+from hf_adanorm.remote_code import MODELING_FILE
+from test_fold import logits, tiny_lm
+
+REPO = Path(__file__).resolve().parents[1]
+IDS = torch.randint(0, 100, (3, 11), generator=torch.Generator().manual_seed(3))
+
+
+def run_python(code: str, tmp_path: Path, *, with_plugin: bool) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter, from ``tmp_path``, offline.
+
+    Without the plugin, ``import hf_adanorm`` is made impossible (the repo is off
+    sys.path and the name is blocked), so only torch and transformers can serve.
+    """
+    prelude = "import sys\n"
+    if not with_plugin:
+        prelude += ("sys.path[:] = [p for p in sys.path if not (p and __import__('os').path.isdir("
+                    "__import__('os').path.join(p, 'hf_adanorm')))]\nsys.modules['hf_adanorm'] = None\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "PYTHONPATH": str(REPO) if with_plugin else ""}
+    done = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def patched(model_type="gpt2", norm="adanorm", **options):
+    model = tiny_lm(model_type)
+    hf_adanorm.patch_model(model, norm, **options)
+    return model
+
+
+@pytest.mark.parametrize("model_type,norm,options", [
+    ("gpt2", "adanorm", dict(fold_affine=True, k=0.2, C=2.0)),
+    ("llama", "detachnorm", dict(include_rmsnorm=True, detach="mean", eps_mode="fairseq")),
+])
+def test_round_trip_in_a_fresh_process_is_bitwise(tmp_path, model_type, norm, options):
+    model = patched(model_type, norm, **options)
+    save_pretrained(model, tmp_path / "ckpt")
+    save_file({"ids": IDS}, tmp_path / "ids.safetensors")
+    run_python("""
+        import torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
+        from hf_adanorm import get_patch_record
+        from hf_adanorm.checkpoint import from_pretrained
+        model, info = from_pretrained(AutoModelForCausalLM, "ckpt", output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert type(model).__module__.startswith("transformers.models."), type(model)
+        with torch.no_grad():
+            out = model.eval()(input_ids=load_file("ids.safetensors")["ids"]).logits
+        assert get_patch_record(model)["modules"]
+        save_file({"logits": out}, "out.safetensors")
+    """, tmp_path, with_plugin=True)
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["logits"], expected)
+
+
+def test_loaded_model_is_patched_like_the_saved_one(tmp_path):
+    model = patched("gpt2", "adanorm", fold_affine=True)
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(AutoModelForCausalLM, tmp_path).eval()
+    assert type(loaded) is type(model)
+    record = hf_adanorm.get_patch_record(loaded)
+    assert record["modules"] == hf_adanorm.get_patch_record(model)["modules"]
+    assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in model.modules()]
+    assert loaded.lm_head.bias is not None and loaded.config.tie_word_embeddings is False
+    assert torch.equal(logits(loaded), logits(model))
+    with pytest.raises(ValueError, match="rebuilt from a patch record"):
+        hf_adanorm.unpatch_model(loaded)
+
+
+def test_remote_code_loads_without_hf_adanorm(tmp_path):
+    model = patched("gpt2", "adanorm", fold_affine=True)
+    save_pretrained(model, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hf_adanorm.GPT2LMHeadModel"
+    save_file({"ids": IDS}, tmp_path / "ids.safetensors")
+    run_python("""
+        import torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
+        try:
+            import hf_adanorm
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("hf_adanorm must not be importable here")
+        model, info = AutoModelForCausalLM.from_pretrained("ckpt", trust_remote_code=True,
+                                                           output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        norm = model.transformer.h[0].ln_1
+        assert type(norm).__name__ == "HFAdaNorm", type(norm)
+        assert type(norm).__module__.startswith("transformers_modules."), type(norm).__module__
+        with torch.no_grad():
+            out = model.eval()(input_ids=load_file("ids.safetensors")["ids"]).logits
+        save_file({"logits": out}, "out.safetensors")
+    """, tmp_path, with_plugin=False)
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["logits"], expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_generated_code_is_small_deterministic_and_pickle_free(tmp_path):
+    first, second = patched("gpt2"), patched("gpt2", "layernorm_simple", fold_affine=True)
+    save_pretrained(first, tmp_path / "a")
+    save_pretrained(second, tmp_path / "b")
+    code_a = (tmp_path / "a" / MODELING_FILE).read_text()
+    assert code_a == (tmp_path / "b" / MODELING_FILE).read_text()  # the record lives in config.json
+    assert len(code_a.splitlines()) < 120
+    for banned in ("pickle", "torch.load", "hf_adanorm import", "import hf_adanorm", "eval(", "exec("):
+        assert banned not in code_a
+
+
+def test_remote_code_norms_match_the_plugin_modules():
+    """The generated copy of the math agrees with hf_adanorm's modules, forward and backward."""
+    import importlib.util
+    import tempfile
+    from hf_adanorm.remote_code import modeling_source
+    from transformers import GPT2LMHeadModel
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / MODELING_FILE
+        path.write_text(modeling_source(GPT2LMHeadModel, 1))
+        spec = importlib.util.spec_from_file_location("generated", path)
+        generated = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(generated)
+    base = dict(k=0.1, C=1.0, detach="both", eps_mode="torch", eps=None)
+    cases = [("adanorm", "layernorm", {}), ("layernorm_simple", "rmsnorm", {}),
+             ("detachnorm", "layernorm", {"detach": "variance"}), ("adanorm", "layernorm", {"eps_mode": "fairseq"})]
+    for norm, kind, extra in cases:
+        options = {**base, "norm": norm, **extra}
+        ours = hf_adanorm.registry.build_norm(hf_adanorm.NormConfig(**options), kind, (24,), 1e-5)
+        theirs = generated.HFAdaNorm(24, 1e-5, kind == "layernorm", options)
+        x1 = (torch.randn(4, 24, dtype=torch.float64) * 3 + 1).requires_grad_()
+        x2 = x1.detach().clone().requires_grad_()
+        g = torch.randn(4, 24, dtype=torch.float64)
+        (ours(x1) * g).sum().backward()
+        (theirs(x2) * g).sum().backward()
+        torch.testing.assert_close(theirs(x2), ours(x1), msg=f"{norm}/{kind}/{extra}")
+        torch.testing.assert_close(x2.grad, x1.grad, msg=f"grad {norm}/{kind}/{extra}")
+
+
+def test_model_card(tmp_path):
+    model = patched("gpt2", "adanorm")
+    save_pretrained(model, tmp_path, base_model="openai-community/gpt2",
+                    metrics={"eval_loss": 1.25, "epoch": 3})
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "openai-community/gpt2"
+    assert card.data.library_name == "transformers"
+    assert {"hf-adanorm", "adanorm", "custom_code"} <= set(card.data.tags)
+    assert "| eval_loss | 1.25 |" in card.text
+    record = json.loads(card.text.split("```json\n")[1].split("\n```")[0])
+    assert record == json.loads((tmp_path / "config.json").read_text())["hf_adanorm"]
+
+
+def test_plain_checkpoint_loads_with_stock_transformers(tmp_path):
+    original = tiny_lm("llama")
+    expected = logits(original)
+    hf_adanorm.patch_model(original, "layernorm_simple", fold_affine=True, include_rmsnorm=True)
+    save_pretrained(original, tmp_path, plain=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "hf_adanorm" not in config and "auto_map" not in config
+    assert not (tmp_path / MODELING_FILE).exists()
+    stock, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(stock.model.norm.weight, torch.ones(32))
+    torch.testing.assert_close(logits(stock.eval()), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,norm,options,match", [
+    ("gpt2", "adanorm", {}, "layernorm_simple"),
+    ("gpt2", "layernorm_simple", {"fold_affine": True}, "lm_head a bias"),
+])
+def test_plain_is_refused_when_stock_cannot_compute_it(tmp_path, model_type, norm, options, match):
+    model = patched(model_type, norm, **options)
+    with pytest.raises(ValueError, match=match):
+        save_pretrained(model, tmp_path / "out", plain=True)
+    assert not (tmp_path / "out").exists()
+
+
+def _saved_config(tmp_path) -> Path:
+    save_pretrained(patched("gpt2"), tmp_path)
+    return tmp_path / "config.json"
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda r: r.update(format_version=99), "newer hf_adanorm"),
+    (lambda r: r.update(format_version="1"), "corrupted"),
+    (lambda r: r.pop("modules"), "corrupted"),
+    (lambda r: r["modules"].update({"transformer.h.0.ln_1": {"kind": "layernorm", "size": -1}}), "corrupted"),
+    (lambda r: r["config"].update(norm="supernorm"), "supernorm"),
+    (lambda r: r["config"].update(k=-1.0), "corrupted"),
+    (lambda r: r["modules"].update({"transformer.nope": {"kind": "layernorm", "size": 32, "eps": 1e-5}}),
+     "does not have"),
+])
+def test_bad_records_are_clear_errors(tmp_path, edit, match):
+    path = _saved_config(tmp_path)
+    config = json.loads(path.read_text())
+    edit(config["hf_adanorm"])
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=match):
+        from_pretrained(AutoModelForCausalLM, tmp_path)
+
+
+def test_unpatched_checkpoint_and_pickle_are_refused(tmp_path):
+    tiny_lm("gpt2").save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="not a patched checkpoint"):
+        from_pretrained(AutoModelForCausalLM, tmp_path)
+    with pytest.raises(ValueError, match="safetensors only"):
+        from_pretrained(AutoModelForCausalLM, tmp_path, use_safetensors=False)
+    with pytest.raises(ValueError, match="not patched"):
+        save_pretrained(tiny_lm("gpt2"), tmp_path / "x")
+
+
+def test_push_to_hub_uploads_what_save_writes(tmp_path, monkeypatch):
+    uploaded = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        uploaded["private"] = kwargs.get("private")
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploaded.update(repo_id=repo_id, files=sorted(os.listdir(folder_path)), kwargs=kwargs)
+        loaded = from_pretrained(AutoModelForCausalLM, folder_path).eval()  # what the hub would serve
+        uploaded["logits"] = logits(loaded)
+        return "commit-info"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    model = patched("gpt2", "adanorm", fold_affine=True)
+    assert push_to_hub(model, "me/tiny-adanorm", private=True, metrics={"acc": 0.5}) == "commit-info"
+    assert uploaded["repo_id"] == "me/tiny-adanorm" and uploaded["private"] is True
+    assert uploaded["files"] == sorted(["README.md", "config.json", "generation_config.json",
+                                        "model.safetensors", MODELING_FILE])
+    assert torch.equal(uploaded["logits"], logits(model))
+
+
+def test_ddp_wrapped_model_is_unwrapped_and_only_main_process_writes(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    model = patched("gpt2")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model)
+        assert save_pretrained(wrapped, tmp_path / "main") == tmp_path / "main"
+        assert save_pretrained(wrapped, tmp_path / "other", is_main_process=False) is None
+    finally:
+        dist.destroy_process_group()
+    assert not (tmp_path / "other").exists()
+    config = json.loads((tmp_path / "main" / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"]
+    assert not any(k.startswith("module.") for k in load_file(tmp_path / "main" / "model.safetensors"))
+
+
+def test_minilm_round_trip(tmp_path, minilm, minilm_inputs):
+    hf_adanorm.patch_model(minilm, "adanorm")
+    save_pretrained(minilm, tmp_path, remote_code=True)
+    loaded = from_pretrained(AutoModel, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**minilm_inputs).last_hidden_state, minilm(**minilm_inputs).last_hidden_state)
+    assert ModelCard.load(tmp_path / "README.md").data.base_model is None  # a local path is no hub id
