@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
 
@@ -9,6 +10,21 @@ from .norms import DETACH_CHOICES, check_ada_params
 from .registry import get_spec
 
 Patterns = Optional[Union[str, list[str]]]
+
+
+def _check_patterns(option: str, patterns) -> None:
+    """A regex string that compiles, or a list of module names / suffixes."""
+    if patterns is None:
+        return
+    if isinstance(patterns, str):
+        try:
+            re.compile(patterns)
+        except re.error as err:
+            raise ValueError(f"{option}={patterns!r} is not a valid regular expression ({err}); "
+                             "pass a list of module names to match names literally") from None
+    elif not (isinstance(patterns, (list, tuple, set)) and all(isinstance(p, str) for p in patterns)):
+        raise TypeError(f"{option} must be a regex string or a list of module names/suffixes, "
+                        f"got {patterns!r}")
 
 
 @dataclass
@@ -56,6 +72,8 @@ class NormConfig:
             raise ValueError(f"detach must be one of {DETACH_CHOICES}, got {self.detach!r}")
         if self.eps_mode not in ("torch", "fairseq"):
             raise ValueError(f"eps_mode must be 'torch' or 'fairseq', got {self.eps_mode!r}")
+        for option in ("include", "exclude"):
+            _check_patterns(option, getattr(self, option))
         if self.eps is not None and not self.eps > 0:
             raise ValueError(f"eps must be > 0 or None (keep each module's), got {self.eps!r}")
 

@@ -20,6 +20,8 @@ module                 output ``z`` (backward)
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence, Union
 
 import torch
@@ -47,12 +49,17 @@ def _check_eps_mode(eps_mode: str) -> str:
     return eps_mode
 
 
+def _is_real(value) -> bool:
+    """A finite real number (numpy scalars included, bools and NaN/inf not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_ada_params(k: float, C: float) -> None:
     """AdaNorm needs ``k > 0`` (else it is LayerNorm-simple) and ``C > 0``."""
-    if not (isinstance(k, (int, float)) and k > 0):
-        raise ValueError(f"AdaNorm needs k > 0 (the paper uses k = 0.1); got k={k!r}")
-    if not (isinstance(C, (int, float)) and C > 0):
-        raise ValueError(f"AdaNorm needs C > 0 (a positive output scale, e.g. 1.0); got C={C!r}")
+    if not (_is_real(k) and k > 0):
+        raise ValueError(f"AdaNorm needs a finite number k > 0 (the paper uses k = 0.1); got k={k!r}")
+    if not (_is_real(C) and C > 0):
+        raise ValueError(f"AdaNorm needs a finite number C > 0 (an output scale, e.g. 1.0); got C={C!r}")
 
 
 class _ParameterFreeNorm(nn.Module):

@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import NormConfig
 from .detect import NormInfo, classify
+from .norms import _ParameterFreeNorm
 from .fold import apply_fold, fold_summary, plan_fold, unfold
 from .registry import build_norm, get_spec
 from .report import ModuleEntry, PatchReport
@@ -71,6 +72,8 @@ def _plan(model, config: NormConfig, filter_fn) -> tuple[list[ModuleEntry], dict
         why_not = None
         if name == "":
             why_not = "the model itself is a norm: wrap it in a container to patch it"
+        elif isinstance(module, _ParameterFreeNorm):
+            why_not = "already an hf_adanorm norm (this model or a part of it was patched before)"
         elif info.kind == "rmsnorm" and not config.include_rmsnorm:
             why_not = "RMSNorm (pass include_rmsnorm=True to replace it with the RMS counterpart)"
         elif config.include is not None and not _matches(name, config.include):
@@ -111,6 +114,8 @@ def _copy_hooks(old: nn.Module, new: nn.Module) -> None:
                  "_forward_hooks_always_called"):
         if attr in old.__dict__:
             getattr(new, attr).update(getattr(old, attr))
+    # Without this flag torch silently ignores the copied (full) backward hooks.
+    new._is_full_backward_hook = old._is_full_backward_hook
     hf_hook = getattr(old, "_hf_hook", None)
     if hf_hook is not None:
         from accelerate.hooks import add_hook_to_module
@@ -177,6 +182,8 @@ def patch_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model needs a torch.nn.Module, got {type(model).__name__}")
     config = NormConfig.from_options(norm, options)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a callable (module, name) -> bool, got {filter_fn!r}")
     if is_patched(model):
         done = get_patch_record(model)["config"]["norm"]
         raise RuntimeError(f"model is already patched with {done!r}; call "

@@ -43,7 +43,8 @@ def model_state(model: nn.Module) -> dict:
         "tensors": {k: v.detach().clone() for k, v in model.state_dict().items() if not v.is_meta},
         "training": [m.training for m in model.modules()],
         "requires_grad": [p.requires_grad for p in model.parameters()],
-        "attrs": {k for k in vars(model) if k.startswith("_hf_adanorm")},
+        "attrs": {k: getattr(model, k) for k in vars(model) if k.startswith("_hf_adanorm")},
+        "config_record": copy.deepcopy(getattr(getattr(model, "config", None), "hf_adanorm", None)),
     }
 
 
@@ -57,11 +58,9 @@ def assert_same_state(model: nn.Module, before: dict) -> None:
         assert torch.equal(after["tensors"][key], value), key
     assert after["training"] == before["training"]
     assert after["requires_grad"] == before["requires_grad"]
-    assert {k for k in after["attrs"] if getattr(model, k) is not None} == \
-           {k for k in before["attrs"] if getattr(model, k) is not None}
-    config = getattr(model, "config", None)
-    if config is not None:
-        assert "hf_adanorm" not in config.to_dict()
+    assert after["attrs"].keys() == before["attrs"].keys()
+    assert all(after["attrs"][k] is v for k, v in before["attrs"].items()), "patch record replaced"
+    assert after["config_record"] == before["config_record"]
 
 
 @pytest.fixture

@@ -358,11 +358,17 @@ def test_extreme_magnitudes(variant, eps_mode, magnitude):
 
 @pytest.mark.parametrize("cls", [AdaNorm, RMSAdaNorm])
 @pytest.mark.parametrize("bad", [dict(k=0), dict(k=-0.1), dict(C=0), dict(C=-1.0),
-                                 dict(k=float("nan")), dict(k="0.1")])
+                                 dict(k=float("nan")), dict(C=float("inf")), dict(k=True), dict(k="0.1")])
 def test_adanorm_rejects_bad_k_and_C(cls, bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=rf"{name} > 0"):
         cls(8, **bad)
+
+
+def test_adanorm_accepts_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    module = AdaNorm(8, k=np.float32(0.25), C=np.int64(2))
+    assert (module.k, module.C) == (0.25, 2.0)
 
 
 @pytest.mark.parametrize("cls", [DetachNorm, RMSDetachNorm])
