@@ -63,7 +63,8 @@ def _affine_note(module: nn.Module, info: NormInfo) -> str:
 def _plan(model, config: NormConfig, filter_fn) -> tuple[list[ModuleEntry], dict]:
     """Classify every module; return report entries and {name: (info, module)} to replace."""
     entries, chosen = [], {}
-    for name, module in model.named_modules():
+    # Every name of a shared module, so that no alias keeps the original norm unseen.
+    for name, module in model.named_modules(remove_duplicate=False):
         info, reason = classify(module)
         if info is None:
             if reason:
@@ -131,11 +132,13 @@ def _swap_in(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def _build_replacements(config: NormConfig, chosen: dict) -> dict:
-    built = {}
+    built, by_original = {}, {}
     for name, (info, module) in chosen.items():
-        new = build_norm(config, info.kind, (info.size,), config.eps if config.eps is not None else info.eps)
-        new.train(module.training)
-        built[name] = new
+        if id(module) not in by_original:  # one replacement per module: aliases stay tied
+            new = build_norm(config, info.kind, (info.size,), config.eps if config.eps is not None else info.eps)
+            new.train(module.training)
+            by_original[id(module)] = new
+        built[name] = by_original[id(module)]
     return built
 
 

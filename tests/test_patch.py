@@ -244,6 +244,16 @@ def test_tiny_bert_patch_run_unpatch_is_bitwise(norm, options):
         assert torch.equal(model(**bert_inputs()).last_hidden_state, before)
 
 
+def test_a_norm_shared_under_two_names_is_replaced_under_both():
+    norm = nn.LayerNorm(8)
+    model = nn.ModuleDict(dict(first=norm, second=norm, inner=nn.Sequential(norm)))
+    report = patch_model(model, "adanorm")
+    assert [e.name for e in report.replaced] == ["first", "second", "inner.0"]
+    assert type(model.first) is AdaNorm and model.first is model.second is model.inner[0]  # still tied
+    unpatch_model(model)
+    assert model.first is norm and model.second is norm and model.inner[0] is norm
+
+
 def test_identity_affine_layernorm_is_exactly_layernorm_simple():
     """A freshly initialised BERT has gain 1, bias 0: swapping in LayerNorm-simple with
     the same eps must leave its function unchanged (so each swap sits where the norm was)."""
