@@ -117,6 +117,21 @@ class PatchCallback(TrainerCallback):
                 "and trainer.add_callback comes after construction). Pass the callback as "
                 "Trainer(..., callbacks=[PatchCallback(...)]) without model_init, or call "
                 "hf_adanorm.patch_model inside your model_init.")
+        self._check_resumed_checkpoint(args, state)
+
+    def _check_resumed_checkpoint(self, args, state) -> None:
+        """A resumed run must be patched as the checkpoint it continues (checked when that
+        checkpoint is ``output_dir/checkpoint-N``, where the Trainer writes them)."""
+        config_file = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / "config.json"
+        if state.global_step == 0 or not config_file.is_file():
+            return
+        saved = json.loads(config_file.read_text()).get(_CONFIG_KEY)
+        if (saved or {}).get("config") != self.config.to_dict():
+            saved_as = f"patched with {saved['config']}" if saved else "not patched by hf_adanorm"
+            raise RuntimeError(
+                f"PatchCallback: the run resumed from {config_file.parent} was {saved_as}, but this "
+                f"callback patches with {self.config.to_dict()}; its weights would continue under "
+                "different norms. Resume with the same PatchCallback arguments.")
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not args.should_save:  # only the process that writes checkpoints

@@ -218,6 +218,20 @@ def test_minilm_finetune_logs_the_statistics_the_theory_predicts(kind, minilm_pa
         assert math.isfinite(logged["affine/all/bias_norm"])
 
 
+def test_with_gradient_accumulation_the_hooks_span_every_micro_batch(token_dataset, tmp_path):
+    class MicroBatchSpy(HookSpy):
+        def on_substep_end(self, args, state, control, model=None, **kwargs):
+            self.at_step_end[("after first micro-batch of", state.global_step + 1)] = total_hooks(model)
+
+    spy = MicroBatchSpy()
+    monitor = NormGradientStatsCallback(every_n_steps=2)
+    Trainer(tiny_bert(), train_args(tmp_path, max_steps=2, gradient_accumulation_steps=2),
+            train_dataset=token_dataset, callbacks=[monitor, spy]).train()
+    assert spy.at_step_end == {("after first micro-batch of", 1): 0, 1: 0,
+                               ("after first micro-batch of", 2): 2 * 5, 2: 0}
+    assert monitor.probe.num_hooks == 0
+
+
 # --------------------------------------------------------------------------- checkpoints and resume
 class StopAt(TrainerCallback):
     def __init__(self, step):
@@ -263,6 +277,13 @@ def test_resume_continues_a_patched_run_exactly(token_dataset, tmp_path):
     for key, value in final_straight.items():
         assert torch.equal(value, final_resumed[key]), key
     assert not torch.equal(first.classifier.weight, straight.classifier.weight)  # training moved on
+
+    # Resuming under other norms would silently continue a different model: refused.
+    for other in ([PatchCallback("adanorm", k=0.1)], [PatchCallback("layernorm_simple")]):
+        trainer = Trainer(tiny_bert(), train_args(tmp_path / "resumed", **settings),
+                          train_dataset=token_dataset, callbacks=other)
+        with pytest.raises(RuntimeError, match="Resume with the same PatchCallback arguments"):
+            trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
 def test_patch_record_is_added_to_a_config_that_lacks_it(tmp_path):
