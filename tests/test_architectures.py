@@ -442,3 +442,23 @@ def test_full_size_models_on_meta_device(model_type, options, expected):
 
 def test_enough_architectures():
     assert len({a.id for a in ARCHS}) >= 30
+
+
+class _CountingLayerNorm(nn.Module):
+    """A LayerNorm that counts its calls in a buffer, in place."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return nn.functional.layer_norm(x, self.weight.shape, self.weight, None, 1e-5)
+
+
+def test_detection_leaves_buffers_untouched():
+    model = nn.Sequential(nn.Linear(8, 8), _CountingLayerNorm(8))
+    report = patch_model(model, "adanorm", dry_run=True)
+    assert [e.name for e in report.replaced] == ["1"]
+    assert model[1].calls.item() == 0
