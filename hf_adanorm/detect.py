@@ -11,7 +11,9 @@ random parameters, against four references over the last dimension::
 with ``s`` in {w, 1 + w, 1} (Gemma-style norms store ``w`` with the 1 removed) and
 ``b`` in {bias, 0}.  The copy shares no tensors or hooks with the model, so
 probing never changes it, works on the ``meta`` device and draws nothing from
-the global random generator.
+the global random generator.  A module whose ``forward`` takes more than the one
+tensor (a gated RMSNorm's ``gate``) is never a candidate: its one-input
+replacement could not take the extra input.
 """
 
 from __future__ import annotations
