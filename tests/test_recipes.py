@@ -205,6 +205,21 @@ def test_bad_options_fail_when_parsed():
         TrainingArgs(model="m")
 
 
+@pytest.mark.parametrize("name, distributed_type, extra", [
+    ("single_gpu", "NO", {}), ("multi_gpu", "MULTI_GPU", {}),
+    ("fsdp", "FSDP", {"fsdp_sharding_strategy": "FULL_SHARD"}),
+    ("deepspeed_zero2", "DEEPSPEED", {"zero_stage": 2}), ("deepspeed_zero3", "DEEPSPEED", {"zero_stage": 3}),
+    ("cpu_2proc", "MULTI_GPU", {}),  # the launcher that really spawns N ranks (see the file)
+])
+def test_accelerate_configs_load(name, distributed_type, extra):
+    from accelerate.commands.config.config_args import load_config_from_file
+    config = load_config_from_file(str(REPO / "recipes" / "configs" / f"{name}.yaml"))
+    assert str(config.distributed_type) == f"DistributedType.{distributed_type}"
+    assert config.num_processes == (1 if name == "single_gpu" else 2)
+    settings = {**(config.fsdp_config or {}), **(config.deepspeed_config or {})}
+    assert all(settings.get(key) == value for key, value in extra.items()), settings
+
+
 def test_command_line_parses_into_training_args():
     parser = HfArgumentParser(TrainingArgs)
     (args,) = parser.parse_args_into_dataclasses(
@@ -235,14 +250,21 @@ def test_char_level_causal_lm_reports_bits_per_character(tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "rt-polarity").is_dir(), reason="needs ../shared/data/rt-polarity")
 def test_minilm_on_rotten_tomatoes(tmp_path, minilm_path):
     from transformers import AutoModelForSequenceClassification
+
+    from hf_adanorm.checkpoint import from_pretrained
+    from hf_adanorm.training import classification, train
     args = TrainingArgs(model=minilm_path, dataset=str(SHARED_DATA / "rt-polarity"), norm="adanorm",
                         max_train_samples=32, max_eval_samples=32, max_steps=2, per_device_batch_size=16,
                         max_length=32, output_dir=str(tmp_path / "rt"))
-    metrics = run_training(args)
-    assert {"eval_accuracy", "eval_f1", "test_accuracy", "test_loss"} <= set(metrics["final"])
-    assert metrics["history"][-1]["step"] == 2
+    result = train(args, classification.build_task)
+    assert {"eval_accuracy", "eval_f1", "test_accuracy", "test_loss"} <= set(result.metrics["final"])
+    assert result.metrics["history"][-1]["step"] == 2
+    assert result.metrics["model_format"] == "hf_adanorm.save_pretrained"
     run_config = json.loads((tmp_path / "rt" / "run_config.json").read_text())
     replaced = [e for e in run_config["patch_report"]["entries"] if e["action"] == "replaced"]
     assert len(replaced) == 13 and run_config["labels"] == ["0", "1"]
-    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rt" / "model")
-    assert reloaded.config.hf_adanorm["config"]["norm"] == "adanorm"
+
+    reloaded = from_pretrained(AutoModelForSequenceClassification, tmp_path / "rt" / "model").eval()
+    ids = torch.tensor([[101, 2307, 2143, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)

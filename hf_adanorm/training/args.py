@@ -81,7 +81,8 @@ class TrainingArgs:
         "Clip the global gradient norm to this (None: no clipping)."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help(
         "Micro-batches per optimizer step."))
-    mixed_precision: str = field(default="no", metadata=_help("'no', 'fp16' or 'bf16'."))
+    mixed_precision: Optional[str] = field(default=None, metadata=_help(
+        "'no', 'fp16' or 'bf16'. Default: what `accelerate launch` / the accelerate config says, else 'no'."))
     max_length: int = field(default=128, metadata=_help(
         "Classification: truncate inputs to this many tokens. Causal LM: length of each training block."))
     eval_every: int = field(default=1, metadata=_help(
@@ -129,7 +130,7 @@ class TrainingArgs:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
 
     def norm_config(self) -> Optional[NormConfig]:

@@ -24,8 +24,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..checkpoint import save_pretrained as save_patched
+from ..patch import is_patched
 from . import checkpoints
 from .args import TrainingArgs
+from .modeling import CONFIG_PREFIX
 
 METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "run_config.json"
@@ -91,20 +94,19 @@ def _check_output_dir(args, resume_path) -> None:
                               "--resume_from_checkpoint latest to continue it, or another --output_dir")
 
 
-def _save_final_model(accelerator, model, task: Task, directory: Path) -> str:
-    """Save in the plugin's checkpoint format when available (hf_adanorm.checkpoint)."""
+def _save_final_model(accelerator, model, task: Task, directory: Path, args, final: dict) -> str:
+    """Save a patched model with hf_adanorm.save_pretrained (weights, patch record, remote code,
+    model card), the LayerNorm baseline with its own save_pretrained; main process only."""
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP / ZeRO-3: all ranks call it
     if not accelerator.is_main_process:
         return ""
     unwrapped = accelerator.unwrap_model(model)
-    try:
-        from ..checkpoint import save_pretrained as save_patched
-    except ImportError:
-        save_patched = None
-    if save_patched is not None:
-        save_patched(unwrapped, directory, state_dict=state_dict)
-        fmt = "hf_adanorm.checkpoint"
-    else:  # the model's own format; the patch record travels in config.json ("hf_adanorm")
+    if is_patched(unwrapped):
+        base_model = None if args.model.startswith(CONFIG_PREFIX) else args.model
+        save_patched(unwrapped, directory, state_dict=state_dict, base_model=base_model, metrics=final,
+                     is_main_process=True)
+        fmt = "hf_adanorm.save_pretrained"
+    else:
         unwrapped.save_pretrained(directory, state_dict=state_dict)
         fmt = "save_pretrained"
     task.tokenizer.save_pretrained(directory)
@@ -210,7 +212,7 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
     final = {name: value for name, value in loop["history"][-1].items() if name not in ("epoch", "step")}
     if "test" in eval_dataloaders:
         final.update(_prefixed("test", evaluate(accelerator, model, eval_dataloaders["test"], task)))
-    model_format = _save_final_model(accelerator, model, task, output_dir / MODEL_DIR) if args.save_model else ""
+    model_format = _save_final_model(accelerator, model, task, output_dir / MODEL_DIR, args, final) if args.save_model else ""
     metrics = {"config": args.to_dict(), "history": loop["history"], "final": final,
                "world_size": accelerator.num_processes, "model_format": model_format}
     if accelerator.is_main_process:
