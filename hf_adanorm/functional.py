@@ -27,15 +27,44 @@ Statistics are computed in float32 for half-precision inputs and the output is
 returned in the input dtype.  Only ``x``, the per-row ``mean`` and ``1/sigma``
 are saved for backward (``y`` is recomputed), so a norm here never saves more
 than ``torch.nn.LayerNorm``, which also keeps its gain and bias.
+
+Execution paths (all compute the equations above; tests/test_fast_paths.py checks
+each against plain autograd):
+
+* fused: for large CPU tensors in torch eps mode, the forward and the input
+  gradient each run as one ``torch.compile``-d loop over rows, compiled once per
+  (hidden size, dtype, variant) on first use (see ``COMPILE``, ``first_call_seconds``);
+* traced: inside a caller's ``torch.compile`` the same plain math is traced, so the
+  norm joins the caller's graph without a break;
+* eager: otherwise (fairseq mode, small tensors, no compiler), torch's native
+  LayerNorm kernels plus in-place element-wise ops.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import time
+import types
+import warnings
+from typing import Callable, Optional
 
 import torch
 
 _HALF = (torch.float16, torch.bfloat16)
+
+logger = logging.getLogger(__name__)
+
+# When the fused (torch.compile'd) kernels run: "auto" for CPU tensors of at least
+# COMPILE_MIN_NUMEL elements (small ones would pay seconds of compilation for
+# microseconds of work), "always", or "off".  Read from $HF_ADANORM_COMPILE.
+COMPILE = os.environ.get("HF_ADANORM_COMPILE", "auto")
+COMPILE_MIN_NUMEL = 1 << 20
+# Wall time of each kernel's first call (which compiles it), keyed like _kernels.
+first_call_seconds: dict[tuple, float] = {}
+_kernels: dict[tuple, Callable] = {}
+_compile_failure: Optional[str] = None
 
 
 def _flatten_rows(x: torch.Tensor, n_dims: int) -> torch.Tensor:
@@ -44,60 +73,164 @@ def _flatten_rows(x: torch.Tensor, n_dims: int) -> torch.Tensor:
     return x.reshape(-1, d)
 
 
+# ---------------------------------------------------------------- torch-mode math, written once
+# Plain tensor code: compiled into one fused loop per row by _run_compiled, and traced
+# as-is (then fused by inductor) when the caller torch.compile's the whole model.
+
+def _forward_math(x2d, eps: float, k: float, C: float, centre: bool):
+    """``(z, mean, 1/sigma)`` with ``sigma = sqrt(var + eps)``, statistics in float32."""
+    x32 = x2d.float()
+    if centre:
+        var, mean = torch.var_mean(x32, -1, keepdim=True, correction=0)
+    else:
+        var = x32.square().mean(-1, keepdim=True)
+        mean = torch.zeros_like(var)
+    rstd = torch.rsqrt(var + eps)
+    y = (x32 - mean) * rstd
+    return (y * (C - (C * k) * y)).to(x2d.dtype), mean, rstd
+
+
+def _input_grad_math(g, x2d, mean, rstd, k: float, C: float, centre: bool,
+                     subtract_mean: bool, rescale: bool):
+    """``rstd * (g' - [mean(g')] - [y * mean(g' * y)])`` with ``g' = C (1 - k y) g``."""
+    x32 = x2d.float()
+    y = (x32 - mean) * rstd if centre else x32 * rstd
+    gp = g.float() * (C - (C * k) * y)
+    dx = gp
+    if subtract_mean:
+        dx = dx - gp.mean(-1, keepdim=True)
+    if rescale:
+        dx = dx - y * (gp * y).mean(-1, keepdim=True)
+    return (dx * rstd).to(x2d.dtype)
+
+
+def _compiled_path_applies(x: torch.Tensor) -> bool:
+    return (COMPILE != "off" and _compile_failure is None and x.device.type == "cpu"
+            and x.dtype in (torch.float32, *_HALF)
+            and (COMPILE == "always" or x.numel() >= COMPILE_MIN_NUMEL)
+            and not torch.compiler.is_compiling())
+
+
+def _run_compiled(math_fn: Callable, key: tuple, *args):
+    """``math_fn(*args)`` as a compiled kernel cached under ``key``; None if compiling fails."""
+    global _compile_failure
+    kernel = _kernels.get(key)
+    first_call = kernel is None
+    if first_call:
+        # A private copy of the code object gives every key its own dynamo cache, so many
+        # hidden sizes and dtypes never exhaust dynamo's per-function recompile limit
+        # (past it, dynamo would silently run the slow unfused ops).
+        code_copy = types.FunctionType(math_fn.__code__.replace(), math_fn.__globals__, math_fn.__name__)
+        kernel = _kernels[key] = torch.compile(code_copy)
+    start = time.perf_counter()
+    try:
+        out = kernel(*args)
+    except Exception as err:  # noqa: BLE001 - no C++ compiler, unsupported platform ...
+        _compile_failure = f"{type(err).__name__}: {err}".splitlines()[0]
+        warnings.warn(f"hf_adanorm: torch.compile failed ({_compile_failure}); using eager "
+                      "kernels from now on (set HF_ADANORM_COMPILE=off to skip the attempt)")
+        return None
+    if first_call:
+        first_call_seconds[key] = time.perf_counter() - start
+        logger.info("hf_adanorm: compiled %s in %.1f s", key, first_call_seconds[key])
+    return out
+
+
+# ---------------------------------------------------------------- eager kernels (any mode)
+
+def _eager_forward(x32, eps, centre, fairseq, k, C):
+    d = x32.shape[-1]
+    if centre and not fairseq:
+        # The native kernel is the fastest eager way to get y, mean and 1/sigma at once.
+        y, mean, rstd = torch.ops.aten.native_layer_norm(x32, [d], None, None, eps)
+    else:
+        mean = x32.mean(-1, keepdim=True) if centre else x32.new_zeros(x32.shape[0], 1)
+        xc = x32 - mean if centre else x32
+        u = 1 if (centre and fairseq) else 0
+        v = xc.pow(2).sum(-1, keepdim=True) / max(d - u, 1)
+        sigma = v.sqrt() + eps if fairseq else (v + eps).sqrt()
+        rstd = sigma.reciprocal()
+        y = xc * rstd
+    if k:  # y is a fresh buffer: turn it into (1 - k y) y in place
+        y.addcmul_(y, y, value=-k)
+    if C != 1.0:
+        y.mul_(C)
+    return y, mean, rstd
+
+
+def _eager_input_grad(g, x32, mean, rstd, eps, centre, fairseq, subtract_mean, rescale, k, C):
+    d = x32.shape[-1]
+    native = centre and rescale and not fairseq  # torch's LayerNorm backward does the work
+    y_later = rescale and not native
+    y = None
+    if k or y_later:
+        y = (x32 - mean).mul_(rstd) if centre else x32 * rstd
+    gp = g
+    if k:  # g' = C (1 - k y) g = C (g - k y g), into y's buffer when y is not needed later
+        gp = torch.addcmul(g, y, g, value=-k, out=None if y_later else y)
+    if C != 1.0:
+        gp = gp * C if gp is g else gp.mul_(C)
+    if native:
+        # torch's LayerNorm input gradient for upstream g' is rstd (g' - mean(g') - y mean(g' y));
+        # with the mean detached the mean(g') term is simply added back.
+        dx = torch.ops.aten.native_layer_norm_backward(
+            gp.contiguous(), x32, [d], mean, rstd, None, None, [True, False, False])[0]
+        if not subtract_mean:
+            dx.add_(gp.mean(-1, keepdim=True) * rstd)
+        return dx
+    dx = gp - gp.mean(-1, keepdim=True) if subtract_mean else gp
+    if rescale:
+        b = 1.0
+        if fairseq:
+            u = 1 if centre else 0
+            sigma = rstd.reciprocal()
+            s = sigma - eps
+            # A constant row (s == 0) has y == 0, so the term vanishes there.
+            b = torch.where(s > 0, sigma * d / (max(d - u, 1) * s.clamp_min(1e-30)), 0.0)
+        dx = dx - b * y * (gp * y).mean(-1, keepdim=True)
+    return dx * rstd
+
+
 class _NormalizeFunction(torch.autograd.Function):
     """Normalize rows of a 2-D float tensor; see the module docstring for the math."""
 
     @staticmethod
     def forward(ctx, x2d, eps, centre, fairseq, detach_mean, detach_scale, k, C):
-        x32 = x2d.float() if x2d.dtype in _HALF else x2d
-        d = x32.shape[-1]
-        if centre and not fairseq:
-            # The native kernel is the fastest way to get y, mean and 1/sigma at once.
-            y, mean, rstd = torch.ops.aten.native_layer_norm(x32, [d], None, None, eps)
-        else:
-            mean = x32.mean(-1, keepdim=True) if centre else x32.new_zeros(x32.shape[0], 1)
-            xc = x32 - mean if centre else x32
-            u = 1 if (centre and fairseq) else 0
-            v = xc.pow(2).sum(-1, keepdim=True) / max(d - u, 1)
-            sigma = v.sqrt() + eps if fairseq else (v + eps).sqrt()
-            rstd = sigma.reciprocal()
-            y = xc * rstd
-        z = y * (C * (1.0 - k * y)) if k else (y * C if C != 1.0 else y)
+        out = None
+        if not fairseq and torch.compiler.is_compiling():
+            out = _forward_math(x2d, eps, k, C, centre)
+        elif not fairseq and _compiled_path_applies(x2d):
+            # Contiguous operands only: inductor (torch 2.13) miscompiles a strided input
+            # once k becomes a symbolic float (tests/test_fast_paths.py covers it).
+            out = _run_compiled(_forward_math, ("forward", x2d.dtype, x2d.shape[-1], centre),
+                                x2d.contiguous(), eps, k, C, centre)
+        if out is None:
+            z, mean, rstd = _eager_forward(x2d.float() if x2d.dtype in _HALF else x2d,
+                                           eps, centre, fairseq, k, C)
+            out = z.to(x2d.dtype), mean, rstd
+        z, mean, rstd = out
         ctx.save_for_backward(x2d, mean, rstd)
         ctx.conf = (eps, centre, fairseq, detach_mean, detach_scale, k, C)
-        return z.to(x2d.dtype)
+        return z
 
     @staticmethod
     def backward(ctx, grad_out):
         x2d, mean, rstd = ctx.saved_tensors
         eps, centre, fairseq, detach_mean, detach_scale, k, C = ctx.conf
-        x32 = x2d.float() if x2d.dtype in _HALF else x2d
-        g = grad_out.float() if grad_out.dtype in _HALF else grad_out
-        d = x32.shape[-1]
-        y = (x32 - mean) * rstd if centre else x32 * rstd
-        # g' = phi * g with phi = C (1 - k y) held constant.
-        gp = g * (C * (1.0 - k * y)) if k else (g * C if C != 1.0 else g)
-        subtract_mean = centre and not detach_mean
-        if subtract_mean and not detach_scale and not fairseq:
-            # Exactly torch's LayerNorm input gradient for an upstream gradient g'.
-            dx = torch.ops.aten.native_layer_norm_backward(
-                gp.contiguous(), x32, [d], mean, rstd, None, None, [True, False, False]
-            )[0]
-        else:
-            dx = gp
-            if subtract_mean:
-                dx = dx - gp.mean(-1, keepdim=True)
-            if not detach_scale:
-                b = 1.0
-                if fairseq:
-                    u = 1 if centre else 0
-                    sigma = rstd.reciprocal()
-                    s = sigma - eps
-                    # A constant row (s == 0) has y == 0, so the term vanishes there.
-                    b = torch.where(s > 0, sigma * d / (max(d - u, 1) * s.clamp_min(1e-30)), 0.0)
-                dx = dx - b * y * (gp * y).mean(-1, keepdim=True)
-            dx = dx * rstd
-        return dx.to(x2d.dtype), None, None, None, None, None, None, None
+        subtract_mean, rescale = centre and not detach_mean, not detach_scale
+        args = (grad_out, x2d, mean, rstd, k, C, centre, subtract_mean, rescale)
+        dx = None
+        if not fairseq and torch.compiler.is_compiling():
+            dx = _input_grad_math(*args)
+        elif not fairseq and not torch.is_grad_enabled() and _compiled_path_applies(x2d):
+            key = ("input_grad", x2d.dtype, x2d.shape[-1], centre, subtract_mean, rescale)
+            dx = _run_compiled(_input_grad_math, key, grad_out.contiguous(), x2d.contiguous(), *args[2:])
+        if dx is None:
+            half = x2d.dtype in _HALF
+            dx = _eager_input_grad(grad_out.float() if half else grad_out, x2d.float() if half else x2d,
+                                   mean, rstd, eps, centre, fairseq, subtract_mean, rescale, k, C)
+            dx = dx.to(x2d.dtype)
+        return dx, None, None, None, None, None, None, None
 
 
 def normalize(

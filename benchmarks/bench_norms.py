@@ -1,0 +1,314 @@
+"""Time and memory of every hf_adanorm norm against torch's LayerNorm.
+
+For each shape (tokens x hidden) and dtype every implementation runs forward and
+backward once per repeat, all implementations interleaved within a repeat, so load
+on a shared machine hits them alike.  Reported: the median over repeats of the
+forward, backward and full (forward + backward) times, and of their ratio to
+``nn.LayerNorm`` (with affine, what a patch replaces) and ``F.layer_norm`` without
+affine (the same memory traffic) *measured in the same repeat*; the peak bytes
+allocated during forward + backward (from the profiler's allocation events) and
+the bytes saved for backward (``saved_tensors_hooks``, distinct storages).
+
+hf_adanorm norms run on two paths: "fused" (the torch.compile'd kernels, what
+large CPU tensors get by default) and "eager".  Before timing, each one is checked
+against a float64 plain-autograd reference (output and input gradient, tolerance
+1e-5 for float32, 2e-2 for bfloat16); one that differs is refused, not reported.
+
+    python benchmarks/bench_norms.py --quick     # 8192x768 float32, a few minutes
+    python benchmarks/bench_norms.py             # all shapes, float32 and bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import itertools
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from hf_adanorm import AdaNorm, DetachNorm, LayerNormSimple, RMSAdaNorm, RMSNormSimple, functional
+
+FULL_SHAPES = [(4096, 768), (8192, 768), (8192, 1024), (16384, 4096), (8192, 1023), (8192, 1500)]
+QUICK_SHAPES = [(8192, 768)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@dataclass(frozen=True)
+class Math:
+    """What a norm computes, for the reference: z = C (1 - k y) y, detached parts."""
+
+    centre: bool = True
+    k: float = 0.0
+    C: float = 1.0
+    detach_mean: bool = False
+    detach_scale: bool = False
+
+
+@dataclass
+class Impl:
+    name: str
+    make: Callable[[int, torch.dtype], nn.Module]
+    path: str = "torch"  # "fused" / "eager" for hf_adanorm (functional.COMPILE "always" / "off")
+    math: Optional[Math] = None  # None: a torch baseline, not checked
+    rows: list = field(default_factory=list)  # per repeat: (fwd, bwd, full) seconds
+
+
+class FunctionalLayerNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.d = d
+
+    def forward(self, x):
+        return F.layer_norm(x, (self.d,))
+
+
+HF_KINDS = {
+    "layernorm_simple": (lambda d: LayerNormSimple(d), Math()),
+    "adanorm": (lambda d: AdaNorm(d), Math(k=0.1)),
+    "detachnorm_mean": (lambda d: DetachNorm(d, detach="mean"), Math(detach_mean=True)),
+    "detachnorm_variance": (lambda d: DetachNorm(d, detach="variance"), Math(detach_scale=True)),
+    "detachnorm_both": (lambda d: DetachNorm(d, detach="both"), Math(detach_mean=True, detach_scale=True)),
+    "rms_simple": (lambda d: RMSNormSimple(d), Math(centre=False)),
+    "rms_adanorm": (lambda d: RMSAdaNorm(d), Math(centre=False, k=0.1)),
+}
+
+
+def implementations(paths) -> list[Impl]:
+    impls = [Impl("nn.LayerNorm", lambda d, dt: nn.LayerNorm(d, dtype=dt)),
+             Impl("F.layer_norm", lambda d, dt: FunctionalLayerNorm(d)),
+             Impl("nn.RMSNorm", lambda d, dt: nn.RMSNorm(d, eps=1e-5, dtype=dt))]
+    for (name, (make, math)), path in itertools.product(HF_KINDS.items(), paths):
+        impls.append(Impl(name, lambda d, dt, make=make: make(d), path, math))
+    return impls
+
+
+@contextlib.contextmanager
+def path_of(impl: Impl):
+    saved = functional.COMPILE
+    functional.COMPILE = {"fused": "always", "eager": "off"}.get(impl.path, saved)
+    try:
+        yield
+    finally:
+        functional.COMPILE = saved
+
+
+def reference(m: Math, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    mu = x.mean(-1, keepdim=True) if m.centre else torch.zeros_like(x[:, :1])
+    sigma = ((x - mu) if m.centre else x).pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+    mu = mu.detach() if m.detach_mean else mu
+    sigma = sigma.detach() if m.detach_scale else sigma
+    y = (x - mu) / sigma
+    return (m.C * (1 - m.k * y)).detach() * y
+
+
+def check(impl: Impl, module, x, g) -> Optional[str]:
+    """None when ``module`` matches the float64 reference, else what differs."""
+    xr = x.detach().clone().requires_grad_(True)
+    z = module(xr)
+    z.backward(g)
+    tol = TOLERANCE[x.dtype]
+    for lo in range(0, x.shape[0], 2048):  # rows are independent: chunk the float64 work
+        x64 = x[lo:lo + 2048].double().requires_grad_(True)
+        z64 = reference(impl.math, x64)
+        (dx64,) = torch.autograd.grad(z64, x64, g[lo:lo + 2048].double())
+        for label, got, want in (("output", z[lo:lo + 2048], z64), ("input grad", xr.grad[lo:lo + 2048], dx64)):
+            try:
+                torch.testing.assert_close(got.detach().double(), want.detach(), rtol=tol,
+                                           atol=tol * want.abs().max().item())
+            except AssertionError as err:
+                return f"{label} differs from the reference: {str(err).splitlines()[1:3]}"
+    return None
+
+
+def one_step(module, x, g) -> tuple[float, float, float]:
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    z = module(x)
+    mid = time.perf_counter()
+    z.backward(g)
+    end = time.perf_counter()
+    return mid - start, end - mid, end - start
+
+
+def peak_bytes(module, x, g) -> int:
+    """Most bytes allocated at once, beyond what existed before, during forward + backward."""
+    x.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        module(x).backward(g)
+        x.grad = None
+    # The per-allocation events (FunctionEvent lists merge them): +bytes on alloc, -bytes on free.
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    return max(itertools.accumulate(nbytes for _, nbytes in events), default=0)
+
+
+def saved_bytes(module, x) -> int:
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+def bench_case(tokens, hidden, dtype, impls, repeats, budget_s):
+    """Time all ``impls`` interleaved on one shape and dtype; returns CSV rows."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(tokens, hidden, generator=gen) * 2 + 0.5).to(dtype).requires_grad_(True)
+    g = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    live, refused = [], []
+    for impl in impls:
+        module = impl.make(hidden, dtype)
+        with path_of(impl):
+            error = check(impl, module, x, g) if impl.math else None
+            if error:
+                refused.append((impl, error))
+                print(f"  REFUSED {impl.name} [{impl.path}]: {error}")
+                continue
+            for _ in range(2):  # warm-up: compiles, and dynamo's one recompile for a new row count
+                one_step(module, x, g)
+        impl.rows = []
+        live.append((impl, module))
+    start = time.perf_counter()
+    for rep in range(repeats):
+        for impl, module in live:
+            with path_of(impl):
+                impl.rows.append(one_step(module, x, g))
+        if rep >= 6 and time.perf_counter() - start > budget_s:
+            break
+    base = {i.name: i for i, _ in live if i.path == "torch"}
+    out = []
+    for impl, module in live:
+        with path_of(impl):
+            peak, saved = peak_bytes(module, x, g), saved_bytes(module, x)
+        row = dict(tokens=tokens, hidden=hidden, dtype=str(dtype).removeprefix("torch."), norm=impl.name,
+                   path=impl.path, repeats=len(impl.rows), peak_bytes=peak, saved_bytes=saved)
+        for i, part in enumerate(("fwd", "bwd", "full")):
+            row[f"{part}_ms"] = 1e3 * statistics.median(r[i] for r in impl.rows)
+            for label, other in (("ln", base["nn.LayerNorm"]), ("f", base["F.layer_norm"])):
+                ratios = sorted(a[i] / b[i] for a, b in zip(impl.rows, other.rows))
+                row[f"{part}_vs_{label}"] = statistics.median(ratios)
+                if part == "full":
+                    quartiles = statistics.quantiles(ratios, n=4)
+                    row[f"full_vs_{label}_iqr"] = f"{quartiles[0]:.2f}-{quartiles[2]:.2f}"
+        out.append(row)
+    ln = next(r for r in out if r["norm"] == "nn.LayerNorm")
+    for row in out:
+        row["peak_vs_ln"] = row["peak_bytes"] / ln["peak_bytes"]
+        row["saved_vs_ln"] = row["saved_bytes"] / ln["saved_bytes"]
+    for impl, error in refused:
+        out.append(dict(tokens=tokens, hidden=hidden, dtype=str(dtype).removeprefix("torch."),
+                        norm=impl.name, path=impl.path, refused=error))
+    return out
+
+
+def print_table(rows):
+    print(f"  {'norm':22} {'path':6} {'full ms':>8} {'fwd/LN':>7} {'bwd/LN':>7} {'full/LN':>8} "
+          f"{'IQR':>10} {'full/F':>7} {'peak/LN':>8} {'saved/LN':>8}")
+    for r in rows:
+        if "refused" in r:
+            print(f"  {r['norm']:22} {r['path']:6} REFUSED")
+            continue
+        print(f"  {r['norm']:22} {r['path']:6} {r['full_ms']:8.2f} {r['fwd_vs_ln']:7.2f} {r['bwd_vs_ln']:7.2f} "
+              f"{r['full_vs_ln']:8.2f} {r['full_vs_ln_iqr']:>10} {r['full_vs_f']:7.2f} "
+              f"{r['peak_vs_ln']:8.2f} {r['saved_vs_ln']:8.2f}")
+
+
+def check_targets(rows) -> list[str]:
+    """The performance targets at 8192x768 float32 (default path = fused)."""
+    case = {r["norm"]: r for r in rows if (r["tokens"], r["hidden"], r["dtype"]) == (8192, 768, "float32")
+            and r["path"] in ("torch", "fused") and "refused" not in r}
+    if "adanorm" not in case:
+        return []
+    goals = [("layernorm_simple", "full_vs_ln", 1.0), ("adanorm", "full_vs_ln", 1.0), ("adanorm", "full_vs_f", 1.2),
+             ("detachnorm_mean", "full_vs_ln", 1.1), ("detachnorm_variance", "full_vs_ln", 1.1),
+             ("detachnorm_both", "full_vs_ln", 1.1)]
+    goals += [(name, "saved_vs_ln", 1.0) for name in HF_KINDS]
+    return [f"{'PASS' if case[n][key] <= limit else 'MISS'} {n} {key} = {case[n][key]:.2f} (target <= {limit})"
+            for n, key, limit in goals if n in case]
+
+
+def plot(rows, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in rows})
+    fig, axes = plt.subplots(len(dtypes), 1, figsize=(12, 4.5 * len(dtypes)), squeeze=False)
+    for ax, dtype in zip(axes[:, 0], dtypes):
+        ok = [r for r in rows if r["dtype"] == dtype and "refused" not in r and r["norm"] != "nn.LayerNorm"]
+        shapes = sorted({(r["tokens"], r["hidden"]) for r in ok})
+        series = sorted({(r["norm"], r["path"]) for r in ok})
+        width = 0.8 / len(series)
+        for i, (norm, p) in enumerate(series):
+            heights = [next((r["full_vs_ln"] for r in ok if (r["tokens"], r["hidden"]) == s
+                             and (r["norm"], r["path"]) == (norm, p)), float("nan")) for s in shapes]
+            ax.bar([j + i * width for j in range(len(shapes))], heights, width,
+                   label=norm if p == "torch" else f"{norm} [{p}]")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], [f"{t}x{h}" for t, h in shapes])
+        ax.set_ylabel("forward + backward time / nn.LayerNorm")
+        ax.set_title(f"{dtype}: median ratio over interleaved repeats")
+        ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="8192x768 float32 only")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, help="default: fp32 bf16 (quick: fp32)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 21, quick 15)")
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds of timing per case at most (>= 7 repeats)")
+    parser.add_argument("--paths", nargs="+", default=["fused", "eager"], choices=["fused", "eager"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    dtypes = [DTYPES[d] for d in (args.dtypes or (["fp32"] if args.quick else list(DTYPES)))]
+    repeats = args.repeats or (15 if args.quick else 21)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    rows = []
+    for dtype, (tokens, hidden) in itertools.product(dtypes, shapes):
+        print(f"\n{tokens}x{hidden} {str(dtype).removeprefix('torch.')}")
+        case = bench_case(tokens, hidden, dtype, implementations(args.paths), repeats, args.budget)
+        print_table(case)
+        rows += case
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    print("first call (compilation) of each fused kernel:")
+    for key, seconds in functional.first_call_seconds.items():
+        print(f"  {seconds:6.1f} s  {key}")
+    for line in check_targets(rows):
+        print(line)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "norms_quick" if args.quick else "norms"
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(args.out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.csv and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Every execution path of hf_adanorm.functional against a plain-autograd reference.
+
+The paths are: the fused kernels (torch.compile'd per hidden size and dtype), the
+eager kernels (torch's native LayerNorm ops plus in-place element-wise ops, with
+e.g. detach-mean done as LayerNorm's backward plus a correction), and the plain
+math traced inside a caller's ``torch.compile``.  The reference is written from the
+paper's equations with ``.detach()`` and never calls hf_adanorm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from hf_adanorm import (AdaNorm, DetachNorm, LayerNormSimple, RMSAdaNorm, RMSDetachNorm,
+                        RMSNormSimple, functional)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    id: str
+    make: callable
+    centre: bool = True
+    k: float = 0.0
+    C: float = 1.0
+    detach_mean: bool = False
+    detach_scale: bool = False
+
+
+KINDS = [
+    Kind("layernorm_simple", LayerNormSimple),
+    Kind("adanorm", lambda d: AdaNorm(d), k=0.1),
+    Kind("adanorm_k0.4_C2", lambda d: AdaNorm(d, k=0.4, C=2.0), k=0.4, C=2.0),
+    Kind("detach_mean", lambda d: DetachNorm(d, detach="mean"), detach_mean=True),
+    Kind("detach_variance", lambda d: DetachNorm(d, detach="variance"), detach_scale=True),
+    Kind("detach_both", lambda d: DetachNorm(d, detach="both"), detach_mean=True, detach_scale=True),
+    Kind("rms_simple", RMSNormSimple, centre=False),
+    Kind("rms_adanorm", lambda d: RMSAdaNorm(d, k=0.2, C=1.5), centre=False, k=0.2, C=1.5),
+    Kind("rms_detach", lambda d: RMSDetachNorm(d, detach="both"), centre=False, detach_scale=True),
+]
+kinds = pytest.mark.parametrize("kind", KINDS, ids=[k.id for k in KINDS])
+
+
+def reference(kind: Kind, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """z = C (1 - k y) y, y = (x - mu) / sqrt(var + eps); factor and chosen statistics detached."""
+    mu = x.mean(-1, keepdim=True) if kind.centre else torch.zeros_like(x[..., :1])
+    if kind.detach_mean:
+        mu = mu.detach()
+    sigma = ((x - x.mean(-1, keepdim=True)) if kind.centre else x).pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+    if kind.detach_scale:
+        sigma = sigma.detach()
+    y = (x - mu) / sigma
+    return (kind.C * (1 - kind.k * y)).detach() * y
+
+
+def forward_and_grad(fn, x, g):
+    x = x.detach().clone().requires_grad_(True)
+    z = fn(x)
+    (dx,) = torch.autograd.grad(z, x, g)
+    return z.detach(), dx
+
+
+def assert_matches_reference(kind, module, x, g, tol):
+    z, dx = forward_and_grad(module, x, g)
+    assert z.dtype == x.dtype and dx.dtype == x.dtype
+    z_ref, dx_ref = forward_and_grad(lambda t: reference(kind, t), x.double(), g.double())
+    # dL/dx is of size |g| / sigma; compare on that scale (cancellations make it smaller).
+    torch.testing.assert_close(z.double(), z_ref, rtol=tol, atol=tol * z_ref.abs().max().item())
+    torch.testing.assert_close(dx.double(), dx_ref, rtol=tol, atol=tol * dx_ref.abs().max().item())
+
+
+def awkward_input(shape, dtype, seed=0):
+    """Rows with their own mean (~100 for half precision) and spread; a constant row."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen) * (0.5 + 2 * torch.rand(*shape[:-1], 1, generator=gen))
+    x = x + (100.0 if dtype != torch.float32 else 3 * torch.randn(*shape[:-1], 1, generator=gen))
+    x.view(-1, shape[-1])[1] = 0.75  # zero variance: y = 0, finite gradient
+    g = torch.randn(*shape, generator=gen)
+    return x.to(dtype), g.to(dtype)
+
+
+@pytest.fixture
+def compile_mode(monkeypatch):
+    """Set functional.COMPILE for one test.  Compiled kernels stay cached across tests
+    (compiling is the slow part); tests that inspect the cache start it afresh."""
+    def use(mode, fresh_cache=False):
+        monkeypatch.setattr(functional, "COMPILE", mode)
+        monkeypatch.setattr(functional, "_compile_failure", None)
+        if fresh_cache:
+            monkeypatch.setattr(functional, "_kernels", {})
+            monkeypatch.setattr(functional, "first_call_seconds", {})
+    return use
+
+
+def require_compiler():
+    try:
+        torch.compile(lambda t: t * 2)(torch.ones(2))
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"torch.compile does not work here ({type(err).__name__}); eager path only")
+
+
+# Two shapes only, so the fused-path tests share their compiled kernels.
+FP32, BF16 = ((37, 1023), torch.float32, 1e-5), ((2, 3, 1500), torch.bfloat16, 2e-2)
+cases = pytest.mark.parametrize("shape,dtype,tol", [FP32, BF16], ids=["fp32-37x1023", "bf16-2x3x1500"])
+
+
+@kinds
+@cases
+def test_eager_path(kind, shape, dtype, tol, compile_mode):
+    compile_mode("off", fresh_cache=True)
+    x, g = awkward_input(shape, dtype)
+    assert_matches_reference(kind, kind.make(shape[-1]), x, g, tol)
+    assert functional._kernels == {}
+
+
+def kernel_keys(shape, dtype, kind):
+    """The cache keys of the fused forward and input-gradient kernels of ``kind``."""
+    subtract_mean = kind.centre and not kind.detach_mean
+    return {("forward", dtype, shape[-1], kind.centre),
+            ("input_grad", dtype, shape[-1], kind.centre, subtract_mean, not kind.detach_scale)}
+
+
+@pytest.mark.slow
+@kinds
+@cases
+def test_fused_path(kind, shape, dtype, tol, compile_mode):
+    require_compiler()
+    compile_mode("always")
+    x, g = awkward_input(shape, dtype)
+    assert_matches_reference(kind, kind.make(shape[-1]), x, g, tol)
+    assert kernel_keys(shape, dtype, kind) <= set(functional.first_call_seconds)
+    assert functional._compile_failure is None
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded_grad"])
+@pytest.mark.parametrize("mode", ["off", "always"])
+def test_non_contiguous_tensors(layout, mode, compile_mode):
+    if mode == "always":
+        require_compiler()
+    compile_mode(mode)
+    base, g = awkward_input((4, 37, 2 * 1023 if layout == "strided" else 1023), torch.float32, seed=3)
+    if layout == "transposed":
+        x, g = base.transpose(0, 1), g.transpose(0, 1)
+    elif layout == "strided":
+        x, g = base[..., ::2], g[..., ::2]
+    else:
+        x, g = base, g[:1, :1].expand_as(base)
+    for kind in (KINDS[1], KINDS[3]):  # AdaNorm and detach-mean take the most special paths
+        assert_matches_reference(kind, kind.make(x.shape[-1]), x, g, 1e-5)
+
+
+def test_automatic_mode_compiles_only_large_inputs(compile_mode, monkeypatch):
+    require_compiler()
+    compile_mode("auto", fresh_cache=True)
+    monkeypatch.setattr(functional, "COMPILE_MIN_NUMEL", 4096)
+    norm = AdaNorm(64)
+    norm(torch.randn(8, 64, requires_grad=True)).sum().backward()
+    assert functional._kernels == {}
+    for rows in (64, 96, 200):  # one kernel per (direction, dtype, size), any row count
+        x, g = awkward_input((rows, 64), torch.float32, seed=rows)
+        assert_matches_reference(KINDS[1], norm, x, g, 1e-5)
+    assert sorted(key[0] for key in functional._kernels) == ["forward", "input_grad"]
+    assert all(seconds > 0 for seconds in functional.first_call_seconds.values())
+
+
+def test_failed_compile_falls_back_to_eager_once(compile_mode, monkeypatch):
+    compile_mode("always", fresh_cache=True)
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            calls.append(fn.__name__)
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    x, g = awkward_input((16, 48), torch.float32)
+    with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
+        assert_matches_reference(KINDS[1], AdaNorm(48), x, g, 1e-5)
+    assert "no C++ compiler" in functional._compile_failure
+    assert_matches_reference(KINDS[3], DetachNorm(48, detach="mean"), x, g, 1e-5)
+    assert calls == ["_forward_math"]  # never retried after the failure
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for backward of ``module(x)``."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+@kinds
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_saves_no_more_than_layernorm(kind, dtype, compile_mode):
+    compile_mode("off")
+    x = torch.randn(64, 96, dtype=dtype, requires_grad=True)
+    assert 0 < saved_bytes(kind.make(96), x) <= saved_bytes(nn.LayerNorm(96, dtype=dtype), x)
+
+
+@pytest.mark.parametrize("shape,dtype,tol", [FP32, BF16], ids=["fp32", "bf16"])
+def test_fused_path_saves_no_more_than_layernorm(shape, dtype, tol, compile_mode):
+    require_compiler()
+    compile_mode("always")
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    layernorm = nn.LayerNorm(shape[-1], dtype=dtype)
+    for kind in (KINDS[0], KINDS[1]):
+        assert 0 < saved_bytes(kind.make(shape[-1]), x) <= saved_bytes(layernorm, x)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_on_patched_model(compile_mode):
+    """fullgraph=True raises on any graph break; compiled logits and grads equal eager."""
+    require_compiler()
+    compile_mode("auto")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import hf_adanorm
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    hf_adanorm.patch_model(model, "adanorm", k=0.2)
+    ids = torch.randint(0, 64, (2, 12))
+
+    def loss_and_grads(m):
+        m.zero_grad()
+        logits = m(input_ids=ids).logits
+        logits.square().sum().backward()
+        return logits.detach(), [p.grad.clone() for p in m.parameters()]
+
+    logits, grads = loss_and_grads(model)
+    torch._dynamo.reset()
+    compiled_logits, compiled_grads = loss_and_grads(torch.compile(model, fullgraph=True))
+    torch.testing.assert_close(compiled_logits, logits, rtol=1e-5, atol=1e-5)
+    for got, want in zip(compiled_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
