@@ -88,6 +88,13 @@ class PatchCallback(TrainerCallback):
         return is_patched(model) and get_patch_record(model)["config"] == self.config.to_dict()
 
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if is_patched(model):
+            if not self._same_patch(model):
+                done = get_patch_record(model)["config"]
+                raise RuntimeError(f"PatchCallback: the model is already patched with {done}, not "
+                                   f"{self.config.to_dict()}; call hf_adanorm.unpatch_model(model) first.")
+            logger.info("hf_adanorm: model already patched with the same configuration; nothing to do")
+            return
         if optimizer is not None:
             raise RuntimeError(
                 "PatchCallback: the Trainer was given an optimizer, built on the model's current "
@@ -99,13 +106,6 @@ class PatchCallback(TrainerCallback):
             raise RuntimeError(
                 f"PatchCallback: the model is already wrapped by {wrapper}; patch the bare model "
                 "(hf_adanorm.patch_model) before wrapping, compiling or sharding it.")
-        if is_patched(model):
-            if not self._same_patch(model):
-                done = get_patch_record(model)["config"]
-                raise RuntimeError(f"PatchCallback: the model is already patched with {done}, not "
-                                   f"{self.config.to_dict()}; call hf_adanorm.unpatch_model(model) first.")
-            logger.info("hf_adanorm: model already patched with the same configuration; nothing to do")
-            return
         self.report = patch_model(model, self.config, filter_fn=self.filter_fn)
         logger.info("hf_adanorm: %s", self.report)
 
@@ -125,9 +125,9 @@ class PatchCallback(TrainerCallback):
         config_file = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / "config.json"
         if state.global_step == 0 or not config_file.is_file():
             return
-        saved = json.loads(config_file.read_text()).get(_CONFIG_KEY)
-        if (saved or {}).get("config") != self.config.to_dict():
-            saved_as = f"patched with {saved['config']}" if saved else "not patched by hf_adanorm"
+        saved = (json.loads(config_file.read_text()).get(_CONFIG_KEY) or {}).get("config")
+        if saved != self.config.to_dict():
+            saved_as = f"patched with {saved}" if saved else "not patched by hf_adanorm"
             raise RuntimeError(
                 f"PatchCallback: the run resumed from {config_file.parent} was {saved_as}, but this "
                 f"callback patches with {self.config.to_dict()}; its weights would continue under "

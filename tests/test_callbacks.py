@@ -319,6 +319,9 @@ def test_patch_callback_patches_before_the_optimizer_exists(token_dataset, tmp_p
     Trainer(model, train_args(tmp_path), callbacks=[PatchCallback("layernorm_simple")])
     with pytest.raises(RuntimeError, match="already patched"):
         Trainer(model, train_args(tmp_path), callbacks=[PatchCallback("adanorm")])
+    # Patched by hand before building an optimizer: handing both to the Trainer is fine.
+    Trainer(model, train_args(tmp_path), optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+            callbacks=[PatchCallback("layernorm_simple")])
 
 
 def test_patch_callback_refuses_when_it_is_too_late(token_dataset, tmp_path, state_of, assert_unchanged):
