@@ -388,6 +388,7 @@ def check_patch_cycle(model, inputs, expected: dict[str, str], shapes, reference
     unpatch_model(model)
     assert replaced_in_model(model) == set()
     restored = run(model, inputs)
+    assert len(restored) == len(reference)
     assert all(torch.equal(a, b) for a, b in zip(restored, reference))
 
 
