@@ -152,7 +152,7 @@ class AdaNormMonitorCallback(_PeriodicMonitor):
                 # phi is decreasing in y, so its extremes sit at the extremes of y.
                 phi_min, phi_max = module.C * (1 - module.k * y.max()), module.C * (1 - module.k * y.min())
                 self._seen.setdefault(name, []).append(
-                    torch.stack([torch.tensor(float(y.numel()), device=y.device), beyond.float(), phi_min, phi_max]))
+                    torch.stack([y.new_tensor(float(y.numel())), beyond.float(), phi_min, phi_max]))
         return record
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):

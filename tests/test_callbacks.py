@@ -149,6 +149,29 @@ def test_probe_matches_an_autograd_reference(kind):
         assert measured["rescaling"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_adanorm_monitor_on_a_hand_computed_case():
+    from transformers import TrainerControl, TrainerState
+    model = nn.Sequential(nn.LayerNorm(4))
+    patch_model(model, "adanorm", k=0.6, C=2.0)
+    monitor = AdaNormMonitorCallback(every_n_steps=1)
+    state, control = TrainerState(), TrainerControl()
+    monitor.on_train_begin(None, state, control, model=model)
+    monitor.on_step_begin(None, state, control)
+    # y = (-1, -1, -1, 3) / sqrt(3): only the last element has k|y| = 1.04 >= 1.
+    model(torch.tensor([[0.0, 0.0, 0.0, 10.0], [1.0, -1.0, 1.0, -1.0]]))
+    monitor.on_pre_optimizer_step(None, state, control)
+    assert total_hooks(model) == 0
+    monitor.on_step_end(None, state, control)
+    assert control.should_log
+    logs = {}
+    monitor.on_log(None, state, control, logs=logs)
+    y_max = 3 / math.sqrt(3)
+    assert logs["adanorm/0/frac_k_abs_y_ge_1"] == pytest.approx(1 / 8)
+    assert logs["adanorm/0/factor_min"] == pytest.approx(2.0 * (1 - 0.6 * y_max), rel=1e-4)
+    assert logs["adanorm/0/factor_max"] == pytest.approx(2.0 * (1 + 0.6 * 1.0), rel=1e-4)  # y = -1, row 2
+    assert logs["adanorm/all/frac_k_abs_y_ge_1"] == logs["adanorm/0/frac_k_abs_y_ge_1"]
+
+
 # --------------------------------------------------------------------------- end to end on MiniLM
 @pytest.fixture(scope="module")
 def rt_polarity(minilm_path, tmp_path_factory):
