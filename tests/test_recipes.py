@@ -170,12 +170,16 @@ def test_sigkill_during_checkpoint_then_resume_equals_uninterrupted(tmp_path):
 
 
 def test_resume_from_an_explicit_checkpoint_and_refuse_to_mix_runs(tmp_path):
-    args = TrainingArgs(**tiny_args(tmp_path, num_epochs=1, checkpointing_steps=3))
-    run_training(args)
+    args = TrainingArgs(**tiny_args(tmp_path, num_epochs=1, checkpointing_steps=2, checkpoints_total_limit=2))
+    first = run_training(args)
+    checkpoints = Path(args.output_dir) / CHECKPOINT_DIR
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_4", "step_6"]  # the newest two
     with pytest.raises(FileExistsError, match="resume_from_checkpoint latest"):
         run_training(args)  # a fresh run into a folder holding another run's checkpoints
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         run_training(TrainingArgs(**{**args.to_dict(), "resume_from_checkpoint": str(tmp_path / "nope")}))
+    again = run_training(TrainingArgs(**{**args.to_dict(), "resume_from_checkpoint": str(checkpoints / "step_4")}))
+    assert again["history"] == first["history"] and again["final"] == first["final"]
 
 
 @pytest.mark.parametrize("change, error, message", [
