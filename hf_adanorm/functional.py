@@ -213,7 +213,10 @@ class _NormalizeFunction(torch.autograd.Function):
         ctx.conf = (eps, centre, fairseq, detach_mean, detach_scale, k, C)
         return z
 
+    # Double backward raises: this backward treats mean and 1/sigma as saved constants,
+    # so differentiating it again would silently give a wrong second derivative.
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x2d, mean, rstd = ctx.saved_tensors
         eps, centre, fairseq, detach_mean, detach_scale, k, C = ctx.conf
