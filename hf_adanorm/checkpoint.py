@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -103,6 +104,7 @@ def rebuild_patch(model: nn.Module, record: dict) -> None:
     object.__setattr__(model, _ORIGINALS_ATTR, None)
     object.__setattr__(model, _RECORD_ATTR, record)
     setattr(model.config, _CONFIG_KEY, record)
+    attach_save_pretrained(model)
 
 
 _PATCHED_CLASSES: dict = {}
@@ -247,6 +249,27 @@ def save_pretrained(model, save_directory, *, remote_code: bool = True, plain: b
     model_card(model, None if plain else record, base_model=base_model, metrics=metrics,
                remote_code=remote is not None).save(save_directory / "README.md")
     return save_directory
+
+
+def _own_save_pretrained(self, save_directory, **kwargs):
+    """A patched model's ``save_pretrained``: :func:`save_pretrained` (remote code when possible).
+
+    Installed on the instance by ``patch_model`` and loading, so that code that calls
+    ``model.save_pretrained`` (the Trainer's checkpoints) writes a shareable folder.
+    """
+    if "remote_code" not in kwargs:
+        try:
+            auto_map(self)
+        except ValueError:  # not a transformers class: weights, record and card only
+            kwargs["remote_code"] = False
+    return save_pretrained(self, save_directory, **kwargs)
+
+
+def attach_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` write what :func:`save_pretrained` writes."""
+    from transformers import PreTrainedModel
+    if isinstance(model, PreTrainedModel):
+        model.save_pretrained = types.MethodType(_own_save_pretrained, model)
 
 
 def push_to_hub(model, repo_id: str, *, private: Optional[bool] = None, token=None,

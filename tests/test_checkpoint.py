@@ -48,31 +48,40 @@ def patched(model_type="gpt2", norm="adanorm", **options):
     return model
 
 
-@pytest.mark.parametrize("model_type,norm,options", [
-    ("gpt2", "adanorm", dict(fold_affine=True, k=0.2, C=2.0)),
-    ("llama", "detachnorm", dict(include_rmsnorm=True, detach="mean", eps_mode="fairseq")),
-])
-def test_round_trip_in_a_fresh_process_is_bitwise(tmp_path, model_type, norm, options):
-    model = patched(model_type, norm, **options)
-    save_pretrained(model, tmp_path / "ckpt")
+ROUND_TRIPS = {  # one fresh interpreter loads them all (starting one costs seconds)
+    "gpt2_adanorm_folded": ("gpt2", "adanorm", dict(fold_affine=True, k=0.2, C=2.0)),
+    "llama_detachnorm_rms": ("llama", "detachnorm", dict(include_rmsnorm=True, detach="mean",
+                                                         eps_mode="fairseq")),
+}
+
+
+def test_round_trip_in_a_fresh_process_is_bitwise(tmp_path):
+    expected = {}
+    for name, (model_type, norm, options) in ROUND_TRIPS.items():
+        model = patched(model_type, norm, **options)
+        save_pretrained(model, tmp_path / name)
+        with torch.no_grad():
+            expected[name] = model(input_ids=IDS).logits
     save_file({"ids": IDS}, tmp_path / "ids.safetensors")
-    run_python("""
+    run_python(f"""
         import torch
         from safetensors.torch import load_file, save_file
         from transformers import AutoModelForCausalLM
         from hf_adanorm import get_patch_record
         from hf_adanorm.checkpoint import from_pretrained
-        model, info = from_pretrained(AutoModelForCausalLM, "ckpt", output_loading_info=True)
-        assert not info["missing_keys"] and not info["unexpected_keys"], info
-        assert type(model).__module__.startswith("transformers.models."), type(model)
-        with torch.no_grad():
-            out = model.eval()(input_ids=load_file("ids.safetensors")["ids"]).logits
-        assert get_patch_record(model)["modules"]
-        save_file({"logits": out}, "out.safetensors")
+        out = {{}}
+        for name in {sorted(ROUND_TRIPS)!r}:
+            model, info = from_pretrained(AutoModelForCausalLM, name, output_loading_info=True)
+            assert not info["missing_keys"] and not info["unexpected_keys"], info
+            assert type(model).__module__.startswith("transformers.models."), type(model)
+            assert get_patch_record(model)["modules"]
+            with torch.no_grad():
+                out[name] = model.eval()(input_ids=load_file("ids.safetensors")["ids"]).logits
+        save_file(out, "out.safetensors")
     """, tmp_path, with_plugin=True)
-    with torch.no_grad():
-        expected = model(input_ids=IDS).logits
-    assert torch.equal(load_file(tmp_path / "out.safetensors")["logits"], expected)
+    got = load_file(tmp_path / "out.safetensors")
+    for name, logits_before in expected.items():
+        assert torch.equal(got[name], logits_before), name
 
 
 def test_loaded_model_is_patched_like_the_saved_one(tmp_path):
@@ -279,3 +288,20 @@ def test_minilm_round_trip(tmp_path, minilm, minilm_inputs):
     with torch.no_grad():
         assert torch.equal(loaded(**minilm_inputs).last_hidden_state, minilm(**minilm_inputs).last_hidden_state)
     assert ModelCard.load(tmp_path / "README.md").data.base_model is None  # a local path is no hub id
+
+
+def test_the_models_own_save_pretrained_writes_the_same(tmp_path):
+    import copy
+    model = patched("gpt2", "adanorm", fold_affine=True)
+    model.save_pretrained(tmp_path / "own", state_dict=model.state_dict(), is_main_process=True)  # as Trainer
+    save_pretrained(model, tmp_path / "explicit")
+    for name in ("config.json", MODELING_FILE, "README.md"):
+        assert (tmp_path / "own" / name).read_text() == (tmp_path / "explicit" / name).read_text(), name
+    loaded = from_pretrained(AutoModelForCausalLM, tmp_path / "own").eval()
+    assert torch.equal(logits(loaded), logits(model))
+    copy.deepcopy(loaded).save_pretrained(tmp_path / "copy")  # the hook follows copies
+    assert (tmp_path / "copy" / MODELING_FILE).exists()
+    hf_adanorm.unpatch_model(model)
+    assert "save_pretrained" not in vars(model)
+    model.save_pretrained(tmp_path / "stock")
+    assert not (tmp_path / "stock" / MODELING_FILE).exists()
