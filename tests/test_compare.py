@@ -178,3 +178,27 @@ def test_cli_rejects_a_norm_typo_with_the_choices(tmp_path, capsys):
         main(["compare", "--norms", "layernorm", "adanrom", "--output-dir", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert "adanrom" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_cli_end_to_end_tiny_digits_sweep_resumes(tmp_path, capsys):
+    """The real thing, shrunk: the built-in digits demo, 2 norms x 2 seeds, 3 steps per run."""
+    out = tmp_path / "sweep"
+    argv = ["compare", "--norms", "layernorm", "adanorm", "--seeds", "0", "1", "--output-dir", str(out),
+            "--max_steps", "3", "--max_eval_samples", "40", "--no-progress"]
+    assert main(argv) == 0
+    runs = json.loads((out / "report" / "runs.json").read_text())
+    assert sorted((r["norm"], r["seed"]) for r in runs) == [("adanorm", 0), ("adanorm", 1),
+                                                            ("layernorm", 0), ("layernorm", 1)]
+    for r in runs:
+        metrics = json.loads((out / "runs" / f"{r['norm']}_seed{r['seed']}" / METRICS_FILE).read_text())
+        assert metrics["config"]["norm"] == r["norm"] and metrics["config"]["seed"] == r["seed"]
+        assert metrics["history"][-1]["step"] == 3 and r["final"] == metrics["final"]
+        assert 0 <= r["final"]["test_accuracy"] <= 1
+    # seeds differ, so the runs do too (paired by seed, not copies of one another)
+    assert runs[0]["final"]["eval_loss"] != runs[2]["final"]["eval_loss"]
+    assert "## test_accuracy" in (out / "report" / "report.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/" + METRICS_FILE)}
+    capsys.readouterr()
+    assert main(argv) == 0  # everything finished: nothing is trained again
+    assert "4 of 4 runs already finished" in capsys.readouterr().out
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/" + METRICS_FILE)}

@@ -152,7 +152,10 @@ def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None
     bar = tqdm(todo, desc="runs", unit="run", disable=not progress)
     for norm, seed, folder in bar:
         bar.set_postfix_str(f"{norm} seed {seed}")
-        run_fn(dict(setup, norm=norm, seed=seed, output_dir=str(folder)))
+        options = dict(setup, norm=norm, seed=seed, output_dir=str(folder))
+        if options.get("checkpointing_steps") and not options.get("resume_from_checkpoint"):
+            options["resume_from_checkpoint"] = "latest"  # a run cut off mid-way continues there
+        run_fn(options)
         if not is_finished(folder):
             raise RuntimeError(f"the run {norm} seed {seed} returned without writing "
                                f"{folder / METRICS_FILE}; the sweep cannot report it")
