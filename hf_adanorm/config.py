@@ -22,7 +22,7 @@ def _check_patterns(option: str, patterns) -> None:
         except re.error as err:
             raise ValueError(f"{option}={patterns!r} is not a valid regular expression ({err}); "
                              "pass a list of module names to match names literally") from None
-    elif not (isinstance(patterns, (list, tuple, set)) and all(isinstance(p, str) for p in patterns)):
+    elif not (isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns)):
         raise TypeError(f"{option} must be a regex string or a list of module names/suffixes, "
                         f"got {patterns!r}")
 

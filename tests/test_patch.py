@@ -365,6 +365,7 @@ def test_accelerate_hooks_are_kept_and_called():
     ("adanorm", {"eps": 0.0}, ValueError, r"eps must be > 0"),
     ("adanorm", {"include": "encoder.(layer"}, ValueError, r"include='encoder.\(layer' is not a valid regular"),
     ("adanorm", {"exclude": 3}, TypeError, r"exclude must be a regex string or a list"),
+    ("adanorm", {"include": {"LayerNorm"}}, TypeError, r"include must be a regex string or a list"),
     ("adanorm", {"include": "no_such_module"}, ValueError,
      r"no module matched: found embeddings.LayerNorm \(layernorm: not matched by include\)"),
     ("adanorm", {"filter_fn": "embeddings"}, TypeError, r"filter_fn must be a callable"),
