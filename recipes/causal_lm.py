@@ -31,7 +31,10 @@ def training_function(args: TrainingArgs) -> dict:
 def main():
     parser = HfArgumentParser(TrainingArgs)
     parser.set_defaults(task="causal_lm")
-    (args,) = parser.parse_args_into_dataclasses()
+    try:
+        (args,) = parser.parse_args_into_dataclasses()
+    except ValueError as err:  # TrainingArgs checks every option as it is built
+        parser.error(str(err))
     training_function(args)
 
 
