@@ -161,6 +161,8 @@ def _install(model, config: NormConfig, chosen: dict, built: dict) -> dict:
     object.__setattr__(model, _RECORD_ATTR, record)
     if getattr(model, "config", None) is not None:
         setattr(model.config, _CONFIG_KEY, record)
+    from .checkpoint import attach_save_pretrained  # lazy: checkpoint imports this module
+    attach_save_pretrained(model)  # model.save_pretrained writes what hf_adanorm.save_pretrained does
     return record
 
 
@@ -224,6 +226,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         _swap_in(model, name, original)
     object.__setattr__(model, _ORIGINALS_ATTR, None)
     object.__setattr__(model, _RECORD_ATTR, None)
+    model.__dict__.pop("save_pretrained", None)  # the class's own save_pretrained again
     if getattr(model, "config", None) is not None and hasattr(model.config, _CONFIG_KEY):
         delattr(model.config, _CONFIG_KEY)
     return model
