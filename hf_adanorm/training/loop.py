@@ -177,7 +177,6 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
     progress = tqdm(total=total_steps, initial=loop["step"], disable=not accelerator.is_local_main_process,
                     desc=f"{args.task} [{args.norm}]")
     model.train()
-    epoch = loop["epoch"]
     for epoch in range(loop["epoch"], num_epochs):
         train_dataloader.set_epoch(epoch)
         skip = loop["batches_in_epoch"] if epoch == loop["epoch"] else 0
@@ -200,7 +199,8 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
             loop["step"] += 1
             progress.update(1)
             if args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0:
-                checkpoints.save_checkpoint(accelerator, output_dir, loop["step"], loop, args.checkpoints_total_limit)
+                checkpoints.save_checkpoint(accelerator, output_dir, loop["step"], loop,
+                                            args.checkpoints_total_limit)
             if loop["step"] >= total_steps:
                 break
         last_epoch = epoch == num_epochs - 1
@@ -212,7 +212,9 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
     final = {name: value for name, value in loop["history"][-1].items() if name not in ("epoch", "step")}
     if "test" in eval_dataloaders:
         final.update(_prefixed("test", evaluate(accelerator, model, eval_dataloaders["test"], task)))
-    model_format = _save_final_model(accelerator, model, task, output_dir / MODEL_DIR, args, final) if args.save_model else ""
+    model_format = ""
+    if args.save_model:
+        model_format = _save_final_model(accelerator, model, task, output_dir / MODEL_DIR, args, final)
     metrics = {"config": args.to_dict(), "history": loop["history"], "final": final,
                "world_size": accelerator.num_processes, "model_format": model_format}
     if accelerator.is_main_process:
