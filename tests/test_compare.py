@@ -202,3 +202,21 @@ def test_cli_end_to_end_tiny_digits_sweep_resumes(tmp_path, capsys):
     assert main(argv) == 0  # everything finished: nothing is trained again
     assert "4 of 4 runs already finished" in capsys.readouterr().out
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/" + METRICS_FILE)}
+
+
+def test_accelerate_launcher_runs_each_run_as_its_own_job(tmp_path):
+    """--launcher accelerate: a real `accelerate launch` per run, options passed intact (None too)."""
+    from hf_adanorm.compare.default import default_setup, write_digits_csv
+    from hf_adanorm.compare.sweep import accelerate_runner
+
+    config = tmp_path / "one_cpu.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_machines: 1\n"
+                      "num_processes: 1\nmixed_precision: 'no'\nuse_cpu: true\n")
+    setup = dict(default_setup(tmp_path), max_steps=2, max_eval_samples=20, max_grad_norm=None)
+    write_digits_csv(setup["dataset"])
+    runs = run_sweep(setup, ["adanorm"], [1], tmp_path, run_fn=accelerate_runner(config), progress=False)
+    config_used = json.loads((tmp_path / "runs" / "adanorm_seed1" / METRICS_FILE).read_text())["config"]
+    assert config_used == dict(config_used, **setup, norm="adanorm", seed=1)  # max_grad_norm stayed None
+    assert runs[0]["history"][-1]["step"] == 2
+    with pytest.raises(FileNotFoundError, match="accelerate config"):
+        accelerate_runner(tmp_path / "missing.yaml")

@@ -68,7 +68,9 @@ def caveats(runs: list[dict], summary: list[dict], norms: list[str], baseline: s
                      f"Add `{baseline}` to --norms to compare against the unpatched model.")
     elif pairs:
         m = min(pairs)
-        notes.append(f"- Paired tests pair runs by seed (norm − {baseline}). With {m} pairs the smallest "
+        notes.append(f"- Δ = norm − {baseline}, paired by seed: for accuracy and F1 higher is better, "
+                     "for losses (and perplexity, bits per character) lower is better.")
+        notes.append(f"- With {m} pairs the smallest "
                      f"two-sided Wilcoxon p attainable is {2 / 2 ** m:.3g}; the t-test assumes normal "
                      "differences. No correction for testing several norms and metrics.")
     notes.append("- A difference is evidence only when its CI excludes 0 over enough seeds; "

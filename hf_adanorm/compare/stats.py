@@ -70,14 +70,19 @@ def paired_vs_baseline(values: dict[int, float], baseline: dict[int, float]) -> 
     return out
 
 
+SPLIT_ORDER = ("test_", "eval_")  # held-out metrics first: they are what the comparison is for
+
+
 def metric_names(runs: list[dict]) -> list[str]:
-    """Every numeric final metric any run reports, in first-seen order."""
+    """Every numeric final metric any run reports: test_*, then eval_*, then the rest."""
     names: dict[str, None] = {}
     for r in runs:
         for key, value in r["final"].items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 names.setdefault(key)
-    return list(names)
+    rank = {prefix: i for i, prefix in enumerate(SPLIT_ORDER)}
+    return sorted(names, key=lambda name: next((rank[p] for p in SPLIT_ORDER if name.startswith(p)),
+                                               len(SPLIT_ORDER)))
 
 
 def summarize(runs: list[dict], norms: list[str], baseline: str = BASELINE) -> list[dict]:

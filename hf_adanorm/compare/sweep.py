@@ -22,7 +22,7 @@ from .stats import BASELINE
 
 METRICS_FILE = "metrics.json"
 SWEEP_FILE = "sweep.json"  # the shared training options the finished runs were made with
-TRAINING_MODULE = "hf_adanorm.training"  # `python -m` entry point of one training run
+WORKER_MODULE = "hf_adanorm.compare.worker"  # `python -m` entry point of one run
 
 RunFn = Callable[[dict], object]  # trains one run from its options; writes metrics.json
 
@@ -90,26 +90,30 @@ def run_in_process(options: dict):
     return run_training(TrainingArgs(**options))
 
 
-def accelerate_command(options: dict, config_file: str | None = None) -> list[str]:
-    """The ``accelerate launch`` command line that trains one run (``--field value`` per option)."""
+def accelerate_command(options_file: str | Path, config_file: str | Path | None = None) -> list[str]:
+    """The ``accelerate launch`` command line that trains the run described in ``options_file``."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
         cmd += ["--config_file", str(config_file)]
-    cmd += ["-m", TRAINING_MODULE]
-    for key, value in options.items():
-        if value is not None:
-            cmd += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
-    return cmd
+    return cmd + ["-m", WORKER_MODULE, str(options_file)]
 
 
-def accelerate_runner(config_file: str | None = None) -> RunFn:
-    """A run function that starts each run as its own ``accelerate launch`` job."""
+def accelerate_runner(config_file: str | Path | None = None) -> RunFn:
+    """A run function that starts each run as its own ``accelerate launch`` job.
+
+    The run's options go to ``<run folder>.options.json`` next to its folder (JSON keeps
+    every value exactly, None included); ``config_file`` is an accelerate config, e.g. one
+    of recipes/configs/, or None for accelerate's default config.
+    """
     if config_file and not Path(config_file).is_file():
         raise FileNotFoundError(f"accelerate config {config_file} not found; write one with "
                                 "`accelerate config --config_file PATH` or use a recipes/configs/ file")
 
     def run(options: dict):
-        cmd = accelerate_command(options, config_file)
+        options_file = Path(f"{options['output_dir']}.options.json")
+        options_file.parent.mkdir(parents=True, exist_ok=True)
+        options_file.write_text(json.dumps(options, indent=2))
+        cmd = accelerate_command(options_file, config_file)
         done = subprocess.run(cmd)
         if done.returncode != 0:
             raise RuntimeError(f"training run failed (exit code {done.returncode}): {shlex.join(cmd)}")
