@@ -135,7 +135,8 @@ def _build_replacements(config: NormConfig, chosen: dict) -> dict:
     built, by_original = {}, {}
     for name, (info, module) in chosen.items():
         if id(module) not in by_original:  # one replacement per module: aliases stay tied
-            new = build_norm(config, info.kind, (info.size,), config.eps if config.eps is not None else info.eps)
+            eps = config.eps if config.eps is not None else info.eps
+            new = build_norm(config, info.kind, (info.size,), eps)
             new.train(module.training)
             by_original[id(module)] = new
         built[name] = by_original[id(module)]
