@@ -109,13 +109,17 @@ def _nothing_matched(entries, config) -> ValueError:
 
 
 def _copy_hooks(old: nn.Module, new: nn.Module) -> None:
-    """Carry torch hooks and accelerate's dispatch hook over to the replacement."""
+    """Carry torch hooks and accelerate's dispatch hook over to the replacement.
+
+    The torch hook dicts are shared, not copied, so the handles the caller holds
+    still remove a hook, whether the original or the replacement is in place.
+    """
     for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                  "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
                  "_forward_hooks_always_called"):
         if attr in old.__dict__:
-            getattr(new, attr).update(getattr(old, attr))
-    # Without this flag torch silently ignores the copied (full) backward hooks.
+            object.__setattr__(new, attr, getattr(old, attr))
+    # Without this flag torch silently ignores the carried (full) backward hooks.
     new._is_full_backward_hook = old._is_full_backward_hook
     hf_hook = getattr(old, "_hf_hook", None)
     if hf_hook is not None:

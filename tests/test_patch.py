@@ -323,6 +323,18 @@ def test_torch_hooks_are_kept_and_called():
     assert calls == [("pre", "LayerNorm"), ("post", "LayerNorm"), ("backward", "LayerNorm")]
 
 
+def test_hook_handles_still_remove_hooks_after_the_swap():
+    net, calls = TinyNet(), []
+    handle = net.norm1.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    patch_model(net, "adanorm")
+    net(torch.randn(2, 4))
+    handle.remove()
+    net(torch.randn(2, 4))
+    unpatch_model(net)
+    net(torch.randn(2, 4))
+    assert calls == ["AdaNorm"]
+
+
 def test_accelerate_hooks_are_kept_and_called():
     from accelerate.hooks import AlignDevicesHook, ModelHook, add_hook_to_module
 
