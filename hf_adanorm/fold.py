@@ -16,14 +16,11 @@ rebuild it; a consumer whose weight is tied to the input embeddings gets its own
 copy (and ``config.tie_word_embeddings`` becomes False) so the embeddings are left
 alone.
 
-Which norms qualify is decided on the model itself, not from architecture names,
-in one probe forward pass (a fixed random batch):
+Which norms qualify is decided on the model itself, not from architecture names:
 
-1. every norm's output is handed on as ``out + 0`` (same values, its own autograd
-   node) and every Linear/Conv1D input through ``view_as``, so in the autograd graph
-   each read of a norm's output is a node pointing at that mark; a norm folds only if all reads
-   are Linear/Conv1D inputs (no residual add, no dropout, not the model output) and
-   those layers read no other norm;
+1. one probe forward pass (:mod:`.fold_trace`) finds who reads each norm's output;
+   a norm folds only if all reads are Linear/Conv1D inputs (no residual add, no
+   dropout, not the model output) and those layers read no other norm;
 2. the folds are then checked numerically with ``torch.func.functional_call`` (the
    model is not touched): with random gains and biases in the norms, the output
    with the affine in place must equal the output with it folded.
@@ -40,31 +37,17 @@ rather than silently throwing the changes away.
 
 from __future__ import annotations
 
-import contextlib
 import zlib
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
-from torch.func import functional_call
+
+from .fold_trace import (PROBE_SHAPE, eval_no_grad, is_conv1d, is_linear, probe_inputs,
+                         relative_drift, run, trace)
 
 _FOLD_ATTR = "_hf_adanorm_fold"
-_PROBE_SHAPE = (2, 8)  # batch x tokens of the probe batch
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is a dependency, but fold works on plain torch too
-        return False
-    return isinstance(module, Conv1D)
-
-
-def _is_linear(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return ((type(module) is nn.Linear or _is_conv1d(module)) and isinstance(weight, torch.Tensor)
-            and weight.is_floating_point() and weight.dim() == 2)
 
 
 def folded_linear(module: nn.Module, gain: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -75,7 +58,7 @@ def folded_linear(module: nn.Module, gain: torch.Tensor, bias: Optional[torch.Te
     """
     w = module.weight.detach().double()
     s = gain.double().to(w.device)
-    conv = _is_conv1d(module)
+    conv = is_conv1d(module)
     new_w = w * (s[:, None] if conv else s[None, :])
     c = module.bias
     new_c = None if c is None else c.detach().double()
@@ -84,67 +67,6 @@ def folded_linear(module: nn.Module, gain: torch.Tensor, bias: Optional[torch.Te
         new_c = shift if new_c is None else new_c + shift
     dtype = module.weight.dtype
     return new_w.to(dtype), (None if new_c is None else new_c.to(dtype))
-
-
-def _primary_output(out) -> torch.Tensor:
-    """The output compared for drift: ``logits``, else ``last_hidden_state``, else the first tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        value = out.get(key) if isinstance(out, dict) else getattr(out, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    return out[0]
-
-
-def relative_drift(new: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||new - ref|| / ||ref||`` (Frobenius), in float64."""
-    ref64 = ref.detach().double()
-    return float((new.detach().double() - ref64).norm() / ref64.norm().clamp_min(1e-30))
-
-
-def probe_inputs(model: nn.Module) -> dict:
-    """A fixed random batch for ``model``: token ids (2 x 8) or images, on the model's device."""
-    config = getattr(model, "config", None)
-    name = getattr(model, "main_input_name", None)
-    gen = torch.Generator().manual_seed(0)
-    device = next(model.parameters()).device
-    if config is not None and name == "input_ids":
-        vocab = getattr(config.get_text_config(), "vocab_size", None) or 2
-        ids = torch.randint(0, vocab, _PROBE_SHAPE, generator=gen)
-        inputs = {"input_ids": ids}
-        if getattr(config, "is_encoder_decoder", False):
-            inputs["decoder_input_ids"] = ids[:, : _PROBE_SHAPE[1] // 2 + 1]
-    elif config is not None and name == "pixel_values" and hasattr(config, "image_size"):
-        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-        inputs = {"pixel_values": torch.randn(2, getattr(config, "num_channels", 3), size, size, generator=gen)}
-    else:
-        raise ValueError(
-            f"fold_affine=True needs a probe batch and cannot build one for {type(model).__name__} "
-            f"(main input {name!r}); it supports transformers models taking input_ids or "
-            "pixel_values. Patch without fold_affine instead.")
-    return {k: v.to(device) for k, v in inputs.items()}
-
-
-@contextlib.contextmanager
-def _eval_no_grad(model: nn.Module):
-    """Run probes deterministically (no dropout), then restore every module's own training flag."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-
-
-def _run(model, inputs, params=None) -> torch.Tensor:
-    if params:
-        out = functional_call(model, params, args=(), kwargs=inputs, tie_weights=False, strict=False)
-    else:
-        out = model(**inputs)
-    return _primary_output(out)
 
 
 @dataclass
@@ -161,112 +83,10 @@ class FoldPlan:
     def affine(self, name: str):
         """The norm's effective ``(s, b)`` (b None without a bias parameter), detached."""
         info, module = self.chosen[name]
-        gain = getattr(module, info.gain).detach() + info.gain_offset if info.gain else None
-        if gain is None:
-            gain = torch.ones(info.size, dtype=torch.float64)
+        gain = (getattr(module, info.gain).detach() + info.gain_offset if info.gain
+                else torch.ones(info.size, dtype=torch.float64))
         bias = getattr(module, info.bias).detach() if info.bias else None
         return gain, bias
-
-
-def _signature(t: torch.Tensor):
-    """Same memory, shape, strides and dtype: the tensor itself or a no-op view of it (such as
-    ``h[:, 0:, :]`` before an LM head).  The traced outputs are held, so addresses stay unique."""
-    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
-
-
-@dataclass
-class _Trace:
-    consumers: dict  # {norm: {leaf module name: module}} receiving the norm's output
-    foreign: dict  # {norm: [autograd node names]} reads of the output that are no Linear input
-    drift: dict  # {norm: ||replacement(x) - norm(x)|| / ||norm(x)||} on the probe batch
-    reference: torch.Tensor
-
-
-def _trace(model, chosen: dict, built: dict, inputs: dict) -> _Trace:
-    """One forward pass recording who reads each norm's output (see the module docstring)."""
-    leaves, consumers, handles = {}, {name: {} for name in chosen}, []
-    linear_reads = []  # the view_as nodes made for Linear inputs that are norm outputs
-    sq = {name: [0.0, 0.0] for name in chosen}  # ||z' - z||^2, ||z||^2
-    norm_ids = {id(module) for _, module in chosen.values()}
-
-    def on_norm_output(name):
-        def hook(_module, args, out):
-            if not isinstance(out, torch.Tensor):
-                return None
-            with torch.no_grad():
-                new, old = built[name](args[0]).double(), out.double()
-                sq[name][0] += float((new - old).pow(2).sum())
-                sq[name][1] += float(old.pow(2).sum())
-            # ``out + 0`` (exactly ``out``) gives this output its own autograd node, which every
-            # read points at, while keeping the graph connected to earlier norms.
-            marked = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
-            leaves[_signature(marked)] = (name, marked, marked.grad_fn)
-            return marked
-        return hook
-
-    def on_leaf_input(name, module):
-        def hook(_module, args, kwargs):
-            hit = None
-            for value in (*args, *kwargs.values()):
-                found = leaves.get(_signature(value)) if isinstance(value, torch.Tensor) else None
-                if found is not None:
-                    consumers[found[0]][name] = module
-                    hit = hit or found
-            if hit is None or not _is_linear(module) or not args or _signature(args[0]) not in leaves:
-                return None
-            wrapped = args[0].view_as(args[0])
-            linear_reads.append(wrapped.grad_fn)
-            return (wrapped, *args[1:]), kwargs
-        return hook
-
-    for name, (_, module) in chosen.items():
-        handles.append(module.register_forward_hook(on_norm_output(name)))
-    for name, module in model.named_modules():
-        if id(module) not in norm_ids and not any(True for _ in module.children()):
-            handles.append(module.register_forward_pre_hook(on_leaf_input(name, module), with_kwargs=True))
-    try:
-        with torch.enable_grad():
-            reference = _run(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    foreign = _foreign_reads(reference, leaves, linear_reads)
-    drift = {n: (d / z) ** 0.5 if z > 0 else 0.0 for n, (d, z) in sq.items()}
-    return _Trace(consumers, foreign, drift, reference.detach())
-
-
-def _foreign_reads(reference, leaves: dict, linear_reads: list) -> dict:
-    """``{norm: [names of autograd nodes reading its output other than Linear inputs]}``."""
-    users, stack, seen = {}, [reference.grad_fn], set()
-    while stack:  # reverse the graph: node -> the nodes that read its result
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        for child, _ in node.next_functions:
-            if child is not None:
-                users.setdefault(child, []).append(node)
-                stack.append(child)
-    marks = {node: name for name, _, node in leaves.values()}
-    reads, views = set(linear_reads), set()  # Linear inputs; no-op views between them and a mark
-    for node in linear_reads:
-        chain = [node]
-        while chain[-1] not in marks and chain[-1].next_functions and len(chain) < 8:
-            chain.append(chain[-1].next_functions[0][0])
-        views.update(chain[1:-1])
-    foreign = {name: [] for name, _, _ in leaves.values()}
-    for name, leaf, _ in leaves.values():
-        if _signature(reference) == _signature(leaf):
-            foreign[name].append("the model output")
-    for mark, name in marks.items():
-        frontier = [mark]
-        while frontier:
-            for user in users.get(frontier.pop(), ()):
-                if user in views:
-                    frontier.append(user)
-                elif user not in reads:
-                    foreign[name].append(type(user).__name__)
-    return foreign
 
 
 def _trial_params(plan, model, names, folded) -> dict:
@@ -288,12 +108,12 @@ def _trial_params(plan, model, names, folded) -> dict:
                     params[f"{cname}.bias"] = new_c
         else:
             s_param, b_param = s, b
-        ref = getattr(module, info.gain) if info.gain else None
         if info.gain:
-            params[f"{name}.{info.gain}"] = (s_param - info.gain_offset).to(ref.dtype).to(ref.device)
+            like = getattr(module, info.gain)
+            params[f"{name}.{info.gain}"] = (s_param - info.gain_offset).to(like.device, like.dtype)
         if b_param is not None:
-            bias_ref = getattr(module, info.bias)
-            params[f"{name}.{info.bias}"] = b_param.to(bias_ref.dtype).to(bias_ref.device)
+            like = getattr(module, info.bias)
+            params[f"{name}.{info.bias}"] = b_param.to(like.device, like.dtype)
     return params
 
 
@@ -311,15 +131,15 @@ def plan_fold(model: nn.Module, chosen: dict, built: dict) -> FoldPlan:
         raise ValueError("fold_affine=True needs the model's weights, but some are on the meta "
                          "device; load the weights first (or patch without fold_affine)")
     plan = FoldPlan(chosen, inputs=probe_inputs(model))
-    with _eval_no_grad(model):
-        trace = _trace(model, chosen, built, plan.inputs)
-        plan.reference, plan.drift = trace.reference, trace.drift
+    with eval_no_grad(model):
+        traced = trace(model, chosen, built, plan.inputs)
+        plan.reference, plan.drift = traced.reference, traced.drift
         owners = {}
-        for name, found in trace.consumers.items():
+        for name, found in traced.consumers.items():
             for cname in found:
                 owners.setdefault(cname, []).append(name)
-        for name, found in trace.consumers.items():
-            why = _refusal(name, found, owners, trace.foreign.get(name, []))
+        for name, found in traced.consumers.items():
+            why = _refusal(name, found, owners, traced.foreign.get(name, []))
             if why:
                 plan.refused[name] = why
             else:
@@ -334,7 +154,7 @@ def _refusal(name, found, owners, foreign) -> Optional[str]:
     if foreign:
         kinds = ", ".join(sorted(set(foreign)))
         return f"its output is also read by {kinds} (a residual connection or other non-Linear use)"
-    others = [f"{c} ({type(m).__name__})" for c, m in found.items() if not _is_linear(m)]
+    others = [f"{c} ({type(m).__name__})" for c, m in found.items() if not is_linear(m)]
     if others:
         return f"its output feeds {', '.join(sorted(others))}, not only Linear layers"
     if not found:
@@ -354,12 +174,12 @@ def _verify_numerically(plan: FoldPlan, model) -> None:
     if not plan.folds:
         return
     names, tol = list(plan.chosen), _tolerance(model)
-    ref = _run(model, plan.inputs, _trial_params(plan, model, names, set()))
-    everything = _run(model, plan.inputs, _trial_params(plan, model, names, set(plan.folds)))
+    ref = run(model, plan.inputs, _trial_params(plan, model, names, set()))
+    everything = run(model, plan.inputs, _trial_params(plan, model, names, set(plan.folds)))
     if relative_drift(everything, ref) <= tol:
         return
     for name in list(plan.folds):
-        out = _run(model, plan.inputs, _trial_params(plan, model, names, {name}))
+        out = run(model, plan.inputs, _trial_params(plan, model, names, {name}))
         if relative_drift(out, ref) > tol:
             del plan.folds[name]
             plan.refused[name] = "folding it changes the model's output (numerical check)"
@@ -430,11 +250,11 @@ def fold_summary(model: nn.Module, plan: FoldPlan, report, applied: Optional[_Fo
     summary = {
         "folded": plan.folds,
         "not_foldable": {n: {"reason": plan.refused[n], "drift": plan.drift[n]} for n in plan.refused},
-        "probe": f"random token ids {list(_PROBE_SHAPE)}" if "input_ids" in plan.inputs else "random images",
+        "probe": f"random token ids {list(PROBE_SHAPE)}" if "input_ids" in plan.inputs else "random images",
     }
     if applied is not None:
-        with _eval_no_grad(model):
-            summary["output_drift"] = relative_drift(_run(model, plan.inputs), plan.reference)
+        with eval_no_grad(model):
+            summary["output_drift"] = relative_drift(run(model, plan.inputs), plan.reference)
         summary["untied"], summary["added_bias"] = applied.untied, applied.added_bias
         report.output_drift = summary["output_drift"]
     return summary
@@ -465,11 +285,7 @@ def unfold(model: nn.Module) -> None:
             "layernorm_simple).")
     for cname, (old_w, old_b, _, _, _) in state.layers.items():
         layer = model.get_submodule(cname)
-        layer.weight = old_w
-        if old_b is None:
-            layer.bias = None
-        else:
-            layer.bias = old_b
+        layer.weight, layer.bias = old_w, old_b  # the very objects (a None bias unregisters it)
     for cfg in state.tie_flags:
         cfg.tie_word_embeddings = True
     object.__setattr__(model, _FOLD_ATTR, None)

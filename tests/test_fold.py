@@ -177,3 +177,28 @@ def test_training_flags_survive_the_probe():
     flags = [m.training for m in model.modules()]
     hf_adanorm.patch_model(model, "adanorm", fold_affine=True)
     assert [m.training for m in model.modules()] == flags
+
+
+def test_vision_and_encoder_decoder_models_are_probed():
+    """Pixel inputs (ViT, pre-LN) and decoder inputs (BART, post-LN) get a probe batch too."""
+    from transformers import AutoModelForImageClassification, AutoModelForSeq2SeqLM
+    torch.manual_seed(0)
+    vit = AutoModelForImageClassification.from_config(AutoConfig.for_model(
+        "vit", image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=3)).eval()
+    hf_adanorm.patch_model(vit, "layernorm_simple", fold_affine=True)
+    fold = hf_adanorm.get_patch_record(vit)["fold"]
+    assert sorted(fold["folded"]) == [f"vit.layers.{i}.{n}" for i in range(2)
+                                      for n in ("layernorm_after", "layernorm_before")]
+    assert list(fold["not_foldable"]) == ["vit.layernorm"]  # the classifier reads only [CLS]
+    bart = AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model(
+        "bart", vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)).eval()
+    report = hf_adanorm.patch_model(bart, "layernorm_simple", fold_affine=True)
+    fold = hf_adanorm.get_patch_record(bart)["fold"]
+    # Post-LN: only a stack's last norm feeds Linear layers alone (cross-attention k/v, LM head).
+    assert fold["folded"] == {
+        "model.encoder.layers.0.final_layer_norm": ["model.decoder.layers.0.encoder_attn.k_proj",
+                                                    "model.decoder.layers.0.encoder_attn.v_proj"],
+        "model.decoder.layers.0.final_layer_norm": ["lm_head"]}
+    assert len(fold["not_foldable"]) == len(report.replaced) - 2
