@@ -84,17 +84,22 @@ def check_record(record) -> NormConfig:
 def rebuild_patch(model: nn.Module, record: dict) -> None:
     """Apply a saved patch to a freshly built (unpatched) ``model``; checks everything first."""
     config = check_record(record)
-    swaps = []
-    for name, entry in record["modules"].items():
+    def module(name: str) -> nn.Module:
         try:
-            old = model.get_submodule(name)
+            return model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"the hf_adanorm record names module {name!r}, which "
                                   f"{type(model).__name__} does not have; load the checkpoint with "
                                   "the model class it was saved from") from None
+
+    swaps = []
+    for name, entry in record["modules"].items():
         eps = config.eps if config.eps is not None else entry["eps"]
-        swaps.append((name, old, build_norm(config, entry["kind"], (entry["size"],), eps)))
-    layers = [model.get_submodule(n) for n in (record.get("fold") or {}).get("added_bias", [])]
+        swaps.append((name, module(name), build_norm(config, entry["kind"], (entry["size"],), eps)))
+    layers = [module(n) for n in (record.get("fold") or {}).get("added_bias", [])]
+    if not all(isinstance(layer, nn.Linear) for layer in layers):
+        raise CheckpointError("the hf_adanorm record's fold.added_bias names a layer that is not "
+                              "an nn.Linear: the record is corrupted")
     for name, old, new in swaps:
         new.train(old.training)
         _swap_in(model, name, new)
