@@ -182,6 +182,9 @@ def test_cli_rejects_a_norm_typo_with_the_choices(tmp_path, capsys):
 
 def test_cli_end_to_end_tiny_digits_sweep_resumes(tmp_path, capsys):
     """The real thing, shrunk: the built-in digits demo, 2 norms x 2 seeds, 3 steps per run."""
+    from hf_adanorm.training import METRICS_FILE as WRITTEN_BY_TRAINING
+
+    assert METRICS_FILE == WRITTEN_BY_TRAINING
     out = tmp_path / "sweep"
     argv = ["compare", "--norms", "layernorm", "adanorm", "--seeds", "0", "1", "--output-dir", str(out),
             "--max_steps", "3", "--max_eval_samples", "40", "--no-progress"]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..registry import available_norms
 from .stats import BASELINE
 
-METRICS_FILE = "metrics.json"
+METRICS_FILE = "metrics.json"  # as hf_adanorm.training writes it (not imported: keeps the CLI light)
 SWEEP_FILE = "sweep.json"  # the shared training options the finished runs were made with
 WORKER_MODULE = "hf_adanorm.compare.worker"  # `python -m` entry point of one run
 
@@ -51,7 +51,7 @@ def check_plan(norms, seeds) -> None:
 
 def check_training_options(setup: dict, norms) -> None:
     """Build each norm's TrainingArgs once, so a bad option fails before the first run starts."""
-    from ..training.args import TrainingArgs
+    from ..training import TrainingArgs
 
     for norm in norms:
         try:
@@ -75,6 +75,7 @@ def check_same_setup(output_dir: Path, setup: dict) -> None:
     if not path.is_file():
         return
     before = json.loads(path.read_text())
+    setup = json.loads(json.dumps(setup))  # as stored: tuples become lists, keys strings
     changed = sorted(k for k in set(before) | set(setup) if before.get(k) != setup.get(k))
     if changed:
         raise ValueError(
