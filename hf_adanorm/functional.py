@@ -31,9 +31,10 @@ than ``torch.nn.LayerNorm``, which also keeps its gain and bias.
 Execution paths (all compute the equations above; tests/test_fast_paths.py checks
 each against plain autograd):
 
-* fused: for large CPU tensors in torch eps mode, the forward and the input
-  gradient each run as one ``torch.compile``-d loop over rows, compiled once per
-  (hidden size, dtype, variant) on first use (see ``COMPILE``, ``first_call_seconds``);
+* fused: for large CPU tensors in torch eps mode, the input gradient of AdaNorm,
+  DetachNorm (mean or variance) and the RMS norms runs as one ``torch.compile``-d
+  loop over rows, compiled once per (hidden size, dtype, variant) on first use (see
+  ``COMPILE``, ``first_call_seconds``); the forward always takes the eager path;
 * traced: inside a caller's ``torch.compile`` the same plain math is traced, so the
   norm joins the caller's graph without a break;
 * eager: otherwise (fairseq mode, small tensors, no compiler), torch's native
@@ -63,7 +64,7 @@ COMPILE = os.environ.get("HF_ADANORM_COMPILE", "auto")
 COMPILE_MIN_NUMEL = 1 << 20
 # Wall time of each kernel's first call (which compiles it), keyed like _kernels.
 first_call_seconds: dict[tuple, float] = {}
-_kernels: dict[tuple, Callable] = {}
+_kernels: dict[tuple, Callable] = {}  # compiled _input_grad_math per (dtype, D, variant)
 _compile_failure: Optional[str] = None
 
 
@@ -74,8 +75,12 @@ def _flatten_rows(x: torch.Tensor, n_dims: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- torch-mode math, written once
-# Plain tensor code: compiled into one fused loop per row by _run_compiled, and traced
-# as-is (then fused by inductor) when the caller torch.compile's the whole model.
+# Plain tensor code, traced as-is (then fused by inductor) when the caller
+# torch.compile's the whole model.  _input_grad_math is also compiled on its own: its two
+# row reductions are independent, so inductor makes it a single loop over rows, one read
+# of x and g.  The forward is not: inductor (torch 2.13, CPU) splits the dependent
+# mean -> variance reductions into separate passes over x, slower than torch's native
+# LayerNorm kernel, so the forward always runs that kernel (see _eager_forward).
 
 def _forward_math(x2d, eps: float, k: float, C: float, centre: bool):
     """``(z, mean, 1/sigma)`` with ``sigma = sqrt(var + eps)``, statistics in float32."""
@@ -102,6 +107,15 @@ def _input_grad_math(g, x2d, mean, rstd, k: float, C: float, centre: bool,
     if rescale:
         dx = dx - y * (gp * y).mean(-1, keepdim=True)
     return (dx * rstd).to(x2d.dtype)
+
+
+def _fused_backward_pays(centre, subtract_mean, rescale, k, C) -> bool:
+    """False where torch's own kernels already take one pass: g / sigma, or LayerNorm's backward."""
+    if k or C != 1.0:
+        return True
+    if not (subtract_mean or rescale):
+        return False
+    return not (centre and subtract_mean and rescale)
 
 
 def _compiled_path_applies(x: torch.Tensor) -> bool:
@@ -147,7 +161,7 @@ def _eager_forward(x32, eps, centre, fairseq, k, C):
         mean = x32.mean(-1, keepdim=True) if centre else x32.new_zeros(x32.shape[0], 1)
         xc = x32 - mean if centre else x32
         u = 1 if (centre and fairseq) else 0
-        v = xc.pow(2).sum(-1, keepdim=True) / max(d - u, 1)
+        v = torch.linalg.vector_norm(xc, dim=-1, keepdim=True).square_() / max(d - u, 1)
         sigma = v.sqrt() + eps if fairseq else (v + eps).sqrt()
         rstd = sigma.reciprocal()
         y = xc * rstd
@@ -196,19 +210,12 @@ class _NormalizeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, eps, centre, fairseq, detach_mean, detach_scale, k, C):
-        out = None
         if not fairseq and torch.compiler.is_compiling():
-            out = _forward_math(x2d, eps, k, C, centre)
-        elif not fairseq and _compiled_path_applies(x2d):
-            # Contiguous operands only: inductor (torch 2.13) miscompiles a strided input
-            # once k becomes a symbolic float (tests/test_fast_paths.py covers it).
-            out = _run_compiled(_forward_math, ("forward", x2d.dtype, x2d.shape[-1], centre),
-                                x2d.contiguous(), eps, k, C, centre)
-        if out is None:
+            z, mean, rstd = _forward_math(x2d, eps, k, C, centre)
+        else:
             z, mean, rstd = _eager_forward(x2d.float() if x2d.dtype in _HALF else x2d,
                                            eps, centre, fairseq, k, C)
-            out = z.to(x2d.dtype), mean, rstd
-        z, mean, rstd = out
+            z = z.to(x2d.dtype)
         ctx.save_for_backward(x2d, mean, rstd)
         ctx.conf = (eps, centre, fairseq, detach_mean, detach_scale, k, C)
         return z
@@ -225,8 +232,11 @@ class _NormalizeFunction(torch.autograd.Function):
         dx = None
         if not fairseq and torch.compiler.is_compiling():
             dx = _input_grad_math(*args)
-        elif not fairseq and not torch.is_grad_enabled() and _compiled_path_applies(x2d):
+        elif (not fairseq and not torch.is_grad_enabled() and _compiled_path_applies(x2d)
+              and _fused_backward_pays(centre, subtract_mean, rescale, k, C)):
             key = ("input_grad", x2d.dtype, x2d.shape[-1], centre, subtract_mean, rescale)
+            # Contiguous operands only: inductor (torch 2.13) miscompiles a strided input
+            # once k becomes a symbolic float (tests/test_fast_paths.py covers it).
             dx = _run_compiled(_input_grad_math, key, grad_out.contiguous(), x2d.contiguous(), *args[2:])
         if dx is None:
             half = x2d.dtype in _HALF
