@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import datasets
 import torch
+import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -69,6 +71,9 @@ def make_accelerator(args: TrainingArgs) -> Accelerator:
     )
     if multi_process and accelerator.num_processes == 1:
         raise RuntimeError("launched as several processes but accelerate set up only one; pass --cpu")
+    if not accelerator.is_local_main_process:  # one set of progress bars and warnings per machine
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
     return accelerator
 
 
@@ -226,8 +231,6 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
 
 def _versions() -> dict:
     import accelerate
-    import datasets
-    import transformers
 
     from .. import __version__
     return {"hf_adanorm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
