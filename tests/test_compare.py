@@ -180,6 +180,19 @@ def test_cli_rejects_a_norm_typo_with_the_choices(tmp_path, capsys):
     assert "adanrom" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "-1"], "non-negative"),
+    (["--norm", "adanorm"], "compare takes --norms"),
+    (["--model", "some/model"], "--model needs --dataset"),
+    (["--num_epochs", "0"], "num_epochs must be >= 1"),
+    (["--accelerate-config", "x.yaml"], "needs --launcher accelerate"),
+    (["--launcher", "accelerate", "--accelerate-config", "missing.yaml"], "accelerate config missing.yaml not found"),
+])
+def test_cli_bad_options_fail_before_anything_is_written(tmp_path, capsys, argv, message):
+    assert main(["compare", *argv, "--output-dir", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_cli_end_to_end_tiny_digits_sweep_resumes(tmp_path, capsys):
     """The real thing, shrunk: the built-in digits demo, 2 norms x 2 seeds, 3 steps per run."""
     from hf_adanorm.training import METRICS_FILE as WRITTEN_BY_TRAINING

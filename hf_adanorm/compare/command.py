@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -51,8 +52,14 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     for single, plural in (("--norm", "--norms"), ("--seed", "--seeds")):
         p.add_argument(single, dest=f"single_{single[2:]}", help=argparse.SUPPRESS,
                        action="append")  # kept only to point to the plural option
-    p.set_defaults(func=run_compare, compare_parser=p, shared_options=shared)
+    p.set_defaults(func=run_compare, shared_options=shared)
     return p
+
+
+def fail(message) -> int:
+    """A usage-style error without argparse's usage block (which lists every training option)."""
+    print(f"hf-adanorm compare: error: {message}", file=sys.stderr)
+    return 2
 
 
 def run_compare(args) -> int:
@@ -63,10 +70,9 @@ def run_compare(args) -> int:
     from .default import default_setup, write_digits_csv
     from .sweep import accelerate_runner, check_plan, check_training_options
 
-    parser = args.compare_parser
     for single in ("norm", "seed"):
         if getattr(args, f"single_{single}"):
-            parser.error(f"--{single} sets a single run; compare takes --{single}s A B ...")
+            return fail(f"--{single} sets a single run; compare takes --{single}s A B ...")
     given = {k: getattr(args, k) for k in sorted(args.shared_options) if hasattr(args, k)}
     try:
         check_plan(args.norms, args.seeds)
@@ -79,7 +85,7 @@ def run_compare(args) -> int:
         check_training_options(setup, args.norms)
         run_fn = accelerate_runner(args.accelerate_config) if args.launcher == "accelerate" else None
     except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+        return fail(err)
     threads, data_bars = torch.get_num_threads(), datasets.is_progress_bar_enabled()
     if demo:
         write_digits_csv(setup["dataset"])
@@ -90,6 +96,8 @@ def run_compare(args) -> int:
     try:
         report = compare(setup, args.norms, args.seeds, args.output_dir, run_fn=run_fn,
                          progress=args.progress)
+    except (ValueError, OSError) as err:  # bad data, model or folder: the training code says which
+        return fail(err)
     finally:
         torch.set_num_threads(threads)
         if data_bars:

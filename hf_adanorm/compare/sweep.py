@@ -160,7 +160,12 @@ def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None
         options = dict(setup, norm=norm, seed=seed, output_dir=str(folder))
         if options.get("checkpointing_steps") and not options.get("resume_from_checkpoint"):
             options["resume_from_checkpoint"] = "latest"  # a run cut off mid-way continues there
-        run_fn(options)
+        try:
+            run_fn(options)
+        except Exception:
+            tqdm.write(f"hf-adanorm compare: the run {norm} seed {seed} failed; finished runs are "
+                       "kept, so the same command resumes once the cause is fixed")
+            raise
         if not is_finished(folder):
             raise RuntimeError(f"the run {norm} seed {seed} returned without writing "
                                f"{folder / METRICS_FILE}; the sweep cannot report it")
