@@ -11,15 +11,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import write_report
-from .stats import BASELINE
+from ..training.args import BASELINE
 from .sweep import RunFn, accelerate_runner, known_norms, run_sweep
 
 __all__ = ["compare", "run_sweep", "write_report", "accelerate_runner", "known_norms", "BASELINE"]
+
+
+def write_report(runs: list[dict], norms, folder, setup: dict | None = None, baseline: str = BASELINE) -> Path:
+    """See :func:`hf_adanorm.compare.report.write_report` (imported on first use: pandas,
+    scipy and matplotlib would otherwise slow every ``hf-adanorm`` command down)."""
+    from .report import write_report as write
+
+    return write(runs, list(norms), folder, setup=setup, baseline=baseline)
 
 
 def compare(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
             progress: bool = True) -> Path:
     """Run the sweep (see :func:`run_sweep`) and write its report; returns report.md's path."""
     runs = run_sweep(setup, norms, seeds, output_dir, run_fn=run_fn, progress=progress)
-    return write_report(runs, list(norms), Path(output_dir) / "report", setup=setup)
+    return write_report(runs, norms, Path(output_dir) / "report", setup=setup)

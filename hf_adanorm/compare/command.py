@@ -49,9 +49,8 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     sweep.add_argument("--accelerate-config", "--accelerate_config", dest="accelerate_config",
                        help="accelerate config file for --launcher accelerate (e.g. recipes/configs/*.yaml)")
     sweep.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    for single, plural in (("--norm", "--norms"), ("--seed", "--seeds")):
-        p.add_argument(single, dest=f"single_{single[2:]}", help=argparse.SUPPRESS,
-                       action="append")  # kept only to point to the plural option
+    for single in ("--norm", "--seed"):  # hidden: only there to point to --norms / --seeds
+        p.add_argument(single, dest=f"single_{single[2:]}", action="append", help=argparse.SUPPRESS)
     p.set_defaults(func=run_compare, shared_options=shared)
     return p
 

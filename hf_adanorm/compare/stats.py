@@ -26,7 +26,8 @@ import warnings
 import numpy as np
 from scipy import stats
 
-BASELINE = "layernorm"
+from ..training.args import BASELINE  # "layernorm": the unpatched model
+
 CONFIDENCE = 0.95
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from ..registry import available_norms
-from .stats import BASELINE
+from ..training.args import BASELINE  # "layernorm": the unpatched model
 
 METRICS_FILE = "metrics.json"  # as hf_adanorm.training writes it (not imported: keeps the CLI light)
 SWEEP_FILE = "sweep.json"  # the shared training options the finished runs were made with
