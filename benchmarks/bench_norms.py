@@ -25,17 +25,16 @@ import contextlib
 import csv
 import itertools
 import os
-import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from common import interleaved, machine_line, median_ratio, peak_bytes, saved_bytes
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from hf_adanorm import AdaNorm, DetachNorm, LayerNormSimple, RMSAdaNorm, RMSNormSimple, functional
 
@@ -56,13 +55,12 @@ class Math:
     detach_scale: bool = False
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: a dict key per implementation
 class Impl:
     name: str
     make: Callable[[int, torch.dtype], nn.Module]
     path: str = "torch"  # "fused" / "eager" for hf_adanorm (functional.COMPILE "always" / "off")
     math: Optional[Math] = None  # None: a torch baseline, not checked
-    rows: list = field(default_factory=list)  # per repeat: (fwd, bwd, full) seconds
 
 
 class FunctionalLayerNorm(nn.Module):
@@ -132,39 +130,19 @@ def check(impl: Impl, module, x, g) -> Optional[str]:
     return None
 
 
-def one_step(module, x, g) -> tuple[float, float, float]:
-    x.grad = None
-    module.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    z = module(x)
-    mid = time.perf_counter()
-    z.backward(g)
-    end = time.perf_counter()
-    return mid - start, end - mid, end - start
+class Step:
+    """One forward + backward of ``module``, remembering the forward's share of the time."""
 
+    def __init__(self, module, x, g):
+        self.module, self.x, self.g, self.forward_s = module, x, g, []
 
-def peak_bytes(module, x, g) -> int:
-    """Most bytes allocated at once, beyond what existed before, during forward + backward."""
-    x.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        module(x).backward(g)
-        x.grad = None
-    # The per-allocation events (FunctionEvent lists merge them): +bytes on alloc, -bytes on free.
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    return max(itertools.accumulate(nbytes for _, nbytes in events), default=0)
-
-
-def saved_bytes(module, x) -> int:
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(storages.values())
+    def __call__(self):
+        self.x.grad = None
+        self.module.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        z = self.module(self.x)
+        self.forward_s.append(time.perf_counter() - start)
+        z.backward(self.g)
 
 
 def bench_case(tokens, hidden, dtype, impls, repeats, budget_s):
@@ -172,50 +150,52 @@ def bench_case(tokens, hidden, dtype, impls, repeats, budget_s):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(tokens, hidden, generator=gen) * 2 + 0.5).to(dtype).requires_grad_(True)
     g = torch.randn(tokens, hidden, generator=gen).to(dtype)
-    live, refused = [], []
+    dtype_name = str(dtype).removeprefix("torch.")
+    steps, rows = {}, []
     for impl in impls:
-        module = impl.make(hidden, dtype)
+        step = Step(impl.make(hidden, dtype), x, g)
         with path_of(impl):
-            error = check(impl, module, x, g) if impl.math else None
+            error = check(impl, step.module, x, g) if impl.math else None
             if error:
-                refused.append((impl, error))
                 print(f"  REFUSED {impl.name} [{impl.path}]: {error}")
+                rows.append(dict(tokens=tokens, hidden=hidden, dtype=dtype_name, norm=impl.name,
+                                 path=impl.path, refused=error))
                 continue
             for _ in range(2):  # warm-up: compiles, and dynamo's one recompile for a new row count
-                one_step(module, x, g)
-        impl.rows = []
-        live.append((impl, module))
-    start = time.perf_counter()
-    for rep in range(repeats):
-        for impl, module in live:
+                step()
+        step.forward_s.clear()
+        steps[impl] = step
+
+    def in_path(impl, step):
+        def run():
             with path_of(impl):
-                impl.rows.append(one_step(module, x, g))
-        if rep >= 6 and time.perf_counter() - start > budget_s:
-            break
-    base = {i.name: i for i, _ in live if i.path == "torch"}
-    out = []
-    for impl, module in live:
+                step()
+        return run
+
+    full = interleaved({impl: in_path(impl, step) for impl, step in steps.items()}, repeats, budget_s)
+    times = {impl: {"fwd": steps[impl].forward_s, "full": full[impl],
+                    "bwd": [b - a for a, b in zip(steps[impl].forward_s, full[impl])]} for impl in steps}
+    base = {impl.name: times[impl] for impl in steps if impl.path == "torch"}
+    for impl, step in steps.items():
         with path_of(impl):
-            peak, saved = peak_bytes(module, x, g), saved_bytes(module, x)
-        row = dict(tokens=tokens, hidden=hidden, dtype=str(dtype).removeprefix("torch."), norm=impl.name,
-                   path=impl.path, repeats=len(impl.rows), peak_bytes=peak, saved_bytes=saved)
-        for i, part in enumerate(("fwd", "bwd", "full")):
-            row[f"{part}_ms"] = 1e3 * statistics.median(r[i] for r in impl.rows)
-            for label, other in (("ln", base["nn.LayerNorm"]), ("f", base["F.layer_norm"])):
-                ratios = sorted(a[i] / b[i] for a, b in zip(impl.rows, other.rows))
-                row[f"{part}_vs_{label}"] = statistics.median(ratios)
+            peak = peak_bytes(step)
+            saved = saved_bytes(lambda: step.module(x))
+        row = dict(tokens=tokens, hidden=hidden, dtype=dtype_name, norm=impl.name, path=impl.path,
+                   repeats=len(full[impl]), peak_bytes=peak, saved_bytes=saved)
+        for part in ("fwd", "bwd", "full"):
+            row[f"{part}_ms"] = 1e3 * statistics.median(times[impl][part])
+            for label, other in (("ln", "nn.LayerNorm"), ("f", "F.layer_norm")):
+                mid, q1, q3 = median_ratio(times[impl][part], base[other][part])
+                row[f"{part}_vs_{label}"] = mid
                 if part == "full":
-                    quartiles = statistics.quantiles(ratios, n=4)
-                    row[f"full_vs_{label}_iqr"] = f"{quartiles[0]:.2f}-{quartiles[2]:.2f}"
-        out.append(row)
-    ln = next(r for r in out if r["norm"] == "nn.LayerNorm")
-    for row in out:
-        row["peak_vs_ln"] = row["peak_bytes"] / ln["peak_bytes"]
-        row["saved_vs_ln"] = row["saved_bytes"] / ln["saved_bytes"]
-    for impl, error in refused:
-        out.append(dict(tokens=tokens, hidden=hidden, dtype=str(dtype).removeprefix("torch."),
-                        norm=impl.name, path=impl.path, refused=error))
-    return out
+                    row[f"full_vs_{label}_iqr"] = f"{q1:.2f}-{q3:.2f}"
+        rows.append(row)
+    ln = next(r for r in rows if r["norm"] == "nn.LayerNorm")
+    for row in rows:
+        if "refused" not in row:
+            row["peak_vs_ln"] = row["peak_bytes"] / ln["peak_bytes"]
+            row["saved_vs_ln"] = row["saved_bytes"] / ln["saved_bytes"]
+    return rows
 
 
 def print_table(rows):
@@ -274,7 +254,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="8192x768 float32 only")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, help="default: fp32 bf16 (quick: fp32)")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 21, quick 15)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 31, quick 61)")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of timing per case at most (>= 7 repeats)")
     parser.add_argument("--paths", nargs="+", default=["fused", "eager"], choices=["fused", "eager"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -284,9 +264,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     dtypes = [DTYPES[d] for d in (args.dtypes or (["fp32"] if args.quick else list(DTYPES)))]
-    repeats = args.repeats or (15 if args.quick else 21)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    repeats = args.repeats or (61 if args.quick else 31)
+    print(machine_line())
     rows = []
     for dtype, (tokens, hidden) in itertools.product(dtypes, shapes):
         print(f"\n{tokens}x{hidden} {str(dtype).removeprefix('torch.')}")

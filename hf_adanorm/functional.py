@@ -43,6 +43,7 @@ each against plain autograd):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -152,11 +153,20 @@ def _run_compiled(math_fn: Callable, key: tuple, *args):
 
 # ---------------------------------------------------------------- eager kernels (any mode)
 
+@functools.lru_cache(maxsize=64)
+def _unit_gain(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return torch.ones(d, dtype=dtype, device=device)
+
+
 def _eager_forward(x32, eps, centre, fairseq, k, C):
     d = x32.shape[-1]
     if centre and not fairseq:
         # The native kernel is the fastest eager way to get y, mean and 1/sigma at once.
-        y, mean, rstd = torch.ops.aten.native_layer_norm(x32, [d], None, None, eps)
+        # On CPU a unit gain gives the same y bit for bit and is faster than no gain
+        # (torch 2.13: its gain-less variant takes a slower loop).
+        gain = _unit_gain(d, x32.dtype, x32.device) if x32.device.type == "cpu" else None
+        y, mean, rstd = torch.ops.aten.native_layer_norm(x32, [d], gain, None, eps)
     else:
         mean = x32.mean(-1, keepdim=True) if centre else x32.new_zeros(x32.shape[0], 1)
         xc = x32 - mean if centre else x32

@@ -1,0 +1,68 @@
+"""Measurement helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def machine_line() -> str:
+    return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads, "
+            f"load average {os.getloadavg()[0]:.1f}")
+
+
+def interleaved(steps: dict[str, Callable[[], object]], repeats: int, budget_s: float,
+                min_repeats: int = 7) -> dict[str, list[float]]:
+    """Seconds per call of each step, the steps taking turns within every repeat.
+
+    Load that drifts on a shared machine then hits all steps of a repeat alike,
+    which is why ratios are taken repeat by repeat (see :func:`median_ratio`).
+    """
+    times = {name: [] for name in steps}
+    start = time.perf_counter()
+    for rep in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+        if rep + 1 >= min_repeats and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def median_ratio(times: list[float], baseline: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-repeat ratios ``times[i] / baseline[i]``."""
+    ratios = [a / b for a, b in zip(times, baseline)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return statistics.median(ratios), q1, q3
+
+
+def peak_bytes(step: Callable[[], object]) -> int:
+    """Most CPU bytes held at once by allocations made during ``step()``, beyond those before."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # The raw allocation events (+bytes on alloc, -bytes on free); prof.events() merges them.
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    return max(itertools.accumulate(nbytes for _, nbytes in events), default=0)
+
+
+def saved_bytes(forward: Callable[[], object]) -> int:
+    """Bytes of the distinct storages autograd saves for backward during ``forward()``."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values())
