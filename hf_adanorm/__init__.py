@@ -6,6 +6,8 @@
 
 __version__ = "0.1.0"
 
+import importlib
+
 from .config import NormConfig
 from .norms import (AdaNorm, DetachNorm, LayerNormSimple, NoNorm, RMSAdaNorm, RMSDetachNorm,
                     RMSNormSimple)
@@ -13,8 +15,29 @@ from .patch import get_patch_record, is_patched, patch_model, unpatch_model
 from .registry import available_norms, register_norm
 from .report import PatchReport
 
+# Imported on first use: they pull in transformers' Trainer and accelerate (seconds).
+_LAZY = {
+    "save_pretrained": "checkpoint", "from_pretrained": "checkpoint", "push_to_hub": "checkpoint",
+    "CheckpointError": "checkpoint", "PatchCallback": "callbacks",
+    "NormGradientStatsCallback": "callbacks", "AdaNormMonitorCallback": "callbacks",
+    "AffineDriftCallback": "callbacks",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hf_adanorm' has no attribute {name!r}")
+
+
 __all__ = [
-    "AdaNorm", "DetachNorm", "LayerNormSimple", "NoNorm", "NormConfig", "PatchReport",
-    "RMSAdaNorm", "RMSDetachNorm", "RMSNormSimple", "available_norms", "get_patch_record",
-    "is_patched", "patch_model", "register_norm", "unpatch_model",
+    # patching
+    "patch_model", "unpatch_model", "is_patched", "get_patch_record", "PatchReport", "NormConfig",
+    "available_norms", "register_norm",
+    # checkpoints
+    "save_pretrained", "from_pretrained", "push_to_hub", "CheckpointError",
+    # transformers.Trainer
+    "PatchCallback", "NormGradientStatsCallback", "AdaNormMonitorCallback", "AffineDriftCallback",
+    # the norms themselves
+    "AdaNorm", "DetachNorm", "LayerNormSimple", "NoNorm", "RMSAdaNorm", "RMSDetachNorm", "RMSNormSimple",
 ]
