@@ -18,14 +18,24 @@ def _hub_id(model) -> Optional[str]:
     return name if _HUB_ID.match(name) and not os.path.exists(name) else None
 
 
+def _auto_class(auto_map: dict) -> str:
+    """The Auto class to show: a task class (AutoModelFor...) before the bare AutoModel.
+
+    Only Auto classes read ``auto_map``; ``GPT2LMHeadModel.from_pretrained(path,
+    trust_remote_code=True)`` would silently build the stock model without the norms.
+    """
+    return min(auto_map, key=lambda name: (not name.startswith("AutoModelFor"), name))
+
+
 def model_card(model, record: Optional[dict], *, base_model: Optional[str] = None,
-               metrics: Optional[dict] = None, remote_code: bool = True) -> ModelCard:
+               metrics: Optional[dict] = None, auto_map: Optional[dict] = None) -> ModelCard:
     """A card with base_model, library_name, tags, how to load, the patch record and metrics.
 
-    ``record`` is None for a plain (stock) checkpoint.
+    ``record`` is None for a plain (stock) checkpoint; ``auto_map`` is what config.json's
+    ``auto_map`` holds when the remote code is saved (None without it).
     """
     norm = record["config"]["norm"] if record else "layernorm_simple"
-    tags = ["hf-adanorm", norm.replace("_", "-")] + (["custom_code"] if remote_code else [])
+    tags = ["hf-adanorm", norm.replace("_", "-")] + (["custom_code"] if auto_map else [])
     base_model = base_model or _hub_id(model)
     data = ModelCardData(base_model=base_model, library_name="transformers", tags=tags)
     cls = type(model).__name__
@@ -37,8 +47,8 @@ def model_card(model, record: Optional[dict], *, base_model: Optional[str] = Non
         load = ("Load with hf_adanorm, or with transformers alone through the remote code "
                 f"`modeling_hf_adanorm.py`:\n\n```python\nimport hf_adanorm, transformers\n"
                 f"model = hf_adanorm.from_pretrained(transformers.{cls}, path)\n"
-                + (f"model = transformers.{cls}.from_pretrained(path, trust_remote_code=True)  "
-                   "# via auto_map\n" if remote_code else "") + "```")
+                + (f"model = transformers.{_auto_class(auto_map)}.from_pretrained(path, "
+                   "trust_remote_code=True)  # via auto_map\n" if auto_map else "") + "```")
     parts = [f"# {cls} with {norm}",
              f"`{base_model or 'A pretrained model'}` with its LayerNorms replaced by **{norm}** "
              "([Xu et al., 2019](https://arxiv.org/abs/1911.07013)) using "

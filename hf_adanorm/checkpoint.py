@@ -211,8 +211,17 @@ def _write_config(config, save_directory: Path, *, plain: bool, remote: Optional
     config = copy.deepcopy(config)
     if plain:
         delattr(config, _CONFIG_KEY)
+    # entries pointing at our remote code (kept from a folder this model was loaded from) go:
+    # without the file they would break trust_remote_code loading
+    ours = f"{MODELING_FILE[:-3]}."
+    kept = {k: v for k, v in (getattr(config, "auto_map", None) or {}).items()
+            if not (isinstance(v, str) and v.startswith(ours))}
     if remote is not None:
-        config.auto_map = {**(getattr(config, "auto_map", None) or {}), **remote}
+        kept.update(remote)
+    if kept:
+        config.auto_map = kept
+    elif hasattr(config, "auto_map"):
+        delattr(config, "auto_map")
     config.to_json_file(save_directory / "config.json", use_diff=True)
 
 
@@ -251,8 +260,10 @@ def save_pretrained(model, save_directory, *, remote_code: bool = True, plain: b
     if remote is not None:
         source = modeling_source(base_model_class(model), RECORD_VERSION)
         (save_directory / MODELING_FILE).write_text(source)
+    else:  # a stale copy from an earlier save into this folder would contradict config.json
+        (save_directory / MODELING_FILE).unlink(missing_ok=True)
     model_card(model, None if plain else record, base_model=base_model, metrics=metrics,
-               remote_code=remote is not None).save(save_directory / "README.md")
+               auto_map=remote).save(save_directory / "README.md")
     return save_directory
 
 

@@ -180,6 +180,23 @@ def test_model_card(tmp_path):
     assert "| eval_loss | 1.25 |" in card.text
     record = json.loads(card.text.split("```json\n")[1].split("\n```")[0])
     assert record == json.loads((tmp_path / "config.json").read_text())["hf_adanorm"]
+    # only Auto classes read auto_map: GPT2LMHeadModel.from_pretrained would drop the norms
+    assert "transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" in card.text
+    assert "GPT2LMHeadModel.from_pretrained" not in card.text
+
+
+def test_resave_without_remote_code_removes_the_stale_modeling_file(tmp_path):
+    save_pretrained(patched("gpt2", "layernorm_simple"), tmp_path)  # plain=True can save it too
+    assert (tmp_path / MODELING_FILE).is_file()
+    loaded = from_pretrained(AutoModelForCausalLM, tmp_path)  # its config carries auto_map
+    assert loaded.config.auto_map
+    for options in (dict(remote_code=False), dict(plain=True)):
+        save_pretrained(loaded, tmp_path, **options)
+        assert not (tmp_path / MODELING_FILE).exists(), options
+        assert "auto_map" not in json.loads((tmp_path / "config.json").read_text()), options
+        assert "custom_code" not in ModelCard.load(tmp_path / "README.md").data.tags
+        save_pretrained(loaded, tmp_path)  # and back: remote code again
+        assert (tmp_path / MODELING_FILE).is_file()
 
 
 def test_plain_checkpoint_loads_with_stock_transformers(tmp_path):
