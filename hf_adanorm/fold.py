@@ -83,9 +83,10 @@ class FoldPlan:
     def affine(self, name: str):
         """The norm's effective ``(s, b)`` (b None without a bias parameter), detached."""
         info, module = self.chosen[name]
-        gain = (getattr(module, info.gain).detach() + info.gain_offset if info.gain
+        # float64 before adding the offset: a bf16 1 + w (Gemma) would round w = 0.003 to 1.0
+        gain = (getattr(module, info.gain).detach().double() + info.gain_offset if info.gain
                 else torch.ones(info.size, dtype=torch.float64))
-        bias = getattr(module, info.bias).detach() if info.bias else None
+        bias = getattr(module, info.bias).detach().double() if info.bias else None
         return gain, bias
 
 

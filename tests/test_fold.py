@@ -63,6 +63,23 @@ def test_layernorm_simple_with_fold_keeps_logits(model_type):
     assert (logits(plain) - before).abs().max() > 1e-2
 
 
+def test_bf16_one_plus_w_gain_is_folded_in_float64():
+    # Gemma's RMSNorm scales by (1 + w); in bf16, 1 + 0.003 rounds to 1.0 and the gain would be lost.
+    config = AutoConfig.for_model("gemma", vocab_size=100, num_hidden_layers=1, hidden_size=32,
+                                  intermediate_size=64, num_attention_heads=2, num_key_value_heads=2,
+                                  head_dim=16)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        layer.input_layernorm.weight.fill_(0.003)
+    w, q_proj = layer.input_layernorm.weight.detach().double(), layer.self_attn.q_proj.weight.detach().clone()
+    hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True, include_rmsnorm=True)
+    expected = (q_proj.double() * (1 + w)[None, :]).to(torch.bfloat16)  # one rounding, at the end
+    assert not torch.equal(expected, q_proj)
+    torch.testing.assert_close(layer.self_attn.q_proj.weight.detach(), expected, rtol=0, atol=0)
+
+
 def test_parallel_block_folds_into_attention_and_mlp():
     model = tiny_lm("gptj")
     hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True)
