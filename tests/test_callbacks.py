@@ -149,16 +149,18 @@ def test_probe_matches_an_autograd_reference(kind):
         assert measured["rescaling"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_adanorm_monitor_on_a_hand_computed_case():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adanorm_monitor_on_a_hand_computed_case(dtype):
+    # In bf16 too: y is measured in float32 (a bf16 y = 1.734 would put factor_min 3% off).
     from transformers import TrainerControl, TrainerState
-    model = nn.Sequential(nn.LayerNorm(4))
+    model = nn.Sequential(nn.LayerNorm(4)).to(dtype)
     patch_model(model, "adanorm", k=0.6, C=2.0)
     monitor = AdaNormMonitorCallback(every_n_steps=1)
     state, control = TrainerState(), TrainerControl()
     monitor.on_train_begin(None, state, control, model=model)
     monitor.on_step_begin(None, state, control)
     # y = (-1, -1, -1, 3) / sqrt(3): only the last element has k|y| = 1.04 >= 1.
-    model(torch.tensor([[0.0, 0.0, 0.0, 10.0], [1.0, -1.0, 1.0, -1.0]]))
+    model(torch.tensor([[0.0, 0.0, 0.0, 10.0], [1.0, -1.0, 1.0, -1.0]], dtype=dtype))
     monitor.on_pre_optimizer_step(None, state, control)
     assert total_hooks(model) == 0
     monitor.on_step_end(None, state, control)
