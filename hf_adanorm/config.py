@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
 
-from .norms import DETACH_CHOICES, check_ada_params
+from .norms import check_ada_params, check_detach, check_eps_mode
 from .registry import get_spec
 
 Patterns = Optional[Union[str, list[str]]]
@@ -65,15 +65,16 @@ class NormConfig:
         "See docs/checkpoints.md.")})
 
     def __post_init__(self):
-        get_spec(self.norm)  # unknown names raise with the list of choices
-        if self.norm == "adanorm":
+        spec = get_spec(self.norm)  # unknown names raise with the list of choices
+        if "k" in spec.options or "C" in spec.options:
             check_ada_params(self.k, self.C)
-        if self.detach not in DETACH_CHOICES:
-            raise ValueError(f"detach must be one of {DETACH_CHOICES}, got {self.detach!r}")
-        if self.eps_mode not in ("torch", "fairseq"):
-            raise ValueError(f"eps_mode must be 'torch' or 'fairseq', got {self.eps_mode!r}")
+        check_detach(self.detach)
+        check_eps_mode(self.eps_mode)
         for option in ("include", "exclude"):
-            _check_patterns(option, getattr(self, option))
+            patterns = getattr(self, option)
+            _check_patterns(option, patterns)
+            if patterns is not None and not isinstance(patterns, str):
+                setattr(self, option, list(patterns))  # a tuple would not survive a JSON round trip
         if self.eps is not None and not self.eps > 0:
             raise ValueError(f"eps must be > 0 or None (keep each module's), got {self.eps!r}")
 

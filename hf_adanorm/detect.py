@@ -33,7 +33,7 @@ _EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "var_eps")
 _BIAS_NAMES = re.compile(r"bias|beta", re.I)
 _NOT_LAST_DIM = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
                  nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
                "_forward_hooks_always_called")
 
@@ -92,7 +92,7 @@ def _probe_copy(module: nn.Module, tensors: dict) -> nn.Module:
         (n, None if b is None else (torch.zeros(b.shape) if b.is_meta else b.detach().float().cpu().clone()))
         for n, b in module._buffers.items()
     )
-    for name in _HOOK_DICTS:
+    for name in HOOK_DICTS:
         if name in module.__dict__:
             setattr(clone, name, OrderedDict())
     clone.training = False
@@ -100,9 +100,15 @@ def _probe_copy(module: nn.Module, tensors: dict) -> nn.Module:
 
 
 @contextmanager
-def _one_thread():
-    """Probe tensors are tiny: a thread pool only adds overhead (20x on busy shared cores)."""
+def one_thread():
+    """Probe tensors are tiny: a thread pool only adds overhead (20x on busy shared cores).
+
+    Re-entrant and cheap when already on one thread, so callers wrap a whole walk once.
+    """
     threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
     torch.set_num_threads(1)
     try:
         yield
@@ -150,7 +156,7 @@ def classify(module: nn.Module) -> tuple[Optional[NormInfo], Optional[str]]:
         return None, ("cannot tell the normalized size" if named else None)
     if any(b is not None and b.dim() > 0 and b.numel() > 1 for b in module._buffers.values()):
         return None, ("keeps per-channel buffers (running statistics?)" if named else None)
-    with _one_thread():
+    with one_thread():
         return _probe(module, params, size, named)
 
 

@@ -40,7 +40,13 @@ def _as_shape(normalized_shape: ShapeLike) -> tuple[int, ...]:
     return tuple(int(s) for s in normalized_shape)
 
 
-def _check_eps_mode(eps_mode: str) -> str:
+def check_detach(detach: str) -> str:
+    if detach not in DETACH_CHOICES:
+        raise ValueError(f"detach must be one of {DETACH_CHOICES}, got {detach!r}")
+    return detach
+
+
+def check_eps_mode(eps_mode: str) -> str:
     if eps_mode not in ("torch", "fairseq"):
         raise ValueError(
             f"eps_mode must be 'torch' (sigma = sqrt(var + eps), like nn.LayerNorm) or "
@@ -71,9 +77,13 @@ class _ParameterFreeNorm(nn.Module):
         super().__init__()
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = float(eps)
-        self.eps_mode = _check_eps_mode(eps_mode)
+        self.eps_mode = check_eps_mode(eps_mode)
 
     def _normalize(self, x: torch.Tensor, **kw) -> torch.Tensor:
+        n = len(self.normalized_shape)
+        if tuple(x.shape[x.dim() - n:]) != self.normalized_shape:  # as F.layer_norm refuses it
+            raise RuntimeError(f"{type(self).__name__} expects inputs ending in {list(self.normalized_shape)}, "
+                               f"got shape {list(x.shape)}")
         return normalize(x, len(self.normalized_shape), self.eps, centre=self.centre,
                          eps_mode=self.eps_mode, **kw)
 
@@ -127,8 +137,7 @@ class DetachNorm(_ParameterFreeNorm):
 
     def __init__(self, normalized_shape: ShapeLike, eps: float = 1e-5, detach: str = "both",
                  eps_mode: str = "torch"):
-        if detach not in DETACH_CHOICES:
-            raise ValueError(f"detach must be one of {DETACH_CHOICES}, got {detach!r}")
+        check_detach(detach)
         super().__init__(normalized_shape, eps, eps_mode)
         self.detach = detach
 

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Union
 from torch import nn
 
 from .config import NormConfig
-from .detect import NormInfo, classify
+from .detect import HOOK_DICTS, NormInfo, classify, one_thread
 from .norms import _ParameterFreeNorm
 from .fold import apply_fold, fold_summary, plan_fold, unfold
 from .registry import build_norm, get_spec
@@ -64,8 +64,10 @@ def _plan(model, config: NormConfig, filter_fn) -> tuple[list[ModuleEntry], dict
     """Classify every module; return report entries and {name: (info, module)} to replace."""
     entries, chosen = [], {}
     # Every name of a shared module, so that no alias keeps the original norm unseen.
-    for name, module in model.named_modules(remove_duplicate=False):
-        info, reason = classify(module)
+    with one_thread():
+        classified = [(name, module, *classify(module))
+                      for name, module in model.named_modules(remove_duplicate=False)]
+    for name, module, info, reason in classified:
         if info is None:
             if reason:
                 entries.append(ModuleEntry(name, type(module).__name__, None, "skipped", reason))
@@ -100,8 +102,12 @@ def _nothing_matched(entries, config) -> ValueError:
             msg += " (norm-like modules seen but left alone: " + ", ".join(
                 f"{e.name} [{e.class_name}: {e.reason}]" for e in entries[:5]) + ")"
         return ValueError(msg + "; nothing to patch")
-    listing = ", ".join(f"{e.name} ({e.kind}: {e.reason})" for e in norms_seen[:8])
-    more = f" and {len(norms_seen) - 8} more" if len(norms_seen) > 8 else ""
+    by_reason = {}
+    for e in norms_seen:
+        by_reason.setdefault(f"{e.kind}: {e.reason}", []).append(e.name)
+    listing = "; ".join(f"{', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}"
+                        f" ({why})" for why, names in by_reason.items())
+    more = ""
     hint = ""
     if all(e.kind == "rmsnorm" for e in norms_seen) and not config.include_rmsnorm:
         hint = " This model uses RMSNorm: pass include_rmsnorm=True."
@@ -114,16 +120,14 @@ def _copy_hooks(old: nn.Module, new: nn.Module) -> None:
     The torch hook dicts are shared, not copied, so the handles the caller holds
     still remove a hook, whether the original or the replacement is in place.
     """
-    for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                 "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-                 "_forward_hooks_always_called"):
+    for attr in HOOK_DICTS:
         if attr in old.__dict__:
             object.__setattr__(new, attr, getattr(old, attr))
     # Without this flag torch silently ignores the carried (full) backward hooks.
     new._is_full_backward_hook = old._is_full_backward_hook
     hf_hook = getattr(old, "_hf_hook", None)
     if hf_hook is not None:
-        from accelerate.hooks import add_hook_to_module
+        from accelerate.hooks import add_hook_to_module  # imported by _check_can_install already
         add_hook_to_module(new, hf_hook)
 
 
@@ -171,6 +175,25 @@ def _install(model, config: NormConfig, chosen: dict, built: dict) -> dict:
     return record
 
 
+def _check_can_install(model: nn.Module, chosen: dict) -> None:
+    """Refuse what would leave a mixed state, and import what installing needs, before any change."""
+    patched_parts = [name for name, module in model.named_modules()
+                     if isinstance(module, _ParameterFreeNorm) or (name and is_patched(module))]
+    if patched_parts:
+        raise RuntimeError(f"part of this model is already patched ({', '.join(patched_parts[:3])}"
+                           f"{' ...' if len(patched_parts) > 3 else ''}); unpatch that part "
+                           "(hf_adanorm.unpatch_model on the module you patched) first")
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, _CONFIG_KEY, None) is not None:
+        raise RuntimeError(
+            f"model.config already carries an hf_adanorm record but this model is not patched: it "
+            "was loaded without hf_adanorm.from_pretrained, or another module sharing this config "
+            "is patched. Load it with hf_adanorm.from_pretrained, or unpatch the other module first")
+    from .checkpoint import attach_save_pretrained  # noqa: F401 - fail here, not half-way
+    if any(getattr(module, "_hf_hook", None) is not None for _, module in chosen.values()):
+        import accelerate.hooks  # noqa: F401
+
+
 def patch_model(
     model: nn.Module,
     norm: Union[str, NormConfig] = "adanorm",
@@ -209,6 +232,7 @@ def patch_model(
             entry.action = "would replace"
     folding = plan_fold(model, chosen, built) if config.fold_affine else None  # changes nothing
     if not dry_run:
+        _check_can_install(model, chosen)
         folded = apply_fold(model, folding) if folding is not None else None  # after all checks
         record = _install(model, config, chosen, built)
         if folding is not None:
