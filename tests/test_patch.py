@@ -453,7 +453,7 @@ def test_a_patched_part_is_never_patched_again():
     assert [e.name for e in report.replaced] == ["embeddings.LayerNorm"]
     assert "already an hf_adanorm norm (this model or a part of it was patched before)" in {
         e.reason for e in report.skipped}
-    with pytest.raises(RuntimeError, match=r"part of this model is already patched \(encoder\."):
+    with pytest.raises(RuntimeError, match=r"part of this model is already patched \(encoder, "):
         patch_model(model, "adanorm")
     assert type(model.embeddings.LayerNorm) is torch.nn.LayerNorm
     assert model.config.hf_adanorm == record and not is_patched(model)
