@@ -31,6 +31,7 @@ with the uncentred ``mean(x**2)`` for RMS norms.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -85,6 +86,12 @@ def row_sigma(x2d: torch.Tensor, site: NormSite) -> torch.Tensor:
     return (xc.pow(2).mean(-1) + site.eps).sqrt()
 
 
+@functools.lru_cache(maxsize=None)
+def _input_name(module_type: type) -> str:
+    """The keyword of ``module_type.forward``'s input (``input``, ``hidden_states``, ``x`` ...)."""
+    return list(inspect.signature(module_type.forward).parameters)[1]  # [0] is self
+
+
 class _Call:
     """One forward call of one norm: waits for both of its gradients, then reports them."""
 
@@ -123,7 +130,8 @@ class GradientProbe:
         if self._handles:
             return
         for site in self.sites:
-            self._handles.append(site.module.register_forward_pre_hook(functools.partial(self._before, site)))
+            self._handles.append(site.module.register_forward_pre_hook(functools.partial(self._before, site),
+                                                                       with_kwargs=True))
             self._handles.append(site.module.register_forward_hook(functools.partial(self._after, site)))
 
     def detach(self) -> None:
@@ -132,17 +140,21 @@ class GradientProbe:
         self._handles.clear()
         self._pending.clear()
 
-    def _before(self, site: NormSite, module, args):
-        if not args or not torch.is_tensor(args[0]) or not args[0].requires_grad or not torch.is_grad_enabled():
+    def _before(self, site: NormSite, module, args, kwargs):
+        # the input comes positionally, or by keyword (``norm(hidden_states=h)``)
+        key = None if args else _input_name(type(module))
+        x = args[0] if args else kwargs.get(key)
+        if not torch.is_tensor(x) or not x.requires_grad or not torch.is_grad_enabled():
             return None
-        x = args[0]
         with torch.no_grad():
             sigma = row_sigma(x.detach().reshape(-1, x.shape[-1]).float(), site)
         call = _Call(self, site.name, sigma)
         alias = x.view_as(x)
         alias.register_hook(functools.partial(call.receive, "in"))
         self._pending[site.name] = call
-        return (alias, *args[1:])
+        if key is None:
+            return (alias, *args[1:]), kwargs
+        return args, {**kwargs, key: alias}
 
     def _after(self, site: NormSite, module, args, output):
         call = self._pending.pop(site.name, None)

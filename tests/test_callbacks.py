@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -93,15 +94,22 @@ class ResidualBlock(nn.Module):
             self.norm.weight.uniform_(0.5, 1.5)
             self.norm.bias.normal_()
 
+    by_keyword = False  # call the norm as norm(input=h), as e.g. transformers' norm(hidden_states=h)
+
     def forward(self, x):
         h = self.lin(x)
+        if self.by_keyword:
+            name = next(iter(inspect.signature(self.norm.forward).parameters))
+            return self.norm(**{name: h}) + h
         return self.norm(h) + h
 
 
+@pytest.mark.parametrize("by_keyword", [False, True])
 @pytest.mark.parametrize("kind", list(NORM_KINDS))
-def test_probe_matches_an_autograd_reference(kind):
+def test_probe_matches_an_autograd_reference(kind, by_keyword):
     torch.manual_seed(0)
     block = ResidualBlock(24)
+    block.by_keyword = by_keyword
     patch = NORM_KINDS[kind][0]
     if patch:
         patch_model(block, patch[0], **patch[1])
