@@ -68,12 +68,13 @@ def main(argv=None):
     print(machine_line())
     print(f"MiniLM, batch {args.batch} x {args.seq} tokens, norm inputs {rows_per_norm} x "
           f"{base.config.hidden_size}: hf_adanorm's {path} path")
-    steps = {}
+    steps, resets = {}, {}
     for name, patch in VARIANTS.items():
         model = copy.deepcopy(base)
         if patch:
             hf_adanorm.patch_model(model, patch[0], **patch[1])
-        step = training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), batch)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        step, resets[name] = training_step(model, optimizer, batch), optimizer.zero_grad
         for _ in range(2):  # warm-up: optimizer state, fused-kernel compilation
             step()
         steps[name] = step
@@ -82,7 +83,8 @@ def main(argv=None):
     for name, step in steps.items():
         ratio, q1, q3 = median_ratio(times[name], times["unpatched"])
         rows.append(dict(variant=name, step_ms=1e3 * statistics.median(times[name]), vs_unpatched=ratio,
-                         iqr=f"{q1:.3f}-{q3:.3f}", repeats=len(times[name]), peak_bytes=peak_bytes(step)))
+                         iqr=f"{q1:.3f}-{q3:.3f}", repeats=len(times[name]),
+                         peak_bytes=peak_bytes(step, resets[name])))
     base_peak = rows[0]["peak_bytes"]
     print(f"  {'variant':22} {'step ms':>9} {'time/unpatched':>15} {'IQR':>12} {'peak MB':>9} {'peak/unpatched':>15}")
     for r in rows:

@@ -136,9 +136,12 @@ class Step:
     def __init__(self, module, x, g):
         self.module, self.x, self.g, self.forward_s = module, x, g, []
 
-    def __call__(self):
+    def reset(self):
         self.x.grad = None
         self.module.zero_grad(set_to_none=True)
+
+    def __call__(self):
+        self.reset()
         start = time.perf_counter()
         z = self.module(self.x)
         self.forward_s.append(time.perf_counter() - start)
@@ -178,7 +181,7 @@ def bench_case(tokens, hidden, dtype, impls, repeats, budget_s):
     base = {impl.name: times[impl] for impl in steps if impl.path == "torch"}
     for impl, step in steps.items():
         with path_of(impl):
-            peak = peak_bytes(step)
+            peak = peak_bytes(step, step.reset)
             saved = saved_bytes(lambda: step.module(x))
         row = dict(tokens=tokens, hidden=hidden, dtype=dtype_name, norm=impl.name, path=impl.path,
                    repeats=len(full[impl]), peak_bytes=peak, saved_bytes=saved)

@@ -45,8 +45,14 @@ def median_ratio(times: list[float], baseline: list[float]) -> tuple[float, floa
     return statistics.median(ratios), q1, q3
 
 
-def peak_bytes(step: Callable[[], object]) -> int:
-    """Most CPU bytes held at once by allocations made during ``step()``, beyond those before."""
+def peak_bytes(step: Callable[[], object], reset: Callable[[], object] = lambda: None) -> int:
+    """Most CPU bytes held at once by allocations made during ``step()``, beyond those before.
+
+    ``reset()`` runs first, outside the profiled region: it must free what ``step`` would
+    free on entry (e.g. last step's gradients), whose release the profiler would otherwise
+    count against this step's allocations.
+    """
+    reset()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     # The raw allocation events (+bytes on alloc, -bytes on free); prof.events() merges them.
