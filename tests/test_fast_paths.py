@@ -10,6 +10,7 @@ paper's equations with ``.detach()`` and never calls hf_adanorm.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +244,15 @@ def test_torch_compile_fullgraph_on_patched_model(compile_mode):
     torch.testing.assert_close(compiled_logits, logits, rtol=1e-5, atol=1e-5)
     for got, want in zip(compiled_grads, grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_refuses_a_kernel_that_differs(monkeypatch):
+    """benchmarks/bench_norms.py checks each norm against its reference before timing it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = pytest.importorskip("bench_norms")
+    x, g = awkward_input((300, 40), torch.float32)
+    impl = bench.Impl("adanorm", None, "eager", bench.Math(k=0.1))
+    assert bench.check(impl, AdaNorm(40), x, g) is None
+    assert "output differs" in bench.check(impl, LayerNormSimple(40), x, g)
+    wrong_backward = bench.Impl("detachnorm_mean", None, "eager", bench.Math(detach_mean=True))
+    assert "input grad differs" in bench.check(wrong_backward, LayerNormSimple(40), x, g)
