@@ -12,30 +12,17 @@
 The loop itself is hf_adanorm/training/loop.py; the task pieces are hf_adanorm/training/causal_lm.py.
 """
 
-from transformers import HfArgumentParser
+from hf_adanorm.training import parse_args
+from hf_adanorm.training.causal_lm import training_function
 
-from hf_adanorm.training import TrainingArgs
-from hf_adanorm.training.causal_lm import build_task
-from hf_adanorm.training.loop import train
-
-
-def training_function(args: TrainingArgs) -> dict:
-    # build_task: load the text (datasets), tokenize it and cut it into blocks of max_length,
-    # build or load the AutoModelForCausalLM and swap its norms -- before accelerator.prepare().
-    # train: the Accelerate loop (see hf_adanorm/training/loop.py).
-    result = train(args, build_task)
-    result.accelerator.print(f"final: {result.metrics['final']}  (written to {args.output_dir}/metrics.json)")
-    return result.metrics
+# training_function(args) (hf_adanorm/training/causal_lm.py): load the text with datasets,
+# tokenize it and cut it into blocks of max_length, build or load the AutoModelForCausalLM and
+# swap its norms -- all before accelerator.prepare() -- then run the Accelerate loop of
+# hf_adanorm/training/loop.py; returns what it writes to output_dir/metrics.json.
 
 
 def main():
-    parser = HfArgumentParser(TrainingArgs)
-    parser.set_defaults(task="causal_lm")
-    try:
-        (args,) = parser.parse_args_into_dataclasses()
-    except ValueError as err:  # TrainingArgs checks every option as it is built
-        parser.error(str(err))
-    training_function(args)
+    training_function(parse_args(task="causal_lm"))  # --help lists every option
 
 
 if __name__ == "__main__":

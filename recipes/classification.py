@@ -13,32 +13,19 @@ The loop itself is hf_adanorm/training/loop.py; the task pieces (data, model, me
 hf_adanorm/training/classification.py.
 """
 
-from transformers import HfArgumentParser
+from hf_adanorm.training import parse_args
+from hf_adanorm.training.classification import training_function
 
-from hf_adanorm.training import TrainingArgs
-from hf_adanorm.training.classification import build_task
-from hf_adanorm.training.loop import train
-
-
-def training_function(args: TrainingArgs) -> dict:
-    # build_task: load the dataset (datasets), check its columns, tokenize, load the
-    # AutoModelForSequenceClassification and swap its norms (patch_model) -- all before
-    # accelerator.prepare(), so every error surfaces before training starts.
-    # train: Accelerator + prepare, accumulate/backward/step, evaluation each epoch with
-    # gather_for_metrics, save_state checkpoints, metrics.json and the final model/.
-    result = train(args, build_task)
-    result.accelerator.print(f"final: {result.metrics['final']}  (written to {args.output_dir}/metrics.json)")
-    return result.metrics
+# training_function(args) (hf_adanorm/training/classification.py): load the dataset with
+# datasets, check its columns, tokenize, load the AutoModelForSequenceClassification and swap its
+# norms (patch_model) -- all before accelerator.prepare(), so every error surfaces before training
+# starts -- then run the Accelerate loop of hf_adanorm/training/loop.py: prepare,
+# accumulate/backward/step, evaluation each epoch with gather_for_metrics, save_state checkpoints,
+# metrics.json and the final model/.
 
 
 def main():
-    parser = HfArgumentParser(TrainingArgs)
-    parser.set_defaults(task="classification")
-    try:
-        (args,) = parser.parse_args_into_dataclasses()
-    except ValueError as err:  # TrainingArgs checks every option as it is built
-        parser.error(str(err))
-    training_function(args)
+    training_function(parse_args(task="classification"))  # --help lists every option
 
 
 if __name__ == "__main__":

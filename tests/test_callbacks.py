@@ -319,6 +319,20 @@ def test_resume_continues_a_patched_run_exactly(token_dataset, tmp_path):
             trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
+def test_resume_accepts_the_same_tuple_include_after_the_json_round_trip(token_dataset, tmp_path):
+    # the checkpoint's config.json holds include as a JSON list; the callback was given a tuple
+    include = ("attention.output.LayerNorm",)
+    first = tiny_bert()
+    Trainer(first, train_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+            train_dataset=token_dataset, callbacks=[PatchCallback("adanorm", include=include)]).train()
+    assert len(get_patch_record(first)["modules"]) == 2  # one per layer
+    resumed = tiny_bert(seed=1)
+    Trainer(resumed, train_args(tmp_path, max_steps=3), train_dataset=token_dataset,
+            callbacks=[PatchCallback("adanorm", include=include)]
+            ).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert get_patch_record(resumed)["modules"] == get_patch_record(first)["modules"]
+
+
 def test_patch_record_is_added_to_a_config_that_lacks_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
     record = {"format_version": 1, "config": {"norm": "adanorm"}, "modules": {}}

@@ -218,6 +218,13 @@ def test_cli_end_to_end_tiny_digits_sweep_resumes(tmp_path, capsys):
     assert main(argv) == 0  # everything finished: nothing is trained again
     assert "4 of 4 runs already finished" in capsys.readouterr().out
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/" + METRICS_FILE)}
+    # killed after writing model/ but before metrics.json: that run (only) is trained afresh
+    cut_off = out / "runs" / "adanorm_seed1"
+    (cut_off / METRICS_FILE).unlink()
+    (cut_off / "model").mkdir()
+    assert main(argv) == 0
+    assert "3 of 4 runs already finished" in capsys.readouterr().out
+    assert (cut_off / METRICS_FILE).is_file() and not (cut_off / "model").exists()  # save_model=False
 
 
 def test_accelerate_launcher_runs_each_run_as_its_own_job(tmp_path):

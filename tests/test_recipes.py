@@ -7,22 +7,27 @@ so that every run being compared executes the same code under the same condition
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import HfArgumentParser
 
-from hf_adanorm.training import TrainingArgs, latest_checkpoint, run_training
-from hf_adanorm.training.checkpoints import CHECKPOINT_DIR, TMP_PREFIX
+from hf_adanorm.config import NormConfig
+from hf_adanorm.training import TrainingArgs, latest_checkpoint, parse_args, run_training
+from hf_adanorm.training.args import NORM_OPTIONS
+from hf_adanorm.training.checkpoints import CHECKPOINT_DIR, METRICS_FILE, TMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "recipe_driver.py"
@@ -182,6 +187,65 @@ def test_resume_from_an_explicit_checkpoint_and_refuse_to_mix_runs(tmp_path):
     assert again["history"] == first["history"] and again["final"] == first["final"]
 
 
+def test_a_finished_run_is_refused_unless_overwrite_output_dir(tmp_path):
+    args = tiny_args(tmp_path, num_epochs=1, checkpointing_steps=2, save_model=True)
+    run_training(TrainingArgs(**args))
+    run = Path(args["output_dir"])
+    shutil.rmtree(run / CHECKPOINT_DIR)  # a run without checkpoints: metrics.json and model/ only
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    fresh = {**args, "checkpointing_steps": None}
+    with pytest.raises(FileExistsError, match=r"results of another run \(metrics.json, model\).*overwrite_output_dir"):
+        run_training(TrainingArgs(**fresh))
+    with pytest.raises(FileExistsError, match=r"\(model\)"):  # killed after saving model/
+        (run / METRICS_FILE).rename(run / "kept.json")
+        run_training(TrainingArgs(**fresh, resume_from_checkpoint="latest"))  # nothing to resume
+    (run / "kept.json").rename(run / METRICS_FILE)
+    assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}, "a refusal wrote"
+
+    (run / CHECKPOINT_DIR / "step_99").mkdir(parents=True)  # stale, would fool a later "latest"
+    (run / CHECKPOINT_DIR / "step_99" / "training_state.json").write_text("{}")
+    again = run_training(TrainingArgs(**{**fresh, "overwrite_output_dir": True, "save_model": False}))
+    assert not (run / CHECKPOINT_DIR).exists() and not (run / "model").exists()
+    assert json.loads((run / METRICS_FILE).read_text())["final"] == again["final"]
+
+
+def test_norm_options_share_norm_configs_help_and_defaults():
+    ours, theirs = ({f.name: f for f in dataclasses.fields(cls)} for cls in (TrainingArgs, NormConfig))
+    for name in NORM_OPTIONS:
+        assert ours[name].metadata["help"] == theirs[name].metadata["help"], name
+        assert ours[name].default == theirs[name].default, name
+    args = TrainingArgs(model="m", dataset="d.csv", norm="detachnorm", detach="mean", eps_mode="fairseq")
+    assert (args.norm_config().detach, args.norm_config().eps_mode) == ("mean", "fairseq")
+
+
+@pytest.mark.parametrize("recipe", ["classification", "causal_lm"])
+def test_recipe_command_line(recipe, capsys):
+    args = parse_args(recipe, ["--model", "m", "--dataset", "d.csv", "--k", "0.3"])
+    assert (args.task, args.k) == (recipe, 0.3)
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(recipe, ["--model", "m", "--dataset", "d.csv", "--norm", "adanrom"])
+    assert exit_.value.code == 2 and "unknown norm 'adanrom'" in capsys.readouterr().err
+    # the script itself: parse_args, then the package's training_function
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "recipes" / f"{recipe}.py"), "--model", "m",
+                           "--dataset", "d.csv", "--tokenizer", "char", "--max_length", "0"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "max_length must be >= 1" in done.stderr, done.stderr[-2000:]
+
+
+def test_blocks_are_cut_from_groups_of_a_thousand_examples():
+    from datasets import Dataset
+
+    from hf_adanorm.training.causal_lm import group_texts
+    # example i holds tokens 3i, 3i+1, 3i+2: the stream is 0 .. 7499, 3000 tokens per group of
+    # 1000 examples; blocks of 7 leave 3000 % 7 = 4 tokens over in each full group.
+    tokenized = Dataset.from_dict({"input_ids": [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(2500)]})
+    blocks = group_texts(tokenized, 7)
+    expected = [list(range(start + 7 * j, start + 7 * j + 7))
+                for start, n_blocks in ((0, 428), (3000, 428), (6000, 214)) for j in range(n_blocks)]
+    assert blocks["input_ids"] == expected and blocks["labels"] == expected
+
+
 @pytest.mark.parametrize("change, error, message", [
     ({"dataset": "missing/train.csv"}, FileNotFoundError, "does not exist"),
     ({"text_column": "sentence"}, ValueError, r"no column \['sentence'\].*columns are \['text', 'label'\]"),
@@ -249,6 +313,44 @@ def test_char_level_causal_lm_reports_bits_per_character(tmp_path):
     assert final["eval_bpc"] < math.log2(vocab_size) - 0.5, "not better than a uniform guess"
     saved = json.loads((tmp_path / "lm" / "model" / "config.json").read_text())
     assert saved["hf_adanorm"]["config"]["norm"] == "layernorm_simple"
+
+
+class FixedLogits(torch.nn.Module):
+    """Logits 0, plus ``margin`` on the true next token when ``margin`` is given (an oracle)."""
+
+    def __init__(self, vocab_size: int, margin=None):
+        super().__init__()
+        self.vocab_size, self.margin = vocab_size, margin
+
+    def forward(self, input_ids, **kwargs):
+        logits = torch.zeros(*input_ids.shape, self.vocab_size)
+        if self.margin is not None:  # position t predicts token t + 1
+            logits[:, :-1].scatter_(-1, input_ids[:, 1:, None], self.margin)
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize("margin", [None, 2.0])
+def test_causal_lm_evaluation_on_hand_computed_models(margin):
+    from accelerate import Accelerator
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+
+    from hf_adanorm.training import causal_lm
+    from hf_adanorm.training.loop import Task, evaluate
+    vocab_size = 7
+    stream = torch.randint(0, vocab_size, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    blocks = causal_lm.group_texts(Dataset.from_dict({"input_ids": [stream]}), 16).with_format("torch")
+    task = Task(model=None, tokenizer=None, splits={}, collate_fn=None, eval_step=causal_lm.eval_step,
+                compute_metrics=lambda arrays: causal_lm.compute_metrics(arrays, char_level=True))
+    loader = DataLoader(blocks, batch_size=5, collate_fn=default_data_collator)
+    metrics = evaluate(Accelerator(cpu=True), FixedLogits(vocab_size, margin), loader, task)
+    # uniform: ln V nats = log2 V bits per character; oracle: -ln(e^m / (e^m + V - 1)) per token,
+    # which only a correct shift gives (predicting token t from position t would cost far more)
+    expected = math.log(vocab_size) if margin is None else math.log(math.exp(margin) + vocab_size - 1) - margin
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-6)
+    assert metrics["bpc"] == pytest.approx(expected / math.log(2), rel=1e-6)
+    assert metrics["perplexity"] == pytest.approx(math.exp(expected), rel=1e-6)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "rt-polarity").is_dir(), reason="needs ../shared/data/rt-polarity")

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from ..registry import available_norms
 from ..training.args import BASELINE  # "layernorm": the unpatched model
+from ..training.checkpoints import METRICS_FILE
 
-METRICS_FILE = "metrics.json"  # as hf_adanorm.training writes it (not imported: keeps the CLI light)
 SWEEP_FILE = "sweep.json"  # the shared training options the finished runs were made with
 WORKER_MODULE = "hf_adanorm.compare.worker"  # `python -m` entry point of one run
 
@@ -157,7 +157,8 @@ def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None
     bar = tqdm(todo, desc="runs", unit="run", disable=not progress)
     for norm, seed, folder in bar:
         bar.set_postfix_str(f"{norm} seed {seed}")
-        options = dict(setup, norm=norm, seed=seed, output_dir=str(folder))
+        # an unfinished run's leftovers (model/ written, killed before metrics.json) are replaced
+        options = dict(setup, norm=norm, seed=seed, output_dir=str(folder), overwrite_output_dir=True)
         if options.get("checkpointing_steps") and not options.get("resume_from_checkpoint"):
             options["resume_from_checkpoint"] = "latest"  # a run cut off mid-way continues there
         try:

@@ -8,9 +8,9 @@
 and atomically, ``metrics.json`` into ``output_dir``: that file exists only for a finished run.
 """
 
-from .args import TrainingArgs
-from .checkpoints import latest_checkpoint
-from .loop import METRICS_FILE, RUN_CONFIG_FILE, train
+from .args import TrainingArgs, parse_args
+from .checkpoints import METRICS_FILE, latest_checkpoint
+from .loop import RUN_CONFIG_FILE, train
 
 
 def task_module(task: str):
@@ -24,5 +24,5 @@ def run_training(args: TrainingArgs) -> dict:
     return task_module(args.task).training_function(args)
 
 
-__all__ = ["METRICS_FILE", "RUN_CONFIG_FILE", "TrainingArgs", "latest_checkpoint", "run_training",
-           "task_module", "train"]
+__all__ = ["METRICS_FILE", "RUN_CONFIG_FILE", "TrainingArgs", "latest_checkpoint", "parse_args",
+           "run_training", "task_module", "train"]

@@ -1,15 +1,18 @@
 """``TrainingArgs``: every option of a training run, checked before anything runs.
 
 The field help is the command-line help (the recipes parse this dataclass with
-``transformers.HfArgumentParser``) and the documentation of each option.
+``transformers.HfArgumentParser``, see :func:`parse_args`) and the documentation of
+each option; the norm options take theirs, and their defaults, from ``NormConfig``.
 """
 
 from __future__ import annotations
 
 import json
 from os import PathLike, fspath
-from dataclasses import asdict, dataclass, field
-from typing import Optional
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional, Sequence
+
+from transformers import HfArgumentParser
 
 from ..config import NormConfig
 from ..registry import available_norms
@@ -19,8 +22,17 @@ TASKS = ("classification", "causal_lm")
 BUILT_TOKENIZERS = ("char", "word")
 
 
+NORM_OPTIONS = ("k", "C", "detach", "eps_mode", "include_rmsnorm")  # passed on to NormConfig as they are
+
+
 def _help(text: str) -> dict:
     return {"help": text}
+
+
+def _norm_option(name: str):
+    """A field that goes straight to NormConfig: same default, same help (one source of truth)."""
+    spec = next(f for f in fields(NormConfig) if f.name == name)
+    return field(default=spec.default, metadata=spec.metadata)
 
 
 @dataclass
@@ -58,12 +70,11 @@ class TrainingArgs:
     norm: str = field(default=BASELINE, metadata=_help(
         "'layernorm' trains the model as it is (the baseline); any other name is patched in with "
         "hf_adanorm.patch_model before accelerator.prepare: " "see hf_adanorm.available_norms()."))
-    k: float = field(default=0.1, metadata=_help("AdaNorm's k in C(1 - k y)."))
-    C: float = field(default=1.0, metadata=_help("AdaNorm's scale C."))
-    detach: str = field(default="both", metadata=_help("DetachNorm: 'mean', 'variance' or 'both'."))
-    eps_mode: str = field(default="torch", metadata=_help(
-        "'torch' (sigma = sqrt(var + eps)) or 'fairseq' (unbiased std + eps, the paper's code)."))
-    include_rmsnorm: bool = field(default=False, metadata=_help("Also replace RMSNorms."))
+    k: float = _norm_option("k")
+    C: float = _norm_option("C")
+    detach: str = _norm_option("detach")
+    eps_mode: str = _norm_option("eps_mode")
+    include_rmsnorm: bool = _norm_option("include_rmsnorm")
     seed: int = field(default=0, metadata=_help("Seed of initialisation, data order and dropout."))
     num_epochs: int = field(default=3, metadata=_help("Passes over the training data."))
     max_steps: Optional[int] = field(default=None, metadata=_help(
@@ -96,6 +107,9 @@ class TrainingArgs:
         "if there is none)."))
     output_dir: str = field(default="outputs/run", metadata=_help(
         "Where checkpoints/, metrics.json, run_config.json and the final model/ go."))
+    overwrite_output_dir: bool = field(default=False, metadata=_help(
+        "Start afresh in an output_dir that holds another run, deleting its checkpoints/, model/ "
+        "and metrics.json. Without it such a folder is refused (unless resuming)."))
     save_model: bool = field(default=True, metadata=_help("Save the final model into output_dir/model."))
     cpu: bool = field(default=False, metadata=_help(
         "Train on CPU even if a GPU is present (multi-process CPU runs use gloo)."))
@@ -140,8 +154,22 @@ class TrainingArgs:
         if self.norm not in available_norms():
             raise ValueError(f"unknown norm {self.norm!r}; choose {BASELINE!r} (the unpatched baseline) "
                              f"or one of {available_norms()}")
-        return NormConfig(norm=self.norm, k=self.k, C=self.C, detach=self.detach,
-                          eps_mode=self.eps_mode, include_rmsnorm=self.include_rmsnorm)
+        return NormConfig(norm=self.norm, **{name: getattr(self, name) for name in NORM_OPTIONS})
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def parse_args(task: str, argv: Optional[Sequence[str]] = None) -> TrainingArgs:
+    """A recipe's command line (``argv``, default ``sys.argv[1:]``) as checked TrainingArgs.
+
+    ``--task`` defaults to ``task``; ``--help`` lists every option; a bad option exits
+    with the usage and the reason (status 2), before anything runs.
+    """
+    parser = HfArgumentParser(TrainingArgs)
+    parser.set_defaults(task=task)
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # TrainingArgs checks every option as it is built
+        parser.error(str(err))
+    return args

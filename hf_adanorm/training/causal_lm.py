@@ -1,8 +1,9 @@
 """Causal language modelling: train (from a config) or fine-tune any AutoModelForCausalLM.
 
-The text is tokenized, concatenated and cut into blocks of ``max_length`` tokens
-(the remainder is dropped). Metrics over the evaluation blocks, every block
-having the same number T − 1 of predicted tokens:
+The text is tokenized, concatenated per group of ``GROUP_SIZE`` examples and cut into
+blocks of ``max_length`` tokens (the remainder of each group is dropped), as transformers'
+``run_clm`` does: memory stays bounded by a group however large the corpus. Metrics over
+the evaluation blocks, every block having the same number T − 1 of predicted tokens:
 
     loss = mean over blocks and positions of −ln p(x_t | x_<t)      (nats per token)
     perplexity = exp(loss)
@@ -16,6 +17,7 @@ from itertools import chain
 
 import numpy as np
 import torch.nn.functional as F
+from datasets import Dataset
 from transformers import AutoModelForCausalLM, default_data_collator
 
 from .args import TrainingArgs
@@ -23,12 +25,20 @@ from .data import check_columns, load_raw_datasets
 from .loop import Task, train
 from .modeling import apply_norm, load_model, load_tokenizer
 
+GROUP_SIZE = 1000  # examples concatenated at a time; blocks may straddle examples within a group
+
 
 def _blocks(tokenized, block_size: int) -> dict:
     ids = list(chain.from_iterable(tokenized["input_ids"]))
     usable = len(ids) // block_size * block_size
     blocks = [ids[i:i + block_size] for i in range(0, usable, block_size)]
     return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+
+def group_texts(tokenized: Dataset, block_size: int) -> Dataset:
+    """Blocks of ``block_size`` tokens (labels = input_ids), from ``GROUP_SIZE`` examples at a time."""
+    return tokenized.map(_blocks, batched=True, batch_size=GROUP_SIZE, fn_kwargs={"block_size": block_size},
+                         remove_columns=tokenized.column_names)
 
 
 def build_task(args: TrainingArgs) -> Task:
@@ -46,10 +56,7 @@ def build_task(args: TrainingArgs) -> Task:
         if name not in ("train", "validation", "test"):
             continue
         tokenized = data.map(tokenize, batched=True, remove_columns=data.column_names)
-        # one batch over the whole split, so blocks may straddle examples
-        splits[name] = tokenized.map(_blocks, batched=True, batch_size=None,
-                                     fn_kwargs={"block_size": args.max_length},
-                                     remove_columns=tokenized.column_names)
+        splits[name] = group_texts(tokenized, args.max_length)
         if len(splits[name]) == 0:
             raise ValueError(f"split {name!r} holds fewer than max_length={args.max_length} tokens: "
                              "lower --max_length or give more text")

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+METRICS_FILE = "metrics.json"  # written last and atomically: its presence means the run finished
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "training_state.json"
 TMP_PREFIX = ".tmp-"

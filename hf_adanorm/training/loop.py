@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,9 @@ from ..checkpoint import save_pretrained as save_patched
 from ..patch import is_patched
 from . import checkpoints
 from .args import TrainingArgs
+from .checkpoints import CHECKPOINT_DIR, METRICS_FILE
 from .modeling import CONFIG_PREFIX
 
-METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "run_config.json"
 MODEL_DIR = "model"
 
@@ -94,9 +95,18 @@ def _prefixed(prefix: str, metrics: dict) -> dict:
 
 
 def _check_output_dir(args, resume_path) -> None:
-    if resume_path is None and checkpoints.latest_checkpoint(args.output_dir) is not None:
-        raise FileExistsError(f"{args.output_dir} already holds checkpoints of another run: pass "
-                              "--resume_from_checkpoint latest to continue it, or another --output_dir")
+    """A fresh run would delete metrics.json and overwrite model/: refuse another run's folder."""
+    if resume_path is not None or args.overwrite_output_dir:
+        return
+    output_dir = Path(args.output_dir)
+    if checkpoints.latest_checkpoint(output_dir) is not None:
+        raise FileExistsError(f"{output_dir} already holds checkpoints of another run: pass "
+                              "--resume_from_checkpoint latest to continue it, --overwrite_output_dir "
+                              "to start afresh, or another --output_dir")
+    found = [name for name in (METRICS_FILE, MODEL_DIR) if (output_dir / name).exists()]
+    if found:
+        raise FileExistsError(f"{output_dir} already holds the results of another run ({', '.join(found)}): "
+                              "pass --overwrite_output_dir to replace them, or another --output_dir")
 
 
 def _save_final_model(accelerator, model, task: Task, directory: Path, args, final: dict) -> str:
@@ -158,6 +168,9 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpoints.remove_incomplete(output_dir)
+        if resume_path is None and args.overwrite_output_dir:  # no stale step_N for a later "latest"
+            for stale in (CHECKPOINT_DIR, MODEL_DIR):
+                shutil.rmtree(output_dir / stale, ignore_errors=True)
         (output_dir / METRICS_FILE).unlink(missing_ok=True)  # its presence means "finished"
         checkpoints.write_json_atomic(output_dir / RUN_CONFIG_FILE, {
             "args": args.to_dict(), "world_size": accelerator.num_processes,
@@ -169,13 +182,18 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
             "patch_report": task.patch_report.to_dict() if task.patch_report else None,
             "versions": _versions(), **task.info})
 
+    # The running loss stays on the device: loss.item() per micro-batch would make the host wait
+    # for the device every time. It is read at checkpoints and evaluations only, and summed in
+    # float64 in the same order as before, so the numbers do not depend on when it is read.
+    loss_sum = torch.tensor(loop["loss_sum"], dtype=torch.float64, device=accelerator.device)
+
     def evaluate_now(epoch):
-        totals = accelerator.reduce(torch.tensor([loop["loss_sum"], loop["loss_count"]],
-                                                 device=accelerator.device, dtype=torch.float64), "sum")
+        totals = accelerator.reduce(torch.stack([loss_sum, loss_sum.new_tensor(loop["loss_count"])]), "sum")
         entry = {"epoch": epoch + 1, "step": loop["step"],
                  "train_loss": (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")}
         entry.update(_prefixed("eval", evaluate(accelerator, model, eval_dataloaders["validation"], task)))
         loop["history"].append(entry)
+        loss_sum.zero_()
         loop["loss_sum"], loop["loss_count"] = 0.0, 0
         accelerator.print(entry)
 
@@ -197,13 +215,14 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
                 lr_scheduler.step()
                 optimizer.zero_grad()
             loop["batches_in_epoch"] += 1
-            loop["loss_sum"] += loss.item()
+            loss_sum += loss.detach().double()
             loop["loss_count"] += 1
             if not accelerator.sync_gradients:
                 continue
             loop["step"] += 1
             progress.update(1)
             if args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0:
+                loop["loss_sum"] = loss_sum.item()
                 checkpoints.save_checkpoint(accelerator, output_dir, loop["step"], loop,
                                             args.checkpoints_total_limit)
             if loop["step"] >= total_steps:
@@ -224,6 +243,7 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
                "world_size": accelerator.num_processes, "model_format": model_format}
     if accelerator.is_main_process:
         checkpoints.write_json_atomic(output_dir / METRICS_FILE, metrics)  # last: the run is complete
+    accelerator.print(f"final: {final}  (written to {output_dir / METRICS_FILE})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(metrics, accelerator.unwrap_model(model), accelerator)
