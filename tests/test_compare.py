@@ -50,6 +50,13 @@ def test_sweep_skips_finished_runs(tmp_path):
     assert fake.calls[4:] == [("adanorm", 1), ("layernorm", 2), ("adanorm", 2)]
 
 
+@pytest.mark.parametrize("per_run", ["seed", "output_dir", "overwrite_output_dir"])
+def test_sweep_sets_the_per_run_options_itself(tmp_path, per_run):
+    with pytest.raises(ValueError, match="set per run by the sweep"):
+        run_sweep(dict(SETUP, **{per_run: 1}), ["layernorm"], [0], tmp_path, run_fn=FakeRun(), progress=False)
+    assert not any(tmp_path.iterdir())
+
+
 def test_sweep_refuses_to_mix_other_training_options(tmp_path):
     run_sweep(SETUP, ["layernorm"], [0], tmp_path, run_fn=FakeRun(), progress=False)
     with pytest.raises(ValueError, match="learning_rate.*new --output-dir"):

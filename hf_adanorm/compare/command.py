@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-PER_RUN = ("norm", "seed", "output_dir")  # set by the sweep for each run, never shared
+PER_RUN = ("norm", "seed", "output_dir", "overwrite_output_dir")  # set by the sweep per run, never shared
 
 DESCRIPTION = """\
 Train the same model once per norm and seed, then write a report comparing them

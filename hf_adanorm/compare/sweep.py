@@ -139,7 +139,7 @@ def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None
     """
     norms, seeds = list(norms), list(seeds)
     check_plan(norms, seeds)
-    clash = {"norm", "seed", "output_dir"} & set(setup)
+    clash = {"norm", "seed", "output_dir", "overwrite_output_dir"} & set(setup)
     if clash:
         raise ValueError(f"{sorted(clash)} are set per run by the sweep; leave them out of the options")
     check_training_options(setup, norms)
