@@ -9,6 +9,16 @@ import torch
 from torch import nn
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module of tiny models: on a busy 2-core machine the
+    thread pool spin-waits and runs ~10x slower (use with pytest.mark.usefixtures)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def minilm_path():
     """Folder of the real sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT, 13 LayerNorms)."""

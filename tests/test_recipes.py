@@ -36,13 +36,7 @@ TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the machine is shared, and it keeps CPU round-off run to run alike."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # also keeps CPU round-off alike run to run
 
 
 def write_sentiment_csvs(folder: Path, n_train=48, n_val=16, seed=0) -> Path:
