@@ -2,23 +2,28 @@
 
 Each measures on optimizer steps ``every_n_steps, 2 * every_n_steps, ...`` only and
 hands its values to the Trainer's logging on that step (``state.log_history``,
-``trainer_state.json``, the console, and every callback after it in
-``trainer.callback_handler.callbacks``; see docs/trainer.md for ``report_to``).
+``trainer_state.json``, the console and the ``report_to`` integrations, ahead of which
+the monitors move themselves; see docs/trainer.md).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
+from transformers.utils import logging
 
 from .detect import classify
 from .functional import normalize
 from .grad_stats import STATISTICS, GradientProbe, find_norm_sites
 from .norms import AdaNorm
 from .patch import get_patch_record
+
+logger = logging.get_logger(__name__)
 
 
 class _PeriodicMonitor(TrainerCallback):
@@ -48,6 +53,31 @@ class _PeriodicMonitor(TrainerCallback):
             for layer, stats in per_layer.items():
                 self._pending.update({f"{self.prefix}/{layer}/{k}": v for k, v in stats.items()})
         self._pending.update({f"{self.prefix}/all/{k}": v for k, v in overall.items()})
+
+    def _run_before_the_reporters(self) -> None:
+        """Move the monitors ahead of every other callback of the Trainer.
+
+        The Trainer puts its ``report_to`` integrations (TensorBoard, W&B ...) before the
+        user's callbacks, and values merged into ``logs`` after them never reach them.
+        Callbacks are not handed their ``CallbackHandler``; it is the caller of this event.
+        A new list is assigned, so the event loop in progress runs on unchanged.
+        """
+        frame, handler = sys._getframe(1), None
+        while frame is not None and not isinstance(handler, CallbackHandler):
+            handler, frame = frame.f_locals.get("self"), frame.f_back
+        if not isinstance(handler, CallbackHandler) or self not in handler.callbacks:
+            logger.warning("%s could not move itself ahead of the report_to callbacks; its values "
+                           "reach state.log_history but may miss TensorBoard/W&B", type(self).__name__)
+            return
+        monitors = [cb for cb in handler.callbacks if isinstance(cb, _PeriodicMonitor)]
+        if handler.callbacks[:len(monitors)] != monitors:
+            handler.callbacks = monitors + [cb for cb in handler.callbacks if cb not in monitors]
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._run_before_the_reporters()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._run_before_the_reporters()  # again, for a monitor added with trainer.add_callback
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._pending:
@@ -91,6 +121,7 @@ class NormGradientStatsCallback(_PeriodicMonitor):
         self.probe: Optional[GradientProbe] = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
         sites = find_norm_sites(model)
         if not sites:
             raise ValueError("NormGradientStatsCallback: the model has no LayerNorm/RMSNorm-like module "
@@ -132,6 +163,7 @@ class AdaNormMonitorCallback(_PeriodicMonitor):
         self._seen: dict[str, list] = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
         self._modules = {name: m for name, m in model.named_modules() if isinstance(m, AdaNorm)}
         if not self._modules:
             raise ValueError("AdaNormMonitorCallback: the model has no AdaNorm module; patch it with "
@@ -198,6 +230,7 @@ class AffineDriftCallback(_PeriodicMonitor):
         self._norms = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
         patched = set((get_patch_record(model) or {}).get("modules", {}))
         self._norms = {}
         for name, module in model.named_modules():

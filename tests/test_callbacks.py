@@ -336,13 +336,18 @@ def test_patch_record_is_added_to_a_config_that_lacks_it(tmp_path):
     assert json.loads((tmp_path / PATCH_RECORD_FILE).read_text()) == record
 
 
-def test_monitor_inserted_first_reaches_the_report_to_integrations(token_dataset, tmp_path):
-    reporter = HookSpy()  # stands in for TensorBoard/W&B: Trainer runs them before user callbacks
+@pytest.mark.parametrize("added_late", [False, True])
+def test_monitor_values_reach_the_report_to_integrations(token_dataset, tmp_path, added_late):
+    """Trainer runs report_to callbacks before the user's: the monitors move themselves ahead."""
+    reporter = HookSpy()  # stands in for TensorBoard/W&B, which sit before user callbacks
+    monitor = NormGradientStatsCallback(every_n_steps=1)
     trainer = Trainer(tiny_bert(), train_args(tmp_path, max_steps=1), train_dataset=token_dataset,
-                      callbacks=[reporter])
-    trainer.callback_handler.callbacks.insert(0, NormGradientStatsCallback(every_n_steps=1))
-    assert trainer.callback_handler.callbacks.index(reporter) > 0
+                      callbacks=[reporter] + ([] if added_late else [monitor]))
+    if added_late:
+        trainer.add_callback(monitor)  # after on_init_end: moved on on_train_begin instead
     trainer.train()
+    callbacks = trainer.callback_handler.callbacks
+    assert callbacks.index(monitor) < callbacks.index(reporter)
     assert {f"norm_grad/bert.encoder.layer.1.output.LayerNorm/{s}" for s in STATISTICS} <= reporter.logged_keys
 
 
