@@ -159,8 +159,22 @@ def _unit_gain(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
         return torch.ones(d, dtype=dtype, device=device)
 
 
-def _eager_forward(x32, eps, centre, fairseq, k, C):
-    d = x32.shape[-1]
+def _native_half(x: torch.Tensor, centre: bool, fairseq: bool, k: float, C: float) -> bool:
+    """Whether torch's mixed-precision CPU LayerNorm serves this half-precision case whole.
+
+    Given a float32 gain, it takes half inputs directly (statistics in float32, result
+    rounded once to the input dtype), saving the float32 copies.  Not for AdaNorm: its
+    factor would then be computed from an already rounded y.
+    """
+    return (x.dtype in _HALF and x.device.type == "cpu" and centre and not fairseq
+            and not k and C == 1.0)
+
+
+def _eager_forward(x, eps, centre, fairseq, k, C):
+    d = x.shape[-1]
+    if _native_half(x, centre, fairseq, k, C):
+        return torch.ops.aten.native_layer_norm(x, [d], _unit_gain(d, torch.float32, x.device), None, eps)
+    x32 = x.float() if x.dtype in _HALF else x
     if centre and not fairseq:
         # The native kernel is the fastest eager way to get y, mean and 1/sigma at once.
         # On CPU a unit gain gives the same y bit for bit and is faster than no gain
@@ -182,9 +196,19 @@ def _eager_forward(x32, eps, centre, fairseq, k, C):
     return y, mean, rstd
 
 
-def _eager_input_grad(g, x32, mean, rstd, eps, centre, fairseq, subtract_mean, rescale, k, C):
-    d = x32.shape[-1]
+def _eager_input_grad(g, x, mean, rstd, eps, centre, fairseq, subtract_mean, rescale, k, C):
+    d = x.shape[-1]
     native = centre and rescale and not fairseq  # torch's LayerNorm backward does the work
+    if native and _native_half(x, centre, fairseq, k, C):
+        dx = torch.ops.aten.native_layer_norm_backward(
+            g.contiguous(), x, [d], mean, rstd, _unit_gain(d, torch.float32, x.device), None,
+            [True, False, False])[0]
+        if not subtract_mean:
+            dx.add_(g.mean(-1, keepdim=True, dtype=torch.float32) * rstd)
+        return dx
+    if x.dtype in _HALF:
+        g, x = g.float(), x.float()
+    x32 = x
     y_later = rescale and not native
     y = None
     if k or y_later:
@@ -223,8 +247,7 @@ class _NormalizeFunction(torch.autograd.Function):
         if not fairseq and torch.compiler.is_compiling():
             z, mean, rstd = _forward_math(x2d, eps, k, C, centre)
         else:
-            z, mean, rstd = _eager_forward(x2d.float() if x2d.dtype in _HALF else x2d,
-                                           eps, centre, fairseq, k, C)
+            z, mean, rstd = _eager_forward(x2d, eps, centre, fairseq, k, C)
             z = z.to(x2d.dtype)
         ctx.save_for_backward(x2d, mean, rstd)
         ctx.conf = (eps, centre, fairseq, detach_mean, detach_scale, k, C)
@@ -249,10 +272,8 @@ class _NormalizeFunction(torch.autograd.Function):
             # once k becomes a symbolic float (tests/test_fast_paths.py covers it).
             dx = _run_compiled(_input_grad_math, key, grad_out.contiguous(), x2d.contiguous(), *args[2:])
         if dx is None:
-            half = x2d.dtype in _HALF
-            dx = _eager_input_grad(grad_out.float() if half else grad_out, x2d.float() if half else x2d,
-                                   mean, rstd, eps, centre, fairseq, subtract_mean, rescale, k, C)
-            dx = dx.to(x2d.dtype)
+            dx = _eager_input_grad(grad_out, x2d, mean, rstd, eps, centre, fairseq,
+                                   subtract_mean, rescale, k, C).to(x2d.dtype)
         return dx, None, None, None, None, None, None, None
 
 
