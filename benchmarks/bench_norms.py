@@ -239,14 +239,16 @@ def plot(rows, path: Path):
         shapes = sorted({(r["tokens"], r["hidden"]) for r in ok})
         series = sorted({(r["norm"], r["path"]) for r in ok})
         width = 0.8 / len(series)
+        colors = plt.get_cmap("tab20").colors
         for i, (norm, p) in enumerate(series):
             heights = [next((r["full_vs_ln"] for r in ok if (r["tokens"], r["hidden"]) == s
                              and (r["norm"], r["path"]) == (norm, p)), float("nan")) for s in shapes]
-            ax.bar([j + i * width for j in range(len(shapes))], heights, width,
+            ax.bar([j + i * width for j in range(len(shapes))], heights, width, color=colors[i % 20],
                    label=norm if p == "torch" else f"{norm} [{p}]")
         ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], [f"{t}x{h}" for t, h in shapes])
-        ax.set_ylabel("forward + backward time / nn.LayerNorm")
+        ax.set_ylabel("forward + backward time / nn.LayerNorm (log)")
         ax.set_title(f"{dtype}: median ratio over interleaved repeats")
         ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
