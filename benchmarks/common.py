@@ -6,11 +6,16 @@ import itertools
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+# The scripts import hf_adanorm after this module: let them run from a plain checkout too.
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 
 def machine_line() -> str:
