@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.50",
+        "transformers>=5.0",
         "accelerate>=1.0",
         "datasets>=3.0",
         "evaluate>=0.4",
