@@ -71,13 +71,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_driver(args: dict, dump: Path, *, launcher=(), kill_at=None, expect_rc=0, timeout=120):
+def run_driver(args: dict, dump: Path, *, launcher=(), kill_at=None, expect_rc=0, timeout=120, driver=DRIVER):
     dump.mkdir(parents=True, exist_ok=True)
     args_file = dump / "args.json"
     args_file.write_text(json.dumps(args))
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [*(launcher or [sys.executable]), str(DRIVER), str(args_file), str(dump)]
+    command = [*(launcher or [sys.executable]), str(driver), str(args_file), str(dump)]
     if kill_at is not None:
         command.append(str(kill_at))
     proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -131,6 +131,45 @@ def test_two_gloo_processes_match_one_process_with_same_global_batch(tmp_path):
     for e2, e1 in zip(h2, h1):
         for key in ("train_loss", "eval_loss", "eval_accuracy"):
             assert e2[key] == pytest.approx(e1[key], rel=1e-4, abs=1e-5), key
+
+
+def test_fsdp_on_two_cpu_processes_saves_the_model_of_one_process_with_same_global_batch(tmp_path):
+    # accelerate's FSDP2 path on 2 gloo ranks (see tests/fsdp_cpu_driver.py), clipping on; the
+    # final model is gathered from the shards, saved by the recipe and loaded with hf_adanorm.
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_adanorm.checkpoint import from_pretrained
+    common = dict(model_config={**TINY_BERT, **NO_DROPOUT}, gradient_accumulation_steps=2, num_epochs=2,
+                  save_model=True, max_grad_norm=0.5)
+    sharded = tiny_args(tmp_path, per_device_batch_size=4, output_dir=str(tmp_path / "fsdp"), **common)
+    one = tiny_args(tmp_path, per_device_batch_size=8, output_dir=str(tmp_path / "one"), **common)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "tests" / "fsdp_cpu.yaml"), "--main_process_port", str(free_port())]
+    run_driver({**sharded, "cpu": True}, tmp_path / "dump", launcher=launcher,
+               driver=REPO / "tests" / "fsdp_cpu_driver.py")
+    run_training(TrainingArgs(**one))
+
+    seen = [json.loads((tmp_path / "dump" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(s["world_size"] == 2 and s["distributed_type"] == "DistributedType.FSDP" for s in seen)
+    assert seen[0]["local_elements"] + seen[1]["local_elements"] == seen[0]["total_elements"]
+    assert all(s["local_elements"] < 0.6 * s["total_elements"] for s in seen), "not sharded"
+    run_config = json.loads((tmp_path / "fsdp" / "run_config.json").read_text())
+    assert (run_config["world_size"], run_config["global_batch_size"]) == (2, 16)
+    assert run_config["distributed_type"] == "DistributedType.FSDP"
+
+    saved = json.loads((tmp_path / "fsdp" / "model" / "config.json").read_text())
+    assert saved["architectures"] == ["BertForSequenceClassification"]  # not FSDP2's FSDPBert... class
+    fsdp, single = (from_pretrained(AutoModelForSequenceClassification, tmp_path / run / "model").state_dict()
+                    for run in ("fsdp", "one"))
+    initial = weights_at_init(tmp_path, common)
+    assert fsdp.keys() == single.keys()
+    for name, value in fsdp.items():
+        torch.testing.assert_close(value, single[name], rtol=1e-4, atol=1e-5, msg=name)
+    moved = max((fsdp[n] - initial[n]).abs().max().item() for n in fsdp)
+    assert moved > 1e-3, "training did not change the weights: the comparison would prove nothing"
+    for e2, e1 in zip(metrics_of(sharded)["history"], metrics_of(one)["history"], strict=True):
+        assert e2["train_loss"] == pytest.approx(e1["train_loss"], rel=1e-4, abs=1e-5)
+        assert e2["eval_loss"] == pytest.approx(e1["eval_loss"], rel=1e-4, abs=1e-5)
 
 
 def weights_at_init(tmp_path, common) -> dict:

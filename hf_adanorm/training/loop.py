@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -116,16 +117,33 @@ def _save_final_model(accelerator, model, task: Task, directory: Path, args, fin
     if not accelerator.is_main_process:
         return ""
     unwrapped = accelerator.unwrap_model(model)
-    if is_patched(unwrapped):
-        base_model = None if args.model.startswith(CONFIG_PREFIX) else args.model
-        save_patched(unwrapped, directory, state_dict=state_dict, base_model=base_model, metrics=final,
-                     is_main_process=True)
-        fmt = "hf_adanorm.save_pretrained"
-    else:
-        unwrapped.save_pretrained(directory, state_dict=state_dict)
-        fmt = "save_pretrained"
+    with _own_class(unwrapped):
+        if is_patched(unwrapped):
+            base_model = None if args.model.startswith(CONFIG_PREFIX) else args.model
+            save_patched(unwrapped, directory, state_dict=state_dict, base_model=base_model, metrics=final,
+                         is_main_process=True)
+            fmt = "hf_adanorm.save_pretrained"
+        else:
+            unwrapped.save_pretrained(directory, state_dict=state_dict)
+            fmt = "save_pretrained"
     task.tokenizer.save_pretrained(directory)
     return fmt
+
+
+@contextmanager
+def _own_class(model):
+    """FSDP2's ``fully_shard`` turns the model, in place, into an ``FSDP<Class>(FSDPModule, <Class>)``;
+    saved as is, config.json's architectures, the remote code and the card would name that class.
+    Only while saving (the gathered state dict is passed, no forward runs) it is a ``<Class>`` again."""
+    original = type(model)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(model, FSDPModule):
+            model.__class__ = next(base for base in original.__bases__ if not issubclass(base, FSDPModule))
+    try:
+        yield
+    finally:
+        model.__class__ = original
 
 
 def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> TrainResult:
