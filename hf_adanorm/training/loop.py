@@ -165,18 +165,25 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
     eval_batch_size = args.eval_batch_size or args.per_device_batch_size
     eval_dataloaders = {name: DataLoader(task.splits[name], batch_size=eval_batch_size, collate_fn=task.collate_fn)
                         for name in ("validation", "test") if name in task.splits}
-    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
-    eval_dataloaders = {name: accelerator.prepare(dl) for name, dl in eval_dataloaders.items()}
-
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    # Each process gets every num_processes-th batch (the last ones repeated to even out).
+    batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * args.num_epochs
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     num_epochs = math.ceil(total_steps / steps_per_epoch)
-    # A prepared scheduler steps once per process at each optimizer step, hence the factor.
-    lr_scheduler = accelerator.prepare(get_scheduler(
+    # A prepared scheduler steps once per process at each optimizer step, hence the factor. It is
+    # prepared with the model and optimizer: under DeepSpeed a scheduler prepared alone would be
+    # left unwrapped (stepped every micro-batch, and missing from save_state).
+    lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.warmup_steps * accelerator.num_processes,
-        num_training_steps=total_steps * accelerator.num_processes))
+        num_training_steps=total_steps * accelerator.num_processes)
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler)
+    if len(train_dataloader) != batches_per_process:  # the step counts above would be wrong
+        raise RuntimeError(f"expected {batches_per_process} training batches per process, "
+                           f"accelerate made {len(train_dataloader)}")
+    eval_dataloaders = {name: accelerator.prepare(dl) for name, dl in eval_dataloaders.items()}
 
     loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "loss_sum": 0.0, "loss_count": 0, "history": []}
     if resume_path is not None:
