@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -133,43 +134,64 @@ def test_two_gloo_processes_match_one_process_with_same_global_batch(tmp_path):
             assert e2[key] == pytest.approx(e1[key], rel=1e-4, abs=1e-5), key
 
 
-def test_fsdp_on_two_cpu_processes_saves_the_model_of_one_process_with_same_global_batch(tmp_path):
-    # accelerate's FSDP2 path on 2 gloo ranks (see tests/fsdp_cpu_driver.py), clipping on; the
-    # final model is gathered from the shards, saved by the recipe and loaded with hf_adanorm.
+SHARDED_LAUNCHES = {  # accelerate config, driver (each explains how it runs on CPU), distributed type
+    "fsdp2": ("fsdp_cpu.yaml", "fsdp_cpu_driver.py", "FSDP"),
+    "deepspeed_zero2": ("deepspeed_zero2_cpu.yaml", "deepspeed_cpu_driver.py", "DEEPSPEED"),
+}
+
+
+@pytest.mark.parametrize("launch", ["fsdp2", pytest.param("deepspeed_zero2", marks=pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed"))])
+def test_sharded_training_on_two_cpu_processes_saves_the_model_of_one_process(tmp_path, launch):
+    # accelerate's FSDP / DeepSpeed path on 2 gloo ranks with the same global batch as 1 process,
+    # clipping on; the final model is gathered, saved by the recipe and loaded with hf_adanorm.
     from transformers import AutoModelForSequenceClassification
 
     from hf_adanorm.checkpoint import from_pretrained
+    config, driver, distributed_type = SHARDED_LAUNCHES[launch]
     common = dict(model_config={**TINY_BERT, **NO_DROPOUT}, gradient_accumulation_steps=2, num_epochs=2,
                   save_model=True, max_grad_norm=0.5)
-    sharded = tiny_args(tmp_path, per_device_batch_size=4, output_dir=str(tmp_path / "fsdp"), **common)
+    sharded = tiny_args(tmp_path, per_device_batch_size=4, output_dir=str(tmp_path / "sharded"), **common)
     one = tiny_args(tmp_path, per_device_batch_size=8, output_dir=str(tmp_path / "one"), **common)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(REPO / "tests" / "fsdp_cpu.yaml"), "--main_process_port", str(free_port())]
-    run_driver({**sharded, "cpu": True}, tmp_path / "dump", launcher=launcher,
-               driver=REPO / "tests" / "fsdp_cpu_driver.py")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "tests" / config),
+                "--main_process_port", str(free_port())]
+    run_driver(sharded, tmp_path / "dump", launcher=launcher, driver=REPO / "tests" / driver)
     run_training(TrainingArgs(**one))
 
     seen = [json.loads((tmp_path / "dump" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(s["world_size"] == 2 and s["distributed_type"] == "DistributedType.FSDP" for s in seen)
-    assert seen[0]["local_elements"] + seen[1]["local_elements"] == seen[0]["total_elements"]
-    assert all(s["local_elements"] < 0.6 * s["total_elements"] for s in seen), "not sharded"
-    run_config = json.loads((tmp_path / "fsdp" / "run_config.json").read_text())
+    assert all(s["world_size"] == 2 and s["distributed_type"] == f"DistributedType.{distributed_type}" for s in seen)
+    if launch == "fsdp2":  # each rank holds its half of the parameters
+        assert seen[0]["local_elements"] + seen[1]["local_elements"] == seen[0]["total_elements"]
+        assert all(s["local_elements"] < 0.6 * s["total_elements"] for s in seen), "not sharded"
+    else:
+        assert all(s["zero_stage"] == 2 for s in seen)
+    run_config = json.loads((tmp_path / "sharded" / "run_config.json").read_text())
     assert (run_config["world_size"], run_config["global_batch_size"]) == (2, 16)
-    assert run_config["distributed_type"] == "DistributedType.FSDP"
+    assert run_config["distributed_type"] == f"DistributedType.{distributed_type}"
 
-    saved = json.loads((tmp_path / "fsdp" / "model" / "config.json").read_text())
+    saved = json.loads((tmp_path / "sharded" / "model" / "config.json").read_text())
     assert saved["architectures"] == ["BertForSequenceClassification"]  # not FSDP2's FSDPBert... class
-    fsdp, single = (from_pretrained(AutoModelForSequenceClassification, tmp_path / run / "model").state_dict()
-                    for run in ("fsdp", "one"))
+    ours, single = (from_pretrained(AutoModelForSequenceClassification, tmp_path / run / "model").state_dict()
+                    for run in ("sharded", "one"))
     initial = weights_at_init(tmp_path, common)
-    assert fsdp.keys() == single.keys()
-    for name, value in fsdp.items():
+    assert ours.keys() == single.keys()
+    for name, value in ours.items():
         torch.testing.assert_close(value, single[name], rtol=1e-4, atol=1e-5, msg=name)
-    moved = max((fsdp[n] - initial[n]).abs().max().item() for n in fsdp)
+    moved = max((ours[n] - initial[n]).abs().max().item() for n in ours)
     assert moved > 1e-3, "training did not change the weights: the comparison would prove nothing"
     for e2, e1 in zip(metrics_of(sharded)["history"], metrics_of(one)["history"], strict=True):
         assert e2["train_loss"] == pytest.approx(e1["train_loss"], rel=1e-4, abs=1e-5)
         assert e2["eval_loss"] == pytest.approx(e1["eval_loss"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
+def test_deepspeed_on_cpu_is_refused_with_the_cpu_config_to_use(tmp_path):
+    # without the test driver's gloo backend, accelerate would run every rank as a lone process
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "tests" / "deepspeed_zero2_cpu.yaml"), "--main_process_port", str(free_port())]
+    proc = run_driver(tiny_args(tmp_path), tmp_path / "dump", launcher=launcher, expect_rc=1)
+    assert "accelerate runs DeepSpeed on GPUs only; on CPU launch with recipes/configs/cpu_2proc.yaml" in proc.stderr
+    assert not (tmp_path / "run").exists(), "something was written before the error"
 
 
 def weights_at_init(tmp_path, common) -> dict:

@@ -23,7 +23,7 @@ import datasets
 import torch
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -64,13 +64,19 @@ def make_accelerator(args: TrainingArgs) -> Accelerator:
     # Under torchrun/accelerate launch with no GPU, Accelerator(cpu=False) would start N
     # independent single-process runs; cpu=True makes them one gloo process group.
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = args.cpu or (multi_process and not torch.cuda.is_available())
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = args.cpu or (multi_process and not torch.cuda.is_available() and not deepspeed)  # cpu=True turns DeepSpeed off
     accelerator = Accelerator(
         cpu=cpu, mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # the shuffle of epoch e is drawn from seed + e alone, so a resumed run sees the same order
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
+    if deepspeed and (accelerator.distributed_type != DistributedType.DEEPSPEED
+                      or accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1"))):
+        raise RuntimeError(f"launched with DeepSpeed, but accelerate set up {accelerator.distributed_type.value} "
+                           f"over {accelerator.num_processes} process(es): accelerate runs DeepSpeed on GPUs only; "
+                           "on CPU launch with recipes/configs/cpu_2proc.yaml")
     if multi_process and accelerator.num_processes == 1:
         raise RuntimeError("launched as several processes but accelerate set up only one; pass --cpu")
     if not accelerator.is_local_main_process:  # one set of progress bars and warnings per machine
