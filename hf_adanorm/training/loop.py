@@ -152,6 +152,23 @@ def _own_class(model):
         model.__class__ = original
 
 
+@contextmanager
+def _whole_model_under_zero3(accelerator):
+    """Under ZeRO-3 transformers builds models inside deepspeed.zero.Init, already partitioned:
+    patch_model could not probe the norms, and the construction would be collective. Build and
+    patch the whole model instead; deepspeed.initialize partitions it in prepare()."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> TrainResult:
     accelerator = make_accelerator(args)
     set_seed(args.seed)
@@ -160,8 +177,8 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
     # Everything that can fail on bad input fails here, before a file is written.
     resume_path = checkpoints.resolve_resume(args)
     _check_output_dir(args, resume_path)
-    with accelerator.main_process_first():  # the main process fills the datasets cache first
-        task = build_task(args)
+    with accelerator.main_process_first(), _whole_model_under_zero3(accelerator):
+        task = build_task(args)  # the main process fills the datasets cache first
 
     model = task.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
