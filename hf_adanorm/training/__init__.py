@@ -10,7 +10,15 @@ and atomically, ``metrics.json`` into ``output_dir``: that file exists only for 
 
 from .args import TrainingArgs, parse_args
 from .checkpoints import METRICS_FILE, latest_checkpoint
-from .loop import RUN_CONFIG_FILE, train
+
+
+def __getattr__(name):
+    # The loop pulls in accelerate and datasets (seconds): load it on first use, so that
+    # `hf-adanorm --help` and option parsing stay fast.
+    if name in ("RUN_CONFIG_FILE", "train"):
+        from . import loop
+        return getattr(loop, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def task_module(task: str):
