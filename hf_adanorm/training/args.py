@@ -22,7 +22,7 @@ TASKS = ("classification", "causal_lm")
 BUILT_TOKENIZERS = ("char", "word")
 
 
-NORM_OPTIONS = ("k", "C", "detach", "eps_mode", "include_rmsnorm")  # passed on to NormConfig as they are
+NORM_OPTIONS = ("k", "C", "detach", "eps_mode", "include_rmsnorm", "fold_affine")  # passed on to NormConfig as they are
 
 
 def _help(text: str) -> dict:
@@ -75,6 +75,7 @@ class TrainingArgs:
     detach: str = _norm_option("detach")
     eps_mode: str = _norm_option("eps_mode")
     include_rmsnorm: bool = _norm_option("include_rmsnorm")
+    fold_affine: bool = _norm_option("fold_affine")  # the layernorm baseline keeps its norms: nothing to fold
     seed: int = field(default=0, metadata=_help("Seed of initialisation, data order and dropout."))
     num_epochs: int = field(default=3, metadata=_help("Passes over the training data."))
     max_steps: Optional[int] = field(default=None, metadata=_help(

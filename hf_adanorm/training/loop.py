@@ -23,6 +23,7 @@ import datasets
 import torch
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -33,10 +34,12 @@ from ..patch import is_patched
 from . import checkpoints
 from .args import TrainingArgs
 from .checkpoints import CHECKPOINT_DIR, METRICS_FILE
-from .modeling import CONFIG_PREFIX
+from .modeling import CONFIG_PREFIX, fold_outcome, unfolded_warning
 
 RUN_CONFIG_FILE = "run_config.json"
 MODEL_DIR = "model"
+
+logger = get_logger(__name__)  # main process only
 
 
 @dataclass
@@ -181,6 +184,9 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
         task = build_task(args)  # the main process fills the datasets cache first
 
     model = task.model
+    fold = fold_outcome(model)  # read before prepare() wraps the model
+    if unfolded_warning(fold):
+        logger.warning(unfolded_warning(fold))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     loader_seed = torch.Generator().manual_seed(args.seed)  # keeps DataLoader draws off the global RNG
     train_dataloader = DataLoader(task.splits["train"], shuffle=True, batch_size=args.per_device_batch_size,
@@ -227,7 +233,7 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
             "global_batch_size": args.per_device_batch_size * accelerator.num_processes
             * args.gradient_accumulation_steps,
             "resumed_from": str(resume_path) if resume_path else None,
-            "patch_report": task.patch_report.to_dict() if task.patch_report else None,
+            "patch_report": task.patch_report.to_dict() if task.patch_report else None, "fold": fold,
             "versions": _versions(), **task.info})
 
     # The running loss stays on the device: loss.item() per micro-batch would make the host wait
@@ -288,7 +294,7 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
     if args.save_model:
         model_format = _save_final_model(accelerator, model, task, output_dir / MODEL_DIR, args, final)
     metrics = {"config": args.to_dict(), "history": loop["history"], "final": final,
-               "world_size": accelerator.num_processes, "model_format": model_format}
+               "world_size": accelerator.num_processes, "model_format": model_format, "fold": fold}
     if accelerator.is_main_process:
         checkpoints.write_json_atomic(output_dir / METRICS_FILE, metrics)  # last: the run is complete
     accelerator.print(f"final: {final}  (written to {output_dir / METRICS_FILE})")

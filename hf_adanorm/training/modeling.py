@@ -10,7 +10,7 @@ from __future__ import annotations
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
-from ..patch import patch_model
+from ..patch import get_patch_record, patch_model
 from .args import BUILT_TOKENIZERS
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[BOS]", "eos_token": "[EOS]"}
@@ -75,3 +75,25 @@ def apply_norm(model, args):
     """Swap the norms (no-op for the LayerNorm baseline); returns the PatchReport or None."""
     config = args.norm_config()
     return None if config is None else patch_model(model, config)
+
+
+def fold_outcome(model):
+    """What ``fold_affine`` did to the patched model (the patch record's ``fold``: which norms
+    were folded into which Linear layers, which were not foldable and why, the output drift),
+    or None when it was not asked for."""
+    record = get_patch_record(model)
+    return None if record is None else record.get("fold")
+
+
+def unfolded_warning(fold) -> str:
+    """The warning for a run whose norms could not all be folded ('' when all were):
+    those norms train without their gain and bias, changing a pretrained model's function."""
+    if not fold or not fold["not_foldable"]:
+        return ""
+    names = sorted(fold["not_foldable"])
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    drift = fold.get("output_drift")
+    return (f"fold_affine: {len(names)} of {len(names) + len(fold['folded'])} norms are not foldable "
+            f"({shown}; {names[0]}: {fold['not_foldable'][names[0]]['reason']}), so they train without a gain and "
+            f"bias; patching changed the model's output by {drift:.3g} (relative L2 on a probe batch). "
+            "Typical of post-LN models (BERT, BART); see 'fold' in run_config.json and metrics.json.")
