@@ -20,6 +20,9 @@ from ..registry import available_norms
 BASELINE = "layernorm"  # the unpatched model
 TASKS = ("classification", "causal_lm")
 BUILT_TOKENIZERS = ("char", "word")
+# accelerate 1.x has no fp16 autocast on CPU: it would train in fp32 and still report fp16
+FP16_ON_CPU = ("fp16 mixed precision needs a GPU (on CPU accelerate trains in fp32 while reporting fp16); "
+               "on CPU use --mixed_precision bf16 (CPU autocast) or no")
 
 
 NORM_OPTIONS = ("k", "C", "detach", "eps_mode", "include_rmsnorm", "fold_affine")  # passed on to NormConfig as they are
@@ -94,7 +97,8 @@ class TrainingArgs:
     gradient_accumulation_steps: int = field(default=1, metadata=_help(
         "Micro-batches per optimizer step."))
     mixed_precision: Optional[str] = field(default=None, metadata=_help(
-        "'no', 'fp16' or 'bf16'. Default: what `accelerate launch` / the accelerate config says, else 'no'."))
+        "'no', 'fp16' or 'bf16' (autocast; the weights stay fp32). Default: what `accelerate launch` / the "
+        "accelerate config says, else 'no'. On CPU only 'bf16' autocasts: 'fp16' is refused there."))
     max_length: int = field(default=128, metadata=_help(
         "Classification: truncate inputs to this many tokens. Causal LM: length of each training block."))
     eval_every: int = field(default=1, metadata=_help(
@@ -147,6 +151,8 @@ class TrainingArgs:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.cpu and self.mixed_precision == "fp16":
+            raise ValueError(FP16_ON_CPU)
 
     def norm_config(self) -> Optional[NormConfig]:
         """The patch to apply, or None for the LayerNorm baseline."""

@@ -32,7 +32,7 @@ from transformers import get_scheduler
 from ..checkpoint import save_pretrained as save_patched
 from ..patch import is_patched
 from . import checkpoints
-from .args import TrainingArgs
+from .args import FP16_ON_CPU, TrainingArgs
 from .checkpoints import CHECKPOINT_DIR, METRICS_FILE
 from .modeling import CONFIG_PREFIX, fold_outcome, unfolded_warning
 
@@ -80,6 +80,8 @@ def make_accelerator(args: TrainingArgs) -> Accelerator:
         raise RuntimeError(f"launched with DeepSpeed, but accelerate set up {accelerator.distributed_type.value} "
                            f"over {accelerator.num_processes} process(es): accelerate runs DeepSpeed on GPUs only; "
                            "on CPU launch with recipes/configs/cpu_2proc.yaml")
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # e.g. from the launcher
+        raise ValueError(FP16_ON_CPU)
     if multi_process and accelerator.num_processes == 1:
         raise RuntimeError("launched as several processes but accelerate set up only one; pass --cpu")
     if not accelerator.is_local_main_process:  # one set of progress bars and warnings per machine
