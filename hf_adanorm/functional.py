@@ -37,6 +37,8 @@ each against plain autograd):
   ``COMPILE``, ``first_call_seconds``); the forward always takes the eager path;
 * traced: inside a caller's ``torch.compile`` the same plain math is traced, so the
   norm joins the caller's graph without a break;
+* triton: CUDA tensors, any mode, run the one-pass-per-row Triton kernels of
+  :mod:`hf_adanorm.triton_norm` in both directions (see ``TRITON``);
 * eager: otherwise (fairseq mode, small tensors, no compiler), torch's native
   LayerNorm kernels plus in-place element-wise ops.
 """
@@ -67,6 +69,13 @@ COMPILE_MIN_NUMEL = 1 << 20
 first_call_seconds: dict[tuple, float] = {}
 _kernels: dict[tuple, Callable] = {}  # compiled _input_grad_math per (dtype, D, variant)
 _compile_failure: Optional[str] = None
+
+# When the Triton kernels run: "auto" for CUDA tensors when Triton is installed, "off", or
+# "always", which sends CPU tensors too: they then need Triton's interpreter
+# (TRITON_INTERPRET=1), the way the tests check the kernels on machines without a GPU.
+# Read from $HF_ADANORM_TRITON.
+TRITON = os.environ.get("HF_ADANORM_TRITON", "auto")
+_triton_failure: Optional[str] = None
 
 
 def _flatten_rows(x: torch.Tensor, n_dims: int) -> torch.Tensor:
@@ -149,6 +158,34 @@ def _run_compiled(math_fn: Callable, key: tuple, *args):
         first_call_seconds[key] = time.perf_counter() - start
         logger.info("hf_adanorm: compiled %s in %.1f s", key, first_call_seconds[key])
     return out
+
+
+# ---------------------------------------------------------------- Triton kernels (GPU)
+
+def _triton_kernels(x: torch.Tensor) -> Optional[types.ModuleType]:
+    """:mod:`hf_adanorm.triton_norm` when its kernels should run on ``x``, else None."""
+    global _triton_failure
+    if (TRITON == "off" or _triton_failure is not None or torch.compiler.is_compiling()
+            or (x.device.type != "cuda" and TRITON != "always") or x.dtype not in (torch.float32, *_HALF)):
+        return None
+    try:
+        from . import triton_norm
+    except ImportError as err:  # no Triton: torch's own CUDA kernels do the work
+        _triton_failure = f"Triton is not installed ({err})"
+        return None
+    return triton_norm if x.shape[-1] <= triton_norm.MAX_ROW else None
+
+
+def _run_triton(kernel: Callable, *args):
+    """``kernel(*args)``, or None (with one warning, then eager for good) if Triton fails."""
+    global _triton_failure
+    try:
+        return kernel(*args)
+    except Exception as err:  # noqa: BLE001 - an unsupported GPU or Triton version ...
+        _triton_failure = f"{type(err).__name__}: {err}".splitlines()[0]
+        warnings.warn(f"hf_adanorm: the Triton kernel failed ({_triton_failure}); using torch's "
+                      "kernels from now on (set HF_ADANORM_TRITON=off to skip the attempt)")
+        return None
 
 
 # ---------------------------------------------------------------- eager kernels (any mode)
@@ -244,7 +281,11 @@ class _NormalizeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, eps, centre, fairseq, detach_mean, detach_scale, k, C):
-        if not fairseq and torch.compiler.is_compiling():
+        kernels = _triton_kernels(x2d)
+        on_gpu = None if kernels is None else _run_triton(kernels.forward, x2d, eps, centre, fairseq, k, C)
+        if on_gpu is not None:
+            z, mean, rstd = on_gpu
+        elif not fairseq and torch.compiler.is_compiling():
             z, mean, rstd = _forward_math(x2d, eps, k, C, centre)
         else:
             z, mean, rstd = _eager_forward(x2d, eps, centre, fairseq, k, C)
@@ -263,7 +304,12 @@ class _NormalizeFunction(torch.autograd.Function):
         subtract_mean, rescale = centre and not detach_mean, not detach_scale
         args = (grad_out, x2d, mean, rstd, k, C, centre, subtract_mean, rescale)
         dx = None
-        if not fairseq and torch.compiler.is_compiling():
+        kernels = _triton_kernels(x2d)
+        if kernels is not None:  # any mode: mean and 1/sigma mean the same on every path
+            # None if it fails: then the eager kernels below
+            dx = _run_triton(kernels.input_grad, grad_out, x2d, mean, rstd, eps, centre, fairseq,
+                             subtract_mean, rescale, k, C)
+        elif not fairseq and torch.compiler.is_compiling():
             dx = _input_grad_math(*args)
         elif (not fairseq and not torch.is_grad_enabled() and _compiled_path_applies(x2d)
               and _fused_backward_pays(centre, subtract_mean, rescale, k, C)):

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 from torch import nn
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter (tests/test_triton.py).
+    # Triton reads this when it is first imported: set it before anything imports it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")
