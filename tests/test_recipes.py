@@ -134,12 +134,25 @@ def test_two_gloo_processes_match_one_process_with_same_global_batch(tmp_path):
             assert e2[key] == pytest.approx(e1[key], rel=1e-4, abs=1e-5), key
 
 
-SHARDED_LAUNCHES = {  # accelerate config, driver (each explains how it runs on CPU), distributed type
-    "fsdp2": ("fsdp_cpu.yaml", "fsdp_cpu_driver.py", "FSDP"),
-    "deepspeed_zero2": ("deepspeed_zero2_cpu.yaml", "deepspeed_cpu_driver.py", "DEEPSPEED"),
-    "deepspeed_zero3": ("deepspeed_zero3_cpu.yaml", "deepspeed_cpu_driver.py", "DEEPSPEED"),
+# The shipped configs, launched with accelerate's command-line overrides for what differs on
+# 2 CPU processes; the drivers (each explains how it runs on CPU) report what took effect.
+CPU_OVERRIDES = ["--mixed_precision", "no"]  # the shipped configs train in bf16 on GPUs
+SHARDED_LAUNCHES = {  # shipped config, extra overrides, driver, distributed type
+    # BERT's _no_split_modules also list BertEmbeddings, which accelerate 1.15 shards twice
+    "fsdp2": ("fsdp.yaml", ["--fsdp_transformer_layer_cls_to_wrap", "BertLayer"], "fsdp_cpu_driver.py", "FSDP"),
+    # the DeepSpeed config must repeat the recipe's accumulation and clipping (this test's 2 and 0.5)
+    "deepspeed_zero2": ("deepspeed_zero2.yaml", ["--gradient_accumulation_steps", "2", "--gradient_clipping", "0.5"],
+                        "deepspeed_cpu_driver.py", "DEEPSPEED"),
+    "deepspeed_zero3": ("deepspeed_zero3.yaml", ["--gradient_accumulation_steps", "2", "--gradient_clipping", "0.5"],
+                        "deepspeed_cpu_driver.py", "DEEPSPEED"),
 }
 NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
+
+
+def shipped_config_launcher(config: str, overrides=()) -> list:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "recipes" / "configs" / config), "--main_process_port", str(free_port()),
+            *CPU_OVERRIDES, *overrides]
 
 
 @pytest.mark.parametrize("launch", ["fsdp2", pytest.param("deepspeed_zero2", marks=NEEDS_DEEPSPEED),
@@ -150,26 +163,28 @@ def test_sharded_training_on_two_cpu_processes_saves_the_model_of_one_process(tm
     from transformers import AutoModelForSequenceClassification
 
     from hf_adanorm.checkpoint import from_pretrained
-    config, driver, distributed_type = SHARDED_LAUNCHES[launch]
+    config, overrides, driver, distributed_type = SHARDED_LAUNCHES[launch]
     common = dict(model_config={**TINY_BERT, **NO_DROPOUT}, gradient_accumulation_steps=2, num_epochs=2,
                   save_model=True, max_grad_norm=0.5)
     sharded = tiny_args(tmp_path, per_device_batch_size=4, output_dir=str(tmp_path / "sharded"), **common)
     one = tiny_args(tmp_path, per_device_batch_size=8, output_dir=str(tmp_path / "one"), **common)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "tests" / config),
-                "--main_process_port", str(free_port())]
-    run_driver(sharded, tmp_path / "dump", launcher=launcher, driver=REPO / "tests" / driver)
+    run_driver(sharded, tmp_path / "dump", launcher=shipped_config_launcher(config, overrides),
+               driver=REPO / "tests" / driver)
     run_training(TrainingArgs(**one))
 
     seen = [json.loads((tmp_path / "dump" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(s["world_size"] == 2 and s["distributed_type"] == f"DistributedType.{distributed_type}" for s in seen)
     if launch == "fsdp2":  # each rank holds its half of the parameters
+        assert all(s["fsdp_version"] == 2 and s["wrapped"] == ["BertLayer"] for s in seen)
         assert seen[0]["local_elements"] + seen[1]["local_elements"] == seen[0]["total_elements"]
         assert all(s["local_elements"] < 0.6 * s["total_elements"] for s in seen), "not sharded"
     else:
         assert all(s["zero_stage"] == int(launch[-1]) for s in seen)
+        assert all((s["gradient_accumulation_steps"], s["gradient_clipping"]) == (2, 0.5) for s in seen)
     run_config = json.loads((tmp_path / "sharded" / "run_config.json").read_text())
     assert (run_config["world_size"], run_config["global_batch_size"]) == (2, 16)
     assert run_config["distributed_type"] == f"DistributedType.{distributed_type}"
+    assert run_config["mixed_precision"] == "no"  # the override beat the config's bf16
 
     saved = json.loads((tmp_path / "sharded" / "model" / "config.json").read_text())
     assert saved["architectures"] == ["BertForSequenceClassification"]  # not FSDP2's FSDPBert... class
@@ -189,9 +204,8 @@ def test_sharded_training_on_two_cpu_processes_saves_the_model_of_one_process(tm
 @NEEDS_DEEPSPEED
 def test_deepspeed_on_cpu_is_refused_with_the_cpu_config_to_use(tmp_path):
     # without the test driver's gloo backend, accelerate would run every rank as a lone process
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(REPO / "tests" / "deepspeed_zero2_cpu.yaml"), "--main_process_port", str(free_port())]
-    proc = run_driver(tiny_args(tmp_path), tmp_path / "dump", launcher=launcher, expect_rc=1)
+    proc = run_driver(tiny_args(tmp_path), tmp_path / "dump", launcher=shipped_config_launcher("deepspeed_zero2.yaml"),
+                      expect_rc=1)
     assert "accelerate runs DeepSpeed on GPUs only; on CPU launch with recipes/configs/cpu_2proc.yaml" in proc.stderr
     assert not (tmp_path / "run").exists(), "something was written before the error"
 
@@ -332,7 +346,7 @@ def test_bad_options_fail_when_parsed():
 
 @pytest.mark.parametrize("name, distributed_type, extra", [
     ("single_gpu", "NO", {}), ("multi_gpu", "MULTI_GPU", {}),
-    ("fsdp", "FSDP", {"fsdp_sharding_strategy": "FULL_SHARD"}),
+    ("fsdp", "FSDP", {"fsdp_version": 2, "fsdp_reshard_after_forward": True}),
     ("deepspeed_zero2", "DEEPSPEED", {"zero_stage": 2}), ("deepspeed_zero3", "DEEPSPEED", {"zero_stage": 3}),
     ("cpu_2proc", "MULTI_GPU", {}),  # the launcher that really spawns N ranks (see the file)
 ])
