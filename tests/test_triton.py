@@ -208,3 +208,30 @@ def test_launch_settings_cover_the_row():
         block, warps = triton_norm.launch_settings(d)
         assert block >= d and block & (block - 1) == 0 and 1 <= warps <= 32
         assert block // (32 * warps) <= 64, "too many elements per thread: registers would spill"
+
+
+def test_gpu_benchmark_times_and_checks_every_path(tmp_path, monkeypatch):
+    # benchmarks/bench_gpu.py end to end on a tiny shape (on CPU: the kernels in the interpreter)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = pytest.importorskip("bench_gpu")
+    rows = bench.main(["--device", DEVICE, "--shapes", "16x48", "--dtypes", "fp32", "--out", str(tmp_path)])
+    paths = {(r["norm"], r["path"]) for r in rows if "refused" not in r}
+    assert len(paths) == len(rows) == 2 + 2 * len(bench.HF_KINDS)
+    assert ("adanorm", "triton") in paths and ("adanorm", "eager") in paths
+    ln = next(r for r in rows if r["norm"] == "nn.LayerNorm")
+    assert ln["full_vs_ln"] == 1.0 and all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in rows)
+    assert (tmp_path / "gpu_norms.csv").read_text().count("\n") == len(rows) + 1
+
+
+def test_gpu_benchmark_refuses_a_kernel_that_differs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = pytest.importorskip("bench_gpu")
+    real_forward = triton_norm.forward
+
+    def off_by_a_bit(x2d, eps, centre, fairseq, k, C):
+        z, mean, rstd = real_forward(x2d, eps, centre, fairseq, k, C)
+        return z * 1.01, mean, rstd
+    monkeypatch.setattr(triton_norm, "forward", off_by_a_bit)
+    rows = bench.main(["--device", DEVICE, "--shapes", "16x48", "--dtypes", "fp32", "--out", str(tmp_path)])
+    refused = {(r["norm"], r["path"]) for r in rows if "refused" in r}
+    assert refused == {(name, "triton") for name in bench.HF_KINDS}
