@@ -250,3 +250,27 @@ def test_accelerate_launcher_runs_each_run_as_its_own_job(tmp_path):
     assert runs[0]["history"][-1]["step"] == 2
     with pytest.raises(FileNotFoundError, match="accelerate config"):
         accelerate_runner(tmp_path / "missing.yaml")
+
+
+def test_accelerate_launcher_with_two_cpu_processes_per_run(tmp_path):
+    """--launcher accelerate with recipes/configs/cpu_2proc.yaml: every run is one 2-rank gloo job."""
+    from test_recipes import REPO, TINY_BERT, write_sentiment_csvs
+
+    out = tmp_path / "sweep"
+    argv = ["compare", "--model", "config:bert", "--tokenizer", "word", "--model_config", json.dumps(TINY_BERT),
+            "--dataset", str(write_sentiment_csvs(tmp_path / "data", n_train=16, n_val=8)), "--cpu",
+            "--launcher", "accelerate", "--accelerate-config", str(REPO / "recipes" / "configs" / "cpu_2proc.yaml"),
+            "--norms", "layernorm", "adanorm", "--seeds", "0", "--max_steps", "2", "--per_device_batch_size", "4",
+            "--max_length", "16", "--no_save_model", "--output-dir", str(out), "--no-progress"]
+    assert main(argv) == 0
+    runs = json.loads((out / "report" / "runs.json").read_text())
+    assert sorted(r["norm"] for r in runs) == ["adanorm", "layernorm"]
+    for r in runs:
+        folder = out / "runs" / f"{r['norm']}_seed0"
+        run_config = json.loads((folder / "run_config.json").read_text())
+        assert (run_config["world_size"], run_config["distributed_type"]) == (2, "DistributedType.MULTI_CPU")
+        assert run_config["global_batch_size"] == 8 and run_config["args"]["norm"] == r["norm"]
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+        assert metrics["world_size"] == 2 and metrics["history"][-1]["step"] == 2
+        assert r["final"] == metrics["final"]  # the report was made from these runs
+    assert "## eval_accuracy" in (out / "report" / "report.md").read_text()
