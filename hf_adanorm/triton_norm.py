@@ -23,6 +23,8 @@ check them against the reference on CPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -98,6 +100,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _device_of(t: torch.Tensor):
+    """Launch on ``t``'s GPU: Triton uses the current device, which for a model spread over
+    several GPUs (``device_map="auto"``) is often another one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _denominator(d: int, centre: bool, fairseq: bool) -> int:
     return max(d - (1 if centre and fairseq else 0), 1)  # fairseq's unbiased variance
 
@@ -111,9 +119,10 @@ def forward(x2d: torch.Tensor, eps: float, centre: bool, fairseq: bool, k: float
     rstd = torch.empty_like(mean)
     if rows:
         block, warps = launch_settings(d)
-        _forward_kernel[(rows,)](x2d, z, mean, rstd, x2d.stride(0), z.stride(0), d,
-                                 _denominator(d, centre, fairseq), eps, k, C,
-                                 CENTRE=centre, FAIRSEQ=fairseq, BLOCK=block, num_warps=warps)
+        with _device_of(x2d):
+            _forward_kernel[(rows,)](x2d, z, mean, rstd, x2d.stride(0), z.stride(0), d,
+                                     _denominator(d, centre, fairseq), eps, k, C,
+                                     CENTRE=centre, FAIRSEQ=fairseq, BLOCK=block, num_warps=warps)
     return z, mean, rstd
 
 
@@ -125,11 +134,9 @@ def input_grad(g: torch.Tensor, x2d: torch.Tensor, mean: torch.Tensor, rstd: tor
     dx = torch.empty_like(x2d)
     if rows:
         block, warps = launch_settings(d)
-        _backward_kernel[(rows,)](g, x2d, dx, mean, rstd, g.stride(0), x2d.stride(0), dx.stride(0), d,
-                                  _denominator(d, centre, fairseq), eps, k, C, CENTRE=centre,
-                                  FAIRSEQ=fairseq, SUBTRACT_MEAN=subtract_mean, RESCALE=rescale,
-                                  BLOCK=block, num_warps=warps)
+        with _device_of(x2d):
+            _backward_kernel[(rows,)](g, x2d, dx, mean, rstd, g.stride(0), x2d.stride(0), dx.stride(0), d,
+                                      _denominator(d, centre, fairseq), eps, k, C, CENTRE=centre,
+                                      FAIRSEQ=fairseq, SUBTRACT_MEAN=subtract_mean, RESCALE=rescale,
+                                      BLOCK=block, num_warps=warps)
     return dx
-
-
-KERNELS = (_forward_kernel, _backward_kernel)  # for the ahead-of-time compile test
