@@ -1,4 +1,4 @@
-"""Recipe options beyond the loop itself: fold_affine on pre-LN and post-LN models."""
+"""Recipe options beyond the loop itself: fold_affine on pre-LN and post-LN models, DeepSpeed config checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_recipes import TINY_BERT, tiny_args
+from test_recipes import NEEDS_DEEPSPEED, REPO, TINY_BERT, run_driver, shipped_config_launcher, tiny_args
 
 from hf_adanorm.cli import main
 from hf_adanorm.training import TrainingArgs, parse_args, run_training
@@ -118,3 +118,16 @@ def test_the_baseline_ignores_fold_affine(tmp_path, caplog):
                                                         max_steps=1)))
     assert metrics["fold"] is None
     assert not [r for r in caplog.records if "fold_affine" in r.getMessage()]
+
+
+@NEEDS_DEEPSPEED
+def test_a_deepspeed_config_that_disagrees_with_the_run_is_refused(tmp_path):
+    # the shipped ZeRO-2 config accumulates 1 micro-batch and clips at 1.0: DeepSpeed, not the
+    # loop, would do both, so a run asking for 2 and 0.5 would silently train otherwise
+    args = tiny_args(tmp_path, gradient_accumulation_steps=2, max_grad_norm=0.5)
+    proc = run_driver(args, tmp_path / "dump", launcher=shipped_config_launcher("deepspeed_zero2.yaml"),
+                      driver=REPO / "tests" / "deepspeed_cpu_driver.py", expect_rc=1)
+    assert ("the DeepSpeed config has gradient_accumulation_steps 1 (the run's --gradient_accumulation_steps: 2) "
+            "and gradient_clipping 1.0 (the run's --max_grad_norm: 0.5)") in proc.stderr
+    assert "--gradient_accumulation_steps 2 --gradient_clipping 0.5" in proc.stderr
+    assert not (tmp_path / "run").exists(), "something was written before the error"

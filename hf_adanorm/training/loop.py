@@ -80,6 +80,8 @@ def make_accelerator(args: TrainingArgs) -> Accelerator:
         raise RuntimeError(f"launched with DeepSpeed, but accelerate set up {accelerator.distributed_type.value} "
                            f"over {accelerator.num_processes} process(es): accelerate runs DeepSpeed on GPUs only; "
                            "on CPU launch with recipes/configs/cpu_2proc.yaml")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _check_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, args)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # e.g. from the launcher
         raise ValueError(FP16_ON_CPU)
     if multi_process and accelerator.num_processes == 1:
@@ -88,6 +90,26 @@ def make_accelerator(args: TrainingArgs) -> Accelerator:
         datasets.disable_progress_bars()
         transformers.logging.set_verbosity_error()
     return accelerator
+
+
+def _check_deepspeed_config(config: dict, args: TrainingArgs) -> None:
+    """Under DeepSpeed its config, not the loop, accumulates gradients and clips them; where it
+    disagrees with the run's options accelerate only warns, at prepare(), and the run would train
+    differently from what its options (and run_config.json, and the step counts) say."""
+    accumulation = config.get("gradient_accumulation_steps", "auto")  # 'auto': filled from the run's
+    clipping = config.get("gradient_clipping", "auto")
+    clipping = 1.0 if clipping == "auto" else (float(clipping) or None)  # accelerate fills 'auto' with 1.0; 0: off
+    wrong = []
+    if accumulation != "auto" and int(accumulation) != args.gradient_accumulation_steps:
+        wrong.append(f"gradient_accumulation_steps {accumulation} (the run's --gradient_accumulation_steps: "
+                     f"{args.gradient_accumulation_steps})")
+    if clipping != args.max_grad_norm:
+        wrong.append(f"gradient_clipping {clipping} (the run's --max_grad_norm: {args.max_grad_norm})")
+    if wrong:
+        raise ValueError(f"the DeepSpeed config has {' and '.join(wrong)}, and DeepSpeed would use its own "
+                         "values: make them agree, e.g. `accelerate launch --config_file ... "
+                         f"--gradient_accumulation_steps {args.gradient_accumulation_steps} "
+                         f"--gradient_clipping {args.max_grad_norm or 0} ...`")
 
 
 def evaluate(accelerator, model, dataloader, task: Task) -> dict:
