@@ -152,6 +152,19 @@ def test_when_the_kernels_are_not_used(triton_calls, monkeypatch):
     assert triton_calls == {"forward": 0, "input_grad": 0}
 
 
+def test_inside_torch_compile_the_plain_math_is_traced_instead(triton_calls):
+    # torch.compile(model, fullgraph=True) must not meet a Triton launch it cannot trace:
+    # there the norm is traced as plain math (and inductor writes its own kernels).
+    adanorm = next(v for v in VARIANTS if v.id == "adanorm")
+    module = adanorm.make(24)
+    x = rows(6, 24).float().to(DEVICE).requires_grad_(True)
+    compiled = torch.compile(lambda t: module(t).square().sum(), fullgraph=True, backend="aot_eager")
+    (dx,) = torch.autograd.grad(compiled(x), x)
+    assert triton_calls == {"forward": 0, "input_grad": 0}
+    (dx_ref,) = torch.autograd.grad(reference(adanorm, x.double(), 1e-5, "torch").square().sum(), x)
+    torch.testing.assert_close(dx.double(), dx_ref.double(), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- compiled for real GPUs, on CPU
 
 def compile_ahead_of_time(requests: list[dict]) -> list[dict]:
