@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from bench_norms import DTYPES, FULL_SHAPES, HF_KINDS, FunctionalLayerNorm, Impl, check
+from bench_norms import DTYPES, FULL_SHAPES, HF_KINDS, FunctionalLayerNorm, Impl, check, plot
 from torch import nn
 
 from hf_adanorm import functional
@@ -184,7 +184,8 @@ def main(argv=None):
         writer = csv.DictWriter(f, list(dict.fromkeys(["device", *(k for r in rows for k in r)])))
         writer.writeheader()
         writer.writerows({"device": name, **r} for r in rows)
-    print(f"wrote {out}")
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and .png")
     return rows
 
 

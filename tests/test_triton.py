@@ -234,6 +234,7 @@ def test_gpu_benchmark_times_and_checks_every_path(tmp_path, monkeypatch):
     ln = next(r for r in rows if r["norm"] == "nn.LayerNorm")
     assert ln["full_vs_ln"] == 1.0 and all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in rows)
     assert (tmp_path / "gpu_norms.csv").read_text().count("\n") == len(rows) + 1
+    assert (tmp_path / "gpu_norms.png").stat().st_size > 10_000
 
 
 def test_gpu_benchmark_refuses_a_kernel_that_differs(tmp_path, monkeypatch):
