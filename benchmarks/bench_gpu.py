@@ -176,6 +176,9 @@ def main(argv=None):
         case = bench_case(tokens, hidden, DTYPES[dtype_name], device, time_ms, dram_gbps)
         print_table(case)
         rows += case
+    print("first call (Triton compilation) of each kernel:")
+    for key, seconds in functional.first_call_seconds.items():
+        print(f"  {seconds:6.2f} s  {key}")
     for line in check_targets(rows):
         print(line)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,8 @@ logger = logging.getLogger(__name__)
 # microseconds of work), "always", or "off".  Read from $HF_ADANORM_COMPILE.
 COMPILE = os.environ.get("HF_ADANORM_COMPILE", "auto")
 COMPILE_MIN_NUMEL = 1 << 20
-# Wall time of each kernel's first call (which compiles it), keyed like _kernels.
+# Wall time of each kernel's first call (which compiles it): keyed like _kernels for the
+# torch.compile'd CPU kernels, ("triton_forward" | "triton_input_grad", dtype, D, flags...) on GPU.
 first_call_seconds: dict[tuple, float] = {}
 _kernels: dict[tuple, Callable] = {}  # compiled _input_grad_math per (dtype, D, variant)
 _compile_failure: Optional[str] = None
@@ -176,11 +177,20 @@ def _triton_kernels(x: torch.Tensor) -> Optional[types.ModuleType]:
     return triton_norm if x.shape[-1] <= triton_norm.MAX_ROW else None
 
 
-def _run_triton(kernel: Callable, *args):
-    """``kernel(*args)``, or None (with one warning, then eager for good) if Triton fails."""
+def _run_triton(kernel: Callable, key: tuple, *args):
+    """``kernel(*args)``, or None (with one warning, then eager for good) if Triton fails.
+
+    Triton compiles a kernel on its first launch for each specialization (dtype, flags, block
+    size; cached on disk after): the first call's wall time per ``key`` goes into
+    ``first_call_seconds``, next to the CPU kernels' compile times.
+    """
     global _triton_failure
+    start = time.perf_counter()
     try:
-        return kernel(*args)
+        out = kernel(*args)
+        if key not in first_call_seconds:
+            first_call_seconds[key] = time.perf_counter() - start
+        return out
     except Exception as err:  # noqa: BLE001 - an unsupported GPU or Triton version ...
         _triton_failure = f"{type(err).__name__}: {err}".splitlines()[0]
         warnings.warn(f"hf_adanorm: the Triton kernel failed ({_triton_failure}); using torch's "
@@ -282,7 +292,8 @@ class _NormalizeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, eps, centre, fairseq, detach_mean, detach_scale, k, C):
         kernels = _triton_kernels(x2d)
-        on_gpu = None if kernels is None else _run_triton(kernels.forward, x2d, eps, centre, fairseq, k, C)
+        key = ("triton_forward", x2d.dtype, x2d.shape[-1], centre, fairseq)
+        on_gpu = None if kernels is None else _run_triton(kernels.forward, key, x2d, eps, centre, fairseq, k, C)
         if on_gpu is not None:
             z, mean, rstd = on_gpu
         elif not fairseq and torch.compiler.is_compiling():
@@ -307,7 +318,8 @@ class _NormalizeFunction(torch.autograd.Function):
         kernels = _triton_kernels(x2d)
         if kernels is not None:  # any mode: mean and 1/sigma mean the same on every path
             # None if it fails: then the eager kernels below
-            dx = _run_triton(kernels.input_grad, grad_out, x2d, mean, rstd, eps, centre, fairseq,
+            key = ("triton_input_grad", x2d.dtype, x2d.shape[-1], centre, fairseq, subtract_mean, rescale)
+            dx = _run_triton(kernels.input_grad, key, grad_out, x2d, mean, rstd, eps, centre, fairseq,
                              subtract_mean, rescale, k, C)
         elif not fairseq and torch.compiler.is_compiling():
             dx = _input_grad_math(*args)

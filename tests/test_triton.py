@@ -113,7 +113,10 @@ def test_patched_model_equals_the_eager_kernels(triton_calls, monkeypatch):
         out.square().mean().backward()
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    monkeypatch.setattr(functional, "first_call_seconds", {})
     out, grads = run()
+    first_calls = {key[0] for key in functional.first_call_seconds}
+    assert first_calls == {"triton_forward", "triton_input_grad"}  # the compile cost is reported
     assert len(grads) > 20 and "embeddings.word_embeddings.weight" in grads
     assert triton_calls == {"forward": 5, "input_grad": 5}  # 5 norms: embeddings + 2 per layer
     monkeypatch.setattr(functional, "TRITON", "off")
