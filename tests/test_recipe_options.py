@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_recipes import NEEDS_DEEPSPEED, REPO, TINY_BERT, run_driver, shipped_config_launcher, tiny_args
+from test_recipes import (NEEDS_DEEPSPEED, REPO, TINY_BERT, free_port, run_driver, shipped_config_launcher,
+                          tiny_args)
 
 from hf_adanorm.cli import main
 from hf_adanorm.training import TrainingArgs, parse_args, run_training
@@ -131,3 +133,19 @@ def test_a_deepspeed_config_that_disagrees_with_the_run_is_refused(tmp_path):
             "and gradient_clipping 1.0 (the run's --max_grad_norm: 0.5)") in proc.stderr
     assert "--gradient_accumulation_steps 2 --gradient_clipping 0.5" in proc.stderr
     assert not (tmp_path / "run").exists(), "something was written before the error"
+
+
+@pytest.mark.parametrize("config, world_size", [("single_gpu.yaml", 1), ("multi_gpu.yaml", 2)])
+def test_the_gpu_configs_launch_as_shipped_on_cpu(tmp_path, config, world_size):
+    # No override at all (bf16 included): the launcher starts the config's processes, the
+    # recipe's --cpu joins them with gloo and runs CPU bf16 autocast. What differs on GPUs is
+    # only the device and NCCL.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "recipes" / "configs" / config), "--main_process_port", str(free_port())]
+    args = tiny_args(tmp_path, cpu=True, num_epochs=1, per_device_batch_size=4)
+    run_driver(args, tmp_path / "dump", launcher=launcher)
+    seen = [json.loads((tmp_path / "dump" / f"rank{r}.json").read_text()) for r in range(world_size)]
+    assert all(s["world_size"] == world_size for s in seen)
+    run_config = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert (run_config["world_size"], run_config["mixed_precision"]) == (world_size, "bf16")
+    assert math.isfinite(json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]["eval_loss"])
