@@ -291,9 +291,10 @@ class _NormalizeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, eps, centre, fairseq, detach_mean, detach_scale, k, C):
-        kernels = _triton_kernels(x2d)
-        key = ("triton_forward", x2d.dtype, x2d.shape[-1], centre, fairseq)
-        on_gpu = None if kernels is None else _run_triton(kernels.forward, key, x2d, eps, centre, fairseq, k, C)
+        kernels, on_gpu = _triton_kernels(x2d), None
+        if kernels is not None:  # None if it fails: then the paths below
+            key = ("triton_forward", x2d.dtype, x2d.shape[-1], centre, fairseq)
+            on_gpu = _run_triton(kernels.forward, key, x2d, eps, centre, fairseq, k, C)
         if on_gpu is not None:
             z, mean, rstd = on_gpu
         elif not fairseq and torch.compiler.is_compiling():
