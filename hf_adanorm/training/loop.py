@@ -209,8 +209,9 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
 
     model = task.model
     fold = fold_outcome(model)  # read before prepare() wraps the model
-    if unfolded_warning(fold):
-        logger.warning(unfolded_warning(fold))
+    warning = unfolded_warning(fold)
+    if warning:
+        logger.warning(warning)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     loader_seed = torch.Generator().manual_seed(args.seed)  # keeps DataLoader draws off the global RNG
     train_dataloader = DataLoader(task.splits["train"], shuffle=True, batch_size=args.per_device_batch_size,
