@@ -12,9 +12,11 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["hf_adanorm", "hf_adanorm.*"]),
+    package_data={"hf_adanorm": ["csrc/*.cpp"]},  # the CPU kernels' source, built on first use
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
+        "ninja",  # torch.utils.cpp_extension builds the CPU kernels with it
         "transformers>=5.0",
         "accelerate>=1.0",
         "datasets>=3.0",

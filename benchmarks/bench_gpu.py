@@ -75,12 +75,13 @@ class OnPath:
         self.mode = {"triton": on_triton, "eager": "off"}.get(path)
 
     def __enter__(self):
-        self.saved = functional.TRITON
+        self.saved = functional.TRITON, functional.CPU_KERNELS
         if self.mode:
             functional.TRITON = self.mode
+            functional.CPU_KERNELS = "off"  # "eager" on the CPU smoke test means torch's kernels too
 
     def __exit__(self, *exc):
-        functional.TRITON = self.saved
+        functional.TRITON, functional.CPU_KERNELS = self.saved
 
 
 def time_both_ways(module, x, g, wrt, time_ms) -> tuple[float, float]:
@@ -100,10 +101,10 @@ def bench_case(tokens, hidden, dtype, device, time_ms, dram_gbps):
         module = make(hidden, dtype).to(device)
         row = dict(tokens=tokens, hidden=hidden, dtype=str(dtype).removeprefix("torch."), norm=name, path=path)
         with OnPath(path, device):
-            failure_before = functional._triton_failure
+            failure_before = functional._failures["triton"]
             error = check(Impl(name, make, path, math), module, x, g) if math else None
-            if path == "triton" and functional._triton_failure != failure_before:
-                error = f"the Triton kernel failed: {functional._triton_failure}"
+            if path == "triton" and functional._failures["triton"] != failure_before:
+                error = f"the Triton kernel failed: {functional._failures['triton']}"
             if error:
                 rows.append({**row, "refused": error})
                 print(f"  REFUSED {name} [{path}]: {error}")

@@ -28,19 +28,18 @@ returned in the input dtype.  Only ``x``, the per-row ``mean`` and ``1/sigma``
 are saved for backward (``y`` is recomputed), so a norm here never saves more
 than ``torch.nn.LayerNorm``, which also keeps its gain and bias.
 
-Execution paths (all compute the equations above; tests/test_fast_paths.py checks
-each against plain autograd):
+Execution paths (all compute the equations above; tests/test_fast_paths.py and
+tests/test_triton.py check each against plain autograd):
 
-* fused: for large CPU tensors in torch eps mode, the input gradient of AdaNorm,
-  DetachNorm (mean or variance) and the RMS norms runs as one ``torch.compile``-d
-  loop over rows, compiled once per (hidden size, dtype, variant) on first use (see
-  ``COMPILE``, ``first_call_seconds``); the forward always takes the eager path;
-* traced: inside a caller's ``torch.compile`` the same plain math is traced, so the
-  norm joins the caller's graph without a break;
+* cpu: CPU tensors, any mode, run the hand-written C++ kernels of
+  :mod:`hf_adanorm.cpu_kernels`, one pass over memory per direction, built once on
+  first use and cached on disk (see ``CPU_KERNELS``);
 * triton: CUDA tensors, any mode, run the one-pass-per-row Triton kernels of
   :mod:`hf_adanorm.triton_norm` in both directions (see ``TRITON``);
-* eager: otherwise (fairseq mode, small tensors, no compiler), torch's native
-  LayerNorm kernels plus in-place element-wise ops.
+* traced: inside a caller's ``torch.compile`` the plain math below is traced, so the
+  norm joins the caller's graph without a break;
+* eager: otherwise (no C++ compiler, other devices, a kernel that failed), torch's
+  native LayerNorm kernels plus in-place element-wise ops.
 """
 
 from __future__ import annotations
@@ -60,23 +59,20 @@ _HALF = (torch.float16, torch.bfloat16)
 
 logger = logging.getLogger(__name__)
 
-# When the fused (torch.compile'd) kernels run: "auto" for CPU tensors of at least
-# COMPILE_MIN_NUMEL elements (small ones would pay seconds of compilation for
-# microseconds of work), "always", or "off".  Read from $HF_ADANORM_COMPILE.
-COMPILE = os.environ.get("HF_ADANORM_COMPILE", "auto")
-COMPILE_MIN_NUMEL = 1 << 20
-# Wall time of each kernel's first call (which compiles it): keyed like _kernels for the
-# torch.compile'd CPU kernels, ("triton_forward" | "triton_input_grad", dtype, D, flags...) on GPU.
-first_call_seconds: dict[tuple, float] = {}
-_kernels: dict[tuple, Callable] = {}  # compiled _input_grad_math per (dtype, D, variant)
-_compile_failure: Optional[str] = None
-
+# Whether CPU tensors use the C++ kernels: "auto" (when they build) or "off".
+# Read from $HF_ADANORM_CPU_KERNELS.
+CPU_KERNELS = os.environ.get("HF_ADANORM_CPU_KERNELS", "auto")
 # When the Triton kernels run: "auto" for CUDA tensors when Triton is installed, "off", or
 # "always", which sends CPU tensors too: they then need Triton's interpreter
 # (TRITON_INTERPRET=1), the way the tests check the kernels on machines without a GPU.
 # Read from $HF_ADANORM_TRITON.
 TRITON = os.environ.get("HF_ADANORM_TRITON", "auto")
-_triton_failure: Optional[str] = None
+_SWITCHES = {"cpu": "HF_ADANORM_CPU_KERNELS", "triton": "HF_ADANORM_TRITON"}
+# Why a kernel family was turned off for the rest of the process (None: it is on).
+_failures: dict[str, Optional[str]] = {"cpu": None, "triton": None}
+# Wall time of each kernel's first call, keyed ("<backend>_forward" | "<backend>_input_grad",
+# dtype, D, flags...): it includes building the C++ kernels or compiling a Triton kernel.
+first_call_seconds: dict[tuple, float] = {}
 
 
 def _flatten_rows(x: torch.Tensor, n_dims: int) -> torch.Tensor:
@@ -87,11 +83,7 @@ def _flatten_rows(x: torch.Tensor, n_dims: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- torch-mode math, written once
 # Plain tensor code, traced as-is (then fused by inductor) when the caller
-# torch.compile's the whole model.  _input_grad_math is also compiled on its own: its two
-# row reductions are independent, so inductor makes it a single loop over rows, one read
-# of x and g.  The forward is not: inductor (torch 2.13, CPU) splits the dependent
-# mean -> variance reductions into separate passes over x, slower than torch's native
-# LayerNorm kernel, so the forward always runs that kernel (see _eager_forward).
+# torch.compile's the whole model: the norm then joins the caller's graph.
 
 def _forward_math(x2d, eps: float, k: float, C: float, centre: bool):
     """``(z, mean, 1/sigma)`` with ``sigma = sqrt(var + eps)``, statistics in float32."""
@@ -120,82 +112,47 @@ def _input_grad_math(g, x2d, mean, rstd, k: float, C: float, centre: bool,
     return (dx * rstd).to(x2d.dtype)
 
 
-def _fused_backward_pays(centre, subtract_mean, rescale, k, C) -> bool:
-    """False where torch's own kernels already take one pass: g / sigma, or LayerNorm's backward."""
-    if k or C != 1.0:
-        return True
-    if not (subtract_mean or rescale):
-        return False
-    return not (centre and subtract_mean and rescale)
+# ---------------------------------------------------------------- hand-written kernels
 
-
-def _compiled_path_applies(x: torch.Tensor) -> bool:
-    return (COMPILE != "off" and _compile_failure is None and x.device.type == "cpu"
-            and x.dtype in (torch.float32, *_HALF)
-            and (COMPILE == "always" or x.numel() >= COMPILE_MIN_NUMEL)
-            and not torch.compiler.is_compiling())
-
-
-def _run_compiled(math_fn: Callable, key: tuple, *args):
-    """``math_fn(*args)`` as a compiled kernel cached under ``key``; None if compiling fails."""
-    global _compile_failure
-    kernel = _kernels.get(key)
-    first_call = kernel is None
-    if first_call:
-        # A private copy of the code object gives every key its own dynamo cache, so many
-        # hidden sizes and dtypes never exhaust dynamo's per-function recompile limit
-        # (past it, dynamo would silently run the slow unfused ops).
-        code_copy = types.FunctionType(math_fn.__code__.replace(), math_fn.__globals__, math_fn.__name__)
-        kernel = _kernels[key] = torch.compile(code_copy)
-    start = time.perf_counter()
-    try:
-        out = kernel(*args)
-    except Exception as err:  # noqa: BLE001 - no C++ compiler, unsupported platform ...
-        _compile_failure = f"{type(err).__name__}: {err}".splitlines()[0]
-        warnings.warn(f"hf_adanorm: torch.compile failed ({_compile_failure}); using eager "
-                      "kernels from now on (set HF_ADANORM_COMPILE=off to skip the attempt)")
+def _kernels_for(x: torch.Tensor) -> Optional[types.ModuleType]:
+    """The kernel module (:mod:`.cpu_kernels` or :mod:`.triton_norm`) for ``x``, or None for eager."""
+    if (torch.compiler.is_compiling() or x.dtype not in (torch.float32, *_HALF)
+            or x.numel() == 0 or x.shape[-1] == 0):
         return None
-    if first_call:
-        first_call_seconds[key] = time.perf_counter() - start
-        logger.info("hf_adanorm: compiled %s in %.1f s", key, first_call_seconds[key])
-    return out
+    if TRITON != "off" and _failures["triton"] is None and (x.device.type == "cuda" or TRITON == "always"):
+        try:
+            from . import triton_norm
+        except ImportError as err:  # no Triton: torch's own CUDA kernels do the work
+            _failures["triton"] = f"Triton is not installed ({err})"
+        else:
+            if x.shape[-1] <= triton_norm.MAX_ROW:
+                return triton_norm
+    if x.device.type == "cpu" and CPU_KERNELS != "off" and _failures["cpu"] is None:
+        from . import cpu_kernels
+        return cpu_kernels
+    return None
 
 
-# ---------------------------------------------------------------- Triton kernels (GPU)
+def _run(kernels: types.ModuleType, direction: str, key: tuple, *args):
+    """``kernels.<direction>(*args)``, or None (with one warning, then eager for good) if it fails.
 
-def _triton_kernels(x: torch.Tensor) -> Optional[types.ModuleType]:
-    """:mod:`hf_adanorm.triton_norm` when its kernels should run on ``x``, else None."""
-    global _triton_failure
-    if (TRITON == "off" or _triton_failure is not None or torch.compiler.is_compiling()
-            or (x.device.type != "cuda" and TRITON != "always") or x.dtype not in (torch.float32, *_HALF)):
-        return None
-    try:
-        from . import triton_norm
-    except ImportError as err:  # no Triton: torch's own CUDA kernels do the work
-        _triton_failure = f"Triton is not installed ({err})"
-        return None
-    return triton_norm if x.shape[-1] <= triton_norm.MAX_ROW else None
-
-
-def _run_triton(kernel: Callable, key: tuple, *args):
-    """``kernel(*args)``, or None (with one warning, then eager for good) if Triton fails.
-
-    Triton compiles a kernel on its first launch for each specialization (dtype, flags, block
-    size; cached on disk after): the first call's wall time per ``key`` goes into
-    ``first_call_seconds``, next to the CPU kernels' compile times.
+    The first call per ``key`` builds (C++) or compiles (Triton) the kernel; its wall time
+    goes into ``first_call_seconds``.
     """
-    global _triton_failure
+    backend = kernels.BACKEND
+    key = (f"{backend}_{direction}", *key)
     start = time.perf_counter()
     try:
-        out = kernel(*args)
-        if key not in first_call_seconds:
-            first_call_seconds[key] = time.perf_counter() - start
-        return out
-    except Exception as err:  # noqa: BLE001 - an unsupported GPU or Triton version ...
-        _triton_failure = f"{type(err).__name__}: {err}".splitlines()[0]
-        warnings.warn(f"hf_adanorm: the Triton kernel failed ({_triton_failure}); using torch's "
-                      "kernels from now on (set HF_ADANORM_TRITON=off to skip the attempt)")
+        out = getattr(kernels, direction)(*args)
+    except Exception as err:  # noqa: BLE001 - no C++ compiler, an unsupported GPU or Triton ...
+        _failures[backend] = f"{type(err).__name__}: {err}".splitlines()[0]
+        name = "C++ CPU" if backend == "cpu" else "Triton"
+        warnings.warn(f"hf_adanorm: the {name} kernel failed ({_failures[backend]}); using torch's "
+                      f"kernels from now on (set {_SWITCHES[backend]}=off to skip the attempt)")
         return None
+    if key not in first_call_seconds:
+        first_call_seconds[key] = time.perf_counter() - start
+    return out
 
 
 # ---------------------------------------------------------------- eager kernels (any mode)
@@ -291,12 +248,12 @@ class _NormalizeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, eps, centre, fairseq, detach_mean, detach_scale, k, C):
-        kernels, on_gpu = _triton_kernels(x2d), None
+        kernels, out = _kernels_for(x2d), None
         if kernels is not None:  # None if it fails: then the paths below
-            key = ("triton_forward", x2d.dtype, x2d.shape[-1], centre, fairseq)
-            on_gpu = _run_triton(kernels.forward, key, x2d, eps, centre, fairseq, k, C)
-        if on_gpu is not None:
-            z, mean, rstd = on_gpu
+            out = _run(kernels, "forward", (x2d.dtype, x2d.shape[-1], centre, fairseq),
+                       x2d, eps, centre, fairseq, k, C)
+        if out is not None:
+            z, mean, rstd = out
         elif not fairseq and torch.compiler.is_compiling():
             z, mean, rstd = _forward_math(x2d, eps, k, C, centre)
         else:
@@ -314,22 +271,14 @@ class _NormalizeFunction(torch.autograd.Function):
         x2d, mean, rstd = ctx.saved_tensors
         eps, centre, fairseq, detach_mean, detach_scale, k, C = ctx.conf
         subtract_mean, rescale = centre and not detach_mean, not detach_scale
-        args = (grad_out, x2d, mean, rstd, k, C, centre, subtract_mean, rescale)
         dx = None
-        kernels = _triton_kernels(x2d)
+        kernels = _kernels_for(x2d)
         if kernels is not None:  # any mode: mean and 1/sigma mean the same on every path
-            # None if it fails: then the eager kernels below
-            key = ("triton_input_grad", x2d.dtype, x2d.shape[-1], centre, fairseq, subtract_mean, rescale)
-            dx = _run_triton(kernels.input_grad, key, grad_out, x2d, mean, rstd, eps, centre, fairseq,
-                             subtract_mean, rescale, k, C)
+            key = (x2d.dtype, x2d.shape[-1], centre, fairseq, subtract_mean, rescale)
+            dx = _run(kernels, "input_grad", key, grad_out, x2d, mean, rstd, eps, centre, fairseq,
+                      subtract_mean, rescale, k, C)
         elif not fairseq and torch.compiler.is_compiling():
-            dx = _input_grad_math(*args)
-        elif (not fairseq and not torch.is_grad_enabled() and _compiled_path_applies(x2d)
-              and _fused_backward_pays(centre, subtract_mean, rescale, k, C)):
-            key = ("input_grad", x2d.dtype, x2d.shape[-1], centre, subtract_mean, rescale)
-            # Contiguous operands only: inductor (torch 2.13) miscompiles a strided input
-            # once k becomes a symbolic float (tests/test_fast_paths.py covers it).
-            dx = _run_compiled(_input_grad_math, key, grad_out.contiguous(), x2d.contiguous(), *args[2:])
+            dx = _input_grad_math(grad_out, x2d, mean, rstd, k, C, centre, subtract_mean, rescale)
         if dx is None:
             dx = _eager_input_grad(grad_out, x2d, mean, rstd, eps, centre, fairseq,
                                    subtract_mean, rescale, k, C).to(x2d.dtype)

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+BACKEND = "triton"
+
 # One row per program, held in registers: past this many elements a row would spill.
 MAX_ROW = 1 << 16
 

@@ -1,15 +1,18 @@
-"""Every execution path of hf_adanorm.functional against a plain-autograd reference.
+"""Every CPU execution path of hf_adanorm.functional against a plain-autograd reference.
 
-The paths are: the fused kernels (torch.compile'd per hidden size and dtype), the
+The paths are: the C++ kernels (hf_adanorm.cpu_kernels, built on first use), the
 eager kernels (torch's native LayerNorm ops plus in-place element-wise ops, with
 e.g. detach-mean done as LayerNorm's backward plus a correction), and the plain
-math traced inside a caller's ``torch.compile``.  The reference is written from the
+math traced inside a caller's ``torch.compile``.  (The Triton kernels: test_triton.py.)  The reference is written from the
 paper's equations with ``.detach()`` and never calls hf_adanorm.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from hf_adanorm import (AdaNorm, DetachNorm, LayerNormSimple, RMSAdaNorm, RMSDetachNorm,
-                        RMSNormSimple, functional)
+                        RMSNormSimple, cpu_kernels, functional)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +87,19 @@ def awkward_input(shape, dtype, seed=0):
 
 
 @pytest.fixture
-def compile_mode(monkeypatch):
-    """Set functional.COMPILE for one test.  Compiled kernels stay cached across tests
-    (compiling is the slow part); tests that inspect the cache start it afresh."""
-    def use(mode, fresh_cache=False):
-        monkeypatch.setattr(functional, "COMPILE", mode)
-        monkeypatch.setattr(functional, "_compile_failure", None)
-        if fresh_cache:
-            monkeypatch.setattr(functional, "_kernels", {})
-            monkeypatch.setattr(functional, "first_call_seconds", {})
+def cpu_kernels_mode(monkeypatch):
+    """Set functional.CPU_KERNELS for one test; returns the C++ kernels' call counts."""
+    calls = {"forward": 0, "input_grad": 0}
+    for name in calls:
+        def counted(*args, _kernel=getattr(cpu_kernels, name), _name=name):
+            calls[_name] += 1
+            return _kernel(*args)
+        monkeypatch.setattr(cpu_kernels, name, counted)
+
+    def use(mode):
+        monkeypatch.setattr(functional, "CPU_KERNELS", mode)
+        monkeypatch.setitem(functional._failures, "cpu", None)
+        return calls
     return use
 
 
@@ -103,53 +110,36 @@ def require_compiler():
         pytest.skip(f"torch.compile does not work here ({type(err).__name__}); eager path only")
 
 
-# Two shapes only, so the fused-path tests share their compiled kernels.
-FP32, BF16 = ((37, 1023), torch.float32, 1e-5), ((2, 3, 1500), torch.bfloat16, 2e-2)
-cases = pytest.mark.parametrize("shape,dtype,tol", [FP32, BF16], ids=["fp32-37x1023", "bf16-2x3x1500"])
+FP32, BF16, FP16 = ((37, 1023), torch.float32, 1e-5), ((2, 3, 1500), torch.bfloat16, 2e-2), \
+    ((5, 130), torch.float16, 5e-3)
+cases = pytest.mark.parametrize("shape,dtype,tol", [FP32, BF16, FP16],
+                                ids=["fp32-37x1023", "bf16-2x3x1500", "fp16-5x130"])
 
 
 @kinds
 @cases
-def test_eager_path(kind, shape, dtype, tol, compile_mode):
-    compile_mode("off", fresh_cache=True)
+def test_eager_path(kind, shape, dtype, tol, cpu_kernels_mode):
+    calls = cpu_kernels_mode("off")
     x, g = awkward_input(shape, dtype)
     assert_matches_reference(kind, kind.make(shape[-1]), x, g, tol)
-    assert functional._kernels == {}
+    assert calls == {"forward": 0, "input_grad": 0}
 
 
-def fused_kernel_key(shape, dtype, kind):
-    """The cache key of ``kind``'s fused input-gradient kernel; None where torch's own
-    kernels already take one pass (LayerNorm-simple, both statistics detached)."""
-    subtract_mean, rescale = kind.centre and not kind.detach_mean, not kind.detach_scale
-    plain = kind.k == 0 and kind.C == 1
-    if plain and (subtract_mean == rescale) and (kind.centre or not rescale):
-        return None
-    return ("input_grad", dtype, shape[-1], kind.centre, subtract_mean, rescale)
-
-
-@pytest.mark.slow
 @kinds
 @cases
-def test_fused_path(kind, shape, dtype, tol, compile_mode):
-    require_compiler()
-    compile_mode("always")
+def test_cpu_kernel_path(kind, shape, dtype, tol, cpu_kernels_mode):
+    calls = cpu_kernels_mode("auto")
     x, g = awkward_input(shape, dtype)
-    before = set(functional._kernels)
     assert_matches_reference(kind, kind.make(shape[-1]), x, g, tol)
-    key = fused_kernel_key(shape, dtype, kind)
-    if key is None:
-        assert set(functional._kernels) == before
-    else:
-        assert key in functional.first_call_seconds
-    assert functional._compile_failure is None
+    assert calls == {"forward": 1, "input_grad": 1}
+    assert functional._failures["cpu"] is None
+    assert ("cpu_forward", dtype, shape[-1], kind.centre, False) in functional.first_call_seconds
 
 
 @pytest.mark.parametrize("layout", ["transposed", "strided", "expanded_grad"])
-@pytest.mark.parametrize("mode", ["off", "always"])
-def test_non_contiguous_tensors(layout, mode, compile_mode):
-    if mode == "always":
-        require_compiler()
-    compile_mode(mode)
+@pytest.mark.parametrize("mode", ["off", "auto"])
+def test_non_contiguous_tensors(layout, mode, cpu_kernels_mode):
+    cpu_kernels_mode(mode)
     base, g = awkward_input((4, 37, 2 * 1023 if layout == "strided" else 1023), torch.float32, seed=3)
     if layout == "transposed":
         x, g = base.transpose(0, 1), g.transpose(0, 1)
@@ -161,37 +151,54 @@ def test_non_contiguous_tensors(layout, mode, compile_mode):
         assert_matches_reference(kind, kind.make(x.shape[-1]), x, g, 1e-5)
 
 
-def test_automatic_mode_compiles_only_large_inputs(compile_mode, monkeypatch):
-    require_compiler()
-    compile_mode("auto", fresh_cache=True)
-    monkeypatch.setattr(functional, "COMPILE_MIN_NUMEL", 4096)
-    norm = AdaNorm(64)
-    norm(torch.randn(8, 64, requires_grad=True)).sum().backward()
-    assert functional._kernels == {}
-    for rows in (64, 96, 200):  # one kernel per dtype and size, whatever the row count
-        x, g = awkward_input((rows, 64), torch.float32, seed=rows)
-        assert_matches_reference(KINDS[1], norm, x, g, 1e-5)
-    assert list(functional._kernels) == [fused_kernel_key((64,), torch.float32, KINDS[1])]
-    assert all(seconds > 0 for seconds in functional.first_call_seconds.values())
+def test_one_row_per_thread_task_boundary(cpu_kernels_mode):
+    """Rows split unevenly over threads, and single elements: every row is normalized by itself."""
+    calls = cpu_kernels_mode("auto")
+    for shape in [(2, 7), (3, 1), (4097, 5), (2, 40000)]:
+        x, g = awkward_input(shape, torch.float32, seed=shape[0])
+        assert_matches_reference(KINDS[2], KINDS[2].make(shape[-1]), x, g, 1e-5)
+    assert calls == {"forward": 4, "input_grad": 4}
 
 
-def test_failed_compile_falls_back_to_eager_once(compile_mode, monkeypatch):
-    compile_mode("always", fresh_cache=True)
-    calls = []
+def test_failed_build_falls_back_to_eager_once(cpu_kernels_mode, monkeypatch):
+    calls = cpu_kernels_mode("auto")
+    builds = []
 
-    def broken_compile(fn, **kwargs):
-        def run(*args):
-            calls.append(fn.__name__)
-            raise RuntimeError("no C++ compiler found")
-        return run
+    def broken_build():
+        builds.append(1)
+        raise RuntimeError("building hf_adanorm_cpu failed: c++: command not found")
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(cpu_kernels, "ops", broken_build)
     x, g = awkward_input((16, 48), torch.float32)
-    with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
+    with pytest.warns(UserWarning, match="C\\+\\+ CPU kernel failed .*command not found.*HF_ADANORM_CPU_KERNELS=off"):
         assert_matches_reference(KINDS[1], AdaNorm(48), x, g, 1e-5)
-    assert "no C++ compiler" in functional._compile_failure
+    assert "command not found" in functional._failures["cpu"]
     assert_matches_reference(KINDS[3], DetachNorm(48, detach="mean"), x, g, 1e-5)
-    assert calls == ["_input_grad_math"]  # never retried after the failure
+    assert builds == [1] and calls == {"forward": 1, "input_grad": 0}  # never retried
+
+
+@pytest.mark.slow
+def test_without_a_compiler_the_eager_kernels_still_run(tmp_path):
+    """A fresh process whose C++ compiler fails: one clear warning, correct results, no crash."""
+    script = (
+        "import warnings, torch\n"
+        "from hf_adanorm import AdaNorm, functional\n"
+        "x = torch.randn(8, 32, dtype=torch.float64).float().requires_grad_()\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    AdaNorm(32)(x).sum().backward()\n"
+        "print([str(w.message) for w in caught])\n"
+        "print(functional._failures['cpu'])\n"
+        "y = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True, correction=0) + 1e-5).sqrt()\n"
+        "print(torch.allclose(AdaNorm(32)(x), (1 - 0.1 * y) * y, atol=1e-6))\n"
+    )
+    env = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    warned, failure, close = out.stdout.strip().splitlines()
+    assert "C++ CPU kernel failed (RuntimeError: building hf_adanorm_cpu" in warned
+    assert warned.count("kernel failed") == 1 and failure.startswith("RuntimeError: building")
+    assert close == "True"
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
@@ -209,17 +216,18 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
 
 @kinds
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_saves_no_more_than_layernorm(kind, dtype, compile_mode):
-    compile_mode("off")  # what is saved comes from the forward, the same on every path
+@pytest.mark.parametrize("mode", ["off", "auto"])
+def test_saves_no_more_than_layernorm(kind, dtype, mode, cpu_kernels_mode):
+    cpu_kernels_mode(mode)
     x = torch.randn(64, 96, dtype=dtype, requires_grad=True)
     assert 0 < saved_bytes(kind.make(96), x) <= saved_bytes(nn.LayerNorm(96, dtype=dtype), x)
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_on_patched_model(compile_mode):
+def test_torch_compile_fullgraph_on_patched_model(cpu_kernels_mode):
     """fullgraph=True raises on any graph break; compiled logits and grads equal eager."""
     require_compiler()
-    compile_mode("auto")
+    calls = cpu_kernels_mode("auto")
     from transformers import BertConfig, BertForSequenceClassification
 
     import hf_adanorm
@@ -240,7 +248,9 @@ def test_torch_compile_fullgraph_on_patched_model(compile_mode):
 
     logits, grads = loss_and_grads(model)
     torch._dynamo.reset()
+    eager_calls = dict(calls)
     compiled_logits, compiled_grads = loss_and_grads(torch.compile(model, fullgraph=True))
+    assert calls == eager_calls  # the compiled graph traced the plain math instead
     torch.testing.assert_close(compiled_logits, logits, rtol=1e-5, atol=1e-5)
     for got, want in zip(compiled_grads, grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

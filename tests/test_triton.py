@@ -37,7 +37,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 def triton_calls(monkeypatch):
     """Send every tensor to the Triton kernels and count their launches."""
     monkeypatch.setattr(functional, "TRITON", "auto" if ON_GPU else "always")
-    monkeypatch.setattr(functional, "_triton_failure", None)
+    monkeypatch.setitem(functional._failures, "triton", None)
     calls = {"forward": 0, "input_grad": 0}
     for name in calls:
         def counted(*args, _kernel=getattr(triton_norm, name), _name=name):
@@ -57,7 +57,7 @@ def check_against_reference(variant: Variant, x, g, eps_mode, tol, eps=1e-5):
     grad_scale = max(dx_ref.abs().max().item(), (g.double().cpu().abs().amax(-1) / sigma).max().item())
     torch.testing.assert_close(z.double().cpu(), z_ref, rtol=tol, atol=tol * z_ref.abs().max().item())
     torch.testing.assert_close(dx.double().cpu(), dx_ref, rtol=tol, atol=tol * grad_scale)
-    assert functional._triton_failure is None
+    assert functional._failures["triton"] is None
 
 
 @pytest.mark.parametrize("variant", NORMALIZING, ids=[v.id for v in NORMALIZING])
@@ -136,7 +136,7 @@ def test_a_failing_kernel_falls_back_to_torch_once_with_a_warning(triton_calls, 
     with pytest.warns(UserWarning, match="Triton kernel failed .*no kernel image.*HF_ADANORM_TRITON=off"):
         z, dx = grad_of(adanorm.make(32), x, g)
     assert triton_calls["input_grad"] == 0  # the backward did not try again
-    monkeypatch.setattr(functional, "_triton_failure", None)
+    monkeypatch.setitem(functional._failures, "triton", None)
     z_ref, dx_ref = grad_of(lambda t: reference(adanorm, t, 1e-5, "torch"), x.double().cpu(), g.double().cpu())
     torch.testing.assert_close(z.double().cpu(), z_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx.double().cpu(), dx_ref, rtol=1e-5, atol=1e-5)

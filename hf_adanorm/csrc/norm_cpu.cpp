@@ -1,0 +1,164 @@
+// CPU kernels for hf_adanorm.functional: the math of the Triton kernels, one row at a time.
+//
+// Each row of D elements (a few KiB) stays in L1 between the passes over it, so each
+// direction streams through memory once, the minimum for a norm:
+//   forward:  read x, write z = y * (C - C k y), mean and 1/sigma;
+//   backward: read g, x, mean and 1/sigma, write dL/dx.
+// torch's own route (LayerNorm kernel, then an element-wise pass for the AdaNorm factor)
+// streams the whole tensor twice. Notation as in hf_adanorm/functional.py:
+//   y  = (x - mean) / sigma,  sigma = sqrt(v + eps) ("torch") or sqrt(v) + eps ("fairseq"),
+//   v  = sum((x - mean)^2) / (D - u),  g' = g * (C - C k y),
+//   dL/dx = (1 / sigma) * (g' - a * mean(g') - b * y * mean(g' * y)).
+// Arithmetic is float32 whatever the input dtype (float32, bfloat16, float16).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace {
+
+struct Norm {
+  float eps, k, C;
+  bool centre, fairseq;
+  int64_t d;
+  // u = 1 for fairseq's unbiased variance of centred norms.
+  int64_t dof() const { return std::max<int64_t>(d - (centre && fairseq ? 1 : 0), 1); }
+};
+
+// Rows per task: enough elements that a thread's share outweighs waking it.
+int64_t grain(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
+
+template <typename T>
+void forward_row(const T* x, T* z, float* mean_out, float* rstd_out, const Norm& n) {
+  float mean = 0.f;
+  if (n.centre) {
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n.d; ++j) sum += static_cast<float>(x[j]);
+    mean = sum / n.d;
+  }
+  // Second pass over the cached row: exact for rows far from zero mean, unlike E[x^2] - E[x]^2.
+  float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t j = 0; j < n.d; ++j) {
+    const float c = static_cast<float>(x[j]) - mean;
+    squares += c * c;
+  }
+  const float v = squares / n.dof();
+  const float rstd = n.fairseq ? 1.f / (std::sqrt(v) + n.eps) : 1.f / std::sqrt(v + n.eps);
+  const float C = n.C, Ck = n.C * n.k;
+#pragma omp simd
+  for (int64_t j = 0; j < n.d; ++j) {
+    const float y = (static_cast<float>(x[j]) - mean) * rstd;
+    z[j] = static_cast<T>(y * (C - Ck * y));
+  }
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+template <typename T>
+void input_grad_row(const T* g, const T* x, float mean, float rstd, T* dx, const Norm& n,
+                    bool subtract_mean, bool rescale) {
+  float b = rescale ? 1.f : 0.f;
+  if (rescale && n.fairseq) {
+    // d sigma / d v differs from torch mode: b = sigma D / ((D - u) sqrt(v)); a constant row
+    // (sqrt(v) == 0) has y == 0, so the term vanishes there.
+    const float sigma = 1.f / rstd, root_v = sigma - n.eps;
+    b = root_v > 0.f ? sigma * n.d / (n.dof() * root_v) : 0.f;
+  }
+  const float C = n.C, Ck = n.C * n.k;
+  float sum_gp = 0.f, sum_gpy = 0.f;
+#pragma omp simd reduction(+ : sum_gp, sum_gpy)
+  for (int64_t j = 0; j < n.d; ++j) {
+    const float y = (static_cast<float>(x[j]) - mean) * rstd;
+    const float gp = static_cast<float>(g[j]) * (C - Ck * y);
+    sum_gp += gp;
+    sum_gpy += gp * y;
+  }
+  const float shift = subtract_mean ? sum_gp / n.d : 0.f;
+  const float tilt = b * sum_gpy / n.d;
+#pragma omp simd
+  for (int64_t j = 0; j < n.d; ++j) {
+    const float y = (static_cast<float>(x[j]) - mean) * rstd;
+    const float gp = static_cast<float>(g[j]) * (C - Ck * y);
+    dx[j] = static_cast<T>(rstd * (gp - shift - tilt * y));
+  }
+}
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(),
+              "hf_adanorm CPU kernel: ", name, " must be a contiguous 2-D CPU tensor");
+}
+
+template <typename Body>
+void dispatch_dtype(at::ScalarType dtype, Body body) {
+  switch (dtype) {
+    case at::kFloat: return body(float{});
+    case at::kBFloat16: return body(c10::BFloat16{});
+    case at::kHalf: return body(c10::Half{});
+    default: TORCH_CHECK(false, "hf_adanorm CPU kernel: unsupported dtype ", dtype);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, double eps, bool centre,
+                                                       bool fairseq, double k, double C) {
+  check_rows(x, "x");
+  const int64_t rows = x.size(0);
+  const Norm n{float(eps), float(k), float(C), centre, fairseq, x.size(1)};
+  at::Tensor z = at::empty_like(x);
+  at::Tensor mean = at::empty({rows, 1}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows, 1}, x.options().dtype(at::kFloat));
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.const_data_ptr<T>();
+    T* zp = z.mutable_data_ptr<T>();
+    float *mp = mean.mutable_data_ptr<float>(), *rp = rstd.mutable_data_ptr<float>();
+    at::parallel_for(0, rows, grain(n.d), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) forward_row(xp + i * n.d, zp + i * n.d, mp + i, rp + i, n);
+    });
+  });
+  return {z, mean, rstd};
+}
+
+at::Tensor input_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& mean,
+                      const at::Tensor& rstd, double eps, bool centre, bool fairseq,
+                      bool subtract_mean, bool rescale, double k, double C) {
+  check_rows(g, "g");
+  check_rows(x, "x");
+  TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(),
+              "hf_adanorm CPU kernel: g and x must match in shape and dtype");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat &&
+                  mean.is_contiguous() && rstd.is_contiguous() &&
+                  mean.numel() == x.size(0) && rstd.numel() == x.size(0),
+              "hf_adanorm CPU kernel: mean and rstd must be contiguous float32, one per row");
+  const Norm n{float(eps), float(k), float(C), centre, fairseq, x.size(1)};
+  at::Tensor dx = at::empty_like(x);
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *gp = g.const_data_ptr<T>(), *xp = x.const_data_ptr<T>();
+    const float *mp = mean.const_data_ptr<float>(), *rp = rstd.const_data_ptr<float>();
+    T* dxp = dx.mutable_data_ptr<T>();
+    at::parallel_for(0, x.size(0), grain(n.d), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        input_grad_row(gp + i * n.d, xp + i * n.d, mp[i], rp[i], dxp + i * n.d, n, subtract_mean, rescale);
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hf_adanorm_cpu, m) {
+  m.def("forward(Tensor x, float eps, bool centre, bool fairseq, float k, float C) -> (Tensor, Tensor, Tensor)");
+  m.def("input_grad(Tensor g, Tensor x, Tensor mean, Tensor rstd, float eps, bool centre, bool fairseq, "
+        "bool subtract_mean, bool rescale, float k, float C) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hf_adanorm_cpu, CPU, m) {
+  m.impl("forward", &forward);
+  m.impl("input_grad", &input_grad);
+}
