@@ -56,7 +56,22 @@ def ops():
         lines = str(err).splitlines() or [type(err).__name__]
         reason = next((line.strip() for line in lines if "error:" in line), lines[0])
         raise RuntimeError(f"building {name} failed: {reason}") from err
+    _register_shapes()
     return torch.ops.hf_adanorm_cpu
+
+
+def _register_shapes():
+    """Shape-only versions of the ops, so fake-tensor tracing (e.g. torch.export's, or memory
+    estimates under FakeTensorMode) sees them instead of failing on a real kernel."""
+    def forward_shapes(x, eps, centre, fairseq, k, C):
+        stats = x.new_empty((x.shape[0], 1), dtype=torch.float32)
+        return torch.empty_like(x), stats, torch.empty_like(stats)
+
+    def input_grad_shapes(g, x, mean, rstd, eps, centre, fairseq, subtract_mean, rescale, k, C):
+        return torch.empty_like(x)
+
+    torch.library.register_fake("hf_adanorm_cpu::forward", forward_shapes)
+    torch.library.register_fake("hf_adanorm_cpu::input_grad", input_grad_shapes)
 
 
 def forward(x2d: torch.Tensor, eps: float, centre: bool, fairseq: bool, k: float, C: float):

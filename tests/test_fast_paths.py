@@ -160,6 +160,21 @@ def test_one_row_per_thread_task_boundary(cpu_kernels_mode):
     assert calls == {"forward": 4, "input_grad": 4}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_a_non_finite_row_stays_non_finite_and_alone(dtype, cpu_kernels_mode):
+    """NaN or inf in a row gives NaN there (never a finite or inf value), the other rows are untouched."""
+    cpu_kernels_mode("auto")
+    x, g = awkward_input((4, 40), dtype)
+    x[0, 3], x[2, 7] = float("nan"), float("inf")
+    x = x.requires_grad_()
+    z = AdaNorm(40)(x)
+    z.backward(g)
+    for t in (z, x.grad):
+        assert t[[0, 2]].isnan().all() and t[[1, 3]].isfinite().all()
+    cpu_kernels_mode("off")
+    torch.testing.assert_close(AdaNorm(40)(x)[[1, 3]], z[[1, 3]])
+
+
 def test_failed_build_falls_back_to_eager_once(cpu_kernels_mode, monkeypatch):
     calls = cpu_kernels_mode("auto")
     builds = []
@@ -175,6 +190,21 @@ def test_failed_build_falls_back_to_eager_once(cpu_kernels_mode, monkeypatch):
     assert "command not found" in functional._failures["cpu"]
     assert_matches_reference(KINDS[3], DetachNorm(48, detach="mean"), x, g, 1e-5)
     assert builds == [1] and calls == {"forward": 1, "input_grad": 0}  # never retried
+
+
+def test_fake_tensors_get_shapes_without_running_a_kernel(cpu_kernels_mode):
+    """Under FakeTensorMode (shape propagation, memory estimates) the ops report shapes only."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls = cpu_kernels_mode("auto")
+    cpu_kernels.ops()  # built and registered, as after any earlier real call
+    norm = AdaNorm(48)
+    with FakeTensorMode():
+        x = torch.empty(6, 5, 48, dtype=torch.bfloat16, requires_grad=True)
+        z = norm(x)
+        (dx,) = torch.autograd.grad(z.float().sum(), x)
+    assert z.shape == dx.shape == (6, 5, 48) and z.dtype == dx.dtype == torch.bfloat16
+    assert calls == {"forward": 1, "input_grad": 1} and functional._failures["cpu"] is None
 
 
 @pytest.mark.slow

@@ -18,8 +18,31 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace {
+
+// Element conversions written as plain bit arithmetic, so the compiler vectorizes the row
+// loops for half-precision inputs too (c10's conversions branch, which keeps them scalar).
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) {
+  const uint32_t bits = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline void store(float* out, float v) { *out = v; }
+inline void store(c10::BFloat16* out, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint32_t nearest_even = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  out->x = v != v ? uint16_t(0x7FC0) : uint16_t(nearest_even);  // NaN stays NaN
+}
 
 struct Norm {
   float eps, k, C;
@@ -38,14 +61,14 @@ void forward_row(const T* x, T* z, float* mean_out, float* rstd_out, const Norm&
   if (n.centre) {
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n.d; ++j) sum += static_cast<float>(x[j]);
+    for (int64_t j = 0; j < n.d; ++j) sum += to_float(x[j]);
     mean = sum / n.d;
   }
   // Second pass over the cached row: exact for rows far from zero mean, unlike E[x^2] - E[x]^2.
   float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
   for (int64_t j = 0; j < n.d; ++j) {
-    const float c = static_cast<float>(x[j]) - mean;
+    const float c = to_float(x[j]) - mean;
     squares += c * c;
   }
   const float v = squares / n.dof();
@@ -53,8 +76,8 @@ void forward_row(const T* x, T* z, float* mean_out, float* rstd_out, const Norm&
   const float C = n.C, Ck = n.C * n.k;
 #pragma omp simd
   for (int64_t j = 0; j < n.d; ++j) {
-    const float y = (static_cast<float>(x[j]) - mean) * rstd;
-    z[j] = static_cast<T>(y * (C - Ck * y));
+    const float y = (to_float(x[j]) - mean) * rstd;
+    store(z + j, y * (C - Ck * y));
   }
   *mean_out = mean;
   *rstd_out = rstd;
@@ -74,8 +97,8 @@ void input_grad_row(const T* g, const T* x, float mean, float rstd, T* dx, const
   float sum_gp = 0.f, sum_gpy = 0.f;
 #pragma omp simd reduction(+ : sum_gp, sum_gpy)
   for (int64_t j = 0; j < n.d; ++j) {
-    const float y = (static_cast<float>(x[j]) - mean) * rstd;
-    const float gp = static_cast<float>(g[j]) * (C - Ck * y);
+    const float y = (to_float(x[j]) - mean) * rstd;
+    const float gp = to_float(g[j]) * (C - Ck * y);
     sum_gp += gp;
     sum_gpy += gp * y;
   }
@@ -83,10 +106,55 @@ void input_grad_row(const T* g, const T* x, float mean, float rstd, T* dx, const
   const float tilt = b * sum_gpy / n.d;
 #pragma omp simd
   for (int64_t j = 0; j < n.d; ++j) {
-    const float y = (static_cast<float>(x[j]) - mean) * rstd;
-    const float gp = static_cast<float>(g[j]) * (C - Ck * y);
-    dx[j] = static_cast<T>(rstd * (gp - shift - tilt * y));
+    const float y = (to_float(x[j]) - mean) * rstd;
+    const float gp = to_float(g[j]) * (C - Ck * y);
+    store(dx + j, rstd * (gp - shift - tilt * y));
   }
+}
+
+// float16: compilers do not vectorize its conversions inside the loops above, so each row is
+// converted into a float32 scratch row (8 lanes at a time with F16C), normalized, converted back.
+void half_to_float(const c10::Half* src, float* dst, int64_t n) {
+  int64_t j = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+#endif
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+void float_to_half(const float* src, c10::Half* dst, int64_t n) {
+  int64_t j = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; j + 8 <= n; j += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; j < n; ++j) dst[j] = c10::Half(src[j]);
+}
+
+float* scratch(int slot, int64_t n) {
+  thread_local std::vector<float> rows[2];
+  if (int64_t(rows[slot].size()) < n) rows[slot].resize(n);
+  return rows[slot].data();
+}
+
+template <>
+void forward_row(const c10::Half* x, c10::Half* z, float* mean_out, float* rstd_out, const Norm& n) {
+  float* row = scratch(0, n.d);
+  half_to_float(x, row, n.d);
+  forward_row(row, row, mean_out, rstd_out, n);  // z[j] is written after x[j]'s last read
+  float_to_half(row, z, n.d);
+}
+
+template <>
+void input_grad_row(const c10::Half* g, const c10::Half* x, float mean, float rstd, c10::Half* dx,
+                    const Norm& n, bool subtract_mean, bool rescale) {
+  float *g_row = scratch(0, n.d), *x_row = scratch(1, n.d);
+  half_to_float(g, g_row, n.d);
+  half_to_float(x, x_row, n.d);
+  input_grad_row(g_row, x_row, mean, rstd, g_row, n, subtract_mean, rescale);
+  float_to_half(g_row, dx, n.d);
 }
 
 void check_rows(const at::Tensor& t, const char* name) {
