@@ -136,7 +136,8 @@ def main(argv=None):
     for key, seconds in functional.first_call_seconds.items():
         print(f"  first call (build / compile) {seconds:.1f} s  {key}")
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / ("e2e.csv" if device.type == "cpu" else f"e2e_{device.type}_{args.autocast}.csv")
+    plain = device.type == "cpu" and args.autocast == "none"
+    out = args.out / ("e2e.csv" if plain else f"e2e_{device.type}_{args.autocast}.csv")
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()

@@ -253,8 +253,17 @@ def test_fairseq_and_torch_modes_differ(eps_mode):
 
 # ---------------------------------------------------------------- precisions
 
+@pytest.fixture(params=["auto", "off"], ids=["cpu_kernels", "eager"])
+def both_cpu_paths(request, monkeypatch):
+    """Run a test on the C++ kernels and on torch's eager kernels (float32 and half inputs;
+    float64 always runs eagerly)."""
+    from hf_adanorm import functional
+    monkeypatch.setattr(functional, "CPU_KERNELS", request.param)
+
+
 @all_variants
 @all_modes
+@pytest.mark.usefixtures("both_cpu_paths")
 def test_float32(variant, eps_mode):
     check_against_reference(variant, rows(4, 6, 48, dtype=torch.float32), eps_mode, rtol=1e-5, atol=1e-5)
 
@@ -272,6 +281,7 @@ def _half_supported(dtype):
 @all_variants
 @all_modes
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.usefixtures("both_cpu_paths")
 def test_half_precision(variant, eps_mode, dtype):
     """Half inputs give half outputs and gradients within 2e-2 of the float64 reference
     on the same half values.  The rows sit at ~100 with a spread of ~1, where a bf16
@@ -287,6 +297,7 @@ def test_half_precision(variant, eps_mode, dtype):
 @all_variants
 @all_modes
 @pytest.mark.parametrize("hidden", [1, 2, 1023, 1500])
+@pytest.mark.usefixtures("both_cpu_paths")
 def test_hidden_sizes(variant, eps_mode, hidden):
     x = rows(3, hidden, dtype=torch.float32, seed=hidden)
     if hidden == 1 and variant.centre and eps_mode == "fairseq" and not variant.identity:
@@ -323,6 +334,7 @@ def test_normalized_shape_of_two_dims(variant, eps_mode):
 @all_variants
 @all_modes
 @pytest.mark.parametrize("layout", ["transposed", "strided_last_dim", "expanded_grad"])
+@pytest.mark.usefixtures("both_cpu_paths")
 def test_non_contiguous(variant, eps_mode, layout):
     base = rows(6, 4, 40, dtype=torch.float32, seed=11)
     module = variant.make(20 if layout == "strided_last_dim" else 40, eps_mode=eps_mode)
@@ -345,6 +357,7 @@ def test_non_contiguous(variant, eps_mode, layout):
 @all_variants
 @all_modes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.usefixtures("both_cpu_paths")
 def test_zero_variance_rows(variant, eps_mode, dtype):
     """A constant row and an all-zero row: finite output, and the gradient's limit."""
     x = rows(4, 16, dtype=dtype, seed=13)
@@ -359,6 +372,7 @@ def test_zero_variance_rows(variant, eps_mode, dtype):
 @all_variants
 @all_modes
 @pytest.mark.parametrize("magnitude", [1e4, 1e-8])
+@pytest.mark.usefixtures("both_cpu_paths")
 def test_extreme_magnitudes(variant, eps_mode, magnitude):
     x = (rows(4, 64, seed=14) * magnitude).float()
     check_against_reference(variant, x, eps_mode, rtol=1e-5, atol=1e-5)
