@@ -1,12 +1,13 @@
 """Hand-written C++ kernels for CPU tensors: the math of :mod:`hf_adanorm.functional`, one pass per row.
 
-The source, ``csrc/norm_cpu.cpp``, is built on first use with
+The source, ``csrc/norm_cpu.cpp``, is built on a machine's first use with
 :func:`torch.utils.cpp_extension.load` (about 10 s on two cores; needs a C++ compiler and
-``ninja``) and cached on disk by torch, under ``$TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``), so later processes only load it.  The kernels register
+``ninja``) into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), one folder
+per source, flags and torch version; later processes load the library from there (~0.1 s).  The kernels register
 ``torch.ops.hf_adanorm_cpu.forward`` and ``torch.ops.hf_adanorm_cpu.input_grad``.
 
-Each row is read once from memory and kept in L1 across its passes: the forward writes
+Each row is read from memory once and kept in cache across its passes (L1 for rows of a few
+thousand elements): the forward writes
 ``z = C (1 - k y) y`` with the row's mean and ``1/sigma``; the backward writes
 ``dL/dx = (1/sigma) (g' - a mean(g') - b y mean(g' y))`` with ``g' = C (1 - k y) g``
 (``a``, ``b`` as in :mod:`hf_adanorm.functional`).  Arithmetic is float32 for float32,
@@ -16,7 +17,12 @@ bfloat16 and float16 inputs; outputs take the input dtype.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,50 +34,89 @@ SOURCE = Path(__file__).with_name("csrc") / "norm_cpu.cpp"
 
 
 def build_flags() -> tuple[str, list[str], list[str]]:
-    """``(name, cflags, ldflags)`` for this CPU and torch build.
+    """``(name, cflags, ldflags)`` for this CPU, platform and torch build.
 
     The vector-ISA flags follow the CPU torch itself dispatches to, and are part of the
     extension's name, so a cache shared by machines of different CPUs keeps one build each.
     """
+    if sys.platform == "win32":  # MSVC: no OpenMP here, so rows run on one thread (untested)
+        return "hf_adanorm_cpu", ["/O2"], []
     capability = torch.backends.cpu.get_cpu_capability()
     isa = ["-mavx2", "-mfma", "-mf16c"] if capability in ("AVX2", "AVX512") else []
     # at::parallel_for runs its loop on torch's OpenMP pool only if this file is built with
-    # OpenMP too; otherwise the `omp simd` reductions alone still vectorize.
-    openmp = torch.backends.openmp.is_available()
+    # OpenMP too; otherwise (and with Apple's clang, which has no -fopenmp) the rows run on
+    # one thread and the `omp simd` reductions still vectorize.
+    openmp = torch.backends.openmp.is_available() and sys.platform != "darwin"
     name = "hf_adanorm_cpu" + ("_avx2" if isa else "")
     return name, ["-O3", *isa, "-fopenmp" if openmp else "-fopenmp-simd"], ["-fopenmp"] if openmp else []
 
 
+def build_directory(name: str, flags: list[str]) -> Path:
+    """Where the build is cached: one folder per source text, flags and torch version (whose
+    ABI the library is tied to), so an upgrade of either never loads a stale library."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    return Path(root) / f"{name}-torch{torch.__version__}-{digest}"
+
+
+# torch's build lock is a plain file: a build killed part-way (preemption, OOM) leaves it behind,
+# and every later build would wait on it forever. No build takes this long.
+STALE_LOCK_SECONDS = 300.0
+
+
+def _wait_for_other_builds(folder: Path) -> None:
+    lock = folder / "lock"
+    while lock.exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # the other build just finished
+            return
+        if age > STALE_LOCK_SECONDS:
+            logger.warning("hf_adanorm: removing %s, left %.0f s ago by a build that did not finish", lock, age)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(0.5)
+
+
+def _why(err: Exception) -> str:
+    """The line of a failed build that says what went wrong (torch puts the whole command first)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    causes = ("error:", "not found", "No such file", "Permission denied", "Read-only")
+    return next((line for line in lines if not line.startswith("[") and any(c in line for c in causes)),
+                lines[-1] if len(lines) > 1 else lines[0])
+
+
 @functools.cache
 def ops():
-    """``torch.ops.hf_adanorm_cpu``, building the extension on the first call of the process."""
+    """``torch.ops.hf_adanorm_cpu``, loaded from the cache, or built first on this machine's first use."""
+    name, cflags, ldflags = build_flags()
+    folder = build_directory(name, cflags + ldflags)
+    library = folder / f"{name}{'.pyd' if sys.platform == 'win32' else '.so'}"
+    # A finished build loads without the build tools or the lock, so caches that are read-only
+    # (a container image) or shared between users serve too.
+    if library.exists():
+        try:
+            torch.ops.load_library(str(library))
+            return torch.ops.hf_adanorm_cpu
+        except OSError as err:  # e.g. a link cut short: build it again below
+            logger.warning("hf_adanorm: cannot load %s (%s); building it again", library, err)
+    compiler = os.environ.get("CXX", "cl" if sys.platform == "win32" else "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH; install g++ or clang, or set CXX) "
+                           "to build hf_adanorm's CPU kernels")
     from torch.utils.cpp_extension import load
 
-    name, cflags, ldflags = build_flags()
-    logger.info("hf_adanorm: building or loading the CPU kernels %s (first use in this process)", name)
+    logger.info("hf_adanorm: building the CPU kernels %s in %s (once per machine kind, ~10 s)", name, folder)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _wait_for_other_builds(folder)
         load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
-             is_python_module=False, verbose=False)
-    except Exception as err:  # noqa: BLE001 - no compiler or ninja; torch puts the whole command first
-        lines = str(err).splitlines() or [type(err).__name__]
-        reason = next((line.strip() for line in lines if "error:" in line), lines[0])
-        raise RuntimeError(f"building {name} failed: {reason}") from err
-    _register_shapes()
+             build_directory=str(folder), is_python_module=False, verbose=False)
+    except Exception as err:  # noqa: BLE001 - a compile error, no ninja, an unwritable folder ...
+        raise RuntimeError(f"building {name} in {folder} failed: {_why(err)}") from err
     return torch.ops.hf_adanorm_cpu
-
-
-def _register_shapes():
-    """Shape-only versions of the ops, so fake-tensor tracing (e.g. torch.export's, or memory
-    estimates under FakeTensorMode) sees them instead of failing on a real kernel."""
-    def forward_shapes(x, eps, centre, fairseq, k, C):
-        stats = x.new_empty((x.shape[0], 1), dtype=torch.float32)
-        return torch.empty_like(x), stats, torch.empty_like(stats)
-
-    def input_grad_shapes(g, x, mean, rstd, eps, centre, fairseq, subtract_mean, rescale, k, C):
-        return torch.empty_like(x)
-
-    torch.library.register_fake("hf_adanorm_cpu::forward", forward_shapes)
-    torch.library.register_fake("hf_adanorm_cpu::input_grad", input_grad_shapes)
 
 
 def forward(x2d: torch.Tensor, eps: float, centre: bool, fairseq: bool, k: float, C: float):

@@ -59,14 +59,21 @@ _HALF = (torch.float16, torch.bfloat16)
 
 logger = logging.getLogger(__name__)
 
+def _switch(variable: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(variable, "auto")
+    if value not in choices:
+        raise ValueError(f"${variable} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
 # Whether CPU tensors use the C++ kernels: "auto" (when they build) or "off".
 # Read from $HF_ADANORM_CPU_KERNELS.
-CPU_KERNELS = os.environ.get("HF_ADANORM_CPU_KERNELS", "auto")
+CPU_KERNELS = _switch("HF_ADANORM_CPU_KERNELS", ("auto", "off"))
 # When the Triton kernels run: "auto" for CUDA tensors when Triton is installed, "off", or
 # "always", which sends CPU tensors too: they then need Triton's interpreter
 # (TRITON_INTERPRET=1), the way the tests check the kernels on machines without a GPU.
 # Read from $HF_ADANORM_TRITON.
-TRITON = os.environ.get("HF_ADANORM_TRITON", "auto")
+TRITON = _switch("HF_ADANORM_TRITON", ("auto", "off", "always"))
 _SWITCHES = {"cpu": "HF_ADANORM_CPU_KERNELS", "triton": "HF_ADANORM_TRITON"}
 # Why a kernel family was turned off for the rest of the process (None: it is on).
 _failures: dict[str, Optional[str]] = {"cpu": None, "triton": None}
@@ -116,8 +123,10 @@ def _input_grad_math(g, x2d, mean, rstd, k: float, C: float, centre: bool,
 
 def _kernels_for(x: torch.Tensor) -> Optional[types.ModuleType]:
     """The kernel module (:mod:`.cpu_kernels` or :mod:`.triton_norm`) for ``x``, or None for eager."""
-    if (torch.compiler.is_compiling() or x.dtype not in (torch.float32, *_HALF)
-            or x.numel() == 0 or x.shape[-1] == 0):
+    # Plain tensors only: subclasses (FakeTensor, DTensor, ...) bring their own dispatch, which
+    # knows torch's ops but not these kernels; the eager path serves them.
+    if (torch.compiler.is_compiling() or type(x) is not torch.Tensor
+            or x.dtype not in (torch.float32, *_HALF) or x.numel() == 0 or x.shape[-1] == 0):
         return None
     if TRITON != "off" and _failures["triton"] is None and (x.device.type == "cuda" or TRITON == "always"):
         try:
@@ -158,9 +167,16 @@ def _run(kernels: types.ModuleType, direction: str, key: tuple, *args):
 # ---------------------------------------------------------------- eager kernels (any mode)
 
 @functools.lru_cache(maxsize=64)
-def _unit_gain(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _cached_unit_gain(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False):
         return torch.ones(d, dtype=dtype, device=device)
+
+
+def _unit_gain(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A gain of ones for ``like``'s rows: cached for plain tensors; made alongside a tensor
+    subclass (a FakeTensor must not meet a real tensor)."""
+    d = like.shape[-1]
+    return _cached_unit_gain(d, dtype, like.device) if type(like) is torch.Tensor else like.new_ones(d, dtype=dtype)
 
 
 def _native_half(x: torch.Tensor, centre: bool, fairseq: bool, k: float, C: float) -> bool:
@@ -177,13 +193,13 @@ def _native_half(x: torch.Tensor, centre: bool, fairseq: bool, k: float, C: floa
 def _eager_forward(x, eps, centre, fairseq, k, C):
     d = x.shape[-1]
     if _native_half(x, centre, fairseq, k, C):
-        return torch.ops.aten.native_layer_norm(x, [d], _unit_gain(d, torch.float32, x.device), None, eps)
+        return torch.ops.aten.native_layer_norm(x, [d], _unit_gain(x, torch.float32), None, eps)
     x32 = x.float() if x.dtype in _HALF else x
     if centre and not fairseq:
         # The native kernel is the fastest eager way to get y, mean and 1/sigma at once.
         # On CPU a unit gain gives the same y bit for bit and is faster than no gain
         # (torch 2.13: its gain-less variant takes a slower loop).
-        gain = _unit_gain(d, x32.dtype, x32.device) if x32.device.type == "cpu" else None
+        gain = _unit_gain(x32, x32.dtype) if x32.device.type == "cpu" else None
         y, mean, rstd = torch.ops.aten.native_layer_norm(x32, [d], gain, None, eps)
     else:
         mean = x32.mean(-1, keepdim=True) if centre else x32.new_zeros(x32.shape[0], 1)
@@ -205,7 +221,7 @@ def _eager_input_grad(g, x, mean, rstd, eps, centre, fairseq, subtract_mean, res
     native = centre and rescale and not fairseq  # torch's LayerNorm backward does the work
     if native and _native_half(x, centre, fairseq, k, C):
         dx = torch.ops.aten.native_layer_norm_backward(
-            g.contiguous(), x, [d], mean, rstd, _unit_gain(d, torch.float32, x.device), None,
+            g.contiguous(), x, [d], mean, rstd, _unit_gain(x, torch.float32), None,
             [True, False, False])[0]
         if not subtract_mean:
             dx.add_(g.mean(-1, keepdim=True, dtype=torch.float32) * rstd)

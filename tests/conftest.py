@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 
 import pytest
 import torch
@@ -23,6 +24,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cpu_kernels_mode(monkeypatch):
+    """Set functional.CPU_KERNELS ("auto" or "off") for one test; returns the call counts
+    of the C++ kernels (hf_adanorm.cpu_kernels)."""
+    from hf_adanorm import cpu_kernels, functional
+
+    calls = {"forward": 0, "input_grad": 0}
+    for name in calls:
+        def counted(*args, _kernel=getattr(cpu_kernels, name), _name=name):
+            calls[_name] += 1
+            return _kernel(*args)
+        monkeypatch.setattr(cpu_kernels, name, counted)
+
+    def use(mode, needs_kernels=True):
+        if mode == "auto" and needs_kernels:
+            try:
+                cpu_kernels.ops()
+            except RuntimeError as err:
+                # Without a compiler (and no cached build) the kernels cannot exist here; with one,
+                # a failed build is a bug in norm_cpu.cpp and must fail the tests.
+                if shutil.which(os.environ.get("CXX", "c++")) is None:
+                    pytest.skip(str(err))
+                raise
+        monkeypatch.setattr(functional, "CPU_KERNELS", mode)
+        monkeypatch.setitem(functional._failures, "cpu", None)
+        return calls
+    return use
 
 
 @pytest.fixture(scope="session")

@@ -55,24 +55,40 @@ struct Norm {
 // Rows per task: enough elements that a thread's share outweighs waking it.
 int64_t grain(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
 
+// Row sums: float partial sums over blocks of kBlock elements (vectorized), added up in double,
+// so the rounding error does not grow with the row length as one float accumulator's would.
+constexpr int64_t kBlock = 256;
+
 template <typename T>
 void forward_row(const T* x, T* z, float* mean_out, float* rstd_out, const Norm& n) {
   float mean = 0.f;
   if (n.centre) {
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n.d; ++j) sum += to_float(x[j]);
-    mean = sum / n.d;
+    // Summing x - x[0] keeps a large common offset out of the float partial sums.
+    const float pivot = to_float(x[0]);
+    double sum = 0.0;
+    for (int64_t lo = 0; lo < n.d; lo += kBlock) {
+      const int64_t hi = std::min(n.d, lo + kBlock);
+      float part = 0.f;
+#pragma omp simd reduction(+ : part)
+      for (int64_t j = lo; j < hi; ++j) part += to_float(x[j]) - pivot;
+      sum += part;
+    }
+    mean = float(pivot + sum / n.d);
   }
   // Second pass over the cached row: exact for rows far from zero mean, unlike E[x^2] - E[x]^2.
-  float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-  for (int64_t j = 0; j < n.d; ++j) {
-    const float c = to_float(x[j]) - mean;
-    squares += c * c;
+  double squares = 0.0;
+  for (int64_t lo = 0; lo < n.d; lo += kBlock) {
+    const int64_t hi = std::min(n.d, lo + kBlock);
+    float part = 0.f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t j = lo; j < hi; ++j) {
+      const float c = to_float(x[j]) - mean;
+      part += c * c;
+    }
+    squares += part;
   }
-  const float v = squares / n.dof();
-  const float rstd = n.fairseq ? 1.f / (std::sqrt(v) + n.eps) : 1.f / std::sqrt(v + n.eps);
+  const double v = squares / n.dof();
+  const float rstd = float(n.fairseq ? 1.0 / (std::sqrt(v) + n.eps) : 1.0 / std::sqrt(v + n.eps));
   const float C = n.C, Ck = n.C * n.k;
 #pragma omp simd
   for (int64_t j = 0; j < n.d; ++j) {
@@ -94,16 +110,22 @@ void input_grad_row(const T* g, const T* x, float mean, float rstd, T* dx, const
     b = root_v > 0.f ? sigma * n.d / (n.dof() * root_v) : 0.f;
   }
   const float C = n.C, Ck = n.C * n.k;
-  float sum_gp = 0.f, sum_gpy = 0.f;
-#pragma omp simd reduction(+ : sum_gp, sum_gpy)
-  for (int64_t j = 0; j < n.d; ++j) {
-    const float y = (to_float(x[j]) - mean) * rstd;
-    const float gp = to_float(g[j]) * (C - Ck * y);
-    sum_gp += gp;
-    sum_gpy += gp * y;
+  double sum_gp = 0.0, sum_gpy = 0.0;
+  for (int64_t lo = 0; lo < n.d; lo += kBlock) {
+    const int64_t hi = std::min(n.d, lo + kBlock);
+    float part_gp = 0.f, part_gpy = 0.f;
+#pragma omp simd reduction(+ : part_gp, part_gpy)
+    for (int64_t j = lo; j < hi; ++j) {
+      const float y = (to_float(x[j]) - mean) * rstd;
+      const float gp = to_float(g[j]) * (C - Ck * y);
+      part_gp += gp;
+      part_gpy += gp * y;
+    }
+    sum_gp += part_gp;
+    sum_gpy += part_gpy;
   }
-  const float shift = subtract_mean ? sum_gp / n.d : 0.f;
-  const float tilt = b * sum_gpy / n.d;
+  const float shift = subtract_mean ? float(sum_gp / n.d) : 0.f;
+  const float tilt = float(b * sum_gpy / n.d);
 #pragma omp simd
   for (int64_t j = 0; j < n.d; ++j) {
     const float y = (to_float(x[j]) - mean) * rstd;
