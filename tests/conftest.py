@@ -26,18 +26,25 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def count_kernel_calls(monkeypatch, kernels) -> dict:
+    """Wrap ``kernels.forward`` and ``kernels.input_grad`` (cpu_kernels or triton_norm) for one
+    test; the returned dict counts their calls."""
+    calls = {"forward": 0, "input_grad": 0}
+    for name in calls:
+        def counted(*args, _kernel=getattr(kernels, name), _name=name):
+            calls[_name] += 1
+            return _kernel(*args)
+        monkeypatch.setattr(kernels, name, counted)
+    return calls
+
+
 @pytest.fixture
 def cpu_kernels_mode(monkeypatch):
     """Set functional.CPU_KERNELS ("auto" or "off") for one test; returns the call counts
     of the C++ kernels (hf_adanorm.cpu_kernels)."""
     from hf_adanorm import cpu_kernels, functional
 
-    calls = {"forward": 0, "input_grad": 0}
-    for name in calls:
-        def counted(*args, _kernel=getattr(cpu_kernels, name), _name=name):
-            calls[_name] += 1
-            return _kernel(*args)
-        monkeypatch.setattr(cpu_kernels, name, counted)
+    calls = count_kernel_calls(monkeypatch, cpu_kernels)
 
     def use(mode, needs_kernels=True):
         if mode == "auto" and needs_kernels:

@@ -26,6 +26,7 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":  # conftest.py sets
                 allow_module_level=True)
 
 from hf_adanorm import functional, patch_model, triton_norm  # noqa: E402
+from conftest import count_kernel_calls  # noqa: E402
 from test_norms import VARIANTS, Variant, grad_of, reference, rows  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -38,13 +39,7 @@ def triton_calls(monkeypatch):
     """Send every tensor to the Triton kernels and count their launches."""
     monkeypatch.setattr(functional, "TRITON", "auto" if ON_GPU else "always")
     monkeypatch.setitem(functional._failures, "triton", None)
-    calls = {"forward": 0, "input_grad": 0}
-    for name in calls:
-        def counted(*args, _kernel=getattr(triton_norm, name), _name=name):
-            calls[_name] += 1
-            return _kernel(*args)
-        monkeypatch.setattr(triton_norm, name, counted)
-    return calls
+    return count_kernel_calls(monkeypatch, triton_norm)
 
 
 def check_against_reference(variant: Variant, x, g, eps_mode, tol, eps=1e-5):
