@@ -51,7 +51,7 @@ import os
 import time
 import types
 import warnings
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 

@@ -186,7 +186,7 @@ def _check_can_install(model: nn.Module, chosen: dict) -> None:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, _CONFIG_KEY, None) is not None:
         raise RuntimeError(
-            f"model.config already carries an hf_adanorm record but this model is not patched: it "
+            "model.config already carries an hf_adanorm record but this model is not patched: it "
             "was loaded without hf_adanorm.from_pretrained, or another module sharing this config "
             "is patched. Load it with hf_adanorm.from_pretrained, or unpatch the other module first")
     from .checkpoint import attach_save_pretrained  # noqa: F401 - fail here, not half-way

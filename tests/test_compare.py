@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from hf_adanorm.cli import main
-from hf_adanorm.compare import compare, run_sweep, write_report
+from hf_adanorm.compare import compare, run_sweep
 from hf_adanorm.compare.sweep import METRICS_FILE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
