@@ -62,6 +62,15 @@ def cpu_kernels_mode(monkeypatch):
     return use
 
 
+@pytest.fixture(scope="module")
+def token_dataset():
+    """24 random sequences of 12 token ids (vocabulary 64) with binary labels, for tiny BERTs."""
+    from datasets import Dataset
+    gen = torch.Generator().manual_seed(0)
+    return Dataset.from_dict({"input_ids": torch.randint(1, 64, (24, 12), generator=gen).tolist(),
+                              "labels": torch.randint(0, 2, (24,), generator=gen).tolist()})
+
+
 @pytest.fixture(scope="session")
 def minilm_path():
     """Folder of the real sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT, 13 LayerNorms)."""
