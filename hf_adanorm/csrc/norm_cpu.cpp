@@ -59,34 +59,33 @@ int64_t grain(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>
 // so the rounding error does not grow with the row length as one float accumulator's would.
 constexpr int64_t kBlock = 256;
 
+// sum over j < d of term(j), blocked as above.
+template <typename Term>
+double row_sum(int64_t d, Term term) {
+  double total = 0.0;
+  for (int64_t lo = 0; lo < d; lo += kBlock) {
+    const int64_t hi = std::min(d, lo + kBlock);
+    float part = 0.f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t j = lo; j < hi; ++j) part += term(j);
+    total += part;
+  }
+  return total;
+}
+
 template <typename T>
 void forward_row(const T* x, T* z, float* mean_out, float* rstd_out, const Norm& n) {
   float mean = 0.f;
   if (n.centre) {
     // Summing x - x[0] keeps a large common offset out of the float partial sums.
     const float pivot = to_float(x[0]);
-    double sum = 0.0;
-    for (int64_t lo = 0; lo < n.d; lo += kBlock) {
-      const int64_t hi = std::min(n.d, lo + kBlock);
-      float part = 0.f;
-#pragma omp simd reduction(+ : part)
-      for (int64_t j = lo; j < hi; ++j) part += to_float(x[j]) - pivot;
-      sum += part;
-    }
-    mean = float(pivot + sum / n.d);
+    mean = float(pivot + row_sum(n.d, [&](int64_t j) { return to_float(x[j]) - pivot; }) / n.d);
   }
   // Second pass over the cached row: exact for rows far from zero mean, unlike E[x^2] - E[x]^2.
-  double squares = 0.0;
-  for (int64_t lo = 0; lo < n.d; lo += kBlock) {
-    const int64_t hi = std::min(n.d, lo + kBlock);
-    float part = 0.f;
-#pragma omp simd reduction(+ : part)
-    for (int64_t j = lo; j < hi; ++j) {
-      const float c = to_float(x[j]) - mean;
-      part += c * c;
-    }
-    squares += part;
-  }
+  const double squares = row_sum(n.d, [&](int64_t j) {
+    const float c = to_float(x[j]) - mean;
+    return c * c;
+  });
   const double v = squares / n.dof();
   const float rstd = float(n.fairseq ? 1.0 / (std::sqrt(v) + n.eps) : 1.0 / std::sqrt(v + n.eps));
   const float C = n.C, Ck = n.C * n.k;
