@@ -81,9 +81,42 @@ def check_record(record) -> NormConfig:
     return config
 
 
+def _renamed_for(model: nn.Module, record: dict) -> dict:
+    """``record`` with its module names as ``model`` names them.
+
+    Like transformers' weights, a patch saved from a base model (``BertModel``: ``encoder...``)
+    loads into a model with a head (``BertForSequenceClassification``: ``bert.encoder...``), and
+    the other way round, through the model's ``base_model_prefix``.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    names = set(record["modules"]) | set((record.get("fold") or {}).get("added_bias", []))
+    if not prefix or all(_has(model, n) for n in names):
+        return record
+    for rename in (lambda n: f"{prefix}.{n}", lambda n: n[len(prefix) + 1:] if n.startswith(prefix + ".") else n):
+        if all(_has(model, rename(n)) for n in names):
+            renamed = copy.deepcopy(record)
+            renamed["modules"] = {rename(n): entry for n, entry in record["modules"].items()}
+            fold = renamed.get("fold") or {}
+            if "added_bias" in fold:
+                fold["added_bias"] = [rename(n) for n in fold["added_bias"]]
+            if isinstance(fold.get("folded"), dict):
+                fold["folded"] = {rename(n): [rename(c) for c in cs] for n, cs in fold["folded"].items()}
+            return renamed
+    return record  # rebuild_patch names the first module that is missing
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return bool(name)
+    except AttributeError:
+        return False
+
+
 def rebuild_patch(model: nn.Module, record: dict) -> None:
     """Apply a saved patch to a freshly built (unpatched) ``model``; checks everything first."""
     config = check_record(record)
+    record = _renamed_for(model, record)
     def module(name: str) -> nn.Module:
         try:
             return model.get_submodule(name)
