@@ -50,6 +50,9 @@ class ConvertArgs:
     validation_fraction: float = field(default=0.05, metadata=_help(
         "Share of the text held out to measure the drift, when the dataset has no validation split."))
     split_seed: int = field(default=0, metadata=_help("Seed of that hold-out split."))
+    eval_dataset: Optional[str] = field(default=None, metadata=_help(
+        "Text to measure the drift on instead of the held-out part of --dataset, e.g. your task's test "
+        "text: a file, or a folder whose test.* (else validation.*, else every) file is used."))
     max_eval_samples: int = field(default=256, metadata=_help(
         "Held-out examples (encoders) or blocks (causal LMs) the drift is measured on."))
     norm: str = field(default="adanorm", metadata=_help(

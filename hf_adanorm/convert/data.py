@@ -8,6 +8,8 @@ before a model is built or a file is written.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding, default_data_collator
 
@@ -36,6 +38,20 @@ def load_tokenizer(args):
     return tokenizer
 
 
+def eval_text(path: str, causal: bool):
+    """The local file, or the test (else validation, else every) split of a folder, as one Dataset."""
+    import datasets
+
+    from ..training.data import _builder, _local_data_files
+    if not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"eval_dataset {path!r} does not exist: pass a local text/csv/json file or folder")
+    by_split = _local_data_files(Path(path).expanduser())
+    files = next(by_split[s] for s in ("test", "validation", "train") if s in by_split)
+    builder = _builder([Path(f) for f in files])
+    kwargs = {"sample_by": "paragraph" if causal else "line"} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files=files, **kwargs)["train"]
+
+
 def _non_empty(texts) -> list[str]:
     return [t for t in texts if isinstance(t, str) and t.strip()]
 
@@ -53,6 +69,10 @@ def load_texts(args, causal: bool) -> dict:
                          "a folder with train.* and validation.* files") from None
     check_columns(raw, [args.text_column])
     texts = {split: _non_empty(raw[split][args.text_column]) for split in ("train", "validation")}
+    if args.eval_dataset is not None:
+        data = eval_text(args.eval_dataset, causal)
+        check_columns({"evaluation": data}, [args.text_column])
+        texts["validation"] = _non_empty(data[args.text_column])
     for split, found in texts.items():
         if not found:
             raise ValueError(f"the {split} text of {args.dataset!r} is empty (column {args.text_column!r} "
@@ -68,7 +88,7 @@ def tokenize(texts: dict, tokenizer, args, causal: bool, vocab_size: int) -> dic
     for split, found in texts.items():
         data = Dataset.from_dict({"text": found})
         if causal:
-            sep = tokenizer.eos_token or "\n\n"
+            sep = _separator(tokenizer)
             data = data.map(lambda b: tokenizer([t + sep for t in b["text"]], add_special_tokens=False),
                             batched=True, remove_columns=["text"])
             data = group_texts(data, args.max_length).remove_columns(["labels"])
@@ -86,6 +106,14 @@ def tokenize(texts: dict, tokenizer, args, causal: bool, vocab_size: int) -> dic
     if "validation" in out and args.max_eval_samples:
         out["validation"] = out["validation"].select(range(min(args.max_eval_samples, len(out["validation"]))))
     return out
+
+
+def _separator(tokenizer) -> str:
+    """Between two texts: the EOS token where the tokenizer has one as a single token, else a blank line."""
+    eos = tokenizer.eos_token
+    if eos and len(tokenizer(eos, add_special_tokens=False)["input_ids"]) == 1:
+        return eos
+    return "\n\n"
 
 
 def collator(tokenizer, causal: bool):

@@ -63,10 +63,17 @@ def distill_loss(objective: str, teacher_out, student_out, mask) -> torch.Tensor
 
 
 @torch.no_grad()
-def drift(teacher_out, student_out, mask) -> dict:
-    """Per-batch sums of the drift figures (divide by the counts to average)."""
+def drift(teacher_out, student_out, mask, next_tokens=None) -> dict:
+    """Per-batch sums of the drift figures (divide by the counts to average). With the input ids
+    of a causal LM as ``next_tokens``, also each model's cross-entropy on the text itself."""
     mask = mask.bool()
     out = {}
+    if next_tokens is not None:
+        targets, keep = next_tokens[:, 1:], mask[:, 1:]
+        for who, result in (("teacher", teacher_out), ("student", student_out)):
+            ce = F.cross_entropy(result.logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+            out[f"{who}_lm_loss"] = ce[keep].sum().item()
+        out["lm_tokens"] = int(keep.sum())
     t_states = getattr(teacher_out, "hidden_states", None)
     s_states = getattr(student_out, "hidden_states", None)
     if t_states is not None and s_states is not None:

@@ -111,7 +111,7 @@ def _blend_sources(teacher, record) -> dict:
     return sources
 
 
-def measure(model, teacher, loader, device, wrapped=None) -> dict:
+def measure(model, teacher, loader, device, wrapped=None, causal: bool = False) -> dict:
     """Drift of ``model`` (norms fully swapped) from ``teacher`` over ``loader``."""
     saved = [b.alpha for b in (wrapped or {}).values()]
     if wrapped:
@@ -123,7 +123,7 @@ def measure(model, teacher, loader, device, wrapped=None) -> dict:
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             part = drift(teacher(**batch, output_hidden_states=True), model(**batch, output_hidden_states=True),
-                         batch["attention_mask"])
+                         batch["attention_mask"], batch["input_ids"] if causal else None)
             if sums is None:
                 sums = part
             else:
@@ -163,7 +163,7 @@ def convert_model(args: ConvertArgs) -> dict:
                                                                 for k, v in probe.items()}))
 
     student.to(accelerator.device)
-    naive = measure(student, teacher, eval_loader, accelerator.device, wrapped)  # the swap with no training
+    naive = measure(student, teacher, eval_loader, accelerator.device, wrapped, causal)  # the swap with no training
     # Logits are the function of an LM (a fold moves the last norm's gain into the head, so its
     # hidden states differ while its predictions do not); for an encoder the hidden state is.
     exact = (naive["kl"] if "kl" in naive else naive["relative_error"]) < EXACT
@@ -221,7 +221,7 @@ def convert_model(args: ConvertArgs) -> dict:
             if loop["step"] % args.eval_every == 0 or loop["step"] == total_steps:
                 entry = {"step": loop["step"], "loss": loss.item(),
                          "mean_alpha": sum(b.alpha for b in wrapped.values()) / len(wrapped),
-                         **measure(model, teacher, eval_loader, accelerator.device, wrapped)}
+                         **measure(model, teacher, eval_loader, accelerator.device, wrapped, causal)}
                 loop["history"].append(entry)
             if args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0 and loop["step"] < total_steps:
                 checkpoints.save_checkpoint(accelerator, out, loop["step"], loop, total_limit=1)
@@ -233,12 +233,13 @@ def convert_model(args: ConvertArgs) -> dict:
 
     unwrapped = accelerator.unwrap_model(model)
     unwrap_norms(unwrapped, wrapped)  # only the target norms remain
-    final = measure(unwrapped, teacher, eval_loader, accelerator.device)
+    final = measure(unwrapped, teacher, eval_loader, accelerator.device, causal=causal)
     result = {"teacher": args.model, "norm": norm_config.to_dict(), "objective": objective,
               "schedule": args.schedule, "steps": total_steps, "exact_without_training": exact,
               "dataset": args.dataset, "eval_sequences": naive["sequences"], "naive": loop["naive"],
               "converted": final, "history": loop["history"], "patch_report": patch.to_dict(),
-              "seconds": time.time() - started, "args": args.to_dict()}
+              "seconds": time.time() - started, "args": args.to_dict(),
+              "resumed_from": str(resume_path) if resume_path else None}
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
     if accelerator.is_main_process:
         save_pretrained(unwrapped, out / MODEL_DIR, state_dict=state_dict, base_model=args.model,

@@ -31,6 +31,9 @@ def summarize(sums: dict) -> dict:
         out["relative_error"] = sums["relative_error"] / sums["tokens"]
     if "kl" in sums:
         out["kl"] = sums["kl"] / sums["kl_count"]
+    if "lm_tokens" in sums:  # nats per predicted token on the held-out text itself
+        out["teacher_lm_loss"] = sums["teacher_lm_loss"] / sums["lm_tokens"]
+        out["student_lm_loss"] = sums["student_lm_loss"] / sums["lm_tokens"]
     if "layer_cosine" in sums:
         out["layer_cosine"] = [c / sums["tokens"] for c in sums["layer_cosine"]]
     return out
@@ -59,9 +62,11 @@ def markdown(result: dict) -> str:
     lines += ["| | naive swap | after conversion |", "|---|---|---|"]
     for key, label in (("embedding_cosine", "mean-pooled embedding cosine"),
                        ("relative_error", "relative error of the last hidden state"),
-                       ("kl", "KL(teacher ‖ student), nats/token")):
+                       ("kl", "KL(teacher ‖ student), nats/token"),
+                       ("student_lm_loss", "held-out next-token loss, nats/token "
+                                           "(the original's: {teacher_lm_loss:.4g})")):
         if key in conv:
-            lines.append(f"| {label} | {naive[key]:.4g} | {conv[key]:.4g} |")
+            lines.append(f"| {label.format(**conv)} | {naive[key]:.4g} | {conv[key]:.4g} |")
     if "layer_cosine" in conv:
         lines += ["", "Per layer (hidden states; 0 = embeddings), mean token cosine to the teacher:", "",
                   "| layer | naive swap | after conversion |", "|---|---|---|"]
