@@ -185,9 +185,11 @@ def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **k
         raise ValueError("hf_adanorm loads weights from safetensors only (no pickle)")
     kwargs["use_safetensors"] = True
     config = kwargs.pop("config", None)
-    if config is None:
+    if config is None:  # config attributes among kwargs (num_labels=...) go to the config, as in transformers
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        config, kwargs = AutoConfig.from_pretrained(pretrained_model_name_or_path, return_unused_kwargs=True,
+                                                    **kwargs)
+        kwargs.update(hub)
     record = getattr(config, _CONFIG_KEY, None)
     if record is None:
         raise CheckpointError(f"{pretrained_model_name_or_path} has no hf_adanorm record in its "

@@ -29,7 +29,7 @@ from .args import ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import choose_objective, distill_loss, drift
 from .report import ARGS_FILE, OWN_FILES, RESULT_FILE, summarize, write_reports
-from .schedule import PlainNormalization, alphas, set_alphas, unwrap_norms, wrap_norms
+from .schedule import alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
 
 MODEL_DIR = "model"
 EXACT = 1e-6  # below this relative error (or KL) the naive swap already is the original function
@@ -98,19 +98,6 @@ def _load_teacher(args: ConvertArgs):
     return teacher.eval().requires_grad_(False), causal
 
 
-def _blend_sources(teacher, record) -> dict:
-    """What each converted norm computed before: the original module, or for a norm whose gain
-    and bias were folded exactly into the next layers, the plain normalization they now expect."""
-    folded = set((record.get("fold") or {}).get("folded", {}))
-    sources = {}
-    for name, entry in record["modules"].items():
-        if name in folded:
-            sources[name] = PlainNormalization(entry["eps"], rms=entry["kind"] == "rmsnorm")
-        else:
-            sources[name] = copy.deepcopy(teacher.get_submodule(name))
-    return sources
-
-
 def measure(model, teacher, loader, device, wrapped=None, causal: bool = False) -> dict:
     """Drift of ``model`` (norms fully swapped) from ``teacher`` over ``loader``."""
     saved = [b.alpha for b in (wrapped or {}).values()]
@@ -153,7 +140,7 @@ def convert_model(args: ConvertArgs) -> dict:
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     patch = patch_model(student, norm_config)  # no norm to convert, or an option out of range: raises
     record = get_patch_record(student)
-    wrapped = wrap_norms(student, _blend_sources(teacher, record))
+    wrapped = wrap_norms(student, blend_sources(record, lambda name: copy.deepcopy(teacher.get_submodule(name))))
     collate = collator(tokenizer, causal)
     eval_loader = DataLoader(data["validation"], batch_size=args.per_device_batch_size, collate_fn=collate)
     teacher.to(accelerator.device)
