@@ -5,6 +5,10 @@ swaps the norms in during ``Trainer`` fine-tuning."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +133,18 @@ def test_gradual_swap_callback_refuses_bad_options_and_a_patched_model(tmp_path,
     with pytest.raises(RuntimeError, match="unpatched"):
         Trainer(model, args, train_dataset=token_dataset, callbacks=[hf_adanorm.GradualSwapCallback(
             "adanorm", ramp_steps=2)])
+
+
+def test_conversion_under_accelerate_launch_on_two_gloo_processes(workspace, tmp_path):  # noqa: F811
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(repo / "recipes" / "configs" / "cpu_2proc.yaml"), "-m", "hf_adanorm", "convert", "--cpu",
+           "--model", str(workspace / "bert"), "--dataset", str(workspace / "texts.txt"), "--norm", "adanorm",
+           "--max_steps", "6", "--eval_every", "3", "--max_length", "32", "--output_dir", str(out)]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "conversion.json").read_text())
+    assert result["world_size"] == 2 and result["steps"] == 6
+    assert "pooler.dense.weight" in result["frozen_unreached"]  # DDP needs a gradient for every trained one
+    assert result["converted"]["embedding_cosine"] > result["naive"]["embedding_cosine"]

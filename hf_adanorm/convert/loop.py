@@ -98,6 +98,23 @@ def _load_teacher(args: ConvertArgs):
     return teacher.eval().requires_grad_(False), causal
 
 
+def _freeze_unreached(student, teacher, batch, objective, wrapped, device) -> list[str]:
+    """Freeze the parameters the objective cannot reach (e.g. BERT's pooler under the hidden-state
+    objective): they stay the teacher's, and DDP needs every trained parameter to get a gradient."""
+    set_alphas(wrapped, [0.5] * len(wrapped))  # both paths of every blend are live
+    batch = {k: v[:2].to(device) for k, v in batch.items()}
+    with torch.no_grad():
+        target = teacher(**batch)
+    distill_loss(objective, target, student(**batch), batch["attention_mask"]).backward()
+    unused = [name for name, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in student.named_parameters():
+        p.grad = None
+        if name in unused:
+            p.requires_grad_(False)
+    set_alphas(wrapped, [0.0] * len(wrapped))
+    return unused
+
+
 def measure(model, teacher, loader, device, wrapped=None, causal: bool = False) -> dict:
     """Drift of ``model`` (norms fully swapped) from ``teacher`` over ``loader``."""
     saved = [b.alpha for b in (wrapped or {}).values()]
@@ -150,6 +167,7 @@ def convert_model(args: ConvertArgs) -> dict:
                                                                 for k, v in probe.items()}))
 
     student.to(accelerator.device)
+    unused = _freeze_unreached(student, teacher, probe, objective, wrapped, accelerator.device)
     naive = measure(student, teacher, eval_loader, accelerator.device, wrapped, causal)  # the swap with no training
     # Logits are the function of an LM (a fold moves the last norm's gain into the head, so its
     # hidden states differ while its predictions do not); for an encoder the hidden state is.
@@ -225,7 +243,8 @@ def convert_model(args: ConvertArgs) -> dict:
               "schedule": args.schedule, "steps": total_steps, "exact_without_training": exact,
               "dataset": args.dataset, "eval_sequences": naive["sequences"], "naive": loop["naive"],
               "converted": final, "history": loop["history"], "patch_report": patch.to_dict(),
-              "seconds": time.time() - started, "args": args.to_dict(),
+              "seconds": time.time() - started, "args": args.to_dict(), "frozen_unreached": unused,
+              "world_size": accelerator.num_processes,
               "resumed_from": str(resume_path) if resume_path else None}
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
     if accelerator.is_main_process:
