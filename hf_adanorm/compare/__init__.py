@@ -26,7 +26,12 @@ def write_report(runs: list[dict], norms, folder, setup: dict | None = None, bas
 
 
 def compare(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
-            progress: bool = True) -> Path:
-    """Run the sweep (see :func:`run_sweep`) and write its report; returns report.md's path."""
-    runs = run_sweep(setup, norms, seeds, output_dir, run_fn=run_fn, progress=progress)
-    return write_report(runs, norms, Path(output_dir) / "report", setup=setup)
+            progress: bool = True, overwrite: bool = False) -> Path:
+    """Run the sweep (see :func:`run_sweep`) and write its report; returns report.md's path.
+    The sweep folder stays locked until the report is written."""
+    from ..training.locks import folder_lock
+    from .sweep import LOCK_USER, check_sweep
+
+    with folder_lock(check_sweep(setup, list(norms), list(seeds), output_dir, overwrite), LOCK_USER):
+        runs = run_sweep(setup, norms, seeds, output_dir, run_fn=run_fn, progress=progress, overwrite=overwrite)
+        return write_report(runs, norms, Path(output_dir) / "report", setup=setup)
