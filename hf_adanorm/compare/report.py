@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .plots import plot_final_metrics, plot_learning_curves
-from .stats import ALPHA, BASELINE, CONFIDENCE, MAX_SEEDS, POWER, SPLIT_ORDER, summarize
+from .stats import ALPHA, BASELINE, CONFIDENCE, MAX_SEEDS, POWER, SPLIT_ORDER, bounds_of, summarize
 
 
 def _is_nan(x) -> bool:
@@ -133,9 +133,11 @@ def verdict(runs: list[dict], summary: list[dict], norms: list[str], baseline: s
             text = f"- **{norm}** differs from {baseline} on " + ", ".join(
                 f"{row['metric']} (Δ = {row['mean_diff']:+.3g}, Holm-adjusted p = {fmt(row['t_pvalue_holm'], 2)})"
                 for row in found)
-        else:
+        elif tests:
             text = (f"- **{norm}**: no difference from {baseline} detected (Holm-adjusted paired t p ≥ {ALPHA:g} "
-                    f"over the {tests} tests of this report)")
+                    f"over the {tests} test{'s' if tests > 1 else ''} of this report)")
+        else:
+            text = f"- **{norm}**: no test against {baseline} was possible"
         head = next((row for row in mine if row["metric"] == headline), None)
         if head is not None:
             text += "; " + _detectable(head, found_here=head in found)
@@ -151,6 +153,10 @@ def _detectable(row: dict, found_here: bool) -> str:
     if math.isnan(row["mde"]):
         return (f"every seed gave the same Δ {metric} = {row['mean_diff']:+.3g}: with no spread the paired tests and "
                 "the detectable difference are undefined")
+    low, high = bounds_of(metric)
+    if row["mde"] > high - low:  # e.g. an accuracy difference above 1
+        return (f"with {m} seeds no difference in {metric} was detectable: it would take |Δ| > {fmt(row['mde'], 2)}, "
+                f"beyond the metric's range ({POWER:.0%} power)")
     text = f"with {m} seeds only |Δ| > {fmt(row['mde'], 2)} in {metric} was detectable ({POWER:.0%} power)"
     needed = row["seeds_needed"]
     if not found_here and needed is not None and not math.isnan(needed) and needed > m:
