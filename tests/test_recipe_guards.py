@@ -259,3 +259,52 @@ def test_one_adamw_step_decays_weights_only(tmp_path):
             expected = before[name] * (1.0 if is_norm_or_bias else 1 - 0.1 * 0.5)
             torch.testing.assert_close(p.detach(), expected, msg=name)
         assert any("LayerNorm" in name for name in before) != patched  # the patch removed the norms' parameters
+
+
+METRIC_SCRIPT = '''
+import datasets
+import evaluate
+
+
+class {name}(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(description="test metric", citation="", inputs_description="",
+                                   features=datasets.Features({{"predictions": datasets.Value("int64"),
+                                                               "references": datasets.Value("int64")}}))
+
+    def _compute(self, predictions, references):
+        hits = sum(p == r for p, r in zip(predictions, references))
+        return {{"{key}": hits / len(references), "per_class": [1.0, 2.0], "hits": hits}}
+'''
+
+
+def write_metric(folder: Path, name: str, key: str) -> Path:
+    """A local evaluate metric script (evaluate loads it offline)."""
+    (folder / name).mkdir(parents=True)
+    path = folder / name / f"{name}.py"
+    path.write_text(METRIC_SCRIPT.format(name=name.title().replace("_", ""), key=key))
+    return path
+
+
+def test_evaluate_metrics_by_local_path_beside_the_built_in_ones(tmp_path):
+    agreement = write_metric(tmp_path / "metrics", "agreement", key="agreement")
+    clash = write_metric(tmp_path / "metrics", "clash", key="accuracy")  # a key the built-in metrics use
+    args = tiny_args(tmp_path, num_epochs=1, eval_metrics=[str(agreement), str(clash.parent)])
+    metrics = run_training(TrainingArgs(**args))
+    final = metrics["final"]
+    # the evaluate metric counts what sklearn's accuracy_score counts, on the same predictions
+    assert final["eval_agreement"] == final["eval_clash_accuracy"] == final["eval_accuracy"]
+    assert final["eval_hits"] == round(final["eval_accuracy"] * 16)  # 16 validation rows
+    assert "eval_per_class" not in final and metrics["config"]["eval_metrics"] == [str(agreement), str(clash.parent)]
+
+
+def test_an_evaluate_metric_that_cannot_load_fails_before_anything_is_written(tmp_path):
+    args = TrainingArgs(**tiny_args(tmp_path, eval_metrics=["no_such_metric_anywhere"]))
+    with pytest.raises(ValueError, match="cannot load the evaluate metric 'no_such_metric_anywhere'.*local metric"):
+        run_training(args)
+    assert not Path(args.output_dir).exists()
+    with pytest.raises(ValueError, match="classification only"):
+        TrainingArgs(task="causal_lm", model="m", dataset="d.txt", eval_metrics=["x"])
+    argv = ["--model", "m", "--dataset", "d.csv"]
+    assert parse_args("classification", [*argv, "--eval_metrics", "a", "b/c.py"]).eval_metrics == ["a", "b/c.py"]
+    assert parse_args("classification", argv).eval_metrics == []

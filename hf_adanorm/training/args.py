@@ -70,6 +70,11 @@ class TrainingArgs:
         "Second text column for sentence-pair classification (e.g. 'sentence2')."))
     label_column: str = field(default="label", metadata=_help(
         "Column holding the class label (classification only); strings are mapped to class ids."))
+    eval_metrics: list[str] = field(default_factory=list, metadata=_help(
+        "Classification only: further metrics from the `evaluate` library, each by local path (a metric "
+        "script or its folder; works offline) or hub name (e.g. 'matthews_correlation': fetched once, "
+        "so online). Computed from the predictions and labels beside the built-in accuracy and F1; each "
+        "number it returns becomes a metric (eval_<key>, test_<key>; <name>_<key> where the key is taken)."))
     validation_fraction: float = field(default=0.1, metadata=_help(
         "Share of the training split held out for evaluation when the dataset has no validation split."))
     split_seed: int = field(default=0, metadata=_help(
@@ -162,6 +167,9 @@ class TrainingArgs:
             raise ValueError("output_dir is empty: pass --output_dir with a folder for the run")
         if Path(self.output_dir).expanduser().exists() and not Path(self.output_dir).expanduser().is_dir():
             raise ValueError(f"output_dir {self.output_dir!r} is a file, not a folder: pass another --output_dir")
+        self.eval_metrics = [self.eval_metrics] if isinstance(self.eval_metrics, str) else list(self.eval_metrics or [])
+        if self.eval_metrics and self.task != "classification":
+            raise ValueError("eval_metrics are computed from class predictions: classification only")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):

@@ -1,10 +1,11 @@
 """Sequence classification: fine-tune (or train) any AutoModelForSequenceClassification.
 
 Metrics are accuracy and macro-F1 from scikit-learn (offline; ``evaluate.load("accuracy")``
-fetches its script from the hub). Two diagnostics come with them, for the comparison report:
-``majority_accuracy``, the accuracy of always predicting train's most frequent class (what a
-model that learned nothing but the class balance scores), and ``predicted_classes``, how many
-distinct classes the model predicted (1: it predicts a single class, whatever the input).
+fetches its script from the hub), and any ``--eval_metrics`` from ``evaluate``. Two diagnostics
+come with them, for the comparison report: ``majority_accuracy``, the accuracy of always
+predicting train's most frequent class (what a model that learned nothing but the class balance
+scores), and ``predicted_classes``, how many distinct classes the model predicted (1: it
+predicts a single class, whatever the input).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from .args import TrainingArgs
 from .data import load_raw_datasets
+from .eval_metrics import compute_eval_metrics, load_eval_metrics
 from .loop import Task, train
 from .modeling import apply_norm, load_model, load_tokenizer
 
@@ -59,11 +61,12 @@ def build_task(args: TrainingArgs) -> Task:
     splits = {name: data.map(encode, batched=True, remove_columns=data.column_names)
               for name, data in raw.items() if name in ("train", "validation", "test")}
 
+    extra = load_eval_metrics(args.eval_metrics)
     model = load_model(args, AutoModelForSequenceClassification, tokenizer, num_labels=len(labels))
     report = apply_norm(model, args)
     return Task(model=model, tokenizer=tokenizer, splits=splits,
                 collate_fn=DataCollatorWithPadding(tokenizer), eval_step=eval_step,
-                compute_metrics=lambda arrays: compute_metrics(arrays, majority), patch_report=report,
+                compute_metrics=lambda arrays: compute_metrics(arrays, majority, extra), patch_report=report,
                 info={"labels": [str(label) for label in labels]})
 
 
@@ -73,12 +76,13 @@ def eval_step(model, batch) -> dict:
             "prediction": logits.argmax(-1), "label": batch["labels"]}
 
 
-def compute_metrics(arrays: dict, majority_class: int) -> dict:
+def compute_metrics(arrays: dict, majority_class: int, eval_metrics: dict | None = None) -> dict:
     y, p = arrays["label"].astype(np.int64), arrays["prediction"].astype(np.int64)
-    return {"loss": float(arrays["loss"].mean()), "accuracy": float(accuracy_score(y, p)),
-            "f1": float(f1_score(y, p, average="macro")),
-            "majority_accuracy": float(np.mean(y == majority_class)),
-            "predicted_classes": int(len(np.unique(p)))}
+    metrics = {"loss": float(arrays["loss"].mean()), "accuracy": float(accuracy_score(y, p)),
+               "f1": float(f1_score(y, p, average="macro")),
+               "majority_accuracy": float(np.mean(y == majority_class)),
+               "predicted_classes": int(len(np.unique(p)))}
+    return {**metrics, **compute_eval_metrics(eval_metrics or {}, y, p, taken=metrics)}
 
 
 def training_function(args: TrainingArgs) -> dict:
