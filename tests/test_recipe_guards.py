@@ -308,3 +308,18 @@ def test_an_evaluate_metric_that_cannot_load_fails_before_anything_is_written(tm
     argv = ["--model", "m", "--dataset", "d.csv"]
     assert parse_args("classification", [*argv, "--eval_metrics", "a", "b/c.py"]).eval_metrics == ["a", "b/c.py"]
     assert parse_args("classification", argv).eval_metrics == []
+
+
+def test_an_option_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
+    from hf_adanorm.training.checkpoints import STATE_FILE, check_resume
+    args = TrainingArgs(**tiny_args(tmp_path))
+    checkpoint = tmp_path / "checkpoints" / "step_1"
+    checkpoint.mkdir(parents=True)
+    recorded = {k: v for k, v in json.loads(json.dumps(args.to_dict())).items() if k != "eval_metrics"}
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 1, "run": {"args": recorded, "world_size": 1}}))
+    with pytest.raises(ValueError, match="random_states_0.pkl"):  # the options agree: on to the random states
+        check_resume(checkpoint, args, 1)
+    with pytest.raises(ValueError, match=r"eval_metrics=\[\] \(now \['m'\]\)"):
+        check_resume(checkpoint, TrainingArgs(**tiny_args(tmp_path, eval_metrics=["m"])), 1)
+    with pytest.raises(ValueError, match=r"world_size=1 processes \(now 2\)"):
+        check_resume(checkpoint, args, 2)

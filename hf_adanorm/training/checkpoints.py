@@ -10,6 +10,7 @@ at any point leaves either a complete ``step_N`` or a ``.tmp-`` folder that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -121,6 +122,13 @@ def _recorded_run(path: Path) -> Optional[dict]:
     return None
 
 
+def _defaults(args) -> dict:
+    """The default of every option of ``args`` (a dataclass), as JSON values."""
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(args)}
+    return json.loads(json.dumps(defaults))
+
+
 def check_resume(path: Path, args, num_processes: int) -> None:
     """Refuse a resume that would not continue the checkpoint's run exactly: other options
     (each difference named), another number of processes, or a missing or corrupt random state."""
@@ -134,10 +142,12 @@ def check_resume(path: Path, args, num_processes: int) -> None:
         raise ValueError(f"cannot check that resuming {path} is exact: it records no options and there is no "
                          f"{RUN_CONFIG_FILE} beside its checkpoints. {start_afresh}")
     now = run_record(args, num_processes)
-    differences = [f"{name}={recorded['args'].get(name)!r} (now {value!r})" for name, value in now["args"].items()
-                   if name not in RESUME_MAY_CHANGE and recorded["args"].get(name) != value]
+    # an option a checkpoint does not record (newer than it) had its default then
+    before = {**_defaults(args), **recorded["args"]}
+    differences = [f"{name}={before.get(name)!r} (now {value!r})" for name, value in now["args"].items()
+                   if name not in RESUME_MAY_CHANGE and before.get(name) != value]
     if recorded.get("world_size") not in (None, num_processes):
-        differences.append(f"{recorded['world_size']} processes (now {num_processes})")
+        differences.append(f"world_size={recorded['world_size']} processes (now {num_processes})")
     if differences:
         raise ValueError(f"cannot resume {path} exactly: its run was trained with {', '.join(differences)}. "
                          f"{start_afresh}")
