@@ -156,7 +156,8 @@ def _explain_unreadable(data_files: dict, builder: str, err: Exception) -> str:
     for split, files in data_files.items():
         for name in files:
             path = Path(name)
-            content = path.read_bytes()[:1 << 16]
+            with open(path, "rb") as f:
+                content = f.read(1 << 16)  # enough to tell an empty file or a lone header
             if not content.strip():
                 return f"{path} ({split} split) is empty: expected {expected}"
             bad = _first_undecodable_line(path)
