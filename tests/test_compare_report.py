@@ -141,13 +141,16 @@ def test_the_verdict_follows_from_the_numbers(tmp_path):
     assert simple["mde"] == pytest.approx(min_detectable_effect(simple["diff_std"], 4))
 
 
-def test_the_sweep_folder_is_locked_and_recovered_after_kill_9(tmp_path):
+def test_the_sweep_folder_is_locked_and_recovered_after_kill_9(tmp_path, capsys):
     fake = FakeRun()
     holder = hold_lock(tmp_path / "sweep")
     try:
         with pytest.raises(FolderInUseError, match=f"in use by another hf-adanorm compare: pid {holder.pid}"):
             run_sweep(SETUP, ["layernorm"], [0], tmp_path / "sweep", run_fn=fake, progress=False)
         assert fake.calls == [] and not (tmp_path / "sweep" / "sweep.json").exists()
+        assert main(["compare", "--output-dir", str(tmp_path / "sweep"), "--no-progress"]) == 2  # the demo
+        assert not (tmp_path / "sweep" / "data").exists()  # refused before the demo wrote its data
+        assert f"in use by another hf-adanorm compare: pid {holder.pid}" in capsys.readouterr().err
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

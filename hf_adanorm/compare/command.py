@@ -86,7 +86,7 @@ def run_compare(args) -> int:
         setup = dict(default_setup(args.output_dir), **given) if demo else given
         check_sweep(setup, args.norms, args.seeds, args.output_dir, args.overwrite_output_dir)  # writes nothing
         run_fn = accelerate_runner(args.accelerate_config) if args.launcher == "accelerate" else None
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: a missing file, a sweep folder in use
         return fail(err)
     threads, data_bars = torch.get_num_threads(), datasets.is_progress_bar_enabled()
     if demo:
