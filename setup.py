@@ -20,8 +20,10 @@ setup(
         "transformers>=5.0",
         "accelerate>=1.0",
         "datasets>=3.0",
-        "evaluate>=0.4",
+        "evaluate>=0.4",  # --eval_metrics (hf_adanorm/training/eval_metrics.py)
         "safetensors>=0.4",
+        "filelock>=3.12",  # one process per run / sweep folder (hf_adanorm/training/locks.py)
+        "pyarrow",  # empty-cell checks of the data (hf_adanorm/training/data.py); datasets needs it anyway
         "huggingface_hub>=0.26",
         "tqdm",
         "numpy",

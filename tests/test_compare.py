@@ -110,9 +110,19 @@ def test_report_numbers_equal_a_recomputation_from_the_run_json(tmp_path):
     summary = json.loads((report.parent / "summary.json").read_text())["rows"]
     assert {(r["norm"], r["metric"]) for r in summary} == set(raw)
     markdown = report.read_text()
+    recomputed = {(row["norm"], row["metric"]): _recompute(
+        raw[(row["norm"], row["metric"])], None if row["norm"] == "layernorm" else raw[("layernorm", row["metric"])])
+        for row in summary}
+    for test in ("t_pvalue", "wilcoxon_pvalue"):  # Holm over all (norm, metric) pairs: 2 norms x 2 metrics
+        family = {key: row[test] for key, row in recomputed.items() if test in row}
+        assert len(family) == 4
+        for key, p in family.items():  # adjusted p_i = max over p_j <= p_i of min(1, (K - rank_j) p_j)
+            ranked = sorted(family.values())
+            recomputed[key][f"{test}_holm"] = max(min(1.0, (len(ranked) - ranked.index(q)) * q)
+                                                  for q in ranked if q <= p)
     for row in summary:
         base = None if row["norm"] == "layernorm" else raw[("layernorm", row["metric"])]
-        expected = _recompute(raw[(row["norm"], row["metric"])], base)
+        expected = recomputed[(row["norm"], row["metric"])]
         for key, value in expected.items():
             assert row[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (row["norm"], row["metric"], key)
         # The markdown line shows the same numbers, rounded to 4 (p-values 3) significant digits.
@@ -122,10 +132,11 @@ def test_report_numbers_equal_a_recomputation_from_the_run_json(tmp_path):
         wanted = [expected["n"], expected["mean"], expected["std"], expected["ci_low"], expected["ci_high"]]
         if base is not None:
             wanted += [expected["mean_diff"], expected["diff_ci_low"], expected["diff_ci_high"], len(base),
-                       expected["t_pvalue"], expected["wilcoxon_pvalue"]]
+                       expected["t_pvalue"], expected["t_pvalue_holm"], expected["wilcoxon_pvalue"],
+                       expected["wilcoxon_pvalue_holm"], row["mde"]]  # the MDE: see test_compare_report.py
         assert len(shown) == len(wanted), line
-        for i, (got, want) in enumerate(zip(shown, wanted)):  # p-values are the last two (3 digits)
-            rel = 5e-3 if base is not None and i >= len(wanted) - 2 else 5e-4
+        for i, (got, want) in enumerate(zip(shown, wanted)):  # p-values and the MDE: the last five (3 digits)
+            rel = 5e-3 if base is not None and i >= len(wanted) - 5 else 5e-4
             assert got == pytest.approx(want, rel=rel, abs=1e-12), line
 
     table = (report.parent / "runs.csv").read_text().splitlines()

@@ -57,6 +57,9 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                        metavar="JSON", help="options of those conversions as a JSON object of `hf-adanorm "
                        "convert` options, e.g. '{\"max_steps\": 600, \"dataset\": \"texts/\"}' (default: the "
                        "sweep's model, dataset, norm options and max_length, and convert's defaults)")
+    sweep.add_argument("--overwrite_output_dir", "--overwrite-output-dir", dest="overwrite_output_dir",
+                       action="store_true", help="start the sweep afresh: delete the runs/, report/ and "
+                       "sweep.json already in --output-dir (without it finished runs are kept and skipped)")
     for single in ("--norm", "--seed"):  # hidden: only there to point to --norms / --seeds
         p.add_argument(single, dest=f"single_{single[2:]}", action="append", help=argparse.SUPPRESS)
     p.set_defaults(func=run_compare, shared_options=shared)
@@ -75,7 +78,7 @@ def run_compare(args) -> int:
 
     from . import compare
     from .default import default_setup, write_digits_csv
-    from .sweep import accelerate_runner, check_plan, check_training_options
+    from .sweep import accelerate_runner, check_plan, check_sweep
 
     for single in ("norm", "seed"):
         if getattr(args, f"single_{single}"):
@@ -89,13 +92,13 @@ def run_compare(args) -> int:
             raise ValueError("--model needs --dataset (or give neither for the built-in digits demo)")
         demo = "model" not in given and "dataset" not in given
         setup = dict(default_setup(args.output_dir), **given) if demo else given
-        check_training_options(setup, args.norms)
+        check_sweep(setup, args.norms, args.seeds, args.output_dir, args.overwrite_output_dir)  # writes nothing
         run_fn = accelerate_runner(args.accelerate_config) if args.launcher == "accelerate" else None
         conversion = _conversion_options(args)
         if conversion is not None:
             from .conversions import plan_conversions
             plan_conversions(setup, args.norms, args.output_dir, conversion)  # checks every option
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: a missing file, a sweep folder in use
         return fail(err)
     threads, data_bars = torch.get_num_threads(), datasets.is_progress_bar_enabled()
     if demo:
@@ -106,7 +109,7 @@ def run_compare(args) -> int:
     datasets.disable_progress_bars()  # per-run data loading bars would bury the sweep's own
     try:
         report = compare(setup, args.norms, args.seeds, args.output_dir, run_fn=run_fn,
-                         progress=args.progress, conversion=conversion)
+                         progress=args.progress, overwrite=args.overwrite_output_dir, conversion=conversion)
     except (ValueError, OSError) as err:  # bad data, model or folder: the training code says which
         return fail(err)
     finally:

@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # files only: works without a display and in worker proce
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .stats import is_diagnostic  # noqa: E402
+
 X_KEYS = ("step", "epoch")  # the x axis of a learning curve, in order of preference
 
 
@@ -31,7 +33,7 @@ def plot_learning_curves(runs: list[dict], norms: list[str], folder: Path) -> li
     x_key = next((k for k in X_KEYS if k in frame.columns), None)
     if frame.empty or x_key is None:
         return []
-    metrics = [c for c in frame.columns if c not in (*X_KEYS, "norm", "seed")
+    metrics = [c for c in frame.columns if c not in (*X_KEYS, "norm", "seed") and not is_diagnostic(c)
                and pd.api.types.is_numeric_dtype(frame[c])]
     written = []
     for metric in metrics:

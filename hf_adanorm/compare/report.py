@@ -14,11 +14,16 @@ from pathlib import Path
 import pandas as pd
 
 from .plots import plot_final_metrics, plot_learning_curves
-from .stats import BASELINE, CONFIDENCE, summarize
+from .stats import ALPHA, BASELINE, CONFIDENCE, MAX_SEEDS, POWER, SPLIT_ORDER, bounds_of, summarize
 
 
 def _is_nan(x) -> bool:
     return isinstance(x, float) and math.isnan(x)
+
+
+def _json_number(x):
+    """NaN (undefined) and infinity (seeds_needed past the limit) are not JSON: null."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def fmt(x: float, digits: int = 4) -> str:
@@ -26,29 +31,138 @@ def fmt(x: float, digits: int = 4) -> str:
     return "–" if x is None or _is_nan(x) else f"{x:.{digits}g}"
 
 
+def split_of(metric: str) -> str:
+    """'test_', 'eval_' or '' (e.g. train_loss): the split a metric was measured on."""
+    return next((prefix for prefix in SPLIT_ORDER if metric.startswith(prefix)), "")
+
+
+def single_class_seeds(runs: list[dict], norm: str, split: str) -> list[int]:
+    """Seeds of ``norm`` whose model predicted one class only on ``split`` (classification)."""
+    return sorted(r["seed"] for r in runs if r["norm"] == norm and r["final"].get(f"{split}predicted_classes") == 1)
+
+
+def majority_baseline(runs: list[dict], split: str):
+    """Accuracy on ``split`` of always predicting train's most frequent class (None if not recorded)."""
+    values = {r["final"][f"{split}majority_accuracy"] for r in runs if f"{split}majority_accuracy" in r["final"]}
+    return sum(values) / len(values) if values else None  # one value: every run sees the same split
+
+
 def runs_table(runs: list[dict]) -> pd.DataFrame:
-    """One row per run: norm, seed, run folder and every final metric."""
-    return pd.DataFrame([dict(norm=r["norm"], seed=r["seed"], run_dir=r["run_dir"], **r["final"])
-                         for r in runs])
+    """One row per run: norm, seed, run folder, the splits it predicted one class only on, every final metric."""
+    return pd.DataFrame([dict(norm=r["norm"], seed=r["seed"], run_dir=r["run_dir"],
+                              single_class=" ".join(split.rstrip("_") for split in SPLIT_ORDER
+                                                    if r["final"].get(f"{split}predicted_classes") == 1),
+                              **r["final"]) for r in runs])
 
 
-def metric_table(rows: list[dict], with_paired: bool, baseline: str) -> list[str]:
+def _interval(low, high, outside: bool) -> str:
+    return "n too small †" if outside else f"[{fmt(low)}, {fmt(high)}]"
+
+
+def metric_table(rows: list[dict], with_paired: bool, baseline: str, runs: list[dict] | None = None) -> list[str]:
     """The markdown table of one metric, one line per norm."""
+    runs = runs or []
+    split = split_of(rows[0]["metric"]) if rows else ""
+    flags = any(f"{split}predicted_classes" in r["final"] for r in runs) if split else False
     head = ["norm", "n", "mean ± std", f"{CONFIDENCE:.0%} CI"]
     if with_paired:
-        head += [f"Δ vs {baseline} [{CONFIDENCE:.0%} CI]", "pairs", "paired t p", "Wilcoxon p"]
+        head += [f"Δ vs {baseline} [{CONFIDENCE:.0%} CI]", "pairs", "paired t p", "Holm", "Wilcoxon p", "Holm",
+                 f"detectable \\|Δ\\| ({POWER:.0%} power)"]
+    if flags:
+        head += ["single-class seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["norm"], str(row["n"]), f"{fmt(row['mean'])} ± {fmt(row['std'])}",
-                 f"[{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]"]
+                 _interval(row["ci_low"], row["ci_high"], row.get("ci_outside_bounds", False))]
         if with_paired:
             if "mean_diff" in row:
-                cells += [f"{fmt(row['mean_diff'])} [{fmt(row['diff_ci_low'])}, {fmt(row['diff_ci_high'])}]",
-                          str(row["n_pairs"]), fmt(row["t_pvalue"], 3), fmt(row["wilcoxon_pvalue"], 3)]
+                cells += [f"{fmt(row['mean_diff'])} "
+                          + _interval(row["diff_ci_low"], row["diff_ci_high"], row.get("diff_ci_outside_bounds", False)),
+                          str(row["n_pairs"]), fmt(row["t_pvalue"], 3), fmt(row["t_pvalue_holm"], 3),
+                          fmt(row["wilcoxon_pvalue"], 3), fmt(row["wilcoxon_pvalue_holm"], 3), fmt(row["mde"], 3)]
             else:
-                cells += ["(baseline)", "", "", ""]
+                cells += ["(baseline)", "", "", "", "", "", ""]
+        if flags:
+            seeds = single_class_seeds(runs, row["norm"], split)
+            cells.append(("⚠ " + ", ".join(map(str, seeds))) if seeds else "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+HEADLINE_SUFFIXES = ("accuracy", "bpc", "perplexity", "loss", "f1")  # what the verdict's MDE is given for
+
+
+def headline_metric(summary: list[dict]) -> str | None:
+    """The metric the verdict speaks of: held-out (test, else validation) accuracy, bpc, perplexity or loss."""
+    names = list(dict.fromkeys(row["metric"] for row in summary))
+    for prefix in SPLIT_ORDER:
+        for suffix in HEADLINE_SUFFIXES:
+            if f"{prefix}{suffix}" in names:
+                return f"{prefix}{suffix}"
+    return names[0] if names else None
+
+
+def _seed_list(runs: list[dict], norms: list[str], split: str) -> str:
+    parts = []
+    for norm in norms:
+        seeds = single_class_seeds(runs, norm, split)
+        if seeds:
+            parts.append(f"{norm} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+    return "; ".join(parts)
+
+
+def verdict(runs: list[dict], summary: list[dict], norms: list[str], baseline: str) -> list[str]:
+    """The report's opening lines: what the numbers allow one to say, and what they hide."""
+    lines = []
+    for split in SPLIT_ORDER:
+        flagged = sum(r["final"].get(f"{split}predicted_classes") == 1 for r in runs)
+        if flagged:
+            majority = majority_baseline(runs, split)
+            lines.append(f"- **⚠ {flagged} of {len(runs)} runs predicted a single class on the "
+                         f"{split.rstrip('_')} split** ({_seed_list(runs, norms, split)}): their accuracy is at best "
+                         f"the majority-class baseline ({fmt(majority)}), so they show nothing about the norms.")
+    if not any(r["norm"] == baseline for r in runs):
+        return lines + [f"- No `{baseline}` runs: the norms are described below, not tested against the baseline."]
+    headline = headline_metric(summary)
+    paired = [row for row in summary if "n_pairs" in row]
+    tests = sum(not math.isnan(row["t_pvalue"]) for row in paired)
+    for norm in dict.fromkeys(row["norm"] for row in paired):
+        mine = [row for row in paired if row["norm"] == norm]
+        found = [row for row in mine if row["t_pvalue_holm"] < ALPHA]
+        if found:
+            text = f"- **{norm}** differs from {baseline} on " + ", ".join(
+                f"{row['metric']} (Δ = {row['mean_diff']:+.3g}, Holm-adjusted p = {fmt(row['t_pvalue_holm'], 2)})"
+                for row in found)
+        elif tests:
+            text = (f"- **{norm}**: no difference from {baseline} detected (Holm-adjusted paired t p ≥ {ALPHA:g} "
+                    f"over the {tests} test{'s' if tests > 1 else ''} of this report)")
+        else:
+            text = f"- **{norm}**: no test against {baseline} was possible"
+        head = next((row for row in mine if row["metric"] == headline), None)
+        if head is not None:
+            text += "; " + _detectable(head, found_here=head in found)
+        lines.append(text + ".")
+    return lines
+
+
+def _detectable(row: dict, found_here: bool) -> str:
+    """What this number of seeds could detect in ``row``'s metric."""
+    m, metric = row["n_pairs"], row["metric"]
+    if m < 2:
+        return f"with {m} seed pair{'s' if m != 1 else ''} nothing can be tested"
+    if math.isnan(row["mde"]):
+        return (f"every seed gave the same Δ {metric} = {row['mean_diff']:+.3g}: with no spread the paired tests and "
+                "the detectable difference are undefined")
+    low, high = bounds_of(metric)
+    if row["mde"] > high - low:  # e.g. an accuracy difference above 1
+        return (f"with {m} seeds no difference in {metric} was detectable: it would take |Δ| > {fmt(row['mde'], 2)}, "
+                f"beyond the metric's range ({POWER:.0%} power)")
+    text = f"with {m} seeds only |Δ| > {fmt(row['mde'], 2)} in {metric} was detectable ({POWER:.0%} power)"
+    needed = row["seeds_needed"]
+    if not found_here and needed is not None and not math.isnan(needed) and needed > m:
+        text += (f"; the observed |Δ| = {abs(row['mean_diff']):.2g} would need "
+                 + (f"about {int(needed)} seeds" if math.isfinite(needed) else f"more than {MAX_SEEDS} seeds"))
+    return text
 
 
 def caveats(runs: list[dict], summary: list[dict], norms: list[str], baseline: str) -> list[str]:
@@ -62,6 +176,9 @@ def caveats(runs: list[dict], summary: list[dict], norms: list[str], baseline: s
     else:
         notes.append("- Some norm has one seed only: with one seed there is no spread, hence no CI "
                      "and no test. Use --seeds with several values.")
+    if any(row.get("ci_outside_bounds") or row.get("diff_ci_outside_bounds") for row in summary):
+        notes.append("- † n too small: the t interval would leave the metric's range (accuracy and F1 lie in "
+                     "[0, 1], losses above 0), so it is no interval at all; more seeds (or less spread) give one.")
     pairs = [row["n_pairs"] for row in summary if "n_pairs" in row]
     if not any(r["norm"] == baseline for r in runs):
         notes.append(f"- No `{baseline}` runs in this sweep: the paired columns are omitted. "
@@ -72,7 +189,10 @@ def caveats(runs: list[dict], summary: list[dict], norms: list[str], baseline: s
                      "for losses (and perplexity, bits per character) lower is better.")
         notes.append(f"- With {m} pairs the smallest "
                      f"two-sided Wilcoxon p attainable is {2 / 2 ** m:.3g}; the t-test assumes normal "
-                     "differences. No correction for testing several norms and metrics.")
+                     "differences. Holm: p-values adjusted over every norm × metric tested in this report "
+                     "(the chance of any false difference stays below the level).")
+        notes.append(f"- Detectable |Δ|: the smallest true difference the paired t-test (α = {ALPHA:g}) finds "
+                     f"with {POWER:.0%} power at this number of seeds, if the paired std is the one observed.")
     notes.append("- A difference is evidence only when its CI excludes 0 over enough seeds; "
                  "a small model on a small dataset says little about the paper's settings.")
     return notes
@@ -100,19 +220,22 @@ def write_report(runs: list[dict], norms: list[str], folder: str | Path, setup: 
         [{k: r[k] for k in ("norm", "seed", "run_dir", "final")} for r in runs], indent=2))
     (folder / "summary.json").write_text(json.dumps(
         {"baseline": baseline if with_paired else None, "confidence": CONFIDENCE,
-         "rows": [{k: None if _is_nan(v) else v for k, v in row.items()} for row in summary]},
-        indent=2))  # undefined numbers as null: NaN is not JSON
+         "rows": [{k: _json_number(v) for k, v in row.items()} for row in summary]},
+        indent=2))
     curves = plot_learning_curves(runs, norms, folder)
     finals = plot_final_metrics(runs, summary, norms, folder)
 
-    md = ["# hf-adanorm comparison", ""]
+    md = ["# hf-adanorm comparison", "", "**Verdict.**", *verdict(runs, summary, norms, baseline), ""]
     if setup:
         md += ["Shared training options: " + ", ".join(f"`{k}={v}`" for k, v in setup.items()
                                                        if v is not None), ""]
     md += ["**Read with care.**", *caveats(runs, summary, norms, baseline), ""]
     for metric in dict.fromkeys(row["metric"] for row in summary):
-        md += [f"## {metric}", "", *metric_table([r for r in summary if r["metric"] == metric],
-                                                with_paired, baseline), ""]
+        md += [f"## {metric}", ""]
+        majority = majority_baseline(runs, split_of(metric)) if metric.endswith("accuracy") else None
+        if majority is not None:
+            md += [f"Majority-class baseline (always predicting train's most frequent class): {fmt(majority)}.", ""]
+        md += [*metric_table([r for r in summary if r["metric"] == metric], with_paired, baseline, runs), ""]
     md += ["## Plots", "", *(f"![{p.stem}]({p.name})" for p in finals + curves), "",
            "Every run's final metrics: `runs.csv`, `runs.json`; the numbers above at full "
            "precision: `summary.json`.", ""]

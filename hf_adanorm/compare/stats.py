@@ -16,6 +16,19 @@ the m seeds both have,
                       m <= 5 pairs its two-sided p-value can never fall below 0.05).
 
 Everything is NaN where it is undefined (n < 2, m < 2, or all d_i equal).
+
+Bounded metrics (accuracy and F1 in [0, 1], losses >= 0, perplexity >= 1): where the t
+interval leaves the bounds (few seeds, large spread), it is no interval of anything, so it
+is left undefined and flagged ``ci_outside_bounds`` (the report says "n too small").
+
+Across the report, with K paired t-tests (one per non-baseline norm and metric):
+
+    t_pvalue_holm, wilcoxon_pvalue_holm = Holm's step-down adjustment over the K p-values
+                      (controls the chance of any false "difference" at alpha, any dependence)
+    mde = the smallest |true mean difference| the paired t-test at alpha = 0.05 detects with
+          80% power over these m pairs, if the paired std is the observed one:
+          the delta solving P(|T| > t_{0.975, m-1}) = 0.8, T ~ noncentral t(m - 1, delta sqrt(m) / s_d)
+    seeds_needed = the smallest m with 80% power for the observed |mean_diff| (same s_d)
 """
 
 from __future__ import annotations
@@ -29,6 +42,27 @@ from scipy import stats
 from ..training.args import BASELINE  # "layernorm": the unpatched model
 
 CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE  # the tests' significance level
+POWER = 0.8  # of the minimum detectable effect
+MAX_SEEDS = 1000  # seeds_needed beyond this is reported as "more than MAX_SEEDS"
+# Diagnostics recorded beside the metrics (classification): not compared, but read by the report.
+DIAGNOSTICS = ("majority_accuracy", "predicted_classes")
+# Bounds of a metric, by the end of its name (after eval_ / test_).
+BOUNDS = {"majority_accuracy": (0.0, 1.0), "accuracy": (0.0, 1.0), "f1": (0.0, 1.0),
+          "loss": (0.0, math.inf), "perplexity": (1.0, math.inf), "bpc": (0.0, math.inf)}
+
+
+def bounds_of(metric: str) -> tuple[float, float]:
+    """The range a metric's values lie in ((-inf, inf) when unknown)."""
+    return next((b for suffix, b in BOUNDS.items() if metric.endswith(suffix)), (-math.inf, math.inf))
+
+
+def is_diagnostic(metric: str) -> bool:
+    return metric.endswith(DIAGNOSTICS)
+
+
+def _within(low: float, high: float, bounds: tuple[float, float]) -> bool:
+    return bounds[0] <= low and high <= bounds[1]
 
 
 def final_values(runs: list[dict], norm: str, metric: str) -> dict[int, float]:
@@ -37,38 +71,99 @@ def final_values(runs: list[dict], norm: str, metric: str) -> dict[int, float]:
             if r["norm"] == norm and metric in r["final"]}
 
 
-def describe(values) -> dict:
-    """n, mean, sample std and the t-based confidence interval of the mean."""
+def describe(values, bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict:
+    """n, mean, sample std and the t-based confidence interval of the mean (undefined, and
+    flagged ``ci_outside_bounds``, where it would leave ``bounds``)."""
     x = np.asarray(list(values), dtype=float)
     n = len(x)
     out = dict(n=n, mean=float(x.mean()) if n else math.nan, std=math.nan,
-               ci_low=math.nan, ci_high=math.nan)
+               ci_low=math.nan, ci_high=math.nan, ci_outside_bounds=False)
     if n >= 2:
         out["std"] = float(x.std(ddof=1))
-        low, high = stats.t.interval(CONFIDENCE, df=n - 1, loc=x.mean(), scale=stats.sem(x))
-        out["ci_low"], out["ci_high"] = float(low), float(high)
+        with np.errstate(invalid="ignore"):  # std 0: scipy gives NaN (and numpy warns)
+            low, high = stats.t.interval(CONFIDENCE, df=n - 1, loc=x.mean(), scale=stats.sem(x))
+        if _within(low, high, bounds) or math.isnan(low):
+            out["ci_low"], out["ci_high"] = float(low), float(high)
+        else:
+            out["ci_outside_bounds"] = True
     return out
 
 
-def paired_vs_baseline(values: dict[int, float], baseline: dict[int, float]) -> dict:
-    """Paired comparison over the seeds present in both: norm minus baseline."""
+def paired_vs_baseline(values: dict[int, float], baseline: dict[int, float],
+                       bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict:
+    """Paired comparison over the seeds present in both: norm minus baseline. ``bounds`` are
+    the metric's: a difference lies within ±(high - low)."""
     seeds = sorted(set(values) & set(baseline))
     x = np.array([values[s] for s in seeds])
     b = np.array([baseline[s] for s in seeds])
     out = dict(n_pairs=len(seeds), mean_diff=float((x - b).mean()) if seeds else math.nan,
                diff_ci_low=math.nan, diff_ci_high=math.nan, t_pvalue=math.nan,
-               wilcoxon_pvalue=math.nan)
+               wilcoxon_pvalue=math.nan, diff_std=math.nan, diff_ci_outside_bounds=False,
+               mde=math.nan, seeds_needed=math.nan)
     diffs = x - b
+    width = bounds[1] - bounds[0]
     with warnings.catch_warnings():  # scipy warns about small samples; the report says so
         warnings.simplefilter("ignore")
         if len(seeds) >= 2 and np.ptp(diffs) > 0:  # the t statistic needs spread in d_i
             ttest = stats.ttest_rel(x, b)
             ci = ttest.confidence_interval(CONFIDENCE)
-            out.update(t_pvalue=float(ttest.pvalue), diff_ci_low=float(ci.low),
-                       diff_ci_high=float(ci.high))
+            out["t_pvalue"] = float(ttest.pvalue)
+            if _within(ci.low, ci.high, (-width, width)):
+                out.update(diff_ci_low=float(ci.low), diff_ci_high=float(ci.high))
+            else:
+                out["diff_ci_outside_bounds"] = True
+        if len(seeds) >= 2:
+            out["diff_std"] = float(diffs.std(ddof=1))
+            if out["diff_std"] > 0:
+                out["mde"] = min_detectable_effect(out["diff_std"], len(seeds))
+                out["seeds_needed"] = seeds_needed(abs(out["mean_diff"]), out["diff_std"])
         if len(seeds) >= 2 and np.any(diffs != 0):  # signed ranks need a non-zero d_i
             out["wilcoxon_pvalue"] = float(stats.wilcoxon(x, b).pvalue)
     return out
+
+
+def _power(noncentrality: float, n: int) -> float:
+    """Power of the two-sided paired t-test at ALPHA over n pairs (scipy's noncentral t)."""
+    critical = stats.t.ppf(1 - ALPHA / 2, n - 1)
+    # The wrong-sign tail is below P(Z < -noncentrality); scipy's nct.cdf returns NaN there
+    # where it is tiny (scipy 1.17), and 0 is then exact to that bound.
+    wrong_sign = stats.nct.cdf(-critical, n - 1, noncentrality)
+    return float(stats.nct.sf(critical, n - 1, noncentrality) + (wrong_sign if math.isfinite(wrong_sign) else 0.0))
+
+
+def min_detectable_effect(diff_std: float, n: int) -> float:
+    """The |mean difference| the paired t-test detects with POWER over n pairs of this std."""
+    from scipy.optimize import brentq
+
+    noncentrality = brentq(lambda nc: _power(nc, n) - POWER, 0.0, 1e3, xtol=1e-10)
+    return float(noncentrality * diff_std / math.sqrt(n))
+
+
+def seeds_needed(effect: float, diff_std: float) -> float:
+    """The fewest pairs giving POWER against ``effect`` (NaN for no effect, inf past MAX_SEEDS)."""
+    if not effect > 0:
+        return math.nan
+    for n in range(2, MAX_SEEDS + 1):
+        if _power(effect * math.sqrt(n) / diff_std, n) >= POWER:
+            return n
+    return math.inf
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjusted p-values, in the given order; NaN ones are not tests and stay NaN.
+
+    Sorted ascending p_(1) <= ... <= p_(K): adjusted p_(i) = max over j <= i of min(1, (K - j + 1) p_(j)).
+    """
+    p = np.asarray(pvalues, dtype=float)
+    tested = np.flatnonzero(~np.isnan(p))
+    adjusted = np.full(len(p), math.nan)
+    order = tested[np.argsort(p[tested], kind="stable")]
+    k = len(order)
+    running = 0.0
+    for i, index in enumerate(order):
+        running = max(running, min(1.0, (k - i) * p[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
 
 
 SPLIT_ORDER = ("test_", "eval_")  # held-out metrics first: they are what the comparison is for
@@ -79,7 +174,7 @@ def metric_names(runs: list[dict]) -> list[str]:
     names: dict[str, None] = {}
     for r in runs:
         for key, value in r["final"].items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not is_diagnostic(key):
                 names.setdefault(key)
     rank = {prefix: i for i, prefix in enumerate(SPLIT_ORDER)}
     return sorted(names, key=lambda name: next((rank[p] for p in SPLIT_ORDER if name.startswith(p)),
@@ -87,7 +182,8 @@ def metric_names(runs: list[dict]) -> list[str]:
 
 
 def summarize(runs: list[dict], norms: list[str], baseline: str = BASELINE) -> list[dict]:
-    """One row per (metric, norm): describe() and, when the baseline ran, paired_vs_baseline().
+    """One row per (metric, norm): describe() and, when the baseline ran, paired_vs_baseline()
+    with Holm-adjusted p-values over every (norm, metric) compared.
 
     ``runs`` are dicts with ``norm``, ``seed`` and ``final`` ({metric: value}).  The paired
     fields are left out of every row when no run of ``baseline`` exists.
@@ -98,8 +194,12 @@ def summarize(runs: list[dict], norms: list[str], baseline: str = BASELINE) -> l
         base = final_values(runs, baseline, metric) if has_baseline else {}
         for norm in norms:
             values = final_values(runs, norm, metric)
-            row = dict(metric=metric, norm=norm, **describe(values.values()))
+            row = dict(metric=metric, norm=norm, **describe(values.values(), bounds_of(metric)))
             if has_baseline and norm != baseline:
-                row.update(paired_vs_baseline(values, base))
+                row.update(paired_vs_baseline(values, base, bounds_of(metric)))
             rows.append(row)
+    paired = [row for row in rows if "n_pairs" in row]
+    for test in ("t_pvalue", "wilcoxon_pvalue"):
+        for row, adjusted in zip(paired, holm([row[test] for row in paired])):
+            row[f"{test}_holm"] = adjusted
     return rows

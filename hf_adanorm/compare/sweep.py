@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import fields
@@ -18,10 +19,13 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from ..registry import available_norms
-from ..training.args import BASELINE  # "layernorm": the unpatched model
+from ..training.args import BASELINE, MAX_SEED  # "layernorm": the unpatched model
 from ..training.checkpoints import METRICS_FILE
+from ..training.locks import check_not_in_use, folder_lock
 
 SWEEP_FILE = "sweep.json"  # the shared training options the finished runs were made with
+SWEEP_OUTPUTS = ("runs", "report", SWEEP_FILE)  # what --overwrite_output_dir deletes (not the demo's data/)
+LOCK_USER = "hf-adanorm compare"
 WORKER_MODULE = "hf_adanorm.compare.worker"  # `python -m` entry point of one run
 
 RunFn = Callable[[dict], object]  # trains one run from its options; writes metrics.json
@@ -43,8 +47,8 @@ def check_plan(norms, seeds) -> None:
         raise ValueError(f"each norm once please, got {list(norms)}")
     if len(seeds) < 1:
         raise ValueError("need at least one seed; pass e.g. --seeds 0 1 2")
-    if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be non-negative integers, got {list(seeds)}")
+    if any(not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_SEED for s in seeds):
+        raise ValueError(f"seeds must be non-negative integers up to 2**32 - 1 (numpy's range), got {list(seeds)}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"each seed once please (runs are paired by seed), got {list(seeds)}")
 
@@ -59,6 +63,16 @@ def check_training_options(setup: dict, norms) -> None:
         except TypeError as err:  # an option TrainingArgs does not have
             known = sorted(f.name for f in fields(TrainingArgs))
             raise ValueError(f"{err}; training options are {known}") from None
+
+
+def check_output_dir(output_dir) -> Path:
+    """The sweep folder, refusing '' (which would be the current folder) and files."""
+    if output_dir is None or not str(output_dir).strip():
+        raise ValueError("the sweep folder is empty: pass --output-dir with a folder for the runs and the report")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir} is a file, not a folder: pass another --output-dir")
+    return output_dir
 
 
 def run_dir(output_dir: Path, norm: str, seed: int) -> Path:
@@ -129,30 +143,55 @@ def load_run(folder: Path, norm: str, seed: int) -> dict:
                 history=metrics.get("history", []), config=metrics.get("config", {}))
 
 
-def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
-              progress: bool = True, models: dict | None = None, conversion: dict | None = None) -> list[dict]:
-    """Train every (norm, seed) not yet finished under ``output_dir``; return all runs loaded.
-
-    ``setup`` holds the training options shared by every run (TrainingArgs fields, without
-    norm, seed and output_dir).  ``run_fn(options)`` trains one run and must leave
-    ``metrics.json`` in ``options["output_dir"]``; the default trains in this process.
-    ``models`` maps a norm to the model its runs start from instead of ``setup["model"]`` (its
-    converted model), and ``conversion`` is recorded with the setup, so that a sweep folder never
-    mixes runs started from other conversions.
-    """
-    norms, seeds = list(norms), list(seeds)
+def check_sweep(setup: dict, norms, seeds, output_dir, overwrite: bool = False,
+                conversion: dict | None = None) -> Path:
+    """Everything :func:`run_sweep` refuses, checked without writing anything; the sweep folder."""
     check_plan(norms, seeds)
     clash = {"norm", "seed", "output_dir", "overwrite_output_dir"} & set(setup)
     if clash:
         raise ValueError(f"{sorted(clash)} are set per run by the sweep; leave them out of the options")
     check_training_options(setup, norms)
-    output_dir = Path(output_dir)
-    recorded = setup if conversion is None else dict(setup, convert=conversion)
-    check_same_setup(output_dir, recorded)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / SWEEP_FILE).write_text(json.dumps(recorded, indent=2, sort_keys=True))
-    run_fn = run_fn or run_in_process
+    output_dir = check_output_dir(output_dir)
+    check_not_in_use(output_dir, LOCK_USER)
+    if not overwrite:
+        check_same_setup(output_dir, _recorded(setup, conversion))
+    return output_dir
 
+
+def _recorded(setup: dict, conversion: dict | None) -> dict:
+    """What sweep.json holds: the shared options, and the conversion options under --convert, so
+    that a sweep folder never mixes runs started from other conversions."""
+    return setup if conversion is None else dict(setup, convert=conversion)
+
+
+def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
+              progress: bool = True, overwrite: bool = False, models: dict | None = None,
+              conversion: dict | None = None) -> list[dict]:
+    """Train every (norm, seed) not yet finished under ``output_dir``; return all runs loaded.
+
+    ``setup`` holds the training options shared by every run (TrainingArgs fields, without
+    norm, seed and output_dir).  ``run_fn(options)`` trains one run and must leave
+    ``metrics.json`` in ``options["output_dir"]``; the default trains in this process.
+    ``overwrite`` starts afresh: the runs, report and sweep.json already there are deleted
+    first. The sweep folder is locked meanwhile: a second sweep there is refused.
+    ``models`` maps a norm to the model its runs start from instead of ``setup["model"]`` (its
+    converted model); ``conversion`` is recorded in sweep.json with the setup.
+    """
+    norms, seeds = list(norms), list(seeds)
+    output_dir = check_sweep(setup, norms, seeds, output_dir, overwrite, conversion)
+    with folder_lock(output_dir, LOCK_USER):
+        if overwrite:
+            for name in SWEEP_OUTPUTS:
+                path = output_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        recorded = _recorded(setup, conversion)
+        check_same_setup(output_dir, recorded)  # again, now that no other sweep can write there
+        (output_dir / SWEEP_FILE).write_text(json.dumps(recorded, indent=2, sort_keys=True))
+        return _run_all(setup, norms, seeds, output_dir, run_fn or run_in_process, progress, models or {})
+
+
+def _run_all(setup: dict, norms: list, seeds: list, output_dir: Path, run_fn: RunFn, progress: bool,
+             models: dict) -> list[dict]:
     plan = [(norm, seed, run_dir(output_dir, norm, seed)) for seed in seeds for norm in norms]
     todo = [p for p in plan if not is_finished(p[2])]
     if len(todo) < len(plan):

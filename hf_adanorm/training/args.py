@@ -8,7 +8,9 @@ each option; the norm options take theirs, and their defaults, from ``NormConfig
 from __future__ import annotations
 
 import json
+import math
 from os import PathLike, fspath
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Sequence
 
@@ -24,6 +26,12 @@ BUILT_TOKENIZERS = ("char", "word")
 FP16_ON_CPU = ("fp16 mixed precision needs a GPU (on CPU accelerate trains in fp32 while reporting fp16); "
                "on CPU use --mixed_precision bf16 (CPU autocast) or no")
 
+
+# transformers schedulers that train with the loop's get_scheduler(name, warm-up, total steps)
+# call; the others need extra arguments (min_lr, num_decay_steps) or a metric at each step.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+MAX_SEED = 2**32 - 1  # numpy's np.random.seed (which accelerate's set_seed calls) takes 0 .. 2**32 - 1
 
 NORM_OPTIONS = ("k", "C", "detach", "eps_mode", "include_rmsnorm", "fold_affine")  # passed on to NormConfig as they are
 
@@ -62,6 +70,11 @@ class TrainingArgs:
         "Second text column for sentence-pair classification (e.g. 'sentence2')."))
     label_column: str = field(default="label", metadata=_help(
         "Column holding the class label (classification only); strings are mapped to class ids."))
+    eval_metrics: list[str] = field(default_factory=list, metadata=_help(
+        "Classification only: further metrics from the `evaluate` library, each by local path (a metric "
+        "script or its folder; works offline) or hub name (e.g. 'matthews_correlation': fetched once, "
+        "so online). Computed from the predictions and labels beside the built-in accuracy and F1; each "
+        "number it returns becomes a metric (eval_<key>, test_<key>; <name>_<key> where the key is taken)."))
     validation_fraction: float = field(default=0.1, metadata=_help(
         "Share of the training split held out for evaluation when the dataset has no validation split."))
     split_seed: int = field(default=0, metadata=_help(
@@ -88,12 +101,14 @@ class TrainingArgs:
     eval_batch_size: Optional[int] = field(default=None, metadata=_help(
         "Evaluation batch size per process (default: per_device_batch_size)."))
     learning_rate: float = field(default=5e-5, metadata=_help("Peak learning rate of AdamW."))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    weight_decay: float = field(default=0.0, metadata=_help(
+        "AdamW weight decay, >= 0; as transformers.Trainer does, never applied to biases or to the gains and "
+        "biases of norms (so that the baseline's LayerNorms and the patched norms are treated alike)."))
     lr_scheduler: str = field(default="linear", metadata=_help(
-        "transformers scheduler name: 'linear', 'cosine', 'constant', 'constant_with_warmup' ..."))
+        f"transformers scheduler name, one of {', '.join(SCHEDULERS)}."))
     warmup_steps: int = field(default=0, metadata=_help("Learning-rate warm-up steps."))
     max_grad_norm: Optional[float] = field(default=1.0, metadata=_help(
-        "Clip the global gradient norm to this (None: no clipping)."))
+        "Clip the global gradient norm to this, > 0 (None: no clipping)."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help(
         "Micro-batches per optimizer step."))
     mixed_precision: Optional[str] = field(default=None, metadata=_help(
@@ -147,12 +162,42 @@ class TrainingArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        self._check_numbers()
+        if not self.output_dir or not str(self.output_dir).strip():
+            raise ValueError("output_dir is empty: pass --output_dir with a folder for the run")
+        if Path(self.output_dir).expanduser().exists() and not Path(self.output_dir).expanduser().is_dir():
+            raise ValueError(f"output_dir {self.output_dir!r} is a file, not a folder: pass another --output_dir")
+        self.eval_metrics = [self.eval_metrics] if isinstance(self.eval_metrics, str) else list(self.eval_metrics or [])
+        if self.eval_metrics and self.task != "classification":
+            raise ValueError("eval_metrics are computed from class predictions: classification only")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.cpu and self.mixed_precision == "fp16":
             raise ValueError(FP16_ON_CPU)
+
+    def _check_numbers(self) -> None:
+        """The optimisation options: each of these, left unchecked, trains wrong or fails deep inside
+        torch / numpy (a negative clipping norm ascends the gradient, a negative seed crashes numpy)."""
+        for name in ("seed", "split_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+                raise ValueError(f"{name} must be an integer from 0 to 2**32 - 1 (numpy's seed range), got {value!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, or None for no clipping; got "
+                             f"{self.max_grad_norm} (a negative norm would ascend the gradient, 0 would "
+                             "zero every step)")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; choose one of {SCHEDULERS}")
 
     def norm_config(self) -> Optional[NormConfig]:
         """The patch to apply, or None for the LayerNorm baseline."""

@@ -21,7 +21,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, default_data_collator
 
 from .args import TrainingArgs
-from .data import check_columns, load_raw_datasets
+from .data import load_raw_datasets
 from .loop import Task, train
 from .modeling import apply_norm, load_model, load_tokenizer
 
@@ -43,8 +43,7 @@ def group_texts(tokenized: Dataset, block_size: int) -> Dataset:
 
 def build_task(args: TrainingArgs) -> Task:
     # paragraphs keep a novel's sentences together when a hold-out split is cut
-    raw = load_raw_datasets(args, text_sample_by="paragraph")
-    check_columns(raw, [args.text_column])
+    raw = load_raw_datasets(args, text_sample_by="paragraph", columns=[args.text_column])
     tokenizer = load_tokenizer(args, raw["train"][args.text_column])
     separator = "\n\n" if args.tokenizer == "char" else tokenizer.eos_token or "\n\n"
 

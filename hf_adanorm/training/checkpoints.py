@@ -10,6 +10,7 @@ at any point leaves either a complete ``step_N`` or a ``.tmp-`` folder that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,11 +18,15 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+RUN_CONFIG_FILE = "run_config.json"  # the run's options and setup, written when it (re)starts
 METRICS_FILE = "metrics.json"  # written last and atomically: its presence means the run finished
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "training_state.json"
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"step_(\d+)")
+# Options that may change on resume: where things go and what is kept, nothing the training sees.
+RESUME_MAY_CHANGE = ("resume_from_checkpoint", "overwrite_output_dir", "output_dir", "checkpointing_steps",
+                     "checkpoints_total_limit", "save_model")
 
 
 def write_json_atomic(path, data) -> None:
@@ -54,8 +59,15 @@ def remove_incomplete(output_dir) -> None:
             shutil.rmtree(p)
 
 
-def save_checkpoint(accelerator, output_dir, step: int, loop_state: dict, total_limit: Optional[int]) -> Path:
-    """Save everything needed to resume after optimizer step ``step``; all ranks must call it."""
+def run_record(args, num_processes: int) -> dict:
+    """What a checkpoint records of its run, for :func:`check_resume` (JSON values)."""
+    return json.loads(json.dumps({"args": args.to_dict(), "world_size": num_processes}))
+
+
+def save_checkpoint(accelerator, output_dir, step: int, loop_state: dict, total_limit: Optional[int],
+                    run: Optional[dict] = None) -> Path:
+    """Save everything needed to resume after optimizer step ``step``; all ranks must call it.
+    ``run`` (see :func:`run_record`) goes into the checkpoint, so that a resume can be checked."""
     root = Path(output_dir) / CHECKPOINT_DIR
     final, tmp = root / f"step_{step}", root / f"{TMP_PREFIX}step_{step}"
     if accelerator.is_main_process and tmp.exists():
@@ -64,7 +76,7 @@ def save_checkpoint(accelerator, output_dir, step: int, loop_state: dict, total_
     accelerator.save_state(str(tmp))  # every rank writes its part (its RNG state at least)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_FILE, loop_state)
+        write_json_atomic(tmp / STATE_FILE, {**loop_state, "run": run} if run else loop_state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # the commit point
@@ -93,4 +105,61 @@ def resolve_resume(args) -> Optional[Path]:
 def load_checkpoint(accelerator, path: Path) -> dict:
     """Restore model/optimizer/scheduler/RNG states from ``path``; returns the loop state."""
     accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())
+    state = json.loads((path / STATE_FILE).read_text())
+    state.pop("run", None)
+    return state
+
+
+def _recorded_run(path: Path) -> Optional[dict]:
+    """The checkpoint's own record, else (older checkpoints) its run folder's run_config.json."""
+    state = json.loads((path / STATE_FILE).read_text())
+    if "run" in state:
+        return state["run"]
+    run_config = path.parent.parent / RUN_CONFIG_FILE
+    if run_config.is_file():
+        config = json.loads(run_config.read_text())
+        return {"args": config.get("args", {}), "world_size": config.get("world_size")}
+    return None
+
+
+def _defaults(args) -> dict:
+    """The default of every option of ``args`` (a dataclass), as JSON values."""
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(args)}
+    return json.loads(json.dumps(defaults))
+
+
+def check_resume(path: Path, args, num_processes: int) -> None:
+    """Refuse a resume that would not continue the checkpoint's run exactly: other options
+    (each difference named), another number of processes, or a missing or corrupt random state."""
+    from accelerate.utils import load as accelerate_load  # what accelerator.load_state reads them with
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    start_afresh = ("Resume with the run's own options, or start afresh with --overwrite_output_dir "
+                    "(or another --output_dir)")
+    recorded = _recorded_run(path)
+    if recorded is None:
+        raise ValueError(f"cannot check that resuming {path} is exact: it records no options and there is no "
+                         f"{RUN_CONFIG_FILE} beside its checkpoints. {start_afresh}")
+    now = run_record(args, num_processes)
+    # an option a checkpoint does not record (newer than it) had its default then
+    before = {**_defaults(args), **recorded["args"]}
+    differences = [f"{name}={before.get(name)!r} (now {value!r})" for name, value in now["args"].items()
+                   if name not in RESUME_MAY_CHANGE and before.get(name) != value]
+    if recorded.get("world_size") not in (None, num_processes):
+        differences.append(f"world_size={recorded['world_size']} processes (now {num_processes})")
+    if differences:
+        raise ValueError(f"cannot resume {path} exactly: its run was trained with {', '.join(differences)}. "
+                         f"{start_afresh}")
+    for rank in range(num_processes):
+        states = path / f"{RNG_STATE_NAME}_{rank}.pkl"
+        try:
+            loaded = accelerate_load(states)
+            missing = [key for key in ("random_state", "numpy_random_seed", "torch_manual_seed") if key not in loaded]
+        except Exception as err:  # torch.load raises many types on a damaged pickle
+            missing = [f"a readable file ({type(err).__name__}: {err})"]
+        if missing:
+            raise ValueError(f"cannot resume {path} exactly: the random state {states.name} lacks "
+                             f"{', '.join(missing)}, so dropout and data order would differ from the "
+                             f"uninterrupted run. Resume from an earlier checkpoint, or start afresh with "
+                             "--overwrite_output_dir")

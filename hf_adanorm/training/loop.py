@@ -14,7 +14,7 @@ import os
 import platform
 import shutil
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,10 +33,11 @@ from ..checkpoint import save_pretrained as save_patched
 from ..patch import is_patched
 from . import checkpoints
 from .args import FP16_ON_CPU, TrainingArgs
-from .checkpoints import CHECKPOINT_DIR, METRICS_FILE
+from .checkpoints import CHECKPOINT_DIR, METRICS_FILE, RUN_CONFIG_FILE
+from .locks import check_not_in_use, folder_lock
 from .modeling import CONFIG_PREFIX, fold_outcome, unfolded_warning
+from .optimizer import make_optimizer
 
-RUN_CONFIG_FILE = "run_config.json"
 MODEL_DIR = "model"
 
 logger = get_logger(__name__)  # main process only
@@ -202,17 +203,39 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
     output_dir = Path(args.output_dir)
 
     # Everything that can fail on bad input fails here, before a file is written.
-    resume_path = checkpoints.resolve_resume(args)
-    _check_output_dir(args, resume_path)
+    resume_path = _check_start(args, accelerator)
+    if accelerator.is_main_process:
+        check_not_in_use(output_dir, "training run")
     with accelerator.main_process_first(), _whole_model_under_zero3(accelerator):
         task = build_task(args)  # the main process fills the datasets cache first
 
+    with ExitStack() as lock:
+        if accelerator.is_main_process:  # one run per folder; the kernel frees it if we are killed
+            lock.enter_context(folder_lock(output_dir, "training run"))
+            if _check_start(args, accelerator) != resume_path:
+                raise RuntimeError(f"{output_dir} changed while this run was being set up: is another "
+                                   "process writing there?")
+        return _train(args, accelerator, task, resume_path)
+
+
+def _check_start(args: TrainingArgs, accelerator) -> Optional[Path]:
+    """The checkpoint to resume from (None: a fresh start), refusing an inexact resume or
+    a fresh start over another run's results."""
+    resume_path = checkpoints.resolve_resume(args)
+    if resume_path is not None:
+        checkpoints.check_resume(resume_path, args, accelerator.num_processes)
+    _check_output_dir(args, resume_path)
+    return resume_path
+
+
+def _train(args: TrainingArgs, accelerator, task: Task, resume_path: Optional[Path]) -> TrainResult:
+    output_dir = Path(args.output_dir)
     model = task.model
     fold = fold_outcome(model, args)  # read before prepare() wraps the model
     warning = unfolded_warning(fold)
     if warning:
         logger.warning(warning)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, args.learning_rate, args.weight_decay)  # no decay of norms and biases
     loader_seed = torch.Generator().manual_seed(args.seed)  # keeps DataLoader draws off the global RNG
     train_dataloader = DataLoader(task.splits["train"], shuffle=True, batch_size=args.per_device_batch_size,
                                   collate_fn=task.collate_fn, generator=loader_seed)
@@ -303,7 +326,8 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
             if args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0:
                 loop["loss_sum"] = loss_sum.item()
                 checkpoints.save_checkpoint(accelerator, output_dir, loop["step"], loop,
-                                            args.checkpoints_total_limit)
+                                            args.checkpoints_total_limit,
+                                            run=checkpoints.run_record(args, accelerator.num_processes))
             if loop["step"] >= total_steps:
                 break
         last_epoch = epoch == num_epochs - 1

@@ -1,0 +1,208 @@
+"""The comparison says what a reader would miss (verdict, single-class runs, Holm, detectable
+difference, bounded intervals) and refuses what would mix or clobber sweeps."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+
+import numpy as np
+import pytest
+from scipy import stats
+from test_compare import SETUP, FakeRun
+from test_recipe_guards import hold_lock
+
+from hf_adanorm.cli import main
+from hf_adanorm.compare import compare, run_sweep
+from hf_adanorm.compare.stats import describe, holm, min_detectable_effect, seeds_needed
+from hf_adanorm.compare.sweep import METRICS_FILE
+from hf_adanorm.training.locks import FolderInUseError
+
+
+class FixedRun:
+    """A run whose final metrics are given per (norm, seed)."""
+
+    def __init__(self, finals):
+        self.finals = finals
+
+    def __call__(self, options):
+        os.makedirs(options["output_dir"], exist_ok=True)
+        final = self.finals(options["norm"], options["seed"])
+        with open(f"{options['output_dir']}/{METRICS_FILE}", "w") as f:
+            json.dump(dict(config=options, history=[dict(epoch=1, step=1, **final)], final=final), f)
+
+
+def test_holm_on_a_hand_worked_example_and_as_a_step_down_test():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> running max 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005, math.nan])[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert math.isnan(holm([0.01, math.nan])[1])
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # adjusted p <= alpha rejects exactly what Holm's sequential procedure rejects
+        p = rng.uniform(0, 0.1, size=rng.integers(1, 8))
+        rejected, k = set(), len(p)
+        for i, index in enumerate(np.argsort(p)):
+            if p[index] > 0.05 / (k - i):
+                break
+            rejected.add(int(index))
+        assert {i for i, q in enumerate(holm(p)) if q <= 0.05} == rejected
+
+
+@pytest.mark.parametrize("n", [3, 5, 10])
+def test_the_detectable_difference_has_80_percent_power_in_simulation(n):
+    effect = min_detectable_effect(diff_std=2.0, n=n)
+    rng = np.random.default_rng(n)
+    d = rng.normal(effect, 2.0, size=(40000, n))
+    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+    power = np.mean(2 * stats.t.sf(np.abs(t), n - 1) < 0.05)
+    assert power == pytest.approx(0.8, abs=0.01)
+    assert seeds_needed(effect * 1.001, 2.0) == n and seeds_needed(effect * 0.99, 2.0) > n
+
+
+def test_an_interval_that_would_leave_the_bounds_is_not_given():
+    row = describe([0.0, 0.9], bounds=(0.0, 1.0))  # one seed predicted only the minority class
+    assert row["ci_outside_bounds"] and math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])
+    assert not math.isnan(describe([0.0, 0.9])["ci_low"])  # the unbounded metric keeps its interval
+    inside = describe([0.80, 0.82, 0.81], bounds=(0.0, 1.0))
+    assert 0 < inside["ci_low"] < 0.81 < inside["ci_high"] < 1 and not inside["ci_outside_bounds"]
+
+
+def majority_only(norm, seed):
+    """Every run predicts the majority class of a 7 %-positive test set (the MiniLM case)."""
+    return dict(test_loss=0.3 + 0.01 * seed, test_accuracy=0.906, test_f1=0.475, test_majority_accuracy=0.906,
+                test_predicted_classes=1, eval_accuracy=0.9, eval_majority_accuracy=0.9,
+                eval_predicted_classes=1 if seed else 2)
+
+
+def test_single_class_runs_are_flagged_at_the_top_and_in_the_table(tmp_path):
+    report = compare(SETUP, ["layernorm", "adanorm"], [0, 1, 2], tmp_path, run_fn=FixedRun(majority_only),
+                     progress=False)
+    text = report.read_text()
+    top = text.split("## ")[0]
+    assert ("**⚠ 6 of 6 runs predicted a single class on the test split** (layernorm seeds 0, 1, 2; adanorm seeds "
+            "0, 1, 2): their accuracy is at best the majority-class baseline (0.906)") in top
+    assert "4 of 6 runs predicted a single class on the eval split** (layernorm seeds 1, 2; adanorm seeds 1, 2)" in top
+    assert ("**adanorm**: no test against layernorm was possible; every seed gave the same Δ test_accuracy = +0: "
+            "with no spread") in top
+    section = text.split("## test_accuracy\n")[1].split("\n## ")[0]
+    assert "Majority-class baseline (always predicting train's most frequent class): 0.906." in section
+    assert "| single-class seeds |" in section and "| adanorm | 3 |" in section
+    assert section.count("⚠ 0, 1, 2") == 2
+    eval_section = text.split("## eval_accuracy\n")[1].split("\n## ")[0]
+    assert eval_section.count("⚠ 1, 2 |") == 2
+    assert "## test_majority_accuracy" not in text and "## test_predicted_classes" not in text
+    runs_csv = (report.parent / "runs.csv").read_text().splitlines()
+    single_class = [line.split(",")[3] for line in runs_csv]  # runs in plan order: seed 0 of each norm first
+    assert single_class == ["single_class", "test", "test", "test eval", "test eval", "test eval", "test eval"]
+    assert not list(report.parent.glob("*predicted_classes*.png"))
+
+
+def two_seeds_one_minority(norm, seed):
+    """The tiny-model case: one seed predicts only the minority class."""
+    accuracy = {("layernorm", 0): 0.906, ("layernorm", 1): 0.094, ("adanorm", 0): 0.9, ("adanorm", 1): 0.91}
+    return dict(test_accuracy=accuracy[(norm, seed)], test_loss=0.3 + 0.1 * seed)
+
+
+def test_a_bounded_metric_with_too_few_seeds_says_so(tmp_path):
+    report = compare(SETUP, ["layernorm", "adanorm"], [0, 1], tmp_path, run_fn=FixedRun(two_seeds_one_minority),
+                     progress=False)
+    rows = {(r["metric"], r["norm"]): r for r in json.loads((report.parent / "summary.json").read_text())["rows"]}
+    layernorm = rows[("test_accuracy", "layernorm")]
+    assert layernorm["ci_outside_bounds"] and layernorm["ci_low"] is None
+    assert rows[("test_accuracy", "adanorm")]["diff_ci_outside_bounds"]  # the Δ interval would leave [-1, 1]
+    text = report.read_text()
+    line = next(l for l in text.split("## test_accuracy\n")[1].splitlines() if l.startswith("| layernorm |"))
+    assert "n too small †" in line and "-4.0" not in text
+    assert ("with 2 seeds no difference in test_accuracy was detectable: it would take |Δ| > 6.7, beyond the "
+            "metric's range") in text.split("**Read with care.**")[0]
+    assert "† n too small: the t interval would leave the metric's range" in text
+
+
+def clear_gain(norm, seed):
+    rng = np.random.default_rng([seed, len(norm)])
+    return dict(eval_accuracy=0.7 + (0.1 if norm == "adanorm" else 0.0) + float(rng.normal(0, 0.005)),
+                eval_loss=0.5 + float(rng.normal(0, 0.01)))
+
+
+def test_the_verdict_follows_from_the_numbers(tmp_path):
+    report = compare(SETUP, ["layernorm", "layernorm_simple", "adanorm"], [0, 1, 2, 3], tmp_path,
+                     run_fn=FixedRun(clear_gain), progress=False)
+    rows = {(r["metric"], r["norm"]): r for r in json.loads((report.parent / "summary.json").read_text())["rows"]}
+    verdict = report.read_text().split("**Read with care.**")[0]
+    gain = rows[("eval_accuracy", "adanorm")]
+    assert gain["t_pvalue_holm"] < 0.05
+    assert (f"**adanorm** differs from layernorm on eval_accuracy (Δ = {gain['mean_diff']:+.3g}, Holm-adjusted "
+            f"p = {gain['t_pvalue_holm']:.2g})") in verdict
+    simple = rows[("eval_accuracy", "layernorm_simple")]
+    assert ("**layernorm_simple**: no difference from layernorm detected (Holm-adjusted paired t p ≥ 0.05 over the 4 "
+            f"tests of this report); with 4 seeds only |Δ| > {simple['mde']:.2g} in eval_accuracy was detectable") in verdict
+    assert simple["mde"] == pytest.approx(min_detectable_effect(simple["diff_std"], 4))
+
+
+def test_the_sweep_folder_is_locked_and_recovered_after_kill_9(tmp_path, capsys):
+    fake = FakeRun()
+    holder = hold_lock(tmp_path / "sweep")
+    try:
+        with pytest.raises(FolderInUseError, match=f"in use by another hf-adanorm compare: pid {holder.pid}"):
+            run_sweep(SETUP, ["layernorm"], [0], tmp_path / "sweep", run_fn=fake, progress=False)
+        assert fake.calls == [] and not (tmp_path / "sweep" / "sweep.json").exists()
+        assert main(["compare", "--output-dir", str(tmp_path / "sweep"), "--no-progress"]) == 2  # the demo
+        assert not (tmp_path / "sweep" / "data").exists()  # refused before the demo wrote its data
+        assert f"in use by another hf-adanorm compare: pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    compare(SETUP, ["layernorm"], [0], tmp_path / "sweep", run_fn=fake, progress=False)
+    assert fake.calls == [("layernorm", 0)]
+
+
+def test_overwrite_starts_the_sweep_afresh(tmp_path):
+    fake = FakeRun()
+    run_sweep(SETUP, ["layernorm", "adanorm"], [0], tmp_path, run_fn=fake, progress=False)
+    (tmp_path / "data").mkdir()  # the demo's data: kept
+    other = dict(SETUP, learning_rate=0.5)
+    with pytest.raises(ValueError, match="other training options"):
+        run_sweep(other, ["layernorm"], [0], tmp_path, run_fn=fake, progress=False)
+    runs = run_sweep(other, ["layernorm"], [0], tmp_path, run_fn=fake, progress=False, overwrite=True)
+    assert fake.calls[2:] == [("layernorm", 0)] and len(runs) == 1
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["layernorm_seed0"]
+    assert json.loads((tmp_path / "sweep.json").read_text())["learning_rate"] == 0.5 and (tmp_path / "data").is_dir()
+
+
+def test_cli_passes_overwrite_output_dir_on(tmp_path, monkeypatch):
+    import hf_adanorm.compare as compare_module
+    seen = {}
+
+    def fake_compare(setup, norms, seeds, output_dir, run_fn=None, progress=True, overwrite=False):
+        seen["overwrite"] = overwrite
+        (tmp_path / "report.md").write_text("fake")
+        return tmp_path / "report.md"
+
+    monkeypatch.setattr(compare_module, "compare", fake_compare)
+    argv = ["compare", "--model", "m", "--dataset", str(tmp_path), "--output-dir", str(tmp_path / "o")]
+    assert main(argv) == 0 and seen == {"overwrite": False}
+    assert main([*argv, "--overwrite_output_dir"]) == 0 and seen == {"overwrite": True}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "4294967296"], r"seeds must be non-negative integers up to 2\*\*32 - 1"),
+    (["--output-dir", ""], "the sweep folder is empty"),
+    (["--max_grad_norm", "-1"], "max_grad_norm must be a finite number > 0"),
+    (["--learning_rate", "nan"], "learning_rate must be a finite number > 0"),
+    (["--lr_scheduler", "bogus"], "unknown lr_scheduler 'bogus'"),
+])
+def test_cli_refuses_before_writing_anything(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)  # '' would be the current folder
+    out = ["--output-dir", str(tmp_path / "o")] if "--output-dir" not in argv else []
+    assert main(["compare", "--no-progress", *out, *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_an_output_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["compare", "--output-dir", str(tmp_path / "notes.txt")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
