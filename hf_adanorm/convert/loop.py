@@ -154,7 +154,9 @@ def convert_model(args: ConvertArgs) -> dict:
     teacher, causal = _load_teacher(args)
     texts = load_texts(args, causal)
     data = tokenize(texts, tokenizer, args, causal, teacher.get_input_embeddings().num_embeddings)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    # Dropout off (eval mode) while distilling: the function to keep is the teacher's eval-mode one, and
+    # dropout noise in the student alone would be a floor under the loss (measured: docs/conversion.md).
+    student = copy.deepcopy(teacher).eval().requires_grad_(True)
     patch = patch_model(student, norm_config)  # no norm to convert, or an option out of range: raises
     record = get_patch_record(student)
     wrapped = wrap_norms(student, blend_sources(record, lambda name: copy.deepcopy(teacher.get_submodule(name))))
@@ -198,7 +200,7 @@ def convert_model(args: ConvertArgs) -> dict:
 
     progress = tqdm(total=total_steps, initial=loop["step"], disable=not accelerator.is_local_main_process,
                     desc=f"convert -> {args.norm}")
-    model.train()
+    model.eval()
     epoch = loop["epoch"]
     while loop["step"] < total_steps:
         train_loader.set_epoch(epoch)
