@@ -254,8 +254,7 @@ def _statistics_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("hf_adanorm::forward", mutates_args=())
-def _forward_op(x2d: torch.Tensor, eps: float, centre: bool, fairseq: bool, k: float,
+def _forward_kernels(x2d: torch.Tensor, eps: float, centre: bool, fairseq: bool, k: float,
                 C: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(z, mean, 1/sigma)`` of the rows of ``x2d``, on the fastest path that runs."""
     kernels, out = _kernels_for(x2d), None
@@ -268,14 +267,16 @@ def _forward_op(x2d: torch.Tensor, eps: float, centre: bool, fairseq: bool, k: f
     return out
 
 
+_forward_op = torch.library.custom_op("hf_adanorm::forward", mutates_args=())(_forward_kernels)
+
+
 @_forward_op.register_fake
 def _(x2d, eps, centre, fairseq, k, C):
     stats = x2d.new_empty((x2d.shape[0], 1), dtype=_statistics_dtype(x2d))
     return torch.empty_like(x2d), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("hf_adanorm::input_grad", mutates_args=())
-def _input_grad_op(g: torch.Tensor, x2d: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, eps: float,
+def _input_grad_kernels(g: torch.Tensor, x2d: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, eps: float,
                    centre: bool, fairseq: bool, subtract_mean: bool, rescale: bool, k: float,
                    C: float) -> torch.Tensor:
     """``dL/dx`` for upstream ``g`` from the forward's ``x2d``, ``mean`` and ``1/sigma``."""
@@ -288,6 +289,9 @@ def _input_grad_op(g: torch.Tensor, x2d: torch.Tensor, mean: torch.Tensor, rstd:
         dx = _eager_input_grad(g, x2d, mean, rstd, eps, centre, fairseq, subtract_mean, rescale,
                                k, C).to(x2d.dtype)
     return dx
+
+
+_input_grad_op = torch.library.custom_op("hf_adanorm::input_grad", mutates_args=())(_input_grad_kernels)
 
 
 @_input_grad_op.register_fake
@@ -317,6 +321,20 @@ def _(info, in_dims, g, x2d, mean, rstd, *conf):
     return dx.view(b, -1, dx.shape[-1]), 0
 
 
+# The ops' overloads, called directly: half the dispatch time of the CustomOpDef objects.
+_FORWARD = torch.ops.hf_adanorm.forward.default
+_INPUT_GRAD = torch.ops.hf_adanorm.input_grad.default
+
+
+def _plain_eager(*tensors: torch.Tensor) -> bool:
+    """Whether nothing traces, transforms or intercepts these tensors: then the ops' Python bodies
+    are called directly, skipping the custom-op dispatch (~20 us a call, as much as the kernel
+    itself on small rows).  Anything else (torch.compile, torch.export, FakeTensor, torch.func,
+    dispatch modes) goes through the op."""
+    return (all(type(t) is torch.Tensor for t in tensors) and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and not torch._C._len_torch_dispatch_stack())
+
+
 class _NormalizeFunction(torch.autograd.Function):
     """The derivatives of the op layer, in every mode autograd has; see the module docstring.
 
@@ -334,7 +352,8 @@ class _NormalizeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x2d, eps, centre, fairseq, detach_mean, detach_scale, k, C):
-        return _forward_op(x2d, eps, centre, fairseq, k, C)
+        op = _forward_kernels if _plain_eager(x2d) else _FORWARD
+        return op(x2d, eps, centre, fairseq, k, C)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -355,14 +374,25 @@ class _NormalizeFunction(torch.autograd.Function):
             # create_graph=True: this backward will be differentiated in turn.
             dx = norm_math.input_grad(grad_out, x2d, *ctx.conf)
         else:
-            dx = _input_grad_op(grad_out, x2d, mean, rstd, eps, centre, fairseq,
-                                centre and not detach_mean, not detach_scale, k, C)
+            op = _input_grad_kernels if _plain_eager(grad_out, x2d) else _INPUT_GRAD
+            dx = op(grad_out, x2d, mean, rstd, eps, centre, fairseq, centre and not detach_mean,
+                    not detach_scale, k, C)
         return dx, None, None, None, None, None, None, None
 
 
 class _NormalizeFunctionWithJvp(_NormalizeFunction):
-    """The Function with its forward-mode rule: outside torch.compile, whose dynamo refuses to
-    trace an ``autograd.Function`` that has a ``jvp`` (torch 2.13)."""
+    """The Function with its forward-mode rule, and a faster ``apply``: used outside
+    torch.compile, whose dynamo refuses to trace an ``autograd.Function`` that has a ``jvp``
+    (torch 2.13) or its own ``apply``."""
+
+    @classmethod
+    def apply(cls, *args):
+        # torch.autograd.Function.apply binds the arguments to forward's signature (inspect, ~30 us
+        # a call) for Functions with setup_context; normalize() passes all of them positionally, so
+        # outside torch.func transforms (which need that path) the C++ apply is called directly.
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*args)
 
     @staticmethod
     def jvp(ctx, x_tangent, *_):
