@@ -81,6 +81,11 @@ CPU_KERNELS = _switch("HF_ADANORM_CPU_KERNELS", ("auto", "off"))
 # (TRITON_INTERPRET=1), the way the tests check the kernels on machines without a GPU.
 # Read from $HF_ADANORM_TRITON.
 TRITON = _switch("HF_ADANORM_TRITON", ("auto", "off", "always"))
+# What torch.compile sees of a norm: "auto", the op (the kernels above run inside compiled
+# code), or "math", the plain formulas of norm_math, which inductor fuses with the ops around
+# them. benchmarks/bench_e2e.py --compile kernels|math measures which is faster. Read from
+# $HF_ADANORM_COMPILED_NORMS when this module is imported (dynamo guards on its value).
+COMPILED_NORMS = _switch("HF_ADANORM_COMPILED_NORMS", ("auto", "math"))
 _SWITCHES = {"cpu": "HF_ADANORM_CPU_KERNELS", "triton": "HF_ADANORM_TRITON"}
 # Why a kernel family cannot run in this process at all (None: it can): no Triton, or C++
 # kernels that do not build.  A kernel *call* that fails falls back for that call only.
@@ -423,7 +428,8 @@ def normalize(
     if eps_mode not in ("torch", "fairseq"):
         raise ValueError(f"eps_mode must be 'torch' or 'fairseq', got {eps_mode!r}")
     conf = (float(eps), centre, eps_mode == "fairseq", detach_mean, detach_scale, float(k), float(C))
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or (COMPILED_NORMS == "math" and torch.compiler.is_compiling())):
         # A TorchScript trace or an ONNX graph can hold neither a Python autograd.Function nor a
         # Python custom op: record plain torch ops, which run and differentiate anywhere.
         return norm_math.decomposed(x, n_dims, *conf)
