@@ -331,13 +331,14 @@ _FORWARD = torch.ops.hf_adanorm.forward.default
 _INPUT_GRAD = torch.ops.hf_adanorm.input_grad.default
 
 
-def _plain_eager(*tensors: torch.Tensor) -> bool:
-    """Whether nothing traces, transforms or intercepts these tensors: then the ops' Python bodies
-    are called directly, skipping the custom-op dispatch (~20 us a call, as much as the kernel
-    itself on small rows).  Anything else (torch.compile, torch.export, FakeTensor, torch.func,
-    dispatch modes) goes through the op."""
-    return (all(type(t) is torch.Tensor for t in tensors) and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active() and not torch._C._len_torch_dispatch_stack())
+def _plain_eager() -> bool:
+    """Whether nothing traces or transforms this call: then the ops' Python bodies are called
+    directly, skipping the custom-op dispatch (~20 us a call, as much as the kernel itself on
+    small rows).  torch.compile, torch.export, make_fx, FakeTensorMode and torch.func go through
+    the op.  Tensor subclasses of their own (DTensor ...) are plain eager: the bodies give them
+    torch's ops, which they know how to run, where the op would need a rule of theirs."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or torch._C._len_torch_dispatch_stack())
 
 
 class _NormalizeFunction(torch.autograd.Function):
@@ -357,7 +358,7 @@ class _NormalizeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x2d, eps, centre, fairseq, detach_mean, detach_scale, k, C):
-        op = _forward_kernels if _plain_eager(x2d) else _FORWARD
+        op = _forward_kernels if _plain_eager() else _FORWARD
         return op(x2d, eps, centre, fairseq, k, C)
 
     @staticmethod
@@ -379,7 +380,7 @@ class _NormalizeFunction(torch.autograd.Function):
             # create_graph=True: this backward will be differentiated in turn.
             dx = norm_math.input_grad(grad_out, x2d, *ctx.conf)
         else:
-            op = _input_grad_kernels if _plain_eager(grad_out, x2d) else _INPUT_GRAD
+            op = _input_grad_kernels if _plain_eager() else _INPUT_GRAD
             dx = op(grad_out, x2d, mean, rstd, eps, centre, fairseq, centre and not detach_mean,
                     not detach_scale, k, C)
         return dx, None, None, None, None, None, None, None
