@@ -260,7 +260,7 @@ def _statistics_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _forward_kernels(x2d: torch.Tensor, eps: float, centre: bool, fairseq: bool, k: float,
-                C: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     C: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(z, mean, 1/sigma)`` of the rows of ``x2d``, on the fastest path that runs."""
     kernels, out = _kernels_for(x2d), None
     if kernels is not None:  # None if it fails: then the eager kernels
@@ -281,9 +281,9 @@ def _(x2d, eps, centre, fairseq, k, C):
     return torch.empty_like(x2d), stats, torch.empty_like(stats)
 
 
-def _input_grad_kernels(g: torch.Tensor, x2d: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, eps: float,
-                   centre: bool, fairseq: bool, subtract_mean: bool, rescale: bool, k: float,
-                   C: float) -> torch.Tensor:
+def _input_grad_kernels(g: torch.Tensor, x2d: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        eps: float, centre: bool, fairseq: bool, subtract_mean: bool, rescale: bool,
+                        k: float, C: float) -> torch.Tensor:
     """``dL/dx`` for upstream ``g`` from the forward's ``x2d``, ``mean`` and ``1/sigma``."""
     kernels, dx = _kernels_for(x2d), None
     if kernels is not None:  # any mode: mean and 1/sigma mean the same on every path

@@ -59,7 +59,8 @@ def test_failed_build_falls_back_to_eager_once(cpu_kernels_mode, monkeypatch):
 
     monkeypatch.setattr(cpu_kernels, "ops", broken_build)
     x, g = awkward_input((16, 48), torch.float32)
-    with pytest.warns(UserWarning, match=r"C\+\+ CPU kernels are unavailable .*c\+\+: not found.*HF_ADANORM_CPU_KERNELS=off"):
+    unavailable = r"C\+\+ CPU kernels are unavailable .*c\+\+: not found.*HF_ADANORM_CPU_KERNELS=off"
+    with pytest.warns(UserWarning, match=unavailable):
         assert_matches_reference(KINDS[1], AdaNorm(48), x, g, 1e-5)
     assert "not found" in functional._failures["cpu"]
     assert_matches_reference(KINDS[3], DetachNorm(48, detach="mean"), x, g, 1e-5)
