@@ -47,7 +47,10 @@ def _statistics(x, dims, eps: float, centre: bool, fairseq: bool):
         d = math.prod(x.shape[i] for i in dims)
         dof = max(d - 1, 1)
         v = v * (d / dof)
-    root_v = v.sqrt() if fairseq else None
+    root_v = None
+    if fairseq:  # sqrt'(0) is infinite: a constant row (v = 0, xc = 0) would get 0 * inf = NaN
+        positive = v > 0
+        root_v = torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
     sigma = root_v + eps if fairseq else (v + eps).sqrt()
     return mean, xc, sigma, root_v, dof
 

@@ -105,6 +105,33 @@ def test_double_backward_equals_plain_autograd(variant, eps_mode, kernels, cpu_k
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
 
 
+@by_id(NORMALIZING)
+@all_modes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_plain_formulas_equal_the_kernels(variant, eps_mode, dtype, cpu_kernels_mode):
+    """norm_math.decomposed (traces, ONNX, HF_ADANORM_COMPILED_NORMS=math) under plain autograd,
+    against the C++ kernels: outputs and gradients, a constant row included (finite there)."""
+    from hf_adanorm import norm_math
+    cpu_kernels_mode("auto")
+    x, g = rows(5, 40, seed=11).to(dtype), rows(5, 40, seed=12, offset=False).to(dtype)
+    x[2] = 0.75
+    module = variant.make(40, 1e-5, eps_mode)
+    conf = (1e-5, variant.centre, eps_mode == "fairseq", variant.detach_mean, variant.detach_scale,
+            variant.k, variant.C)
+    got = [t.float() for t in grad_pair(lambda t: norm_math.decomposed(t, 1, *conf), x, g)]
+    want = [t.float() for t in grad_pair(module, x, g)]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(got, want):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+def grad_pair(fn, x, g):
+    x = x.clone().requires_grad_(True)
+    z = fn(x)
+    return z.detach(), torch.autograd.grad(z, x, g)[0]
+
+
 def test_hessian_of_a_norm_is_not_zero():
     """The issue's case: ``torch.autograd.functional.hessian`` of a norm alone was all zeros."""
     module = hf_adanorm.LayerNormSimple(6)
