@@ -15,7 +15,7 @@ setup(
     package_data={"hf_adanorm": ["csrc/*.cpp"]},  # the CPU kernels' source, built on first use
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # torch.library.custom_op with register_vmap (hf_adanorm/functional.py)
         "ninja",  # torch.utils.cpp_extension builds the CPU kernels with it
         "transformers>=5.0",
         "accelerate>=1.0",
