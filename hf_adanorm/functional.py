@@ -28,22 +28,27 @@ returned in the input dtype.  Only ``x``, the per-row ``mean`` and ``1/sigma``
 are saved for backward (``y`` is recomputed), so a norm here never saves more
 than ``torch.nn.LayerNorm``, which also keeps its gain and bias.
 
-Execution paths (all compute the equations above; tests/test_fast_paths.py and
+One op layer: two ``torch.library`` custom ops, ``torch.ops.hf_adanorm.forward`` and
+``torch.ops.hf_adanorm.input_grad``, compute the values; one ``autograd.Function`` gives them
+their derivatives (see ``_NormalizeFunction`` for why this split).  torch.compile and
+torch.export see the ops whole (no graph break; the fast kernels run inside compiled code).
+Behind the ops, each path exists for one reason (tests/test_fast_paths.py and
 tests/test_triton.py check each against plain autograd):
 
-* cpu: CPU tensors, any mode, run the hand-written C++ kernels of
-  :mod:`hf_adanorm.cpu_kernels`, one pass over memory per direction, built once on
-  first use and cached on disk (see ``CPU_KERNELS``);
-* triton: CUDA tensors, any mode, run the one-pass-per-row Triton kernels of
-  :mod:`hf_adanorm.triton_norm` in both directions (see ``TRITON``);
-* traced: inside a caller's ``torch.compile`` the plain math below is traced, so the
-  norm joins the caller's graph without a break;
-* eager: otherwise (no C++ compiler, other devices, a kernel that failed), torch's
-  native LayerNorm kernels plus in-place element-wise ops.
+* cpu: CPU tensors, any mode: the hand-written C++ kernels of :mod:`hf_adanorm.cpu_kernels`,
+  one pass over memory per direction, for speed (faster than torch's LayerNorm kernels,
+  BENCHMARKS.md), built once on first use and cached on disk (see ``CPU_KERNELS``);
+* triton: CUDA tensors, any mode: the one-pass-per-row Triton kernels of
+  :mod:`hf_adanorm.triton_norm`, for speed on GPUs (see ``TRITON``);
+* eager: everything else (float64, GPUs without Triton, other devices, a kernel call that
+  failed): torch's native LayerNorm kernels plus in-place element-wise ops;
+* :mod:`hf_adanorm.norm_math`: plain differentiable ops, where autograd must see inside the
+  norm: double backward, forward-mode AD, and TorchScript / ONNX traces.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
@@ -54,6 +59,8 @@ import warnings
 from typing import Optional
 
 import torch
+
+from . import norm_math
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -74,9 +81,17 @@ CPU_KERNELS = _switch("HF_ADANORM_CPU_KERNELS", ("auto", "off"))
 # (TRITON_INTERPRET=1), the way the tests check the kernels on machines without a GPU.
 # Read from $HF_ADANORM_TRITON.
 TRITON = _switch("HF_ADANORM_TRITON", ("auto", "off", "always"))
+# What torch.compile sees of a norm: "auto", the op (the kernels above run inside compiled
+# code), or "math", the plain formulas of norm_math, which inductor fuses with the ops around
+# them. benchmarks/bench_e2e.py --compile kernels|math measures which is faster. Read from
+# $HF_ADANORM_COMPILED_NORMS when this module is imported (dynamo guards on its value).
+COMPILED_NORMS = _switch("HF_ADANORM_COMPILED_NORMS", ("auto", "math"))
 _SWITCHES = {"cpu": "HF_ADANORM_CPU_KERNELS", "triton": "HF_ADANORM_TRITON"}
-# Why a kernel family was turned off for the rest of the process (None: it is on).
+# Why a kernel family cannot run in this process at all (None: it can): no Triton, or C++
+# kernels that do not build.  A kernel *call* that fails falls back for that call only.
 _failures: dict[str, Optional[str]] = {"cpu": None, "triton": None}
+# How many kernel calls failed (each served by the eager kernels instead), per backend.
+failed_calls: collections.Counter = collections.Counter()
 # Wall time of each kernel's first call, keyed ("<backend>_forward" | "<backend>_input_grad",
 # dtype, D, flags...): it includes building the C++ kernels or compiling a Triton kernel.
 first_call_seconds: dict[tuple, float] = {}
@@ -88,45 +103,13 @@ def _flatten_rows(x: torch.Tensor, n_dims: int) -> torch.Tensor:
     return x.reshape(-1, d)
 
 
-# ---------------------------------------------------------------- torch-mode math, written once
-# Plain tensor code, traced as-is (then fused by inductor) when the caller
-# torch.compile's the whole model: the norm then joins the caller's graph.
-
-def _forward_math(x2d, eps: float, k: float, C: float, centre: bool):
-    """``(z, mean, 1/sigma)`` with ``sigma = sqrt(var + eps)``, statistics in float32."""
-    x32 = x2d.float()
-    if centre:
-        var, mean = torch.var_mean(x32, -1, keepdim=True, correction=0)
-    else:
-        var = x32.square().mean(-1, keepdim=True)
-        mean = torch.zeros_like(var)
-    rstd = torch.rsqrt(var + eps)
-    y = (x32 - mean) * rstd
-    return (y * (C - (C * k) * y)).to(x2d.dtype), mean, rstd
-
-
-def _input_grad_math(g, x2d, mean, rstd, k: float, C: float, centre: bool,
-                     subtract_mean: bool, rescale: bool):
-    """``rstd * (g' - [mean(g')] - [y * mean(g' * y)])`` with ``g' = C (1 - k y) g``."""
-    x32 = x2d.float()
-    y = (x32 - mean) * rstd if centre else x32 * rstd
-    gp = g.float() * (C - (C * k) * y)
-    dx = gp
-    if subtract_mean:
-        dx = dx - gp.mean(-1, keepdim=True)
-    if rescale:
-        dx = dx - y * (gp * y).mean(-1, keepdim=True)
-    return (dx * rstd).to(x2d.dtype)
-
-
 # ---------------------------------------------------------------- hand-written kernels
 
 def _kernels_for(x: torch.Tensor) -> Optional[types.ModuleType]:
     """The kernel module (:mod:`.cpu_kernels` or :mod:`.triton_norm`) for ``x``, or None for eager."""
     # Plain tensors only: subclasses (FakeTensor, DTensor, ...) bring their own dispatch, which
     # knows torch's ops but not these kernels; the eager path serves them.
-    if (torch.compiler.is_compiling() or type(x) is not torch.Tensor
-            or x.dtype not in (torch.float32, *_HALF) or x.numel() == 0 or x.shape[-1] == 0):
+    if (type(x) is not torch.Tensor or x.dtype not in (torch.float32, *_HALF) or x.numel() == 0 or x.shape[-1] == 0):
         return None
     if TRITON != "off" and _failures["triton"] is None and (x.device.type == "cuda" or TRITON == "always"):
         try:
@@ -143,8 +126,11 @@ def _kernels_for(x: torch.Tensor) -> Optional[types.ModuleType]:
 
 
 def _run(kernels: types.ModuleType, direction: str, key: tuple, *args):
-    """``kernels.<direction>(*args)``, or None (with one warning, then eager for good) if it fails.
+    """``kernels.<direction>(*args)``, or None (with a warning) if it fails.
 
+    A failed call falls back to the eager kernels for that call only: a transient
+    out-of-memory error or one odd shape must not switch the kernels off for everything else.
+    Only kernels that cannot be built at all (``BuildError``) are given up for the process.
     The first call per ``key`` builds (C++) or compiles (Triton) the kernel; its wall time
     goes into ``first_call_seconds``.
     """
@@ -153,11 +139,19 @@ def _run(kernels: types.ModuleType, direction: str, key: tuple, *args):
     start = time.perf_counter()
     try:
         out = getattr(kernels, direction)(*args)
-    except Exception as err:  # noqa: BLE001 - no C++ compiler, an unsupported GPU or Triton ...
-        _failures[backend] = f"{type(err).__name__}: {err}".splitlines()[0]
+    except Exception as err:  # noqa: BLE001 - no C++ compiler, an unsupported GPU, out of memory ...
+        why = f"{type(err).__name__}: {err}".splitlines()[0]
         name = "C++ CPU" if backend == "cpu" else "Triton"
-        warnings.warn(f"hf_adanorm: the {name} kernel failed ({_failures[backend]}); using torch's "
-                      f"kernels from now on (set {_SWITCHES[backend]}=off to skip the attempt)")
+        if isinstance(err, getattr(kernels, "BuildError", ())):
+            _failures[backend] = why
+            warnings.warn(f"hf_adanorm: the {name} kernels are unavailable ({why}); using torch's "
+                          f"kernels from now on (set {_SWITCHES[backend]}=off to skip the attempt)")
+            return None
+        failed_calls[backend] += 1
+        x = args[1] if direction == "input_grad" else args[0]
+        warnings.warn(f"hf_adanorm: the {name} {direction} kernel failed on a {x.dtype} tensor of shape "
+                      f"{tuple(x.shape)} on {x.device} ({why}); torch's kernels serve this call "
+                      f"(set {_SWITCHES[backend]}=off to skip the kernel)")
         return None
     if key not in first_call_seconds:
         first_call_seconds[key] = time.perf_counter() - start
@@ -259,46 +253,157 @@ def _eager_input_grad(g, x, mean, rstd, eps, centre, fairseq, subtract_mean, res
     return dx * rstd
 
 
+# ---------------------------------------------------------------- the op layer
+
+def _statistics_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _forward_kernels(x2d: torch.Tensor, eps: float, centre: bool, fairseq: bool, k: float,
+                     C: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(z, mean, 1/sigma)`` of the rows of ``x2d``, on the fastest path that runs."""
+    kernels, out = _kernels_for(x2d), None
+    if kernels is not None:  # None if it fails: then the eager kernels
+        out = _run(kernels, "forward", (x2d.dtype, x2d.shape[-1], centre, fairseq),
+                   x2d, eps, centre, fairseq, k, C)
+    if out is None:
+        z, mean, rstd = _eager_forward(x2d, eps, centre, fairseq, k, C)
+        out = z.to(x2d.dtype), mean, rstd
+    return out
+
+
+_forward_op = torch.library.custom_op("hf_adanorm::forward", mutates_args=())(_forward_kernels)
+
+
+@_forward_op.register_fake
+def _(x2d, eps, centre, fairseq, k, C):
+    stats = x2d.new_empty((x2d.shape[0], 1), dtype=_statistics_dtype(x2d))
+    return torch.empty_like(x2d), stats, torch.empty_like(stats)
+
+
+def _input_grad_kernels(g: torch.Tensor, x2d: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        eps: float, centre: bool, fairseq: bool, subtract_mean: bool, rescale: bool,
+                        k: float, C: float) -> torch.Tensor:
+    """``dL/dx`` for upstream ``g`` from the forward's ``x2d``, ``mean`` and ``1/sigma``."""
+    kernels, dx = _kernels_for(x2d), None
+    if kernels is not None:  # any mode: mean and 1/sigma mean the same on every path
+        key = (x2d.dtype, x2d.shape[-1], centre, fairseq, subtract_mean, rescale)
+        dx = _run(kernels, "input_grad", key, g, x2d, mean, rstd, eps, centre, fairseq,
+                  subtract_mean, rescale, k, C)
+    if dx is None:
+        dx = _eager_input_grad(g, x2d, mean, rstd, eps, centre, fairseq, subtract_mean, rescale,
+                               k, C).to(x2d.dtype)
+    return dx
+
+
+_input_grad_op = torch.library.custom_op("hf_adanorm::input_grad", mutates_args=())(_input_grad_kernels)
+
+
+@_input_grad_op.register_fake
+def _(g, x2d, mean, rstd, eps, centre, fairseq, subtract_mean, rescale, k, C):
+    return torch.empty_like(x2d)
+
+
+def _as_rows(t: torch.Tensor, in_dim: Optional[int], batch: int) -> torch.Tensor:
+    """A (batch * rows, D) tensor of ``t`` batched at ``in_dim`` (None: the same for every batch)."""
+    t = t.expand(batch, *t.shape) if in_dim is None else t.movedim(in_dim, 0)
+    return t.reshape(-1, t.shape[-1])
+
+
+# vmap: every row is normalized by itself, so a batch of row-sets is just more rows.
+@_forward_op.register_vmap
+def _(info, in_dims, x2d, eps, centre, fairseq, k, C):
+    rows = _as_rows(x2d, in_dims[0], info.batch_size)
+    z, mean, rstd = _forward_op(rows, eps, centre, fairseq, k, C)
+    b = info.batch_size
+    return (z.view(b, -1, z.shape[-1]), mean.view(b, -1, 1), rstd.view(b, -1, 1)), (0, 0, 0)
+
+
+@_input_grad_op.register_vmap
+def _(info, in_dims, g, x2d, mean, rstd, *conf):
+    b = info.batch_size
+    dx = _input_grad_op(*(_as_rows(t, d, b) for t, d in zip((g, x2d, mean, rstd), in_dims)), *conf)
+    return dx.view(b, -1, dx.shape[-1]), 0
+
+
+# The ops' overloads, called directly: half the dispatch time of the CustomOpDef objects.
+_FORWARD = torch.ops.hf_adanorm.forward.default
+_INPUT_GRAD = torch.ops.hf_adanorm.input_grad.default
+
+
+def _plain_eager() -> bool:
+    """Whether nothing traces or transforms this call: then the ops' Python bodies are called
+    directly, skipping the custom-op dispatch (~20 us a call, as much as the kernel itself on
+    small rows).  torch.compile, torch.export, make_fx, FakeTensorMode and torch.func go through
+    the op.  Tensor subclasses of their own (DTensor ...) are plain eager: the bodies give them
+    torch's ops, which they know how to run, where the op would need a rule of theirs."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or torch._C._len_torch_dispatch_stack())
+
+
 class _NormalizeFunction(torch.autograd.Function):
-    """Normalize rows of a 2-D float tensor; see the module docstring for the math."""
+    """The derivatives of the op layer, in every mode autograd has; see the module docstring.
+
+    Why an ``autograd.Function`` over ``torch.library.register_autograd``: a custom op's
+    autograd has no forward-mode rule (``torch.func.jvp``, ``forward_ad``), and this one
+    Function gives all of them: ``setup_context`` (torch.func), ``generate_vmap_rule`` (the
+    ops carry their own vmap rules), ``jvp``, and a backward that, when it is itself
+    differentiated (``create_graph=True``, torch.func), is computed with the differentiable
+    ops of :mod:`hf_adanorm.norm_math`, so a Hessian-vector product or a gradient penalty
+    is exact.  Otherwise the backward is the kernel op, as fast as before.
+    """
+
+    generate_vmap_rule = True
+    # (The forward-mode rule is added by _NormalizeFunctionWithJvp below.)
 
     @staticmethod
-    def forward(ctx, x2d, eps, centre, fairseq, detach_mean, detach_scale, k, C):
-        kernels, out = _kernels_for(x2d), None
-        if kernels is not None:  # None if it fails: then the paths below
-            out = _run(kernels, "forward", (x2d.dtype, x2d.shape[-1], centre, fairseq),
-                       x2d, eps, centre, fairseq, k, C)
-        if out is not None:
-            z, mean, rstd = out
-        elif not fairseq and torch.compiler.is_compiling():
-            z, mean, rstd = _forward_math(x2d, eps, k, C, centre)
-        else:
-            z, mean, rstd = _eager_forward(x2d, eps, centre, fairseq, k, C)
-            z = z.to(x2d.dtype)
-        ctx.save_for_backward(x2d, mean, rstd)
-        ctx.conf = (eps, centre, fairseq, detach_mean, detach_scale, k, C)
-        return z
+    def forward(x2d, eps, centre, fairseq, detach_mean, detach_scale, k, C):
+        op = _forward_kernels if _plain_eager() else _FORWARD
+        return op(x2d, eps, centre, fairseq, k, C)
 
-    # Double backward raises: this backward treats mean and 1/sigma as saved constants,
-    # so differentiating it again would silently give a wrong second derivative.
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
+    def setup_context(ctx, inputs, output):
+        x2d, *ctx.conf = inputs  # eps, centre, fairseq, detach_mean, detach_scale, k, C
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x2d, mean, rstd)  # x, one mean and 1/sigma per row: no more than nn.LayerNorm
+        ctx.save_for_forward(x2d)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        if grad_out is None:
+            return (None,) * 8
         x2d, mean, rstd = ctx.saved_tensors
         eps, centre, fairseq, detach_mean, detach_scale, k, C = ctx.conf
-        subtract_mean, rescale = centre and not detach_mean, not detach_scale
-        dx = None
-        kernels = _kernels_for(x2d)
-        if kernels is not None:  # any mode: mean and 1/sigma mean the same on every path
-            key = (x2d.dtype, x2d.shape[-1], centre, fairseq, subtract_mean, rescale)
-            dx = _run(kernels, "input_grad", key, grad_out, x2d, mean, rstd, eps, centre, fairseq,
-                      subtract_mean, rescale, k, C)
-        elif not fairseq and torch.compiler.is_compiling():
-            dx = _input_grad_math(grad_out, x2d, mean, rstd, k, C, centre, subtract_mean, rescale)
-        if dx is None:
-            dx = _eager_input_grad(grad_out, x2d, mean, rstd, eps, centre, fairseq,
-                                   subtract_mean, rescale, k, C).to(x2d.dtype)
+        if torch.is_grad_enabled() and (grad_out.requires_grad or x2d.requires_grad):
+            # create_graph=True: this backward will be differentiated in turn.
+            dx = norm_math.input_grad(grad_out, x2d, *ctx.conf)
+        else:
+            op = _input_grad_kernels if _plain_eager() else _INPUT_GRAD
+            dx = op(grad_out, x2d, mean, rstd, eps, centre, fairseq, centre and not detach_mean,
+                    not detach_scale, k, C)
         return dx, None, None, None, None, None, None, None
+
+
+class _NormalizeFunctionWithJvp(_NormalizeFunction):
+    """The Function with its forward-mode rule, and a faster ``apply``: used outside
+    torch.compile, whose dynamo refuses to trace an ``autograd.Function`` that has a ``jvp``
+    (torch 2.13) or its own ``apply``."""
+
+    @classmethod
+    def apply(cls, *args):
+        # torch.autograd.Function.apply binds the arguments to forward's signature (inspect, ~30 us
+        # a call) for Functions with setup_context; normalize() passes all of them positionally, so
+        # outside torch.func transforms (which need that path) the C++ apply is called directly.
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*args)
+
+    @staticmethod
+    def jvp(ctx, x_tangent, *_):
+        (x2d,) = ctx.saved_tensors
+        return norm_math.tangent(x_tangent, x2d, *ctx.conf), None, None
 
 
 def normalize(
@@ -323,9 +428,12 @@ def normalize(
     """
     if eps_mode not in ("torch", "fairseq"):
         raise ValueError(f"eps_mode must be 'torch' or 'fairseq', got {eps_mode!r}")
+    conf = (float(eps), centre, eps_mode == "fairseq", detach_mean, detach_scale, float(k), float(C))
+    if (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or (COMPILED_NORMS == "math" and torch.compiler.is_compiling())):
+        # A TorchScript trace or an ONNX graph can hold neither a Python autograd.Function nor a
+        # Python custom op: record plain torch ops, which run and differentiate anywhere.
+        return norm_math.decomposed(x, n_dims, *conf)
     shape = x.shape
-    z = _NormalizeFunction.apply(
-        _flatten_rows(x, n_dims), float(eps), centre, eps_mode == "fairseq",
-        detach_mean, detach_scale, float(k), float(C),
-    )
-    return z.reshape(shape)
+    function = _NormalizeFunction if torch.compiler.is_compiling() else _NormalizeFunctionWithJvp
+    return function.apply(_flatten_rows(x, n_dims), *conf)[0].reshape(shape)

@@ -68,6 +68,21 @@ def check_ada_params(k: float, C: float) -> None:
         raise ValueError(f"AdaNorm needs a finite number C > 0 (an output scale, e.g. 1.0); got C={C!r}")
 
 
+def _normalize_trailing(x: torch.Tensor, normalized_shape: tuple[int, ...], owner: str, eps: float,
+                        **kw) -> torch.Tensor:
+    """:func:`normalize` over the trailing ``normalized_shape``; other shapes are refused, as
+    ``F.layer_norm`` refuses them."""
+    n = len(normalized_shape)
+    if tuple(x.shape[x.dim() - n:]) != normalized_shape:
+        raise RuntimeError(f"{owner} expects inputs ending in {list(normalized_shape)}, got shape {list(x.shape)}")
+    return normalize(x, n, eps, **kw)
+
+
+# torch.fx.symbolic_trace records a call to it as one node instead of tracing into it (the shape
+# check cannot run on a Proxy, which has no shape); the traced module runs it, check included.
+torch.fx.wrap("_normalize_trailing")
+
+
 class _ParameterFreeNorm(nn.Module):
     """Shared state of all norms here: the shape, eps and eps mode, no parameters."""
 
@@ -80,18 +95,35 @@ class _ParameterFreeNorm(nn.Module):
         self.eps_mode = check_eps_mode(eps_mode)
 
     def _normalize(self, x: torch.Tensor, **kw) -> torch.Tensor:
-        n = len(self.normalized_shape)
-        if tuple(x.shape[x.dim() - n:]) != self.normalized_shape:  # as F.layer_norm refuses it
-            raise RuntimeError(f"{type(self).__name__} expects inputs ending in {list(self.normalized_shape)}, "
-                               f"got shape {list(x.shape)}")
-        return normalize(x, len(self.normalized_shape), self.eps, centre=self.centre,
-                         eps_mode=self.eps_mode, **kw)
+        return _normalize_trailing(x, self.normalized_shape, type(self).__name__, self.eps,
+                                   centre=self.centre, eps_mode=self.eps_mode, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._normalize(x)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, eps_mode={self.eps_mode!r}"
+
+
+def _refuse_peft_ln_tuning(module: nn.Module, name: str, submodule):
+    """Stop PEFT's LN tuning from wrapping one of these norms, with a reason (else: StopIteration).
+
+    A global module-registration hook, because PEFT never calls into the norm it wraps; it acts
+    only when a ``peft`` ``LNTuningLayer`` takes a norm of this module as its ``base_layer``,
+    before PEFT has replaced anything in the model.
+    """
+    if (isinstance(submodule, _ParameterFreeNorm) and type(module).__name__ == "LNTuningLayer"
+            and type(module).__module__.startswith("peft.")):
+        raise TypeError(
+            f"PEFT LN tuning (LNTuningConfig) trains the gain and bias of a model's norms, but this model's "
+            f"norms were replaced by hf_adanorm's {type(submodule).__name__}, which has no parameters to tune "
+            f"(the norms of Xu et al. 2019 drop the gain and bias). Tune other modules instead (e.g. "
+            f"peft.LoraConfig(target_modules=[...]) on the attention and MLP projections), or call "
+            f"hf_adanorm.unpatch_model(model) first to LN-tune the original LayerNorms.")
+    return None
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_refuse_peft_ln_tuning)
 
 
 class LayerNormSimple(_ParameterFreeNorm):

@@ -1,7 +1,7 @@
 """How the C++ CPU kernels are built, cached, chosen and given up on (hf_adanorm.cpu_kernels).
 
 Their numerics are checked against the reference in test_fast_paths.py and test_norms.py;
-here: the fallback when a build fails, the cache that serves without a compiler, a lock left
+here: the fallback when a build or a call fails, the cache that serves without a compiler, a lock left
 by a killed build, accuracy on long offset rows, the tensors they leave to the eager path,
 and the switch's validation.
 """
@@ -55,24 +55,50 @@ def test_failed_build_falls_back_to_eager_once(cpu_kernels_mode, monkeypatch):
 
     def broken_build():
         builds.append(1)
-        raise RuntimeError("building hf_adanorm_cpu failed: /bin/sh: 1: c++: not found")
+        raise cpu_kernels.BuildError("building hf_adanorm_cpu failed: /bin/sh: 1: c++: not found")
 
     monkeypatch.setattr(cpu_kernels, "ops", broken_build)
     x, g = awkward_input((16, 48), torch.float32)
-    with pytest.warns(UserWarning, match=r"C\+\+ CPU kernel failed .*c\+\+: not found.*HF_ADANORM_CPU_KERNELS=off"):
+    unavailable = r"C\+\+ CPU kernels are unavailable .*c\+\+: not found.*HF_ADANORM_CPU_KERNELS=off"
+    with pytest.warns(UserWarning, match=unavailable):
         assert_matches_reference(KINDS[1], AdaNorm(48), x, g, 1e-5)
     assert "not found" in functional._failures["cpu"]
     assert_matches_reference(KINDS[3], DetachNorm(48, detach="mean"), x, g, 1e-5)
     assert builds == [1] and calls == {"forward": 1, "input_grad": 0}  # never retried
 
 
+def test_a_failing_kernel_call_falls_back_for_that_call_only(cpu_kernels_mode, monkeypatch):
+    """A kernel call that raises (out of memory, one odd shape) warns with the shape, dtype and
+    device, that call is served by torch's kernels, and the next call runs the kernel again."""
+    calls = cpu_kernels_mode("auto")
+    kernel, failures = cpu_kernels.forward, []
+
+    def fails_once(*args):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 123 bytes")
+        return kernel(*args)
+
+    monkeypatch.setattr(cpu_kernels, "forward", fails_once)
+    x, g = awkward_input((3, 16, 48), torch.float32)
+    failed_before = functional.failed_calls["cpu"]
+    with pytest.warns(UserWarning, match=r"C\+\+ CPU forward kernel failed on a torch.float32 tensor of shape "
+                                         r"\(48, 48\) on cpu \(RuntimeError: DefaultCPUAllocator: not enough memory"):
+        assert_matches_reference(KINDS[1], AdaNorm(48), x, g, 1e-5)
+    assert functional.failed_calls["cpu"] == failed_before + 1 and functional._failures["cpu"] is None
+    assert calls["input_grad"] == 1  # the backward of that very call still ran the kernel
+    assert_matches_reference(KINDS[1], AdaNorm(48), x, g, 1e-5)
+    assert failures == [1] and functional.failed_calls["cpu"] == failed_before + 1
+    assert calls == {"forward": 1, "input_grad": 2}  # the counter sits outside the failing wrapper
+
+
 @pytest.mark.slow
 def test_without_a_compiler_the_eager_kernels_still_run(tmp_path):
     """A fresh process, no compiler and no cached build: one warning that says so, right results."""
     warned, failure, ran, close = run_probe(CXX="/nonexistent/c++", TORCH_EXTENSIONS_DIR=str(tmp_path))
-    assert "C++ CPU kernel failed (RuntimeError: no C++ compiler ('/nonexistent/c++' is not on PATH" in warned
-    assert warned.count("kernel failed") == 1 and "HF_ADANORM_CPU_KERNELS=off" in warned
-    assert failure.startswith("RuntimeError: no C++ compiler") and not ran and close
+    assert "C++ CPU kernels are unavailable (BuildError: no C++ compiler ('/nonexistent/c++' is not on PATH" in warned
+    assert warned.count("unavailable") == 1 and "HF_ADANORM_CPU_KERNELS=off" in warned
+    assert failure.startswith("BuildError: no C++ compiler") and not ran and close
 
 
 @pytest.mark.slow

@@ -1,0 +1,56 @@
+"""PEFT on a patched model: LN tuning is refused with a reason, the alternative it names works.
+
+Skipped without ``peft`` (in the ``test`` extra).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_adanorm
+
+peft = pytest.importorskip("peft", reason="pip install hf_adanorm[test] (peft)")
+
+
+def tiny_bert():
+    from transformers import AutoModelForSequenceClassification, BertConfig
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=32, num_labels=2)
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_ln_tuning_on_a_patched_model_says_why_and_what_to_do(inference_mode, state_of, assert_unchanged):
+    model = tiny_bert()
+    hf_adanorm.patch_model(model, "adanorm")
+    before = state_of(model)
+    config = peft.LNTuningConfig(target_modules=["LayerNorm"], inference_mode=inference_mode)
+    with pytest.raises(TypeError, match=r"LN tuning .* hf_adanorm's AdaNorm, which has no parameters to tune.*"
+                                        r"LoraConfig.*hf_adanorm.unpatch_model\(model\)"):
+        peft.get_peft_model(model, config)
+    assert_unchanged(model, before)
+
+
+def test_the_alternatives_work():
+    """LoRA on the patched model trains; LN tuning of the unpatched model finds its LayerNorms."""
+    model = tiny_bert()
+    hf_adanorm.patch_model(model, "layernorm_simple")
+    lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=["query", "value"], r=2))
+    ids = torch.randint(1, 64, (2, 6))
+    lora(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+    trained = [n for n, p in lora.named_parameters() if p.requires_grad and p.grad is not None]
+    assert trained and all("lora_" in n or "classifier" in n for n in trained)
+
+    plain = tiny_bert()
+    tuned = peft.get_peft_model(plain, peft.LNTuningConfig(target_modules=["LayerNorm"]))
+    assert any("ln_tuning" in n and p.requires_grad for n, p in tuned.named_parameters())
+
+
+def test_other_wrappers_still_take_the_norms():
+    """The refusal is for PEFT's LN tuning only: any other module may hold these norms."""
+    holder = torch.nn.Module()
+    holder.norm = hf_adanorm.AdaNorm(8)
+    holder.seq = torch.nn.Sequential(hf_adanorm.LayerNormSimple(8))
+    assert isinstance(holder.seq[0], hf_adanorm.LayerNormSimple)
