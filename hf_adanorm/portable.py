@@ -189,7 +189,8 @@ class _Normalize(torch.autograd.Function):
     def backward(ctx, grad):
         x2d, mean, rstd = ctx.saved_tensors
         eps, centre, fairseq, detach_mean, detach_scale, k, C = ctx.conf
-        x, g = x2d.float(), grad.float()
+        half = x2d.dtype in (torch.float16, torch.bfloat16)  # statistics in float32, float64 kept
+        x, g = (x2d.float(), grad.float()) if half else (x2d, grad.to(x2d.dtype))
         d = x.shape[-1]
         y = (x - mean) * rstd if centre else x * rstd
         gp = (g - k * y * g) * C
