@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import tempfile
-import types
 from pathlib import Path
 from typing import Optional
 
@@ -28,57 +27,12 @@ import torch
 from torch import nn
 
 from .config import NormConfig
-from .patch import (_CONFIG_KEY, _ORIGINALS_ATTR, _RECORD_ATTR, RECORD_VERSION, _swap_in,
-                    get_patch_record)
-from .registry import available_norms, build_norm
+from .record import (CONFIG_KEY, RECORD_VERSION, CheckpointError, PatchState, check_record,
+                     get_record, record_from_config, set_state, swap_module)
+from .registry import build_norm
 from .remote_code import MODELING_FILE, auto_map, base_model_class, modeling_source
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint's hf_adanorm record cannot be used (newer, corrupted, unknown norm ...)."""
-
-
-def check_record(record) -> NormConfig:
-    """Validate a patch record read from config.json; returns its :class:`NormConfig`."""
-    def corrupted(what: str) -> CheckpointError:
-        return CheckpointError(f"the hf_adanorm record in config.json is corrupted: {what}; "
-                               "re-save the model with hf_adanorm.save_pretrained")
-
-    if not isinstance(record, dict):
-        raise corrupted(f"expected a JSON object, got {type(record).__name__}")
-    version = record.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise corrupted(f"format_version is {version!r}")
-    if version > RECORD_VERSION:
-        raise CheckpointError(
-            f"this checkpoint was written by a newer hf_adanorm (record format {version}; this "
-            f"version reads up to {RECORD_VERSION}): upgrade with `pip install -U hf_adanorm`")
-    options = record.get("config")
-    if not isinstance(options, dict):
-        raise corrupted("'config' is missing")
-    if options.get("norm") not in available_norms():
-        raise CheckpointError(f"the checkpoint uses the norm {options.get('norm')!r}, which this "
-                              f"hf_adanorm does not know (known: {available_norms()}); upgrade "
-                              "hf_adanorm or register_norm() it before loading")
-    try:
-        config = NormConfig.from_dict(options)
-    except (TypeError, ValueError) as err:
-        raise corrupted(f"invalid options ({err})") from None
-    modules = record.get("modules")
-    if not isinstance(modules, dict) or not modules:
-        raise corrupted("'modules' is missing or empty")
-    for name, entry in modules.items():
-        ok = (isinstance(entry, dict) and entry.get("kind") in ("layernorm", "rmsnorm")
-              and isinstance(entry.get("size"), int) and entry["size"] > 0
-              and isinstance(entry.get("eps"), (int, float)) and entry["eps"] >= 0)
-        if not ok:
-            raise corrupted(f"bad entry for module {name!r}: {entry!r}")
-    fold = record.get("fold") or {}
-    if not isinstance(fold, dict) or not all(isinstance(n, str) for n in fold.get("added_bias", [])):
-        raise corrupted("'fold' is malformed")
-    return config
 
 
 def rebuild_patch(model: nn.Module, record: dict) -> None:
@@ -102,13 +56,14 @@ def rebuild_patch(model: nn.Module, record: dict) -> None:
                               "an nn.Linear: the record is corrupted")
     for name, old, new in swaps:
         new.train(old.training)
-        _swap_in(model, name, new)
+        swap_module(model, name, new)
     for layer in layers:  # folding gave these a bias; the checkpoint holds its values
         layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
                                               device=layer.weight.device))
-    object.__setattr__(model, _ORIGINALS_ATTR, None)
-    object.__setattr__(model, _RECORD_ATTR, record)
-    setattr(model.config, _CONFIG_KEY, record)
+    set_state(model, PatchState(record))  # no originals: unpatch_model refuses
+    # The record lives on the model only (see record.py): the loaded config object forgets it.
+    if getattr(model, "config", None) is not None and hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
     attach_save_pretrained(model)
 
 
@@ -120,7 +75,7 @@ def _patched_class(base: type) -> type:
     if base not in _PATCHED_CLASSES:
         def __init__(self, config, *args, **kwargs):
             base.__init__(self, config, *args, **kwargs)
-            rebuild_patch(self, config.hf_adanorm)
+            rebuild_patch(self, record_from_config(config))
         _PATCHED_CLASSES[base] = type(base.__name__, (base,), {
             "__init__": __init__, "__module__": base.__module__, "__qualname__": base.__qualname__})
     return _PATCHED_CLASSES[base]
@@ -152,10 +107,12 @@ def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **k
         raise ValueError("hf_adanorm loads weights from safetensors only (no pickle)")
     kwargs["use_safetensors"] = True
     config = kwargs.pop("config", None)
-    if config is None:
+    if config is not None:
+        config = copy.deepcopy(config)  # loading moves the record from the config to the model
+    else:
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
-    record = getattr(config, _CONFIG_KEY, None)
+    record = record_from_config(config)
     if record is None:
         raise CheckpointError(f"{pretrained_model_name_or_path} has no hf_adanorm record in its "
                               "config.json: it is not a patched checkpoint; load it with transformers")
@@ -206,11 +163,14 @@ def _plain_state_dict(model, record, config: NormConfig, state_dict) -> dict:
     return state
 
 
-def _write_config(config, save_directory: Path, *, plain: bool, remote: Optional[dict]) -> None:
-    """Rewrite config.json: no record for a plain checkpoint, ``auto_map`` for remote code."""
+def _write_config(config, save_directory: Path, *, record: Optional[dict],
+                  remote: Optional[dict]) -> None:
+    """Rewrite config.json: the record (None for a plain checkpoint), ``auto_map`` for remote code."""
     config = copy.deepcopy(config)
-    if plain:
-        delattr(config, _CONFIG_KEY)
+    if record is not None:
+        setattr(config, CONFIG_KEY, record)
+    elif hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)
     # entries pointing at our remote code (kept from a folder this model was loaded from) go:
     # without the file they would break trust_remote_code loading
     ours = f"{MODELING_FILE[:-3]}."
@@ -240,7 +200,7 @@ def save_pretrained(model, save_directory, *, remote_code: bool = True, plain: b
     """
     from .card import model_card
     model = _unwrap(model)
-    record = get_patch_record(model)
+    record = get_record(model)
     if record is None:
         raise ValueError("the model is not patched by hf_adanorm; use model.save_pretrained")
     config = check_record(record)
@@ -256,7 +216,7 @@ def save_pretrained(model, save_directory, *, remote_code: bool = True, plain: b
         return None
     save_directory = Path(save_directory)
     type(model).save_pretrained(model, save_directory, state_dict=state_dict, **kwargs)
-    _write_config(model.config, save_directory, plain=plain, remote=remote)
+    _write_config(model.config, save_directory, record=None if plain else record, remote=remote)
     if remote is not None:
         source = modeling_source(base_model_class(model), RECORD_VERSION)
         (save_directory / MODELING_FILE).write_text(source)
@@ -267,25 +227,38 @@ def save_pretrained(model, save_directory, *, remote_code: bool = True, plain: b
     return save_directory
 
 
-def _own_save_pretrained(self, save_directory, **kwargs):
+class PatchedSavePretrained:
     """A patched model's ``save_pretrained``: :func:`save_pretrained` (remote code when possible).
 
     Installed on the instance by ``patch_model`` and loading, so that code that calls
-    ``model.save_pretrained`` (the Trainer's checkpoints) writes a shareable folder.
+    ``model.save_pretrained`` (the Trainer's checkpoints) writes a shareable folder.  An
+    object of a module-level class, not a bound method: it pickles, deep-copies (following
+    the copied model) and survives ``torch.save(model)`` / ``torch.load`` and spawned workers.
     """
-    if "remote_code" not in kwargs:
-        try:
-            auto_map(self)
-        except ValueError:  # not a transformers class: weights, record and card only
-            kwargs["remote_code"] = False
-    return save_pretrained(self, save_directory, **kwargs)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, **kwargs):
+        if "remote_code" not in kwargs:
+            try:
+                auto_map(self.model)
+            except ValueError:  # not a transformers class: weights, record and card only
+                kwargs["remote_code"] = False
+        return save_pretrained(self.model, save_directory, **kwargs)
 
 
 def attach_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` write what :func:`save_pretrained` writes."""
     from transformers import PreTrainedModel
     if isinstance(model, PreTrainedModel):
-        model.save_pretrained = types.MethodType(_own_save_pretrained, model)
+        model.__dict__["save_pretrained"] = PatchedSavePretrained(model)
+
+
+def detach_save_pretrained(model: nn.Module) -> None:
+    """The class's own ``save_pretrained`` again."""
+    if isinstance(model.__dict__.get("save_pretrained"), PatchedSavePretrained):
+        del model.__dict__["save_pretrained"]
 
 
 def push_to_hub(model, repo_id: str, *, private: Optional[bool] = None, token=None,

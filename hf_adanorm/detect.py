@@ -154,7 +154,8 @@ def classify(module: nn.Module) -> tuple[Optional[NormInfo], Optional[str]]:
     size = _size_of(module, params)
     if size is None or any(p.shape[0] != size for _, p in params):
         return None, ("cannot tell the normalized size" if named else None)
-    if any(b is not None and b.dim() > 0 and b.numel() > 1 for b in module._buffers.values()):
+    if any(b is not None and b.dim() > 0 and b.numel() > 1 and n not in module._non_persistent_buffers_set
+           for n, b in module._buffers.items()):  # non-persistent ones are scratch (or hf_adanorm's)
         return None, ("keeps per-channel buffers (running statistics?)" if named else None)
     with one_thread():
         return _probe(module, params, size, named)
