@@ -235,6 +235,7 @@ class FoldedLayer:
     original_weight: Optional[nn.Parameter] = None  # exact_unfold: the original, its data in CPU memory
     original_bias: Optional[nn.Parameter] = None
     folded_bias: Optional[torch.Tensor] = None  # exact_unfold: a CPU copy of ``bias`` as folded
+    tied_to: Optional[str] = None  # the weight was tied to this parameter, which stays in the model
 
 
 @dataclass
@@ -249,12 +250,12 @@ class FoldState:
     own_config: list = field(default_factory=list)  # (module, attr, shared config) swapped for a copy
 
 
-def _shared_params(model) -> set:
-    """ids of parameters reachable under more than one name (tied weights)."""
-    seen = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {pid for pid, n in seen.items() if n > 1}
+def _shared_params(model) -> dict:
+    """{id: [names]} of parameters reachable under more than one name (tied weights)."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {pid: found for pid, found in names.items() if len(found) > 1}
 
 
 def _give_own_config(model, undo: list) -> list:
@@ -314,10 +315,13 @@ def apply_fold(model: nn.Module, plan: FoldPlan, built: dict, undo: list, exact:
                 layer.bias = nn.Parameter(new_c, requires_grad=old_w.requires_grad if old_b is None
                                           else old_b.requires_grad)
             folded = FoldedLayer(name, layer.weight, layer.bias, old_w.dtype)
-            if exact:
+            if id(old_w) in shared:  # still in the model under its other name(s): found there again
+                folded.tied_to = next(n for n in shared[id(old_w)] if n != f"{cname}.weight")
+            if exact:  # originals that are still in the model (tied) stay where they are
                 folded.folded_bias = None if layer.bias is None else layer.bias.detach().cpu().clone()
-                folded.original_weight = _to_cpu_memory(old_w, undo)
-                folded.original_bias = None if old_b is None else _to_cpu_memory(old_b, undo)
+                folded.original_weight = old_w if id(old_w) in shared else _to_cpu_memory(old_w, undo)
+                folded.original_bias = (old_b if old_b is None or id(old_b) in shared
+                                        else _to_cpu_memory(old_b, undo))
             layers[cname] = folded
         if exact:
             dtype = model.get_submodule(cnames[0]).weight.dtype
@@ -329,6 +333,15 @@ def apply_fold(model: nn.Module, plan: FoldPlan, built: dict, undo: list, exact:
         # The consumer has its own weight now: keep save/load from tying it back.
         state.own_config = _give_own_config(model, undo)
     return state
+
+
+def converted(param: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``param`` holding ``new`` (same object, as ``nn.Module.to`` does), or, where torch cannot
+    swap the data in place (e.g. CPU to meta), a new Parameter, again as ``nn.Module.to`` does."""
+    if torch._has_compatible_shallow_copy_type(param, new):
+        param.data = new
+        return param
+    return nn.Parameter(new, requires_grad=param.requires_grad) if isinstance(param, nn.Parameter) else new
 
 
 def _set_params(layer, weight, bias) -> None:
@@ -392,8 +405,10 @@ def unfold(model: nn.Module, state: FoldState) -> list:
                 witness.detach().cpu(), torch.tensor(_WITNESS_VALUES, dtype=folded.dtype).to(witness.dtype))):
             lossy.append(cname)
             continue
-        if current_w is not folded.weight or current_b is not folded.bias or not _still_folded(
-                layer, folded, state.affine[folded.norm]):
+        if current_w.is_meta:  # moved to the meta device: no values left to compare or lose
+            pass
+        elif current_w is not folded.weight or current_b is not folded.bias or not _still_folded(
+                model, layer, folded, state.affine[folded.norm]):
             changed.append(cname)
             continue
         steps.append((layer, folded, current_w.dtype, current_w.device))
@@ -413,28 +428,35 @@ def unfold(model: nn.Module, state: FoldState) -> list:
 
     def restore():
         for layer, folded, dtype, device in steps:
-            for original in (folded.original_weight, folded.original_bias):
-                if original is not None:
-                    original.data = original.data.to(device=device, dtype=dtype)
-            _set_params(layer, folded.original_weight, folded.original_bias)
+            weight, bias = (None if t is None else converted(t, t.detach().to(device=device, dtype=dtype))
+                            for t in (folded.original_weight, folded.original_bias))
+            if folded.tied_to is not None:  # tie it again to what the model holds now (moved with it)
+                weight = model.get_parameter(folded.tied_to)
+            _set_params(layer, weight, bias)
         _put_back_configs(state.own_config)
     return [restore]
 
 
-def _still_folded(layer, folded: FoldedLayer, affine) -> bool:
+def _still_folded(model, layer, folded: FoldedLayer, affine) -> bool:
     """Does ``layer`` hold exactly the fold of the kept original, converted as the model was?
 
     The weight is recomputed block by block on CPU (exact, device independent); the bias, a
     sum, is compared with the copy kept when folding.
     """
-    if layer.weight.is_meta:  # a move to the meta device keeps no values to compare
-        return True
     if (folded.folded_bias is None) != (layer.bias is None) or (
             layer.bias is not None and not torch.equal(folded.folded_bias.to(layer.bias.dtype),
                                                        layer.bias.detach().cpu())):
         return False
     now = layer.weight.detach()
-    for rows, block in _weight_chunks(folded.original_weight.detach(), affine[0], is_conv1d(layer)):
+    # a tied original is still in the model and was moved with it: back to the dtype it was folded in
+    original = (model.get_parameter(folded.tied_to) if folded.tied_to is not None
+                else folded.original_weight).detach()
+    if original.dtype not in (folded.dtype, torch.float64):
+        # a tied original moved to a narrower dtype with the model cannot give the fold's inputs
+        # back: only the bias (trained along with the weight) tells whether the layer changed
+        return True
+    original = original.to(folded.dtype)
+    for rows, block in _weight_chunks(original, affine[0], is_conv1d(layer)):
         if not torch.equal(block.to(now.dtype), now[rows].cpu()):
             return False
     return True

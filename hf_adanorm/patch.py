@@ -27,7 +27,7 @@ from torch import nn
 from .checkpoint import attach_save_pretrained, detach_save_pretrained
 from .config import NormConfig
 from .detect import HOOK_DICTS, NormInfo, classify, one_thread
-from .fold import apply_fold, fold_summary, plan_fold, unfold
+from .fold import apply_fold, converted, fold_summary, plan_fold, unfold
 from .norms import _ParameterFreeNorm
 from .record import (CONFIG_KEY, PatchState, build_record, clear_state, get_record, get_state,
                      is_patched, set_state, swap_module)
@@ -167,8 +167,8 @@ def _restore_original_tensors(new: nn.Module, original: nn.Module) -> None:
                    and (moved.is_meta or moved.data_ptr() == tensor.data_ptr()))
         if unmoved:
             continue
-        if pname in original._parameters:
-            tensor.data = moved  # the same Parameter object, converted like the rest of the model
+        if pname in original._parameters:  # the same Parameter object where torch allows it
+            original._parameters[pname] = converted(tensor, moved)
         else:
             original._buffers[pname] = moved
 
