@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
-import types
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -39,9 +38,10 @@ from .atomic_folder import check_target, staged_folder
 from .config import NormConfig
 from .detect import classify
 from .gather import agree_before_collective, full_state_dict, sharding
-from .patch import _CONFIG_KEY, _ORIGINALS_ATTR, _RECORD_ATTR, _swap_in, get_patch_record
 from .portable import CheckpointError
-from .registry import available_norms, build_norm
+from .record import (CONFIG_KEY, PatchState, check_record, get_record, record_from_config, set_state,
+                     swap_module)
+from .registry import build_norm
 from .remote_code import (CONFIG_CLASS, MODELING_FILE, auto_map, base_model_class, guarded_field,
                           modeling_source, stock_class)
 
@@ -50,20 +50,6 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 # entry there (a tokenizer, a Trainer's checkpoint-N folders ...) is carried over.
 _WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 _SAVE_FILES = {"config.json", "generation_config.json", "README.md", MODELING_FILE, "hf_adanorm_patch.json"}
-
-def check_record(record) -> NormConfig:
-    """Validate a patch record read from config.json; returns its :class:`NormConfig`.
-
-    The checks of :func:`portable.check_record` (the remote code runs the same), with the
-    norms this hf_adanorm knows, registered ones included, then NormConfig's own.
-    """
-    options = portable.check_record(record, norms=available_norms())
-    try:
-        return NormConfig.from_dict(options)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"the hf_adanorm record in config.json is corrupted: config has invalid "
-                              f"options ({err}); re-save the model with hf_adanorm.save_pretrained") from None
-
 
 def _describe(module: nn.Module):
     """(kind, size) of a module the norm detector recognises, else (None, None)."""
@@ -86,14 +72,15 @@ def rebuild_patch(model: nn.Module, record: dict) -> None:
         swaps.append((name, build_norm(config, entry["kind"], (entry["size"],), eps)))
     for name, new in swaps:
         new.train(model.get_submodule(name).training)
-        _swap_in(model, name, new)
+        swap_module(model, name, new)
     for name in (record.get("fold") or {}).get("added_bias", []):  # folding gave these a bias
         layer = model.get_submodule(name)
         layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
                                               device=layer.weight.device))
-    object.__setattr__(model, _ORIGINALS_ATTR, None)
-    object.__setattr__(model, _RECORD_ATTR, record)
-    setattr(model.config, _CONFIG_KEY, record)
+    set_state(model, PatchState(record))  # no originals: unpatch_model refuses
+    # The record lives on the model only (see record.py): the loaded config object forgets it.
+    if getattr(model, "config", None) is not None and hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
     attach_save_pretrained(model)
 
 
@@ -105,7 +92,7 @@ def _patched_class(base: type) -> type:
     if base not in _PATCHED_CLASSES:
         def __init__(self, config, *args, **kwargs):
             base.__init__(self, config, *args, **kwargs)
-            rebuild_patch(self, config.hf_adanorm)
+            rebuild_patch(self, record_from_config(config))
         _PATCHED_CLASSES[base] = type(base.__name__, (base,), {
             "__init__": __init__, "__module__": base.__module__, "__qualname__": base.__qualname__})
     return _PATCHED_CLASSES[base]
@@ -167,7 +154,9 @@ def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **k
     if config is None or isinstance(config, (str, Path)):
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         config = _stock_config(config or pretrained_model_name_or_path, model_class, hub)
-    record = getattr(config, _CONFIG_KEY, None)
+    else:
+        config = copy.deepcopy(config)  # loading moves the record from the config to the model
+    record = record_from_config(config)
     if record is None:
         raise CheckpointError(f"{pretrained_model_name_or_path} has no hf_adanorm record in its "
                               "config.json: it is not a patched checkpoint; load it with transformers")
@@ -224,8 +213,8 @@ def _config_json(model, record: Optional[dict], remote: Optional[dict]) -> str:
     """config.json's text: the record (None: a plain checkpoint, none) and, for a patched one, the
     guard of :mod:`.portable` (own model_type, a size field stock classes refuse) and ``auto_map``."""
     config = copy.deepcopy(model.config)
-    if hasattr(config, _CONFIG_KEY):
-        delattr(config, _CONFIG_KEY)
+    if hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)
     # entries pointing at our remote code (kept from a folder this model was loaded from) go:
     # without the file they would break trust_remote_code loading
     ours = f"{MODELING_FILE[:-3]}."
@@ -240,7 +229,7 @@ def _config_json(model, record: Optional[dict], remote: Optional[dict]) -> str:
     if kept:
         data["auto_map"] = kept
     if record is not None:
-        data[_CONFIG_KEY] = record
+        data[CONFIG_KEY] = record
         field = guarded_field(type(config))
         data = portable.guard_config_dict({**data, field: config.to_dict()[field]}, config.model_type, field)
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -284,7 +273,7 @@ def save_pretrained(model, save_directory, *, remote_code: Optional[bool] = None
     model = _unwrap(model)
     sharded = sharding(model) if kwargs.get("state_dict") is None else None
     with agree_before_collective(sharded):  # a rank that fails here fails them all, before gathering
-        record = get_patch_record(model)
+        record = get_record(model)
         if record is None:
             raise ValueError("the model is not patched by hf_adanorm; use model.save_pretrained")
         config = check_record(record)
@@ -330,20 +319,33 @@ def _can_generate(model) -> bool:
     return True
 
 
-def _own_save_pretrained(self, save_directory, **kwargs):
+class PatchedSavePretrained:
     """A patched model's ``save_pretrained``: :func:`save_pretrained` (remote code when possible).
 
     Installed on the instance by ``patch_model`` and loading, so that code that calls
-    ``model.save_pretrained`` (the Trainer's checkpoints) writes a shareable folder.
+    ``model.save_pretrained`` (the Trainer's checkpoints) writes a shareable folder.  An
+    object of a module-level class, not a bound method: it pickles, deep-copies (following
+    the copied model) and survives ``torch.save(model)`` / ``torch.load`` and spawned workers.
     """
-    return save_pretrained(self, save_directory, **kwargs)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, **kwargs):
+        return save_pretrained(self.model, save_directory, **kwargs)
 
 
 def attach_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` write what :func:`save_pretrained` writes."""
     from transformers import PreTrainedModel
     if isinstance(model, PreTrainedModel):
-        model.save_pretrained = types.MethodType(_own_save_pretrained, model)
+        model.__dict__["save_pretrained"] = PatchedSavePretrained(model)
+
+
+def detach_save_pretrained(model: nn.Module) -> None:
+    """The class's own ``save_pretrained`` again."""
+    if isinstance(model.__dict__.get("save_pretrained"), PatchedSavePretrained):
+        del model.__dict__["save_pretrained"]
 
 
 def push_to_hub(model, repo_id: str, *, private: Optional[bool] = None, token=None,
