@@ -113,14 +113,20 @@ def _resolve_class(model_class, config) -> type:
     return mapping[type(config)]
 
 
-def _stock_config(path, model_class, hub: dict):
-    """The saved config as its stock transformers class (the guard of :mod:`.portable` undone,
-    entries pointing at the remote code dropped): the remote code is never run here."""
+def load_config(path, model_class=None, **kwargs):
+    """The config of any checkpoint, patched or not, as its stock transformers class, with the
+    patch record (if any) under ``hf_adanorm``: what ``AutoConfig.from_pretrained`` gives for a
+    stock checkpoint, without running a patched one's remote code (it reads config.json only).
+
+    ``model_class``: a concrete class whose ``config_class`` to use (default: by model_type);
+    ``kwargs``: hub options (``revision`` ...) and config values to override (``num_labels=3``).
+    """
     from transformers import PreTrainedConfig, PreTrainedModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
     config_dict, _ = PreTrainedConfig.get_config_dict(path, **hub)
     config_dict = portable.unguard_config_dict(config_dict)
-    ours = f"{MODELING_FILE[:-3]}."
+    ours = f"{MODELING_FILE[:-3]}."  # entries pointing at the remote code: not run here, not kept
     kept = {k: v for k, v in (config_dict.pop("auto_map", None) or {}).items()
             if not (isinstance(v, str) and v.startswith(ours))}
     if kept:
@@ -132,7 +138,7 @@ def _stock_config(path, model_class, hub: dict):
     else:
         raise CheckpointError(f"{path}'s config.json has the model_type {config_dict.get('model_type')!r}, which "
                               "this transformers does not know; upgrade transformers or pass the concrete class")
-    return config_class.from_dict(config_dict)
+    return config_class.from_dict(config_dict, **kwargs)
 
 
 def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -153,7 +159,7 @@ def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **k
     config = kwargs.pop("config", None)
     if config is None or isinstance(config, (str, Path)):
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        config = _stock_config(config or pretrained_model_name_or_path, model_class, hub)
+        config = load_config(config or pretrained_model_name_or_path, model_class, **hub)
     else:
         config = copy.deepcopy(config)  # loading moves the record from the config to the model
     record = record_from_config(config)

@@ -1,4 +1,4 @@
-"""Command line: ``hf-adanorm inspect`` and ``hf-adanorm compare`` (and ``python -m hf_adanorm``)."""
+"""Command line: ``hf-adanorm inspect``, ``convert`` and ``compare`` (and ``python -m hf_adanorm``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .compare.command import add_compare_parser
+from .convert.command import add_convert_parser
 from .registry import available_norms
 
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", default="adanorm", choices=available_norms())
     p.add_argument("--include-rmsnorm", action="store_true")
     p.set_defaults(func=inspect)
+    add_convert_parser(sub)
     add_compare_parser(sub)
     return parser
 

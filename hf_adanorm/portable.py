@@ -252,11 +252,15 @@ def record_for(model, record, saved_class):
 
     modules = {rename(n): e for n, e in record["modules"].items() if rename(n) is not None}
     fold = dict(record.get("fold") or {})
-    fold["added_bias"] = [rename(n) for n in fold.get("added_bias", []) if rename(n) is not None]
+    if fold:
+        fold["added_bias"] = [rename(n) for n in fold.get("added_bias", []) if rename(n) is not None]
+        for key in ("folded", "not_foldable"):  # what the fold reported, under this model's names
+            if isinstance(fold.get(key), dict):
+                fold[key] = {rename(n): v for n, v in fold[key].items() if rename(n) is not None}
     if not modules:
         raise CheckpointError(f"none of the norms the hf_adanorm record names is in a {type(model).__name__}; "
                               f"load the checkpoint as {saved_class}")
-    return {**record, "modules": modules, "fold": fold}
+    return {**record, "modules": modules, **({"fold": fold} if fold else {})}
 
 
 def apply_patch(model, record, saved_class=None):

@@ -26,7 +26,27 @@ def write_report(runs: list[dict], norms, folder, setup: dict | None = None, bas
 
 
 def compare(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
-            progress: bool = True) -> Path:
-    """Run the sweep (see :func:`run_sweep`) and write its report; returns report.md's path."""
-    runs = run_sweep(setup, norms, seeds, output_dir, run_fn=run_fn, progress=progress)
-    return write_report(runs, norms, Path(output_dir) / "report", setup=setup)
+            progress: bool = True, conversion: dict | None = None) -> Path:
+    """Run the sweep (see :func:`run_sweep`) and write its report; returns report.md's path.
+
+    ``conversion`` (a dict of ``ConvertArgs`` options, ``{}`` for the defaults) makes every
+    non-baseline norm fine-tune a model converted once from ``setup["model"]`` (see
+    :mod:`hf_adanorm.compare.conversions`); None fine-tunes the naively swapped model.
+    """
+    models, results = None, {}
+    if conversion is not None:
+        from .conversions import converted_model, plan_conversions, run_conversions
+
+        plans = plan_conversions(setup, norms, output_dir, conversion)  # every option checked first
+        results = run_conversions(plans, progress=progress)
+        models = {norm: converted_model(args) for norm, args in plans.items()}
+    runs = run_sweep(setup, norms, seeds, output_dir, run_fn=run_fn, progress=progress, models=models,
+                     conversion=conversion)
+    report = write_report(runs, norms, Path(output_dir) / "report", setup=setup)
+    if results:
+        from .conversions import starting_drift_table
+
+        title, _, rest = report.read_text().partition("\n")
+        section = "\n".join(starting_drift_table(results, BASELINE in norms))
+        report.write_text(f"{title}\n\n{section}{rest}")
+    return report

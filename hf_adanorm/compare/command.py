@@ -49,6 +49,14 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     sweep.add_argument("--accelerate-config", "--accelerate_config", dest="accelerate_config",
                        help="accelerate config file for --launcher accelerate (e.g. recipes/configs/*.yaml)")
     sweep.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    sweep.add_argument("--convert", action="store_true",
+                       help="start every non-baseline norm from a model converted once from --model "
+                       "(`hf-adanorm convert`: distilled from the original while the norms are blended in), "
+                       "so that each arm starts from (nearly) the original function; see docs/conversion.md")
+    sweep.add_argument("--convert-options", "--convert_options", dest="convert_options", default="{}",
+                       metavar="JSON", help="options of those conversions as a JSON object of `hf-adanorm "
+                       "convert` options, e.g. '{\"max_steps\": 600, \"dataset\": \"texts/\"}' (default: the "
+                       "sweep's model, dataset, norm options and max_length, and convert's defaults)")
     for single in ("--norm", "--seed"):  # hidden: only there to point to --norms / --seeds
         p.add_argument(single, dest=f"single_{single[2:]}", action="append", help=argparse.SUPPRESS)
     p.set_defaults(func=run_compare, shared_options=shared)
@@ -83,6 +91,10 @@ def run_compare(args) -> int:
         setup = dict(default_setup(args.output_dir), **given) if demo else given
         check_training_options(setup, args.norms)
         run_fn = accelerate_runner(args.accelerate_config) if args.launcher == "accelerate" else None
+        conversion = _conversion_options(args)
+        if conversion is not None:
+            from .conversions import plan_conversions
+            plan_conversions(setup, args.norms, args.output_dir, conversion)  # checks every option
     except (ValueError, FileNotFoundError) as err:
         return fail(err)
     threads, data_bars = torch.get_num_threads(), datasets.is_progress_bar_enabled()
@@ -94,7 +106,7 @@ def run_compare(args) -> int:
     datasets.disable_progress_bars()  # per-run data loading bars would bury the sweep's own
     try:
         report = compare(setup, args.norms, args.seeds, args.output_dir, run_fn=run_fn,
-                         progress=args.progress)
+                         progress=args.progress, conversion=conversion)
     except (ValueError, OSError) as err:  # bad data, model or folder: the training code says which
         return fail(err)
     finally:
@@ -103,3 +115,22 @@ def run_compare(args) -> int:
             datasets.enable_progress_bars()
     print(f"report: {report}\n" + Path(report).read_text())
     return 0
+
+
+def _conversion_options(args) -> dict | None:
+    import json
+
+    if not args.convert:
+        if args.convert_options != "{}":
+            raise ValueError("--convert-options needs --convert")
+        return None
+    try:
+        options = json.loads(args.convert_options)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--convert-options must be a JSON object, got {args.convert_options!r}: {err}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--convert-options must be a JSON object, got {args.convert_options!r}")
+    per_arm = {"norm", "output_dir"} & set(options)
+    if per_arm:
+        raise ValueError(f"--convert-options cannot set {sorted(per_arm)}: the sweep sets them per norm")
+    return options

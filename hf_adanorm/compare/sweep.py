@@ -130,12 +130,15 @@ def load_run(folder: Path, norm: str, seed: int) -> dict:
 
 
 def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, models: dict | None = None, conversion: dict | None = None) -> list[dict]:
     """Train every (norm, seed) not yet finished under ``output_dir``; return all runs loaded.
 
     ``setup`` holds the training options shared by every run (TrainingArgs fields, without
     norm, seed and output_dir).  ``run_fn(options)`` trains one run and must leave
     ``metrics.json`` in ``options["output_dir"]``; the default trains in this process.
+    ``models`` maps a norm to the model its runs start from instead of ``setup["model"]`` (its
+    converted model), and ``conversion`` is recorded with the setup, so that a sweep folder never
+    mixes runs started from other conversions.
     """
     norms, seeds = list(norms), list(seeds)
     check_plan(norms, seeds)
@@ -144,9 +147,10 @@ def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None
         raise ValueError(f"{sorted(clash)} are set per run by the sweep; leave them out of the options")
     check_training_options(setup, norms)
     output_dir = Path(output_dir)
-    check_same_setup(output_dir, setup)
+    recorded = setup if conversion is None else dict(setup, convert=conversion)
+    check_same_setup(output_dir, recorded)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / SWEEP_FILE).write_text(json.dumps(setup, indent=2, sort_keys=True))
+    (output_dir / SWEEP_FILE).write_text(json.dumps(recorded, indent=2, sort_keys=True))
     run_fn = run_fn or run_in_process
 
     plan = [(norm, seed, run_dir(output_dir, norm, seed)) for seed in seeds for norm in norms]
@@ -159,6 +163,8 @@ def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None
         bar.set_postfix_str(f"{norm} seed {seed}")
         # an unfinished run's leftovers (model/ written, killed before metrics.json) are replaced
         options = dict(setup, norm=norm, seed=seed, output_dir=str(folder), overwrite_output_dir=True)
+        if models and norm in models:
+            options["model"] = models[norm]
         if options.get("checkpointing_steps") and not options.get("resume_from_checkpoint"):
             options["resume_from_checkpoint"] = "latest"  # a run cut off mid-way continues there
         try:

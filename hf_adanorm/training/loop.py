@@ -208,7 +208,7 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
         task = build_task(args)  # the main process fills the datasets cache first
 
     model = task.model
-    fold = fold_outcome(model)  # read before prepare() wraps the model
+    fold = fold_outcome(model, args)  # read before prepare() wraps the model
     warning = unfolded_warning(fold)
     if warning:
         logger.warning(warning)

@@ -7,10 +7,13 @@ set of parameters).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
-from ..patch import get_patch_record, patch_model
+from ..patch import get_patch_record, is_patched, patch_model
 from .args import BUILT_TOKENIZERS
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[BOS]", "eos_token": "[EOS]"}
@@ -58,8 +61,15 @@ def load_model(args, auto_class, tokenizer, **config_kwargs):
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
                 setattr(config, name, getattr(tokenizer, name))
             model = auto_class.from_config(config)
+        elif converted_record(args.model) is not None:
+            model = _load_converted(args, auto_class, overrides)
         else:
             model = auto_class.from_pretrained(args.model, **overrides)
+    except ValueError as err:
+        if "hf_adanorm" in str(err):  # our own refusal: already says what to do
+            raise
+        raise ValueError(f"cannot load model {args.model!r} as {auto_class.__name__} ({type(err).__name__}: "
+                         f"{err}); pass a hub id, a local model folder or 'config:<model_type>'") from err
     except Exception as err:
         raise ValueError(f"cannot load model {args.model!r} as {auto_class.__name__} ({type(err).__name__}: "
                          f"{err}); pass a hub id, a local model folder or 'config:<model_type>'") from err
@@ -71,18 +81,64 @@ def load_model(args, auto_class, tokenizer, **config_kwargs):
     return model
 
 
+def converted_record(model_name: str):
+    """The hf_adanorm patch record of a local checkpoint folder (e.g. from ``hf-adanorm convert``),
+    or None for any other model."""
+    config_file = Path(model_name).expanduser() / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        return json.loads(config_file.read_text()).get("hf_adanorm")
+    except (OSError, ValueError):
+        return None
+
+
+# The options that make two patches compute different functions (include/exclude/fold_affine
+# only choose what a conversion already did).
+_FUNCTION_OPTIONS = ("norm", "k", "C", "detach", "eps", "eps_mode")
+
+
+def _load_converted(args, auto_class, overrides):
+    """A checkpoint whose norms are already swapped: train it with the norm it holds, or refuse."""
+    from ..checkpoint import from_pretrained, load_config
+    from ..registry import get_spec
+
+    saved = converted_record(args.model)["config"]
+    if args.norm_config() is None:
+        raise ValueError(
+            f"hf_adanorm: {args.model!r} holds a model converted to {saved['norm']!r}: it has no LayerNorms "
+            f"left to train as the 'layernorm' baseline. Pass --norm {saved['norm']} to fine-tune it, or the "
+            "original pretrained model for the baseline")
+    wanted = args.norm_config().to_dict()
+    relevant = [n for n in _FUNCTION_OPTIONS if n in ("norm", "eps", "eps_mode") or n in get_spec(saved["norm"]).options]
+    differ = [f"{n}={wanted.get(n)!r} (the checkpoint's: {saved.get(n)!r})" for n in relevant
+              if n in saved and wanted.get(n) != saved.get(n) and not (n == "eps" and wanted.get(n) is None)]
+    if differ:
+        raise ValueError(f"hf_adanorm: {args.model!r} was converted with other norm options than asked for: "
+                         f"{'; '.join(differ)}. Pass the checkpoint's options, or convert the original "
+                         "model again with the ones you want")
+    config = load_config(args.model, **overrides)  # e.g. num_labels of a new head
+    return from_pretrained(auto_class, args.model, config=config)
+
+
 def apply_norm(model, args):
-    """Swap the norms (no-op for the LayerNorm baseline); returns the PatchReport or None."""
+    """Swap the norms (no-op for the LayerNorm baseline and for a checkpoint converted to the
+    asked-for norm, which arrives patched); returns the PatchReport or None."""
     config = args.norm_config()
-    return None if config is None else patch_model(model, config)
+    if config is None or is_patched(model):
+        return None
+    return patch_model(model, config)
 
 
-def fold_outcome(model):
+def fold_outcome(model, args=None):
     """What ``fold_affine`` did to the patched model (the patch record's ``fold``: which norms
     were folded into which Linear layers, which were not foldable and why, the output drift),
-    or None when it was not asked for."""
+    or None when this run did not ask for it (a converted checkpoint's record keeps the fold its
+    conversion made, whose drift the conversion then trained away)."""
     record = get_patch_record(model)
-    return None if record is None else record.get("fold")
+    if record is None or (args is not None and not args.fold_affine):
+        return None
+    return record.get("fold")
 
 
 def unfolded_warning(fold) -> str:

@@ -1,0 +1,100 @@
+"""``hf-adanorm compare --convert``: every non-baseline arm starts from a converted model.
+
+Swapping the norms of a pretrained model changes its function, so a comparison would
+measure the damage of the swap rather than the norm. With ``--convert`` each norm's
+model is first converted once (``hf_adanorm.convert``: distilled from the original while
+the norms are blended in) and every seed of that arm fine-tunes the converted model; the
+baseline fine-tunes the original. Conversions live in ``<sweep>/conversions/<norm>-<key>/``,
+``key`` a hash of every conversion option, and are reused and resumed like the runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..training.args import BASELINE
+
+CONVERSIONS_DIR = "conversions"
+# Options of a training run that a conversion of the same model takes as they are.
+SHARED_WITH_TRAINING = ("model", "tokenizer", "dataset", "dataset_config", "text_column", "k", "C", "detach",
+                        "eps_mode", "include_rmsnorm", "max_length", "cpu", "mixed_precision")
+
+
+def conversion_args(setup: dict, norm: str, conversion: dict, folder: Path):
+    """The ConvertArgs of ``norm``'s conversion: the sweep's model, text and norm options, then
+    the ``conversion`` overrides (e.g. max_steps, schedule, dataset)."""
+    from ..convert import ConvertArgs
+
+    options = {k: setup[k] for k in SHARED_WITH_TRAINING if k in setup}
+    if setup.get("task") == "causal_lm":
+        options["model_class"] = "causal_lm"
+    elif setup.get("task", "classification") == "classification":
+        options["model_class"] = "base"  # the encoder under the classification head
+    options.update(conversion)
+    try:
+        return ConvertArgs(**dict(options, norm=norm, output_dir=str(folder)))
+    except TypeError as err:  # an option ConvertArgs does not have
+        raise ValueError(f"--convert-options: {err}; see `hf-adanorm convert --help` for the options") from None
+
+
+def conversion_key(args) -> str:
+    options = {k: v for k, v in args.to_dict().items()
+               if k not in ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")}
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def plan_conversions(setup: dict, norms, output_dir, conversion: dict) -> dict:
+    """{norm: ConvertArgs} for every non-baseline norm; checks every option before anything runs."""
+    if not setup.get("model") or str(setup["model"]).startswith("config:"):
+        raise ValueError("--convert needs a pretrained --model: a model built from a config has learned "
+                         "nothing to keep")
+    plans = {}
+    for norm in norms:
+        if norm == BASELINE:
+            continue
+        args = conversion_args(setup, norm, conversion, Path(output_dir) / CONVERSIONS_DIR / "unset")
+        args.output_dir = str(Path(output_dir) / CONVERSIONS_DIR / f"{norm}-{conversion_key(args)}")
+        plans[norm] = args
+    return plans
+
+
+def run_conversions(plans: dict, progress: bool = True) -> dict:
+    """Convert each arm's model unless already done; returns {norm: conversion result}."""
+    from ..convert import convert_model
+    from ..convert.report import RESULT_FILE
+
+    results = {}
+    for norm, args in tqdm(plans.items(), desc="conversions", unit="norm", disable=not progress):
+        done = Path(args.output_dir) / RESULT_FILE
+        if not done.is_file():
+            convert_model(args)  # resumes an interrupted conversion from its checkpoint
+        results[norm] = json.loads(done.read_text())
+    return results
+
+
+def converted_model(args) -> str:
+    from ..convert.loop import MODEL_DIR
+    return str(Path(args.output_dir) / MODEL_DIR)
+
+
+def starting_drift_table(results: dict, baseline_in: bool) -> list[str]:
+    """Markdown: each arm's function at the start of fine-tuning, against the original model."""
+    if not results:
+        return []
+    first = next(iter(results.values()))
+    key, label = (("kl", "KL(original ‖ arm), nats/token") if "kl" in first["converted"]
+                  else ("embedding_cosine", "embedding cosine to the original"))
+    lines = ["## Starting point of each arm", "",
+             "Each non-baseline arm fine-tunes a converted model (`--convert`); the figures below are its "
+             f"{label} on held-out text before fine-tuning: after the naive swap and after the conversion.", "",
+             "| norm | naive swap | converted (start of fine-tuning) | conversion steps | schedule |",
+             "|---|---|---|---|---|"]
+    if baseline_in:
+        lines.append(f"| {BASELINE} | (the original) | {'0' if key == 'kl' else '1'} | | |")
+    for norm, r in results.items():
+        lines.append(f"| {norm} | {r['naive'][key]:.4g} | {r['converted'][key]:.4g} | {r['steps']} | {r['schedule']} |")
+    return lines + [""]

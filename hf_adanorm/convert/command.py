@@ -1,0 +1,49 @@
+"""The ``hf-adanorm convert`` subcommand (also ``accelerate launch -m hf_adanorm convert ...``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """\
+Convert a pretrained model to LayerNorm-simple, AdaNorm or a DetachNorm while keeping its
+function: the model with the new norms (the student) is distilled from the original (the
+teacher) on unlabeled text while each norm is blended from the original into the new one.
+Writes OUTPUT_DIR/model (load it with hf_adanorm.from_pretrained, or give it to the recipes
+and `hf-adanorm compare` as --model), conversion.json, conversion.md and drift.png.
+An interrupted conversion resumes from its last checkpoint when rerun."""
+
+
+def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+    from transformers import HfArgumentParser
+
+    from .args import ConvertArgs
+
+    options = HfArgumentParser(ConvertArgs, add_help=False)
+    p = subparsers.add_parser("convert", parents=[options], help="convert a pretrained model to another norm",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=run_convert)
+    return p
+
+
+def run_convert(namespace) -> int:
+    from dataclasses import fields
+
+    from .args import ConvertArgs
+
+    values = {f.name: getattr(namespace, f.name) for f in fields(ConvertArgs)}
+    try:
+        args = ConvertArgs(**values)
+    except ValueError as err:
+        print(f"hf-adanorm convert: error: {err}", file=sys.stderr)
+        return 2
+    from . import convert_model
+    from .report import REPORT_FILE
+    try:
+        convert_model(args)
+    except (ValueError, OSError) as err:  # bad model, text or folder: the message says which
+        print(f"hf-adanorm convert: error: {err}", file=sys.stderr)
+        return 2
+    from pathlib import Path
+    print((Path(args.output_dir) / REPORT_FILE).read_text())
+    return 0

@@ -1,0 +1,126 @@
+"""The unlabeled text of a conversion, tokenized for the teacher's tokenizer.
+
+Encoders see one example per text, truncated to ``max_length`` tokens and padded per
+batch; causal LMs see blocks of ``max_length`` tokens cut from the concatenated text, as
+the causal-LM recipe makes them. Every way the text can be unusable is an error here,
+before a model is built or a file is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, DataCollatorWithPadding, default_data_collator
+
+from ..training.causal_lm import group_texts
+from ..training.data import check_columns, load_raw_datasets
+
+
+class _DataOptions:
+    """The fields ``load_raw_datasets`` reads, from ConvertArgs (no training-sample limit)."""
+
+    def __init__(self, args):
+        self.dataset, self.dataset_config = args.dataset, args.dataset_config
+        self.validation_fraction, self.split_seed = args.validation_fraction, args.split_seed
+        self.max_train_samples, self.max_eval_samples = None, None
+
+
+def load_tokenizer(args):
+    source = args.tokenizer or args.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as err:  # transformers raises many types; all mean "no usable tokenizer there"
+        raise ValueError(f"cannot load a tokenizer from {source!r} ({type(err).__name__}: {err}); "
+                         "pass --tokenizer with the model's tokenizer") from err
+    if tokenizer.pad_token is None:  # GPT-2-style: pad with EOS (masked out)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def eval_text(path: str, causal: bool):
+    """The local file, or the test (else validation, else every) split of a folder, as one Dataset."""
+    import datasets
+
+    from ..training.data import _builder, _local_data_files
+    if not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"eval_dataset {path!r} does not exist: pass a local text/csv/json file or folder")
+    by_split = _local_data_files(Path(path).expanduser())
+    files = next(by_split[s] for s in ("test", "validation", "train") if s in by_split)
+    builder = _builder([Path(f) for f in files])
+    kwargs = {"sample_by": "paragraph" if causal else "line"} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files=files, **kwargs)["train"]
+
+
+def _non_empty(texts) -> list[str]:
+    return [t for t in texts if isinstance(t, str) and t.strip()]
+
+
+def load_texts(args, causal: bool) -> dict:
+    """{'train': texts, 'validation': texts} with blank and missing texts dropped."""
+    try:
+        raw = load_raw_datasets(_DataOptions(args), text_sample_by="paragraph" if causal else "line")
+    except ValueError as err:
+        if "resulting train set will be empty" not in str(err) and "test_size" not in str(err):
+            raise
+        unit = "paragraphs (blocks of text between blank lines)" if causal else "texts"
+        raise ValueError(f"{args.dataset!r} holds too few {unit} to hold out validation_fraction="
+                         f"{args.validation_fraction} of them for measuring the drift: give more text, or "
+                         "a folder with train.* and validation.* files") from None
+    check_columns(raw, [args.text_column])
+    texts = {split: _non_empty(raw[split][args.text_column]) for split in ("train", "validation")}
+    if args.eval_dataset is not None:
+        data = eval_text(args.eval_dataset, causal)
+        check_columns({"evaluation": data}, [args.text_column])
+        texts["validation"] = _non_empty(data[args.text_column])
+    for split, found in texts.items():
+        if not found:
+            raise ValueError(f"the {split} text of {args.dataset!r} is empty (column {args.text_column!r} "
+                             "holds no non-blank text): give a dataset with text to distil on")
+    return texts
+
+
+def tokenize(texts: dict, tokenizer, args, causal: bool, vocab_size: int) -> dict:
+    """Tokenized splits: lists of dicts with input_ids (and attention_mask for encoders)."""
+    from datasets import Dataset
+
+    out = {}
+    for split, found in texts.items():
+        data = Dataset.from_dict({"text": found})
+        if causal:
+            sep = _separator(tokenizer)
+            data = data.map(lambda b: tokenizer([t + sep for t in b["text"]], add_special_tokens=False),
+                            batched=True, remove_columns=["text"])
+            data = group_texts(data, args.max_length).remove_columns(["labels"])
+            if len(data) == 0:
+                raise ValueError(f"the {split} text holds fewer than max_length={args.max_length} tokens: "
+                                 "lower --max_length or give more text")
+        else:
+            data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length),
+                            batched=True, remove_columns=["text"])
+        largest = max(max(ids) for ids in data["input_ids"] if ids)
+        if largest >= vocab_size:
+            raise ValueError(f"the tokenizer makes token id {largest}, but the model has only {vocab_size} "
+                             "embeddings: pass the model's own tokenizer (--tokenizer)")
+        out[split] = data
+    if "validation" in out and args.max_eval_samples:
+        out["validation"] = out["validation"].select(range(min(args.max_eval_samples, len(out["validation"]))))
+    return out
+
+
+def _separator(tokenizer) -> str:
+    """Between two texts: the EOS token where the tokenizer has one as a single token, else a blank line."""
+    eos = tokenizer.eos_token
+    if eos and len(tokenizer(eos, add_special_tokens=False)["input_ids"]) == 1:
+        return eos
+    return "\n\n"
+
+
+def collator(tokenizer, causal: bool):
+    if causal:
+        def collate(features):
+            batch = default_data_collator(features)
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+            return batch
+        return collate
+    return DataCollatorWithPadding(tokenizer, return_tensors="pt")

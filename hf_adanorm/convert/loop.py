@@ -1,0 +1,263 @@
+"""The conversion loop: distil the original model (teacher) into a copy with the new norms
+(student) while the schedule blends the norms in; Accelerate runs it on one process or many.
+
+Read top to bottom: check everything, build teacher and student, measure the naive swap,
+``prepare``, distil with crash-safe checkpoints, measure again, save. Resuming after a kill
+rebuilds the same teacher, student and data order from the options and the seed, and
+``load_state`` brings back the weights, optimizer, scheduler and RNG states.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoModelForCausalLM, get_scheduler
+
+from ..checkpoint import load_config, save_pretrained
+from ..patch import get_patch_record, patch_model
+from ..training import checkpoints
+from ..training.loop import make_accelerator
+from .args import ConvertArgs
+from .data import collator, load_texts, load_tokenizer, tokenize
+from .distill import choose_objective, distill_loss, drift
+from .report import ARGS_FILE, OWN_FILES, RESULT_FILE, summarize, write_reports
+from .schedule import PlainNormalization, alphas, set_alphas, unwrap_norms, wrap_norms
+
+MODEL_DIR = "model"
+EXACT = 1e-6  # below this relative error (or KL) the naive swap already is the original function
+
+
+def _is_causal(args: ConvertArgs, config) -> bool:
+    if args.model_class != "auto":
+        return args.model_class == "causal_lm"
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+
+
+def _check_output_dir(args: ConvertArgs) -> Path | None:
+    """The checkpoint to resume from, or None; refuses a folder that holds something else."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {out} is a file: pass a folder")
+    if not out.exists():
+        return None
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES)
+    if foreign:
+        raise FileExistsError(f"output_dir {out} holds files that are not a conversion's ({', '.join(foreign[:5])}): "
+                              "pass an empty or new folder")
+    if args.overwrite_output_dir:
+        return None
+    if (out / RESULT_FILE).exists():
+        raise FileExistsError(f"{out} already holds a finished conversion ({RESULT_FILE}): pass "
+                              "--overwrite_output_dir to redo it, or another --output_dir")
+    if args.resume_from_checkpoint is None:
+        if checkpoints.latest_checkpoint(out) is not None:
+            raise FileExistsError(f"{out} holds checkpoints of an interrupted conversion: resume it with "
+                                  "--resume_from_checkpoint latest, or pass --overwrite_output_dir")
+        return None
+    path = (checkpoints.latest_checkpoint(out) if args.resume_from_checkpoint == "latest"
+            else Path(args.resume_from_checkpoint))
+    if path is None:
+        return None
+    if not (path / checkpoints.STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint: pass a checkpoints/step_N folder or 'latest'")
+    saved = json.loads((out / ARGS_FILE).read_text()) if (out / ARGS_FILE).exists() else None
+    ignore = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir"}
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in args.to_dict().items()
+               if saved is not None and k not in ignore and saved.get(k) != v]
+    if saved is None or changed:
+        raise ValueError(f"cannot resume {path}: the conversion there was made with other options "
+                         f"({'; '.join(changed) or 'unknown options'}); rerun with the same options, "
+                         "or pass --overwrite_output_dir to start afresh")
+    return path
+
+
+def _load_teacher(args: ConvertArgs):
+    try:
+        config = load_config(args.model)  # an hf_adanorm checkpoint's too (AutoConfig refuses it)
+    except Exception as err:  # not a model folder / hub id
+        raise ValueError(f"cannot load model {args.model!r} ({type(err).__name__}: {err}); pass a hub id or a "
+                         "local folder of a pretrained model") from err
+    if getattr(config, "hf_adanorm", None) is not None:
+        raise ValueError(f"{args.model!r} is already converted to {config.hf_adanorm['config']['norm']!r}: "
+                         "convert the original model")
+    causal = _is_causal(args, config)
+    auto = AutoModelForCausalLM if causal else AutoModel
+    try:
+        teacher = auto.from_pretrained(args.model)
+    except Exception as err:
+        raise ValueError(f"cannot load {args.model!r} as {auto.__name__} ({type(err).__name__}: {err}); "
+                         "set --model_class") from err
+    return teacher.eval().requires_grad_(False), causal
+
+
+def _blend_sources(teacher, record) -> dict:
+    """What each converted norm computed before: the original module, or for a norm whose gain
+    and bias were folded exactly into the next layers, the plain normalization they now expect."""
+    folded = set((record.get("fold") or {}).get("folded", {}))
+    sources = {}
+    for name, entry in record["modules"].items():
+        if name in folded:
+            sources[name] = PlainNormalization(entry["eps"], rms=entry["kind"] == "rmsnorm")
+        else:
+            sources[name] = copy.deepcopy(teacher.get_submodule(name))
+    return sources
+
+
+def measure(model, teacher, loader, device, wrapped=None, causal: bool = False) -> dict:
+    """Drift of ``model`` (norms fully swapped) from ``teacher`` over ``loader``."""
+    saved = [b.alpha for b in (wrapped or {}).values()]
+    if wrapped:
+        set_alphas(wrapped, [1.0] * len(wrapped))
+    was_training = model.training
+    model.eval()
+    sums = None
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            part = drift(teacher(**batch, output_hidden_states=True), model(**batch, output_hidden_states=True),
+                         batch["attention_mask"], batch["input_ids"] if causal else None)
+            if sums is None:
+                sums = part
+            else:
+                for key, value in part.items():
+                    sums[key] = ([a + b for a, b in zip(sums[key], value)] if isinstance(value, list)
+                                 else sums[key] + value)
+    model.train(was_training)
+    if wrapped:
+        set_alphas(wrapped, saved)
+    return summarize(sums)
+
+
+def convert_model(args: ConvertArgs) -> dict:
+    """Convert ``args.model`` to ``args.norm``; returns what is written to conversion.json."""
+    started = time.time()
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    out = Path(args.output_dir)
+
+    # Everything that can fail on bad input fails here, before a file is written.
+    resume_path = _check_output_dir(args)
+    norm_config = args.norm_config()
+    tokenizer = load_tokenizer(args)
+    teacher, causal = _load_teacher(args)
+    texts = load_texts(args, causal)
+    data = tokenize(texts, tokenizer, args, causal, teacher.get_input_embeddings().num_embeddings)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    patch = patch_model(student, norm_config)  # no norm to convert, or an option out of range: raises
+    record = get_patch_record(student)
+    wrapped = wrap_norms(student, _blend_sources(teacher, record))
+    collate = collator(tokenizer, causal)
+    eval_loader = DataLoader(data["validation"], batch_size=args.per_device_batch_size, collate_fn=collate)
+    teacher.to(accelerator.device)
+    probe = next(iter(eval_loader))
+    with torch.no_grad():
+        objective = choose_objective(args.objective, teacher(**{k: v[:1].to(accelerator.device)
+                                                                for k, v in probe.items()}))
+
+    student.to(accelerator.device)
+    naive = measure(student, teacher, eval_loader, accelerator.device, wrapped, causal)  # the swap with no training
+    # Logits are the function of an LM (a fold moves the last norm's gain into the head, so its
+    # hidden states differ while its predictions do not); for an encoder the hidden state is.
+    exact = (naive["kl"] if "kl" in naive else naive["relative_error"]) < EXACT
+    total_steps = 0 if exact else args.max_steps
+    ramp_steps = int(round(args.ramp_fraction * total_steps))
+
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=0.0)  # decay would pull the student away from the teacher
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+                              num_training_steps=max(total_steps, 1) * accelerator.num_processes)
+    train_loader = DataLoader(data["train"], shuffle=True, batch_size=args.per_device_batch_size,
+                              collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
+    model, optimizer, train_loader, scheduler = accelerator.prepare(student, optimizer, train_loader, scheduler)
+
+    loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "history": [], "naive": naive}
+    if resume_path is not None:
+        loop = checkpoints.load_checkpoint(accelerator, resume_path)
+        accelerator.print(f"resumed from {resume_path} at step {loop['step']}")
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and resume_path is None and out.exists():
+            for name in OWN_FILES:
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoints.remove_incomplete(out)
+        checkpoints.write_json_atomic(out / ARGS_FILE, args.to_dict())
+
+    progress = tqdm(total=total_steps, initial=loop["step"], disable=not accelerator.is_local_main_process,
+                    desc=f"convert -> {args.norm}")
+    model.train()
+    epoch = loop["epoch"]
+    while loop["step"] < total_steps:
+        train_loader.set_epoch(epoch)
+        skip = loop["batches_in_epoch"] if epoch == loop["epoch"] else 0
+        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        loop["epoch"], loop["batches_in_epoch"] = epoch, skip
+        for batch in batches:
+            set_alphas(wrapped, alphas(args.schedule, loop["step"], ramp_steps, len(wrapped)))
+            with accelerator.accumulate(model):
+                with torch.no_grad():
+                    target = teacher(**batch)
+                loss = distill_loss(objective, target, model(**batch), batch["attention_mask"])
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            loop["batches_in_epoch"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            loop["step"] += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}", alpha=f"{sum(b.alpha for b in wrapped.values()) / len(wrapped):.2f}")
+            if loop["step"] % args.eval_every == 0 or loop["step"] == total_steps:
+                entry = {"step": loop["step"], "loss": loss.item(),
+                         "mean_alpha": sum(b.alpha for b in wrapped.values()) / len(wrapped),
+                         **measure(model, teacher, eval_loader, accelerator.device, wrapped, causal)}
+                loop["history"].append(entry)
+            if args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0 and loop["step"] < total_steps:
+                checkpoints.save_checkpoint(accelerator, out, loop["step"], loop, total_limit=1)
+            if loop["step"] >= total_steps:
+                break
+        epoch += 1
+        loop["epoch"], loop["batches_in_epoch"] = epoch, 0
+    progress.close()
+
+    unwrapped = accelerator.unwrap_model(model)
+    unwrap_norms(unwrapped, wrapped)  # only the target norms remain
+    final = measure(unwrapped, teacher, eval_loader, accelerator.device, causal=causal)
+    result = {"teacher": args.model, "norm": norm_config.to_dict(), "objective": objective,
+              "schedule": args.schedule, "steps": total_steps, "exact_without_training": exact,
+              "dataset": args.dataset, "eval_sequences": naive["sequences"], "naive": loop["naive"],
+              "converted": final, "history": loop["history"], "patch_report": patch.to_dict(),
+              "seconds": time.time() - started, "args": args.to_dict(),
+              "resumed_from": str(resume_path) if resume_path else None}
+    state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
+    if accelerator.is_main_process:
+        save_pretrained(unwrapped, out / MODEL_DIR, state_dict=state_dict, base_model=args.model,
+                        metrics=_card_facts(result), is_main_process=True)
+        tokenizer.save_pretrained(out / MODEL_DIR)
+        write_reports(out, result)  # conversion.json last: its presence means "finished"
+        shutil.rmtree(out / checkpoints.CHECKPOINT_DIR, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _card_facts(result: dict) -> dict:
+    facts = {"teacher": result["teacher"], "distillation data": result["dataset"],
+             "schedule": result["schedule"], "distillation steps": result["steps"],
+             "objective": result["objective"]}
+    for when in ("naive", "converted"):
+        for key in ("embedding_cosine", "relative_error", "kl"):
+            if key in result[when]:
+                facts[f"{key} ({'naive swap' if when == 'naive' else 'after conversion'})"] = result[when][key]
+    return facts

@@ -1,0 +1,240 @@
+"""``hf-adanorm convert``: distillation reduces the drift, exact folds need no training, a killed
+conversion resumes to the same model, the saved model reloads with its measured function, the
+recipes and ``compare --convert`` take it, and bad input writes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+import hf_adanorm
+from hf_adanorm.convert import ConvertArgs, convert_model
+from hf_adanorm.convert.loop import measure
+from hf_adanorm.convert.report import RESULT_FILE
+from hf_adanorm.training.modeling import build_vocab_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+WORDS = "the a film movie good bad dull bright long short story actor plot scene music ending".split()
+
+
+def _texts(n, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+
+
+def _random_affine(model):
+    """Pretrained-like norms: gains and biases far from 1 and 0, so a naive swap drifts."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny post-LN BERT and a tiny pre-LN GPT-2 saved as 'pretrained' models, and text."""
+    root = tmp_path_factory.mktemp("convert")
+    texts = _texts(400)
+    (root / "texts.txt").write_text("\n".join(texts))
+    (root / "paragraphs.txt").write_text("\n\n".join(" ".join(texts[i:i + 4]) for i in range(0, 400, 4)))
+    tokenizer = build_vocab_tokenizer(texts, "word")
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                      bos_token_id=tokenizer.bos_token_id))
+    for name, model in (("bert", bert), ("gpt2", gpt2)):
+        _random_affine(model)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+def _args(workspace, out, model="bert", **overrides):
+    options = dict(model=str(workspace / model), dataset=str(workspace / ("texts.txt" if model == "bert" else
+                                                                            "paragraphs.txt")),
+                   norm="adanorm", max_steps=40, eval_every=10, max_length=32, per_device_batch_size=16,
+                   output_dir=str(out), checkpointing_steps=None)
+    options.update(overrides)
+    return ConvertArgs(**options)
+
+
+def test_conversion_reduces_the_drift_of_an_encoder(workspace, tmp_path):
+    result = convert_model(_args(workspace, tmp_path / "out", max_steps=60))
+    naive, converted = result["naive"], result["converted"]
+    assert result["objective"] == "hidden" and result["steps"] == 60
+    assert naive["embedding_cosine"] < 0.9, "the fixture should make the naive swap drift"
+    assert converted["embedding_cosine"] > naive["embedding_cosine"] + 0.05
+    assert converted["layer_cosine"][-1] > naive["layer_cosine"][-1]
+    assert [h["step"] for h in result["history"]] == [10, 20, 30, 40, 50, 60]
+    assert result["history"][-1]["mean_alpha"] == 1.0 and result["history"][0]["mean_alpha"] < 1.0
+    out = tmp_path / "out"
+    for name in ("conversion.json", "conversion.md", "drift.png", "model/model.safetensors", "model/README.md"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists()
+    card = (out / "model" / "README.md").read_text()
+    assert str(workspace / "bert") in card and "blend" in card and "embedding_cosine (after conversion)" in card
+
+
+def test_converted_model_reloads_with_the_function_it_was_measured_with(workspace, tmp_path):
+    out = tmp_path / "out"
+    result = convert_model(_args(workspace, out, max_steps=20, max_eval_samples=12))
+    loaded = hf_adanorm.from_pretrained(AutoModel, out / "model").eval()
+    assert hf_adanorm.get_patch_record(loaded)["config"]["norm"] == "adanorm"
+    teacher = AutoModel.from_pretrained(workspace / "bert").eval()
+    # the same held-out texts, re-tokenized independently of the conversion code
+    from datasets import load_dataset
+    held_out = load_dataset("text", data_files=str(workspace / "texts.txt"), sample_by="line")["train"]
+    held_out = held_out.train_test_split(test_size=0.05, seed=0)["test"]["text"][:12]
+    tokenizer = loaded_tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(out / "model")
+    batch = tokenizer(held_out, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    again = measure(loaded, teacher, [dict(batch)], "cpu")
+    assert loaded_tokenizer is tokenizer
+    for key in ("embedding_cosine", "relative_error"):
+        assert again[key] == pytest.approx(result["converted"][key], abs=1e-5), key
+
+
+def test_causal_lm_is_distilled_on_next_token_kl(workspace, tmp_path):
+    result = convert_model(_args(workspace, tmp_path / "out", model="gpt2", max_steps=40))
+    assert result["objective"] == "logits"
+    assert "embedding_cosine" not in result["converted"]  # an LM's output is its logits
+    assert result["converted"]["kl"] < result["naive"]["kl"]
+    assert result["history"][-1]["kl"] == pytest.approx(result["converted"]["kl"], rel=1e-4)
+
+
+def test_pre_ln_model_to_layernorm_simple_folds_exactly_and_needs_no_training(workspace, tmp_path):
+    out = tmp_path / "out"
+    result = convert_model(_args(workspace, out, model="gpt2", norm="layernorm_simple"))
+    assert result["exact_without_training"] and result["steps"] == 0 and result["history"] == []
+    assert abs(result["converted"]["kl"]) < 1e-6
+    teacher = AutoModelForCausalLM.from_pretrained(workspace / "gpt2").eval()
+    student = hf_adanorm.from_pretrained(AutoModelForCausalLM, out / "model").eval()
+    ids = torch.randint(4, teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, atol=1e-5, rtol=1e-5)
+    assert "no training was needed" in (out / "conversion.md").read_text()
+
+
+KILLED_RUN = textwrap.dedent("""
+    import json, os, signal, sys
+    from accelerate import Accelerator
+    from hf_adanorm.convert import ConvertArgs, convert_model
+    original, calls = Accelerator.save_state, []
+    def save_state_then_die(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # the 2nd checkpoint is half written: on disk, not yet committed
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    Accelerator.save_state = save_state_then_die
+    convert_model(ConvertArgs(**json.loads(sys.argv[1])))
+""")
+
+
+def test_sigkill_mid_conversion_then_resume_equals_uninterrupted(workspace, tmp_path):
+    killed = _args(workspace, tmp_path / "killed", max_steps=30, checkpointing_steps=8)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(killed.to_dict())], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr[-2000:]
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-step_16", "step_8"]
+    assert not (tmp_path / "killed" / RESULT_FILE).exists()
+
+    resumed = convert_model(killed)  # resume_from_checkpoint defaults to 'latest'
+    assert resumed["resumed_from"] == str(checkpoints / "step_8")
+    reference = convert_model(_args(workspace, tmp_path / "reference", max_steps=30, checkpointing_steps=8))
+    got = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    want = load_file(tmp_path / "reference" / "model" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), f"{name} differs after the resume"
+    assert reference["resumed_from"] is None
+    assert resumed["history"] == reference["history"]
+    assert resumed["converted"] == reference["converted"]
+
+
+def test_resume_with_other_options_is_refused(workspace, tmp_path):
+    out = tmp_path / "out"
+    args = _args(workspace, out, max_steps=12, checkpointing_steps=5)
+    # leave an interrupted conversion behind: checkpoints but no conversion.json
+    convert_model(args)
+    (out / RESULT_FILE).unlink()
+    (out / "checkpoints").mkdir(exist_ok=True)
+    from hf_adanorm.training.checkpoints import STATE_FILE
+    (out / "checkpoints" / "step_5").mkdir()
+    (out / "checkpoints" / "step_5" / STATE_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="learning_rate"):
+        convert_model(_args(workspace, out, max_steps=12, checkpointing_steps=5, learning_rate=1e-3))
+
+
+def _snapshot(folder: Path):
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", ["missing text", "empty text", "no norm matched", "k out of range",
+                                  "tokenizer too big", "foreign output folder", "finished output folder"])
+def test_bad_input_gets_a_clear_error_and_writes_nothing(workspace, tmp_path, case, minilm_path):
+    out = tmp_path / "out"
+    options = {}
+    error, match = ValueError, None
+    if case == "missing text":
+        options["dataset"], error, match = str(tmp_path / "nothing.txt"), FileNotFoundError, "does not exist"
+    elif case == "empty text":
+        (tmp_path / "blank.txt").write_text("\n   \n\n")
+        options["dataset"], match = str(tmp_path / "blank.txt"), "empty|too few"
+    elif case == "no norm matched":
+        options["include"], match = "nothing_is_called_this", "no module matched"
+    elif case == "k out of range":
+        with pytest.raises(ValueError, match="k"):
+            _args(workspace, out, k=-1.0)
+        assert not out.exists()
+        return
+    elif case == "tokenizer too big":
+        options["tokenizer"], match = minilm_path, "embeddings: pass the model's own tokenizer"
+    elif case == "foreign output folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        error, match = FileExistsError, "not a conversion's"
+    else:
+        convert_model(_args(workspace, out, max_steps=2))
+        error, match = FileExistsError, "finished conversion"
+    before = _snapshot(out)
+    with pytest.raises(error, match=match):
+        convert_model(_args(workspace, out, **options))
+    assert _snapshot(out) == before
+
+
+def test_a_model_that_is_already_converted_is_refused(workspace, tmp_path):
+    convert_model(_args(workspace, tmp_path / "first", max_steps=2))
+    with pytest.raises(ValueError, match="already converted"):
+        convert_model(_args(workspace, tmp_path / "second", model="bert", max_steps=2).__class__(
+            **dict(_args(workspace, tmp_path / "second").to_dict(), model=str(tmp_path / "first" / "model"))))
+    assert not (tmp_path / "second").exists()
+
+
+def test_command_line_runs_and_refuses_bad_options(workspace, tmp_path):
+    from hf_adanorm.cli import main
+    assert main(["convert", "--model", str(workspace / "bert"), "--dataset", str(workspace / "texts.txt"),
+                 "--norm", "layernorm", "--output_dir", str(tmp_path / "x")]) == 2
+    assert main(["convert", "--model", str(workspace / "bert"), "--dataset", str(workspace / "texts.txt"),
+                 "--norm", "adanorm", "--max_grad_norm", "-1", "--output_dir", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+    assert main(["convert", "--model", str(workspace / "bert"), "--dataset", str(workspace / "texts.txt"),
+                 "--norm", "layernorm_simple", "--max_steps", "4", "--output_dir", str(tmp_path / "ok")]) == 0
+    assert json.loads((tmp_path / "ok" / RESULT_FILE).read_text())["steps"] == 4
