@@ -178,3 +178,24 @@ def test_transformers_remote_loading_raises_the_generated_check(tmp_path, monkey
     with pytest.raises(ValueError, match=r"modules\['transformer.h.0.ln_2'\]\.eps is -1.0") as caught:
         AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
     assert type(caught.value).__name__ == "CheckpointError"
+
+
+def test_a_model_loaded_through_the_remote_code_saves_a_guarded_checkpoint_again(tmp_path, monkeypatch):
+    """transformers' own save_pretrained of a trust_remote_code model (a fine-tune without hf_adanorm)
+    keeps the record, the guard and the remote code: stock classes still refuse the new folder."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    model = tiny_lm("gpt2")
+    hf_adanorm.patch_model(model, "adanorm", fold_affine=True)
+    save_pretrained(model, tmp_path / "a")
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "a", trust_remote_code=True).eval()
+    remote.save_pretrained(tmp_path / "b")
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["model_type"] == "hf_adanorm_gpt2" and config["hf_adanorm"] == hf_adanorm.get_patch_record(model)
+    assert (tmp_path / "b" / MODELING_FILE).read_text() == (tmp_path / "a" / MODELING_FILE).read_text()
+    with pytest.raises(Exception, match="not a stock transformers checkpoint"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "b")
+    again = from_pretrained(AutoModelForCausalLM, tmp_path / "b").eval()
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+        torch.testing.assert_close(remote(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
