@@ -243,7 +243,7 @@ class FoldState:
     """What :func:`unfold` needs; its tensors are kept off the model's device (see docs)."""
 
     layers: dict  # {consumer name: FoldedLayer}
-    affine: dict  # {norm name: (gain, bias) float64 on CPU}: recomputes the fold to check it
+    affine: dict  # exact_unfold: {norm name: (gain, bias) float64 on CPU}, to recompute the fold
     untied: list  # consumers that got their own copy of a tied weight
     added_bias: list  # consumers that had no bias and got one
     exact: bool  # the originals are kept: unfold restores them bitwise
@@ -300,7 +300,8 @@ def apply_fold(model: nn.Module, plan: FoldPlan, built: dict, undo: list, exact:
     layers, untied, added_bias, affine = {}, [], [], {}
     for name, cnames in plan.folds.items():
         gain, bias = plan.affine(name)
-        affine[name] = (gain.cpu(), None if bias is None else bias.cpu())
+        if exact:  # to recompute the fold when unfolding, and so see whether the layer changed
+            affine[name] = (gain.cpu(), None if bias is None else bias.cpu())
         for cname in cnames:
             layer = model.get_submodule(cname)
             old_w, old_b = layer.weight, layer.bias
