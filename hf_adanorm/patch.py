@@ -21,13 +21,13 @@ import re
 import warnings
 from typing import Callable, Optional, Union
 
-import torch
 from torch import nn
 
 from .checkpoint import attach_save_pretrained, detach_save_pretrained
 from .config import NormConfig
 from .detect import HOOK_DICTS, NormInfo, classify, one_thread
-from .fold import apply_fold, converted, fold_summary, plan_fold, unfold
+from .fold import fold_summary, plan_fold
+from .fold_state import apply_fold, converted, unfold
 from .norms import _ParameterFreeNorm
 from .record import (CONFIG_KEY, PatchState, build_record, clear_state, get_record, get_state,
                      is_patched, set_state, swap_module)
