@@ -263,12 +263,12 @@ def patch_model(
         done = get_record(model)["config"]["norm"]
         raise RuntimeError(f"model is already patched with {done!r}; call "
                            "hf_adanorm.unpatch_model(model) before patching again")
-    warning = config.saturation_warning()
-    if warning:
-        warnings.warn(warning, UserWarning, stacklevel=2)
     entries, chosen = _plan(model, config, filter_fn)
     if not chosen:
         raise _nothing_matched(entries, config)
+    warning = config.saturation_warning(max(info.size for info, _ in chosen.values()))
+    if warning:
+        warnings.warn(warning, UserWarning, stacklevel=2)
     _check_rms_detach(config, chosen)
     report = PatchReport(config.norm, entries, dry_run, get_spec(config.norm).effect)
     built = _build_replacements(config, chosen)
