@@ -95,13 +95,16 @@ class NormConfig:
             raise ValueError(f"eps must be a finite number > 0, or None (keep each module's own), "
                              f"got {self.eps!r}")
 
-    def saturation_warning(self) -> Optional[str]:
+    def saturation_warning(self, largest_size: Optional[int] = None) -> Optional[str]:
         """A sentence when AdaNorm's k makes ``k |y| >= 1`` (factor 1 - k y <= 0) common.
 
-        The paper picks k so that this is rare (k = 0.1: |y| >= 10, never for unit-variance
-        rows of fewer than 101 elements).  The share is estimated for Gaussian y.
+        The paper picks k so that this is rare (k = 0.1: |y| >= 10).  The share is estimated
+        for Gaussian y.  A row of D elements normalized to unit variance has |y| <= sqrt(D),
+        so with ``largest_size`` D and k sqrt(D) < 1 it never happens.
         """
         if "k" not in get_spec(self.norm).options:
+            return None
+        if largest_size is not None and self.k * math.sqrt(largest_size) < 1:
             return None
         share = math.erfc(1.0 / (self.k * math.sqrt(2.0)))
         if share <= _SATURATION_WARN_SHARE:

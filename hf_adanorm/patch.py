@@ -21,14 +21,14 @@ import re
 import warnings
 from typing import Callable, Optional, Union
 
-import torch
 from torch import nn
 
 from .checkpoint import attach_save_pretrained, detach_save_pretrained
 from .config import NormConfig
 from .detect import HOOK_DICTS, NormInfo, classify, one_thread
-from .fold import apply_fold, converted, fold_summary, plan_fold, unfold
-from .norms import _ParameterFreeNorm
+from .fold import fold_summary, plan_fold
+from .fold_state import apply_fold, converted, unfold
+from .norms import _ParameterFreeNorm, check_eps
 from .record import (CONFIG_KEY, PatchState, build_record, clear_state, get_record, get_state,
                      is_patched, set_state, swap_module)
 from .registry import build_norm, get_spec
@@ -128,7 +128,7 @@ def _copy_hooks(old: nn.Module, new: nn.Module) -> None:
     new._is_full_backward_hook = old._is_full_backward_hook
     hf_hook = getattr(old, "_hf_hook", None)
     if hf_hook is not None:
-        from accelerate.hooks import add_hook_to_module  # imported by _check_can_install already
+        from accelerate.hooks import add_hook_to_module  # imported by _install already
         add_hook_to_module(new, hf_hook)
 
 
@@ -137,10 +137,12 @@ def _build_replacements(config: NormConfig, chosen: dict) -> dict:
     for name, (info, module) in chosen.items():
         if id(module) not in by_original:  # one replacement per module: aliases stay tied
             eps = config.eps if config.eps is not None else info.eps
-            if not (isinstance(eps, float) and 0 < eps < float("inf")):
+            try:
+                check_eps(eps)
+            except ValueError:
                 raise ValueError(f"{name} ({type(module).__name__}) has eps={eps!r}, and its "
                                  "replacement needs a finite eps > 0: pass eps=... to patch_model, "
-                                 "or exclude this module")
+                                 "or exclude this module") from None
             new = build_norm(config, info.kind, (info.size,), eps)
             new.train(module.training)
             by_original[id(module)] = new
@@ -263,12 +265,12 @@ def patch_model(
         done = get_record(model)["config"]["norm"]
         raise RuntimeError(f"model is already patched with {done!r}; call "
                            "hf_adanorm.unpatch_model(model) before patching again")
-    warning = config.saturation_warning()
-    if warning:
-        warnings.warn(warning, UserWarning, stacklevel=2)
     entries, chosen = _plan(model, config, filter_fn)
     if not chosen:
         raise _nothing_matched(entries, config)
+    warning = config.saturation_warning(max(info.size for info, _ in chosen.values()))
+    if warning:
+        warnings.warn(warning, UserWarning, stacklevel=2)
     _check_rms_detach(config, chosen)
     report = PatchReport(config.norm, entries, dry_run, get_spec(config.norm).effect)
     built = _build_replacements(config, chosen)

@@ -14,8 +14,9 @@ from test_fold import logits, tiny_lm
 # Every step that changes the model, or builds what is put into it: each fold (and its planning
 # trials), the CPU offload of kept originals, the private config, each swap, the record.
 FAULT_POINTS = [
-    ("hf_adanorm.fold", "folded_linear"), ("hf_adanorm.fold", "_to_cpu_memory"),
-    ("hf_adanorm.fold", "_give_own_config"), ("hf_adanorm.patch", "_copy_hooks"),
+    ("hf_adanorm.fold", "folded_linear"), ("hf_adanorm.fold_state", "folded_linear"),
+    ("hf_adanorm.fold_state", "_to_cpu_memory"), ("hf_adanorm.fold_state", "_give_own_config"),
+    ("hf_adanorm.patch", "_copy_hooks"),
     ("hf_adanorm.patch", "_keep_original_tensors"), ("hf_adanorm.patch", "swap_module"),
     ("hf_adanorm.patch", "build_record"), ("hf_adanorm.patch", "fold_summary"),
     ("hf_adanorm.patch", "set_state"), ("hf_adanorm.patch", "attach_save_pretrained"),
@@ -92,7 +93,7 @@ def test_an_out_of_memory_on_the_third_fold_is_undone(monkeypatch, error, state_
     """The issue's case: two layers folded, then OOM. Interrupts are undone the same way."""
     model = tiny_lm("gpt2")
     before = _snapshot(model, state_of)
-    import hf_adanorm.fold as fold
+    import hf_adanorm.fold_state as fold
     real = fold.folded_linear
     applied = []
     real_apply = fold.apply_fold

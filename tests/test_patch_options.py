@@ -103,6 +103,17 @@ def test_a_large_k_warns_with_the_share_of_flipped_elements(k):
     assert stated == pytest.approx(_measured_share(k), abs=0.01)
 
 
+def test_no_warning_when_rows_are_too_short_for_k_abs_y_to_reach_one():
+    net = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))  # |y| <= sqrt(3): k = 0.5 never reaches 1
+    x = torch.randn(10000, 3, generator=torch.Generator().manual_seed(0)) * 5
+    assert float((0.5 * torch.nn.functional.layer_norm(x, (3,)).abs()).max()) < 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_model(net, "adanorm", k=0.5)
+    with pytest.warns(UserWarning, match="k=0.6 makes"):
+        patch_model(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), "adanorm", k=0.6)
+
+
 # ------------------------------------------------------------------ wrappers
 
 
