@@ -37,9 +37,14 @@ def _tmp_prefix(target: Path) -> str:
 def check_target(target) -> Path:
     """The absolute folder to save into; raises (before anything is written) where it cannot be
     replaced atomically: a file in its place, a mount point, an unwritable parent."""
-    target = Path(os.path.abspath(os.fspath(target)))
+    target = Path(os.path.realpath(os.fspath(target)))  # a symlinked folder: the folder it points to
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"cannot save into {target}: it is a file, not a folder")
+    cwd = Path(os.getcwd())
+    if target.is_dir() and (cwd == target or target in cwd.parents):
+        raise OSError(errno.EBUSY, f"cannot replace {target} atomically: it is (or holds) the current working "
+                                   "folder, which would then point into the deleted old folder; save into a "
+                                   "subfolder, or from another working folder")
     if target.is_dir() and os.path.ismount(target):
         raise OSError(errno.EBUSY, f"cannot save into {target} atomically: it is a mount point, which cannot "
                                    "be renamed; save into a subfolder of it")

@@ -118,3 +118,19 @@ def test_saving_where_the_model_was_loaded_from(tmp_path):
     save_pretrained(loaded, tmp_path / "ckpt", metrics={"again": 1})  # its weights file is replaced, not edited
     again = from_pretrained(type(loaded), tmp_path / "ckpt").eval()
     assert torch.equal(logits(again), expected)
+
+
+def test_a_symlinked_folder_is_replaced_behind_its_link_and_the_working_folder_is_refused(tmp_path, monkeypatch):
+    real, link = tmp_path / "real", tmp_path / "link"
+    save_pretrained(patched(), real)
+    link.symlink_to(real, target_is_directory=True)
+    model = patched("layernorm_simple", seed=1)
+    save_pretrained(model, link, remote_code=False)
+    assert link.is_symlink() and not (real / MODELING_FILE).exists()
+    assert torch.equal(logits(from_pretrained(type(model), link).eval()), logits(model))
+    monkeypatch.chdir(real)
+    before = snapshot(real)
+    with pytest.raises(OSError, match="current working folder"):
+        save_pretrained(patched(), ".")
+    assert snapshot(real) == before
+
