@@ -60,7 +60,7 @@ def model_card(model, record: Optional[dict], *, base_model: Optional[str] = Non
                    if custom else "")
                 + (", or with transformers alone through the remote code `modeling_hf_adanorm.py`"
                    if auto_map and not custom else "")
-                + f":\n\n```python\nimport hf_adanorm, transformers\n"
+                + ":\n\n```python\nimport hf_adanorm, transformers\n"
                 + f"model = hf_adanorm.from_pretrained(transformers.{cls}, path)\n"
                 + (f"model = transformers.{_auto_class(auto_map, cls)}.from_pretrained(path, "
                    "trust_remote_code=True)  # via auto_map\n" if auto_map and not custom else "") + "```\n\n"

@@ -42,14 +42,15 @@ from .portable import CheckpointError
 from .record import (CONFIG_KEY, PatchState, check_record, get_record, record_from_config, set_state,
                      swap_module)
 from .registry import build_norm
-from .remote_code import (CONFIG_CLASS, MODELING_FILE, auto_map, base_model_class, guarded_field,
-                          modeling_source, stock_class)
+from .remote_code import (MODELING_FILE, auto_map, base_model_class, guarded_field, modeling_source,
+                          stock_class)
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 # What a save writes (or must not leave behind from an earlier save) in its folder; any other
 # entry there (a tokenizer, a Trainer's checkpoint-N folders ...) is carried over.
 _WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 _SAVE_FILES = {"config.json", "generation_config.json", "README.md", MODELING_FILE, "hf_adanorm_patch.json"}
+
 
 def _describe(module: nn.Module):
     """(kind, size) of a module the norm detector recognises, else (None, None)."""

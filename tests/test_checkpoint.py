@@ -294,3 +294,15 @@ def test_the_models_own_save_pretrained_writes_the_same(tmp_path):
     assert "save_pretrained" not in vars(model)
     model.save_pretrained(tmp_path / "stock")
     assert not (tmp_path / "stock" / MODELING_FILE).exists()
+
+
+def test_a_checkpoint_saved_before_the_guard_still_loads(tmp_path):
+    """Folders written by earlier versions carry the stock model_type and no hf_adanorm_stock."""
+    model = patched("gpt2", "adanorm", fold_affine=True)
+    save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    stock = config.pop("hf_adanorm_stock")
+    config.update(model_type=stock["base_model_type"], **{stock["field"]: stock["value"]})
+    config["auto_map"] = {k: v for k, v in config["auto_map"].items() if k != "AutoConfig"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert torch.equal(logits(from_pretrained(AutoModelForCausalLM, tmp_path).eval()), logits(model))

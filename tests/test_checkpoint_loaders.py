@@ -156,3 +156,14 @@ def test_loader_matrix_cell(saved, name):
     torch.testing.assert_close(out, expected[kind][want], rtol=1e-5, atol=1e-5, msg=name)
     if "trust" in name:  # the remote code served it, not a stock class
         assert got["loaded"].startswith("transformers_modules."), got
+
+
+def test_the_model_cards_say_how_to_load(saved):
+    folder, _ = saved
+    custom = (folder / "custom" / "README.md").read_text()
+    assert "hf_adanorm.register_norm('scaled_test_norm', ...)" in custom
+    assert "hf_adanorm.from_pretrained(transformers.GPT2LMHeadModel, path)" in custom
+    assert "trust_remote_code=True)  # via auto_map" not in custom  # that path refuses this norm
+    card = (folder / "adanorm" / "README.md").read_text()
+    assert "transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" in card
+    assert "stock transformers classes refuse it" in card
