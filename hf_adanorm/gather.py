@@ -63,5 +63,14 @@ def full_state_dict(model: nn.Module, sharded: str) -> Optional[dict]:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if rank0 else None
     import deepspeed
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()} if rank0 else None
+    state = {}
+    # one module's parameters at a time, as ZeRO-3 itself does: no rank ever holds the whole model
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        own = dict(module.named_parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=None):
+            if rank0:
+                own.update((name, buffer) for name, buffer in module.named_buffers(recurse=False)
+                           if name not in module._non_persistent_buffers_set)
+                state.update((f"{prefix}.{name}" if prefix else name, tensor.detach().cpu().clone())
+                             for name, tensor in own.items() if tensor is not None)
+    return {name: state[name] for name in model.state_dict()} if rank0 else None
