@@ -238,7 +238,9 @@ def _config_json(model, record: Optional[dict], remote: Optional[dict]) -> str:
     if record is not None:
         data[CONFIG_KEY] = record
         field = guarded_field(type(config))
-        data = portable.guard_config_dict({**data, field: config.to_dict()[field]}, config.model_type, field)
+        if field is not None:  # its value in full: to_diff_dict leaves out a default one
+            data[field[0]] = config.to_dict()[field[0]]
+        data = portable.guard_config_dict(data, config.model_type, field)
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 

@@ -38,13 +38,21 @@ def _is_number(value):
 
 def guard_config_dict(config_dict, base_model_type, field):
     """config.json's dict as saved: a model_type of its own, so that transformers' Auto classes need
-    the remote code, and in ``field`` (an integer size of the stock config class, such as
-    hidden_size) a sentence saying how to load the model, which stock config classes refuse with
-    that sentence in the message: a concrete class such as GPT2LMHeadModel reads any model_type."""
+    the remote code, and in ``field`` (the path to an integer size of the stock config class, such
+    as ``["hidden_size"]`` or ``["text_config", "hidden_size"]``) a sentence saying how to load the
+    model, which stock config classes refuse with that sentence in the message: a concrete class
+    such as GPT2LMHeadModel reads any model_type."""
     guarded = dict(config_dict)
-    guarded[STOCK_KEY] = {"base_model_type": base_model_type, "field": field, "value": guarded.get(field)}
     guarded["model_type"] = MODEL_TYPE_PREFIX + base_model_type
-    guarded[field] = GUARD
+    if field is None:  # a config with no such field: the model_type alone guards (Auto classes)
+        guarded[STOCK_KEY] = {"base_model_type": base_model_type, "field": None}
+        return guarded
+    parent = guarded
+    for key in field[:-1]:  # copy the nested dicts on the way: the caller's stay as they were
+        parent[key] = dict(parent.get(key) or {})
+        parent = parent[key]
+    guarded[STOCK_KEY] = {"base_model_type": base_model_type, "field": list(field), "value": parent.get(field[-1])}
+    parent[field[-1]] = GUARD
     return guarded
 
 
@@ -53,12 +61,21 @@ def unguard_config_dict(config_dict):
     stock = config_dict.get(STOCK_KEY)
     if stock is None:
         return dict(config_dict)
-    if not (isinstance(stock, dict) and isinstance(stock.get("base_model_type"), str)
-            and isinstance(stock.get("field"), str)):
+    field = stock.get("field") if isinstance(stock, dict) else ()
+    if not (isinstance(stock.get("base_model_type"), str) and (field is None or (
+            isinstance(field, list) and field and all(isinstance(key, str) for key in field)))):
         raise _corrupted(f"config.json's {STOCK_KEY}", f"is {stock!r}")
     plain = {k: v for k, v in config_dict.items() if k != STOCK_KEY}
     plain["model_type"] = stock["base_model_type"]
-    plain[stock["field"]] = stock.get("value")
+    if field is None:
+        return plain
+    parent = plain
+    for key in field[:-1]:
+        if not isinstance(parent.get(key), dict):
+            raise _corrupted(f"config.json's {STOCK_KEY}", f"names the field {'.'.join(field)}, which is missing")
+        parent[key] = dict(parent[key])
+        parent = parent[key]
+    parent[field[-1]] = stock.get("value")
     return plain
 
 

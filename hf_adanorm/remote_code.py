@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Optional
 
 import transformers
 
@@ -65,7 +66,7 @@ _CLASSES = '''
 import transformers as _transformers  # noqa: E402
 from transformers import {config} as _BaseConfig  # noqa: E402
 
-BASE_MODEL_TYPE, GUARDED_FIELD = "{model_type}", "{field}"
+BASE_MODEL_TYPE, GUARDED_FIELD = "{model_type}", {field!r}
 
 
 class {config_class}(_BaseConfig):
@@ -84,7 +85,8 @@ class {config_class}(_BaseConfig):
 
     def to_diff_dict(self):  # the guard must survive even where it equals the class default
         full = self.to_dict()
-        return {{**super().to_diff_dict(), **{{k: full[k] for k in ("model_type", GUARDED_FIELD, STOCK_KEY)}}}}
+        kept = ("model_type", STOCK_KEY, *(GUARDED_FIELD or [])[:1])
+        return {{**super().to_diff_dict(), **{{k: full[k] for k in kept}}}}
 
 
 {models}'''
@@ -110,17 +112,22 @@ def modeling_source(base: type) -> str:
                               stock_key=portable.STOCK_KEY, models=models))
 
 
-def guarded_field(config_class: type) -> str:
-    """The field of ``config_class`` that :func:`portable.guard_config_dict` replaces: an integer
-    size of its own (not of PreTrainedConfig, which Trainer's resume reads), strictly typed."""
-    own = [f for f in dataclasses.fields(config_class)
-           if f.name not in {g.name for g in dataclasses.fields(transformers.PreTrainedConfig)}
-           and f.type in (int, "int") and not f.name.endswith("_token_id")]
-    preferred = [f.name for f in own if f.name in _SIZE_FIELDS]
-    if not (preferred or own):
-        raise ValueError(f"{config_class.__name__} has no integer field to guard; save with plain=True "
-                         "if the stock model computes the same, else remote_code=False")
-    return (preferred or [f.name for f in own])[0]
+def guarded_field(config_class: type) -> Optional[list]:
+    """The path of the field :func:`portable.guard_config_dict` replaces: an integer size of
+    ``config_class``'s own (not of PreTrainedConfig, which Trainer's resume reads), strictly typed;
+    for a composite config (CLIP, Gemma 3 ...), one of its first sub-config's."""
+    base_fields = {g.name for g in dataclasses.fields(transformers.PreTrainedConfig)}
+    own = [f.name for f in dataclasses.fields(config_class)
+           if f.name not in base_fields and f.type in (int, "int") and not f.name.endswith("_token_id")]
+    preferred = [name for name in own if name in _SIZE_FIELDS]
+    if preferred or own:
+        return [(preferred or own)[0]]
+    for key, sub in sorted((getattr(config_class, "sub_configs", None) or {}).items()):
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            inner = guarded_field(sub)
+            if inner is not None:
+                return [key, *inner]
+    return None  # (encoder-decoder wrappers ...): only the model_type guards, see docs/checkpoints.md
 
 
 def stock_class(model) -> type:

@@ -302,7 +302,7 @@ def test_a_checkpoint_saved_before_the_guard_still_loads(tmp_path):
     save_pretrained(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     stock = config.pop("hf_adanorm_stock")
-    config.update(model_type=stock["base_model_type"], **{stock["field"]: stock["value"]})
+    config.update(model_type=stock["base_model_type"], **{stock["field"][0]: stock["value"]})
     config["auto_map"] = {k: v for k, v in config["auto_map"].items() if k != "AutoConfig"}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert torch.equal(logits(from_pretrained(AutoModelForCausalLM, tmp_path).eval()), logits(model))

@@ -199,3 +199,19 @@ def test_a_model_loaded_through_the_remote_code_saves_a_guarded_checkpoint_again
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
         torch.testing.assert_close(remote(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["GPT2Config", "BertConfig", "LlamaConfig", "T5Config", "CLIPConfig", "Gemma3Config"])
+def test_the_guard_is_refused_by_the_stock_config_class_and_undone_exactly(generated, name):
+    import transformers
+    from hf_adanorm.remote_code import guarded_field
+    config_class = getattr(transformers, name)
+    data = config_class().to_dict()
+    field = guarded_field(config_class)
+    assert field is not None and len(field) == (2 if name in ("CLIPConfig", "Gemma3Config") else 1)
+    guarded = generated.guard_config_dict(data, config_class.model_type, field)
+    assert data == config_class().to_dict()  # the caller's dict (nested ones included) untouched
+    with pytest.raises(Exception, match="not a stock transformers checkpoint"):
+        config_class.from_dict(guarded)
+    assert generated.unguard_config_dict(guarded) == data
+    assert config_class.from_dict(generated.unguard_config_dict(guarded)).to_dict() == data
