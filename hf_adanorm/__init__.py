@@ -20,7 +20,8 @@ _LAZY = {
     "save_pretrained": "checkpoint", "from_pretrained": "checkpoint", "push_to_hub": "checkpoint",
     "CheckpointError": "checkpoint", "PatchCallback": "callbacks",
     "NormGradientStatsCallback": "callbacks", "AdaNormMonitorCallback": "callbacks",
-    "AffineDriftCallback": "callbacks",
+    "AffineDriftCallback": "callbacks", "GradualSwapCallback": "convert.callback",
+    "convert_model": "convert", "ConvertArgs": "convert",
 }
 
 
@@ -41,6 +42,8 @@ __all__ = [
     "available_norms", "register_norm",
     # checkpoints
     "save_pretrained", "from_pretrained", "push_to_hub", "CheckpointError",
+    # converting a pretrained model (hf-adanorm convert)
+    "convert_model", "ConvertArgs", "GradualSwapCallback",
     # transformers.Trainer
     "PatchCallback", "NormGradientStatsCallback", "AdaNormMonitorCallback", "AffineDriftCallback",
     # the norms themselves

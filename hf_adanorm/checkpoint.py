@@ -114,13 +114,14 @@ def _resolve_class(model_class, config) -> type:
     return mapping[type(config)]
 
 
-def load_config(path, model_class=None, **kwargs):
+def load_config(path, model_class=None, *, return_unused_kwargs: bool = False, **kwargs):
     """The config of any checkpoint, patched or not, as its stock transformers class, with the
     patch record (if any) under ``hf_adanorm``: what ``AutoConfig.from_pretrained`` gives for a
     stock checkpoint, without running a patched one's remote code (it reads config.json only).
 
     ``model_class``: a concrete class whose ``config_class`` to use (default: by model_type);
-    ``kwargs``: hub options (``revision`` ...) and config values to override (``num_labels=3``).
+    ``kwargs``: hub options (``revision`` ...) and config values to override (``num_labels=3``);
+    with ``return_unused_kwargs``, ``(config, the kwargs that are not config values)``.
     """
     from transformers import PreTrainedConfig, PreTrainedModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -139,7 +140,7 @@ def load_config(path, model_class=None, **kwargs):
     else:
         raise CheckpointError(f"{path}'s config.json has the model_type {config_dict.get('model_type')!r}, which "
                               "this transformers does not know; upgrade transformers or pass the concrete class")
-    return config_class.from_dict(config_dict, **kwargs)
+    return config_class.from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
 
 def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -159,8 +160,11 @@ def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **k
     kwargs.pop("trust_remote_code", None)  # the stock class is used; the remote code is not needed
     config = kwargs.pop("config", None)
     if config is None or isinstance(config, (str, Path)):
+        # config attributes among kwargs (num_labels=...) go to the config, as in transformers
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        config = load_config(config or pretrained_model_name_or_path, model_class, **hub)
+        config, kwargs = load_config(config or pretrained_model_name_or_path, model_class,
+                                     return_unused_kwargs=True, **kwargs)
+        kwargs.update(hub)
     else:
         config = copy.deepcopy(config)  # loading moves the record from the config to the model
     record = record_from_config(config)

@@ -238,3 +238,11 @@ def test_command_line_runs_and_refuses_bad_options(workspace, tmp_path):
     assert main(["convert", "--model", str(workspace / "bert"), "--dataset", str(workspace / "texts.txt"),
                  "--norm", "layernorm_simple", "--max_steps", "4", "--output_dir", str(tmp_path / "ok")]) == 0
     assert json.loads((tmp_path / "ok" / RESULT_FILE).read_text())["steps"] == 4
+
+
+def test_the_student_starts_as_the_teacher_with_dropout_off(workspace, tmp_path):
+    # BERT's dropout (0.1 here) is on in train mode: a student distilled in train mode would start
+    # with a loss of its dropout noise alone. At alpha = 0 the blended student is the teacher exactly.
+    result = convert_model(_args(workspace, tmp_path / "out", max_steps=1, eval_every=1, ramp_fraction=1.0))
+    assert result["history"][0]["mean_alpha"] == 0.0
+    assert result["history"][0]["loss"] < 1e-6

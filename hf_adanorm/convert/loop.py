@@ -29,7 +29,7 @@ from .args import ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import choose_objective, distill_loss, drift
 from .report import ARGS_FILE, OWN_FILES, RESULT_FILE, summarize, write_reports
-from .schedule import PlainNormalization, alphas, set_alphas, unwrap_norms, wrap_norms
+from .schedule import alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
 
 MODEL_DIR = "model"
 EXACT = 1e-6  # below this relative error (or KL) the naive swap already is the original function
@@ -98,17 +98,21 @@ def _load_teacher(args: ConvertArgs):
     return teacher.eval().requires_grad_(False), causal
 
 
-def _blend_sources(teacher, record) -> dict:
-    """What each converted norm computed before: the original module, or for a norm whose gain
-    and bias were folded exactly into the next layers, the plain normalization they now expect."""
-    folded = set((record.get("fold") or {}).get("folded", {}))
-    sources = {}
-    for name, entry in record["modules"].items():
-        if name in folded:
-            sources[name] = PlainNormalization(entry["eps"], rms=entry["kind"] == "rmsnorm")
-        else:
-            sources[name] = copy.deepcopy(teacher.get_submodule(name))
-    return sources
+def _freeze_unreached(student, teacher, batch, objective, wrapped, device) -> list[str]:
+    """Freeze the parameters the objective cannot reach (e.g. BERT's pooler under the hidden-state
+    objective): they stay the teacher's, and DDP needs every trained parameter to get a gradient."""
+    set_alphas(wrapped, [0.5] * len(wrapped))  # both paths of every blend are live
+    batch = {k: v[:2].to(device) for k, v in batch.items()}
+    with torch.no_grad():
+        target = teacher(**batch)
+    distill_loss(objective, target, student(**batch), batch["attention_mask"]).backward()
+    unused = [name for name, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in student.named_parameters():
+        p.grad = None
+        if name in unused:
+            p.requires_grad_(False)
+    set_alphas(wrapped, [0.0] * len(wrapped))
+    return unused
 
 
 def measure(model, teacher, loader, device, wrapped=None, causal: bool = False) -> dict:
@@ -150,10 +154,12 @@ def convert_model(args: ConvertArgs) -> dict:
     teacher, causal = _load_teacher(args)
     texts = load_texts(args, causal)
     data = tokenize(texts, tokenizer, args, causal, teacher.get_input_embeddings().num_embeddings)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    # Dropout off (eval mode) while distilling: the function to keep is the teacher's eval-mode one, and
+    # dropout noise in the student alone would be a floor under the loss (measured: docs/conversion.md).
+    student = copy.deepcopy(teacher).eval().requires_grad_(True)
     patch = patch_model(student, norm_config)  # no norm to convert, or an option out of range: raises
     record = get_patch_record(student)
-    wrapped = wrap_norms(student, _blend_sources(teacher, record))
+    wrapped = wrap_norms(student, blend_sources(record, lambda name: copy.deepcopy(teacher.get_submodule(name))))
     collate = collator(tokenizer, causal)
     eval_loader = DataLoader(data["validation"], batch_size=args.per_device_batch_size, collate_fn=collate)
     teacher.to(accelerator.device)
@@ -163,6 +169,7 @@ def convert_model(args: ConvertArgs) -> dict:
                                                                 for k, v in probe.items()}))
 
     student.to(accelerator.device)
+    unused = _freeze_unreached(student, teacher, probe, objective, wrapped, accelerator.device)
     naive = measure(student, teacher, eval_loader, accelerator.device, wrapped, causal)  # the swap with no training
     # Logits are the function of an LM (a fold moves the last norm's gain into the head, so its
     # hidden states differ while its predictions do not); for an encoder the hidden state is.
@@ -193,7 +200,7 @@ def convert_model(args: ConvertArgs) -> dict:
 
     progress = tqdm(total=total_steps, initial=loop["step"], disable=not accelerator.is_local_main_process,
                     desc=f"convert -> {args.norm}")
-    model.train()
+    model.eval()
     epoch = loop["epoch"]
     while loop["step"] < total_steps:
         train_loader.set_epoch(epoch)
@@ -238,7 +245,8 @@ def convert_model(args: ConvertArgs) -> dict:
               "schedule": args.schedule, "steps": total_steps, "exact_without_training": exact,
               "dataset": args.dataset, "eval_sequences": naive["sequences"], "naive": loop["naive"],
               "converted": final, "history": loop["history"], "patch_report": patch.to_dict(),
-              "seconds": time.time() - started, "args": args.to_dict(),
+              "seconds": time.time() - started, "args": args.to_dict(), "frozen_unreached": unused,
+              "world_size": accelerator.num_processes,
               "resumed_from": str(resume_path) if resume_path else None}
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
     if accelerator.is_main_process:

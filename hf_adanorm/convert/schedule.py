@@ -61,8 +61,8 @@ def alphas(schedule: str, step: int, ramp_steps: int, count: int) -> list[float]
         return [1.0] * count
     if schedule == "blend":
         return [min(1.0, step / ramp_steps)] * count
-    width = ramp_steps / count
-    return [min(1.0, max(0.0, (step - i * width) / width)) for i in range(count)]
+    # norm i ramps over [i·ramp/n, (i+1)·ramp/n]; integers until the division keep 1.0 exact
+    return [min(1.0, max(0.0, (step * count - i * ramp_steps) / ramp_steps)) for i in range(count)]
 
 
 def wrap_norms(model: nn.Module, sources: dict[str, nn.Module]) -> dict[str, BlendedNorm]:
@@ -102,4 +102,10 @@ class PlainNormalization(nn.Module):
         return nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps)
 
 
-ScheduleFn = Callable[[int], list]
+def blend_sources(record: dict, original: Callable[[str], nn.Module]) -> dict:
+    """What each norm of a patch ``record`` computed before the swap: a frozen copy of the
+    original module (``original(name)``), or, for a norm whose gain and bias were folded exactly
+    into the next layers, the plain normalization those layers now expect."""
+    folded = set((record.get("fold") or {}).get("folded", {}))
+    return {name: PlainNormalization(entry["eps"], rms=entry["kind"] == "rmsnorm") if name in folded
+            else original(name) for name, entry in record["modules"].items()}

@@ -1,0 +1,150 @@
+"""A converted model downstream: the recipes fine-tune it (and refuse what would be wrong),
+``compare --convert`` converts once per norm and reuses it, and ``GradualSwapCallback``
+swaps the norms in during ``Trainer`` fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, Trainer, TrainerCallback,
+                          TrainingArguments)
+
+import hf_adanorm
+from hf_adanorm.convert import ConvertArgs, convert_model
+from hf_adanorm.convert.schedule import BlendedNorm, alphas
+from hf_adanorm.training import TrainingArgs, run_training
+
+from test_convert import workspace  # noqa: F401 - the tiny 'pretrained' models and their text
+from test_recipes import write_sentiment_csvs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def converted(workspace, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("converted")
+    convert_model(ConvertArgs(model=str(workspace / "bert"), dataset=str(workspace / "texts.txt"), norm="adanorm",
+                              C=2.0, max_steps=10, max_length=32, output_dir=str(out)))
+    return out / "model"
+
+
+def _run(tmp_path, model, norm, **extra):
+    return run_training(TrainingArgs(task="classification", model=str(model), dataset=str(
+        write_sentiment_csvs(tmp_path / "data")), norm=norm, num_epochs=1, per_device_batch_size=8,
+        max_length=16, output_dir=str(tmp_path / f"run-{norm}"), save_model=False, **extra))
+
+
+def test_the_recipes_fine_tune_a_converted_model_with_its_own_norms(converted, tmp_path):
+    metrics = _run(tmp_path, converted, "adanorm", C=2.0)
+    assert metrics["config"]["model"] == str(converted)
+    run_config = json.loads((tmp_path / "run-adanorm" / "run_config.json").read_text())
+    assert run_config["patch_report"] is None and run_config["fold"] is None  # nothing swapped again
+    # the loaded classifier holds the converted encoder: its norms are AdaNorms with C = 2
+    model = hf_adanorm.from_pretrained(BertForSequenceClassification, converted, num_labels=2)
+    norms = [m for m in model.modules() if isinstance(m, hf_adanorm.AdaNorm)]
+    assert len(norms) == 5 and all(n.C == 2.0 for n in norms)
+    assert all(name.startswith("bert.") for name in hf_adanorm.get_patch_record(model)["modules"])
+
+
+@pytest.mark.parametrize("norm, options, match", [
+    ("layernorm", {}, "no LayerNorms left"),
+    ("layernorm_simple", {}, "norm='layernorm_simple'"),
+    ("adanorm", {"C": 1.0}, "C=1.0"),
+])
+def test_the_recipes_refuse_a_converted_model_with_other_norms(converted, tmp_path, norm, options, match):
+    with pytest.raises(ValueError, match=match):
+        _run(tmp_path, converted, norm, **options)
+    assert not (tmp_path / f"run-{norm}").exists()
+
+
+def test_compare_convert_converts_once_per_norm_and_reports_the_start(workspace, tmp_path):  # noqa: F811
+    from hf_adanorm.compare import compare
+    setup = {"model": str(workspace / "bert"), "dataset": str(write_sentiment_csvs(tmp_path / "data")),
+             "num_epochs": 1, "per_device_batch_size": 8, "max_length": 16, "save_model": False}
+    conversion = {"max_steps": 6, "eval_every": 3}
+    out = tmp_path / "sweep"
+    report = compare(setup, ["layernorm", "adanorm"], [0, 1], out, progress=False, conversion=conversion)
+    (folder,) = (out / "conversions").iterdir()
+    assert folder.name.startswith("adanorm-")
+    result = folder / "conversion.json"
+    stamp = result.stat().st_mtime_ns
+    for seed in (0, 1):
+        config = json.loads((out / "runs" / f"adanorm_seed{seed}" / "metrics.json").read_text())["config"]
+        assert config["model"] == str(folder / "model")
+        baseline = json.loads((out / "runs" / f"layernorm_seed{seed}" / "metrics.json").read_text())["config"]
+        assert baseline["model"] == setup["model"]
+    text = report.read_text()
+    start = json.loads(result.read_text())
+    assert "## Starting point of each arm" in text and f"{start['converted']['embedding_cosine']:.4g}" in text
+    # rerun: nothing converts or trains again; other conversion options are refused for this folder
+    compare(setup, ["layernorm", "adanorm"], [0, 1], out, progress=False, conversion=conversion)
+    assert result.stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="convert"):
+        compare(setup, ["layernorm", "adanorm"], [0, 1], out, progress=False, conversion={"max_steps": 7})
+
+
+def test_compare_convert_refuses_a_model_built_from_a_config(tmp_path):
+    from hf_adanorm.compare.conversions import plan_conversions
+    with pytest.raises(ValueError, match="pretrained --model"):
+        plan_conversions({"model": "config:bert", "dataset": "x"}, ["layernorm", "adanorm"], tmp_path, {})
+    with pytest.raises(ValueError, match="convert-options"):
+        plan_conversions({"model": "m", "dataset": "x"}, ["adanorm"], tmp_path, {"no_such_option": 1})
+
+
+class _Alphas(TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.seen.append([b.alpha for b in model.modules() if isinstance(b, BlendedNorm)])
+
+
+def test_gradual_swap_callback_blends_the_norms_in_then_leaves_only_the_new_ones(tmp_path, token_dataset):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64))
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    spy = _Alphas()
+    swap = hf_adanorm.GradualSwapCallback("adanorm", ramp_steps=4, schedule="layerwise")
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=6, report_to=[],
+                             save_strategy="no", use_cpu=True)
+    Trainer(model, args, train_dataset=token_dataset, callbacks=[swap, spy]).train()
+    assert spy.seen[:4] == [alphas("layerwise", step, 4, 5) for step in range(4)]
+    assert spy.seen[4:] == [[], []]  # unwrapped once every alpha reached 1
+    assert not any(isinstance(m, (BlendedNorm, torch.nn.LayerNorm)) for m in model.modules())
+    assert len(hf_adanorm.get_patch_record(model)["modules"]) == len(originals)
+
+
+def test_gradual_swap_callback_refuses_bad_options_and_a_patched_model(tmp_path, token_dataset):
+    with pytest.raises(ValueError, match="ramp_steps"):
+        hf_adanorm.GradualSwapCallback("adanorm", ramp_steps=0)
+    with pytest.raises(ValueError, match="schedule"):
+        hf_adanorm.GradualSwapCallback("adanorm", ramp_steps=3, schedule="swap")
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64))
+    hf_adanorm.patch_model(model, "adanorm")
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(RuntimeError, match="unpatched"):
+        Trainer(model, args, train_dataset=token_dataset, callbacks=[hf_adanorm.GradualSwapCallback(
+            "adanorm", ramp_steps=2)])
+
+
+def test_conversion_under_accelerate_launch_on_two_gloo_processes(workspace, tmp_path):  # noqa: F811
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(repo / "recipes" / "configs" / "cpu_2proc.yaml"), "-m", "hf_adanorm", "convert", "--cpu",
+           "--model", str(workspace / "bert"), "--dataset", str(workspace / "texts.txt"), "--norm", "adanorm",
+           "--max_steps", "6", "--eval_every", "3", "--max_length", "32", "--output_dir", str(out)]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "conversion.json").read_text())
+    assert result["world_size"] == 2 and result["steps"] == 6
+    assert "pooler.dense.weight" in result["frozen_unreached"]  # DDP needs a gradient for every trained one
+    assert result["converted"]["embedding_cosine"] > result["naive"]["embedding_cosine"]
