@@ -31,6 +31,11 @@ def __getattr__(name):
     raise AttributeError(f"module 'hf_adanorm' has no attribute {name!r}")
 
 
+def __dir__():
+    """Include the lazily imported names, so tab completion offers them."""
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     # patching
     "patch_model", "unpatch_model", "is_patched", "get_patch_record", "PatchReport", "NormConfig",

@@ -22,7 +22,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import NormConfig
 from .monitors import AdaNormMonitorCallback, AffineDriftCallback, NormGradientStatsCallback
-from .patch import _CONFIG_KEY, get_patch_record, is_patched, patch_model
+from .patch import get_patch_record, is_patched, patch_model
+from .record import CONFIG_KEY as _CONFIG_KEY
 from .training.checkpoints import write_json_atomic
 
 __all__ = ["AdaNormMonitorCallback", "AffineDriftCallback", "NormGradientStatsCallback", "PatchCallback",

@@ -5,143 +5,83 @@ A folder written by :func:`save_pretrained` holds
 * ``model.safetensors``: the weights (the replaced norms have none);
 * ``config.json``: the model's config plus ``hf_adanorm``, the versioned patch
   record (norm and options, every replaced module's kind, size and eps, and what
-  ``fold_affine`` did), and an ``auto_map`` to the remote code;
+  ``fold_affine`` did), under the model_type ``hf_adanorm_<stock type>`` with one
+  size field replaced by a sentence saying how to load it (:mod:`.portable`), so
+  that plain transformers refuses it instead of building the stock model; and an
+  ``auto_map`` to the remote code;
 * ``modeling_hf_adanorm.py``: self-contained remote code (see :mod:`.remote_code`);
 * ``README.md``: a model card.
 
-:func:`from_pretrained` validates the record, then builds the model through a
-subclass whose ``__init__`` re-applies the patch *before* transformers loads the
-weights, so no key is missing or unexpected.  With ``plain=True`` a
-LayerNorm-simple model is written as a stock checkpoint instead (gain 1, bias 0
-in the ordinary norm slots) that loads with transformers alone.
+:func:`from_pretrained` undoes the guard, validates the record, then builds the model
+through a subclass whose ``__init__`` checks the record against the model and
+re-applies the patch *before* transformers loads the weights, so no key is missing
+or unexpected.  With ``plain=True`` a LayerNorm-simple model is written as a stock
+checkpoint instead (gain 1, bias 0 in the ordinary norm slots) that loads with
+transformers alone.  Saving replaces the folder atomically (:mod:`.atomic_folder`)
+and gathers FSDP2 / ZeRO-3 shards (:mod:`.gather`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
-import types
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
+from . import portable
+from .atomic_folder import check_target, staged_folder
 from .config import NormConfig
-from .patch import (_CONFIG_KEY, _ORIGINALS_ATTR, _RECORD_ATTR, RECORD_VERSION, _swap_in,
-                    get_patch_record)
-from .registry import available_norms, build_norm
-from .remote_code import MODELING_FILE, auto_map, base_model_class, modeling_source
+from .detect import classify
+from .gather import agree_before_collective, full_state_dict, sharding
+from .portable import CheckpointError
+from .record import (CONFIG_KEY, PatchState, check_record, get_record, record_from_config, set_state,
+                     swap_module)
+from .registry import build_norm
+from .remote_code import (MODELING_FILE, auto_map, base_model_class, guarded_field, modeling_source,
+                          stock_class)
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+# What a save writes (or must not leave behind from an earlier save) in its folder; any other
+# entry there (a tokenizer, a Trainer's checkpoint-N folders ...) is carried over.
+_WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+_SAVE_FILES = {"config.json", "generation_config.json", "README.md", MODELING_FILE, "hf_adanorm_patch.json"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint's hf_adanorm record cannot be used (newer, corrupted, unknown norm ...)."""
-
-
-def check_record(record) -> NormConfig:
-    """Validate a patch record read from config.json; returns its :class:`NormConfig`."""
-    def corrupted(what: str) -> CheckpointError:
-        return CheckpointError(f"the hf_adanorm record in config.json is corrupted: {what}; "
-                               "re-save the model with hf_adanorm.save_pretrained")
-
-    if not isinstance(record, dict):
-        raise corrupted(f"expected a JSON object, got {type(record).__name__}")
-    version = record.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise corrupted(f"format_version is {version!r}")
-    if version > RECORD_VERSION:
-        raise CheckpointError(
-            f"this checkpoint was written by a newer hf_adanorm (record format {version}; this "
-            f"version reads up to {RECORD_VERSION}): upgrade with `pip install -U hf_adanorm`")
-    options = record.get("config")
-    if not isinstance(options, dict):
-        raise corrupted("'config' is missing")
-    if options.get("norm") not in available_norms():
-        raise CheckpointError(f"the checkpoint uses the norm {options.get('norm')!r}, which this "
-                              f"hf_adanorm does not know (known: {available_norms()}); upgrade "
-                              "hf_adanorm or register_norm() it before loading")
-    try:
-        config = NormConfig.from_dict(options)
-    except (TypeError, ValueError) as err:
-        raise corrupted(f"invalid options ({err})") from None
-    modules = record.get("modules")
-    if not isinstance(modules, dict) or not modules:
-        raise corrupted("'modules' is missing or empty")
-    for name, entry in modules.items():
-        ok = (isinstance(entry, dict) and entry.get("kind") in ("layernorm", "rmsnorm")
-              and isinstance(entry.get("size"), int) and entry["size"] > 0
-              and isinstance(entry.get("eps"), (int, float)) and entry["eps"] >= 0)
-        if not ok:
-            raise corrupted(f"bad entry for module {name!r}: {entry!r}")
-    fold = record.get("fold") or {}
-    if not isinstance(fold, dict) or not all(isinstance(n, str) for n in fold.get("added_bias", [])):
-        raise corrupted("'fold' is malformed")
-    return config
-
-
-def _renamed_for(model: nn.Module, record: dict) -> dict:
-    """``record`` with its module names as ``model`` names them.
-
-    Like transformers' weights, a patch saved from a base model (``BertModel``: ``encoder...``)
-    loads into a model with a head (``BertForSequenceClassification``: ``bert.encoder...``), and
-    the other way round, through the model's ``base_model_prefix``.
-    """
-    prefix = getattr(model, "base_model_prefix", "")
-    names = set(record["modules"]) | set((record.get("fold") or {}).get("added_bias", []))
-    if not prefix or all(_has(model, n) for n in names):
-        return record
-    for rename in (lambda n: f"{prefix}.{n}", lambda n: n[len(prefix) + 1:] if n.startswith(prefix + ".") else n):
-        if all(_has(model, rename(n)) for n in names):
-            renamed = copy.deepcopy(record)
-            renamed["modules"] = {rename(n): entry for n, entry in record["modules"].items()}
-            fold = renamed.get("fold") or {}
-            if "added_bias" in fold:
-                fold["added_bias"] = [rename(n) for n in fold["added_bias"]]
-            if isinstance(fold.get("folded"), dict):
-                fold["folded"] = {rename(n): [rename(c) for c in cs] for n, cs in fold["folded"].items()}
-            return renamed
-    return record  # rebuild_patch names the first module that is missing
-
-
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return bool(name)
-    except AttributeError:
-        return False
+def _describe(module: nn.Module):
+    """(kind, size) of a module the norm detector recognises, else (None, None)."""
+    with torch.device("cpu"):  # transformers builds models under a meta-device context; the probe runs on CPU
+        info, _ = classify(module)
+    return (info.kind, info.size) if info is not None else (None, None)
 
 
 def rebuild_patch(model: nn.Module, record: dict) -> None:
-    """Apply a saved patch to a freshly built (unpatched) ``model``; checks everything first."""
+    """Apply a saved patch to a freshly built (unpatched) ``model``; checks everything first:
+    the record itself, then that each module it names exists and is a norm of that kind and size.
+    A class other than the saved one (AutoModel on a causal-LM checkpoint) takes the record as
+    :func:`portable.record_for` maps it."""
     config = check_record(record)
-    record = _renamed_for(model, record)
-    def module(name: str) -> nn.Module:
-        try:
-            return model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"the hf_adanorm record names module {name!r}, which "
-                                  f"{type(model).__name__} does not have; load the checkpoint with "
-                                  "the model class it was saved from") from None
-
+    record = portable.record_for(model, record, (getattr(model.config, "architectures", None) or [None])[0])
+    portable.check_against_model(model, record, describe=_describe)
     swaps = []
     for name, entry in record["modules"].items():
         eps = config.eps if config.eps is not None else entry["eps"]
-        swaps.append((name, module(name), build_norm(config, entry["kind"], (entry["size"],), eps)))
-    layers = [module(n) for n in (record.get("fold") or {}).get("added_bias", [])]
-    if not all(isinstance(layer, nn.Linear) for layer in layers):
-        raise CheckpointError("the hf_adanorm record's fold.added_bias names a layer that is not "
-                              "an nn.Linear: the record is corrupted")
-    for name, old, new in swaps:
-        new.train(old.training)
-        _swap_in(model, name, new)
-    for layer in layers:  # folding gave these a bias; the checkpoint holds its values
+        swaps.append((name, build_norm(config, entry["kind"], (entry["size"],), eps)))
+    for name, new in swaps:
+        new.train(model.get_submodule(name).training)
+        swap_module(model, name, new)
+    for name in (record.get("fold") or {}).get("added_bias", []):  # folding gave these a bias
+        layer = model.get_submodule(name)
         layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
                                               device=layer.weight.device))
-    object.__setattr__(model, _ORIGINALS_ATTR, None)
-    object.__setattr__(model, _RECORD_ATTR, record)
-    setattr(model.config, _CONFIG_KEY, record)
+    set_state(model, PatchState(record))  # no originals: unpatch_model refuses
+    # The record lives on the model only (see record.py): the loaded config object forgets it.
+    if getattr(model, "config", None) is not None and hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
     attach_save_pretrained(model)
 
 
@@ -153,7 +93,7 @@ def _patched_class(base: type) -> type:
     if base not in _PATCHED_CLASSES:
         def __init__(self, config, *args, **kwargs):
             base.__init__(self, config, *args, **kwargs)
-            rebuild_patch(self, config.hf_adanorm)
+            rebuild_patch(self, record_from_config(config))
         _PATCHED_CLASSES[base] = type(base.__name__, (base,), {
             "__init__": __init__, "__module__": base.__module__, "__qualname__": base.__qualname__})
     return _PATCHED_CLASSES[base]
@@ -162,6 +102,9 @@ def _patched_class(base: type) -> type:
 def _resolve_class(model_class, config) -> type:
     from transformers import PreTrainedModel
     if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
+        if not isinstance(config, model_class.config_class):
+            raise ValueError(f"the checkpoint holds a {type(config).__name__}, which {model_class.__name__} "
+                             f"cannot be built from; pass its own class ({config.architectures}) or an Auto class")
         return model_class
     mapping = getattr(model_class, "_model_mapping", None)
     if mapping is None:
@@ -171,26 +114,60 @@ def _resolve_class(model_class, config) -> type:
     return mapping[type(config)]
 
 
+def load_config(path, model_class=None, *, return_unused_kwargs: bool = False, **kwargs):
+    """The config of any checkpoint, patched or not, as its stock transformers class, with the
+    patch record (if any) under ``hf_adanorm``: what ``AutoConfig.from_pretrained`` gives for a
+    stock checkpoint, without running a patched one's remote code (it reads config.json only).
+
+    ``model_class``: a concrete class whose ``config_class`` to use (default: by model_type);
+    ``kwargs``: hub options (``revision`` ...) and config values to override (``num_labels=3``);
+    with ``return_unused_kwargs``, ``(config, the kwargs that are not config values)``.
+    """
+    from transformers import PreTrainedConfig, PreTrainedModel
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    config_dict, _ = PreTrainedConfig.get_config_dict(path, **hub)
+    config_dict = portable.unguard_config_dict(config_dict)
+    ours = f"{MODELING_FILE[:-3]}."  # entries pointing at the remote code: not run here, not kept
+    kept = {k: v for k, v in (config_dict.pop("auto_map", None) or {}).items()
+            if not (isinstance(v, str) and v.startswith(ours))}
+    if kept:
+        config_dict["auto_map"] = kept
+    if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
+        config_class = model_class.config_class
+    elif config_dict.get("model_type") in CONFIG_MAPPING:
+        config_class = CONFIG_MAPPING[config_dict["model_type"]]
+    else:
+        raise CheckpointError(f"{path}'s config.json has the model_type {config_dict.get('model_type')!r}, which "
+                              "this transformers does not know; upgrade transformers or pass the concrete class")
+    return config_class.from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+
 def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **kwargs):
     """Load a checkpoint written by :func:`save_pretrained`, patch included.
 
     ``model_class`` is an Auto class (``AutoModelForCausalLM``) or a concrete
     transformers class; ``kwargs`` go to its ``from_pretrained`` (``dtype``,
-    ``device_map`` ...).  Weights are read from safetensors only.  Raises
+    ``device_map`` ...).  Weights are read from safetensors only, and the remote code in
+    the folder is not run (``trust_remote_code`` is not needed).  Raises
     :class:`CheckpointError` (nothing loaded) for a record that is missing, newer
-    than this hf_adanorm, corrupted or names an unknown norm.
+    than this hf_adanorm, corrupted, names an unknown norm, or does not fit the model
+    (a module it lacks, one that is not a norm of the recorded kind and size).
     """
-    from transformers import AutoConfig
     if kwargs.get("use_safetensors") is False:
         raise ValueError("hf_adanorm loads weights from safetensors only (no pickle)")
     kwargs["use_safetensors"] = True
+    kwargs.pop("trust_remote_code", None)  # the stock class is used; the remote code is not needed
     config = kwargs.pop("config", None)
-    if config is None:  # config attributes among kwargs (num_labels=...) go to the config, as in transformers
+    if config is None or isinstance(config, (str, Path)):
+        # config attributes among kwargs (num_labels=...) go to the config, as in transformers
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        config, kwargs = AutoConfig.from_pretrained(pretrained_model_name_or_path, return_unused_kwargs=True,
-                                                    **kwargs)
+        config, kwargs = load_config(config or pretrained_model_name_or_path, model_class,
+                                     return_unused_kwargs=True, **kwargs)
         kwargs.update(hub)
-    record = getattr(config, _CONFIG_KEY, None)
+    else:
+        config = copy.deepcopy(config)  # loading moves the record from the config to the model
+    record = record_from_config(config)
     if record is None:
         raise CheckpointError(f"{pretrained_model_name_or_path} has no hf_adanorm record in its "
                               "config.json: it is not a patched checkpoint; load it with transformers")
@@ -204,7 +181,7 @@ def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **k
 
 
 def _unwrap(model) -> nn.Module:
-    """The model inside DDP / accelerate / torch.compile wrappers."""
+    """The model inside DDP / accelerate / DeepSpeed / torch.compile wrappers."""
     from accelerate.utils import extract_model_from_parallel
     return extract_model_from_parallel(model)
 
@@ -214,8 +191,8 @@ def _is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _plain_state_dict(model, record, config: NormConfig, state_dict) -> dict:
-    """The state dict of the stock model computing the same: every norm gain 1, bias 0."""
+def _plain_problems(record, config: NormConfig) -> list:
+    """Why the stock architecture would not compute this patched model (empty: it does)."""
     problems = []
     if config.norm not in ("layernorm_simple", "detachnorm") or config.eps_mode != "torch":
         problems.append(f"norm {config.norm!r} with eps_mode {config.eps_mode!r} is not a stock "
@@ -228,12 +205,14 @@ def _plain_state_dict(model, record, config: NormConfig, state_dict) -> dict:
         problems.append(f"folding gave {', '.join(added)} a bias the stock class does not have")
     if any("gain" not in e for e in modules.values()):
         problems.append("the record lacks the original norms' parameter names")
-    if problems:
-        raise ValueError("plain=True needs a model the stock architecture computes exactly: "
-                         + "; ".join(problems) + ". Save without plain=True (remote code) instead.")
-    state = dict(model.state_dict() if state_dict is None else state_dict)
+    return problems
+
+
+def _plain_state_dict(model, record, state: dict) -> dict:
+    """The state dict of the stock model computing the same: every norm gain 1, bias 0."""
+    state = dict(state)
     dtype = next(model.parameters()).dtype
-    for name, entry in modules.items():
+    for name, entry in record["modules"].items():
         if entry["gain"]:
             state[f"{name}.{entry['gain']}"] = torch.full((entry["size"],), 1.0 - entry["gain_offset"], dtype=dtype)
         if entry.get("bias"):
@@ -241,86 +220,145 @@ def _plain_state_dict(model, record, config: NormConfig, state_dict) -> dict:
     return state
 
 
-def _write_config(config, save_directory: Path, *, plain: bool, remote: Optional[dict]) -> None:
-    """Rewrite config.json: no record for a plain checkpoint, ``auto_map`` for remote code."""
-    config = copy.deepcopy(config)
-    if plain:
-        delattr(config, _CONFIG_KEY)
+def _config_json(model, record: Optional[dict], remote: Optional[dict]) -> str:
+    """config.json's text: the record (None: a plain checkpoint, none) and, for a patched one, the
+    guard of :mod:`.portable` (own model_type, a size field stock classes refuse) and ``auto_map``."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)
     # entries pointing at our remote code (kept from a folder this model was loaded from) go:
     # without the file they would break trust_remote_code loading
     ours = f"{MODELING_FILE[:-3]}."
     kept = {k: v for k, v in (getattr(config, "auto_map", None) or {}).items()
             if not (isinstance(v, str) and v.startswith(ours))}
+    if hasattr(config, "auto_map"):
+        delattr(config, "auto_map")
+    config.architectures = [stock_class(model).__name__]
+    data = config.to_diff_dict()
     if remote is not None:
         kept.update(remote)
     if kept:
-        config.auto_map = kept
-    elif hasattr(config, "auto_map"):
-        delattr(config, "auto_map")
-    config.to_json_file(save_directory / "config.json", use_diff=True)
+        data["auto_map"] = kept
+    if record is not None:
+        data[CONFIG_KEY] = record
+        field = guarded_field(type(config))
+        if field is not None:  # its value in full: to_diff_dict leaves out a default one
+            data[field[0]] = config.to_dict()[field[0]]
+        data = portable.guard_config_dict(data, config.model_type, field)
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def save_pretrained(model, save_directory, *, remote_code: bool = True, plain: bool = False,
+def _replaced_by_save(name: str) -> bool:
+    return name in _SAVE_FILES or name.startswith(_WEIGHT_PREFIXES)
+
+
+@contextmanager
+def _as_stock_class(model):
+    """FSDP2 turns the model's class into ``FSDP<Class>``: while saving it is ``<Class>`` again."""
+    original, model.__class__ = type(model), stock_class(model)
+    try:
+        yield
+    finally:
+        model.__class__ = original
+
+
+def save_pretrained(model, save_directory, *, remote_code: Optional[bool] = None, plain: bool = False,
                     base_model: Optional[str] = None, metrics: Optional[dict] = None,
                     is_main_process: Optional[bool] = None, **kwargs) -> Optional[Path]:
-    """Save a patched model so that it loads again, with or without hf_adanorm.
+    """Save a patched model so that it loads again, with or without hf_adanorm, never as another model.
 
-    Writes safetensors weights and config.json with the patch record, plus (when
-    ``remote_code``) ``modeling_hf_adanorm.py`` and ``auto_map`` for
-    ``AutoModelFor...from_pretrained(dir, trust_remote_code=True)``, and a model
-    card (``base_model``: the hub id of the original model; ``metrics``: a dict of
-    results to list).  ``plain=True`` writes a stock checkpoint instead (see module
-    docstring).  DDP/accelerate wrappers are unwrapped; only the main process
+    Writes safetensors weights, config.json with the patch record under a model_type of
+    its own (plain transformers refuses it, see docs/checkpoints.md), a model card
+    (``base_model``: the hub id of the original model; ``metrics``: a dict of results to
+    list) and, for transformers' own classes (``remote_code`` None or True),
+    ``modeling_hf_adanorm.py`` with ``auto_map`` for
+    ``AutoModelFor...from_pretrained(dir, trust_remote_code=True)``.  ``plain=True``
+    writes a stock checkpoint instead (see module docstring).
+
+    The folder is replaced atomically (:mod:`.atomic_folder`): every argument is checked
+    first, then all is written into a temporary sibling and swapped in, so an error or a
+    kill leaves the old folder as it was.  Other files in it (a tokenizer ...) are kept.
+    DDP/accelerate/DeepSpeed wrappers are unwrapped.  A model sharded by FSDP2 or ZeRO-3
+    is gathered: then every rank must call this (a collective); only the main process
     writes (others return None).  ``kwargs`` go to transformers' ``save_pretrained``.
     """
     from .card import model_card
     model = _unwrap(model)
-    record = get_patch_record(model)
-    if record is None:
-        raise ValueError("the model is not patched by hf_adanorm; use model.save_pretrained")
-    config = check_record(record)
-    if kwargs.pop("safe_serialization", True) is False or kwargs.get("push_to_hub"):
-        raise ValueError("hf_adanorm saves safetensors only, and pushes with hf_adanorm.push_to_hub")
+    sharded = sharding(model) if kwargs.get("state_dict") is None else None
+    with agree_before_collective(sharded):  # a rank that fails here fails them all, before gathering
+        record = get_record(model)
+        if record is None:
+            raise ValueError("the model is not patched by hf_adanorm; use model.save_pretrained")
+        config = check_record(record)
+        if kwargs.pop("safe_serialization", True) is False or kwargs.get("push_to_hub"):
+            raise ValueError("hf_adanorm saves safetensors only, and pushes with hf_adanorm.push_to_hub")
+        if plain and (problems := _plain_problems(record, config)):
+            raise ValueError("plain=True needs a model the stock architecture computes exactly: "
+                             + "; ".join(problems) + ". Save without plain=True (remote code) instead.")
+        if is_main_process is None:
+            is_main_process = _is_main_process()
+        if sharded is not None and is_main_process != (torch.distributed.get_rank() == 0):
+            raise ValueError("a sharded model is gathered on rank 0, which writes: leave is_main_process unset")
+        target = check_target(save_directory) if is_main_process else None
+        if remote_code is None:  # when the model is one of transformers' own classes
+            remote_code = not plain and _can_generate(model)
+        remote = auto_map(model) if remote_code and not plain else None  # raises before writing
+        with _as_stock_class(model):
+            card = model_card(model, None if plain else record, base_model=base_model, metrics=metrics,
+                              auto_map=remote)
+            _config_json(model, None if plain else record, remote)  # what cannot be guarded raises here
+            source = modeling_source(base_model_class(model)) if remote is not None else None
     state_dict = kwargs.pop("state_dict", None)
-    if plain:
-        state_dict = _plain_state_dict(model, record, config, state_dict)
-    remote = auto_map(model) if remote_code and not plain else None  # raises before writing
-    if is_main_process is None:
-        is_main_process = _is_main_process()
+    if sharded is not None:
+        state_dict = full_state_dict(model, sharded)  # collective: on every rank
     if not is_main_process:
         return None
-    save_directory = Path(save_directory)
-    type(model).save_pretrained(model, save_directory, state_dict=state_dict, **kwargs)
-    _write_config(model.config, save_directory, plain=plain, remote=remote)
-    if remote is not None:
-        source = modeling_source(base_model_class(model), RECORD_VERSION)
-        (save_directory / MODELING_FILE).write_text(source)
-    else:  # a stale copy from an earlier save into this folder would contradict config.json
-        (save_directory / MODELING_FILE).unlink(missing_ok=True)
-    model_card(model, None if plain else record, base_model=base_model, metrics=metrics,
-               auto_map=remote).save(save_directory / "README.md")
-    return save_directory
+    if plain:
+        state_dict = _plain_state_dict(model, record, model.state_dict() if state_dict is None else state_dict)
+    with staged_folder(target, replaces=_replaced_by_save) as staging, _as_stock_class(model):
+        type(model).save_pretrained(model, staging, state_dict=state_dict, is_main_process=True, **kwargs)
+        (staging / "config.json").write_text(_config_json(model, None if plain else record, remote))
+        if source is not None:
+            (staging / MODELING_FILE).write_text(source)
+        card.save(staging / "README.md")
+    return Path(save_directory)
 
 
-def _own_save_pretrained(self, save_directory, **kwargs):
+def _can_generate(model) -> bool:
+    try:
+        auto_map(model)
+    except ValueError:  # not a transformers class: weights, record and card only
+        return False
+    return True
+
+
+class PatchedSavePretrained:
     """A patched model's ``save_pretrained``: :func:`save_pretrained` (remote code when possible).
 
     Installed on the instance by ``patch_model`` and loading, so that code that calls
-    ``model.save_pretrained`` (the Trainer's checkpoints) writes a shareable folder.
+    ``model.save_pretrained`` (the Trainer's checkpoints) writes a shareable folder.  An
+    object of a module-level class, not a bound method: it pickles, deep-copies (following
+    the copied model) and survives ``torch.save(model)`` / ``torch.load`` and spawned workers.
     """
-    if "remote_code" not in kwargs:
-        try:
-            auto_map(self)
-        except ValueError:  # not a transformers class: weights, record and card only
-            kwargs["remote_code"] = False
-    return save_pretrained(self, save_directory, **kwargs)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, **kwargs):
+        return save_pretrained(self.model, save_directory, **kwargs)
 
 
 def attach_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` write what :func:`save_pretrained` writes."""
     from transformers import PreTrainedModel
     if isinstance(model, PreTrainedModel):
-        model.save_pretrained = types.MethodType(_own_save_pretrained, model)
+        model.__dict__["save_pretrained"] = PatchedSavePretrained(model)
+
+
+def detach_save_pretrained(model: nn.Module) -> None:
+    """The class's own ``save_pretrained`` again."""
+    if isinstance(model.__dict__.get("save_pretrained"), PatchedSavePretrained):
+        del model.__dict__["save_pretrained"]
 
 
 def push_to_hub(model, repo_id: str, *, private: Optional[bool] = None, token=None,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
 
-from .norms import check_ada_params, check_detach, check_eps_mode
+from .norms import NoNorm, _is_real, check_ada_params, check_detach, check_eps_mode
 from .registry import get_spec
 
 Patterns = Optional[Union[str, list[str]]]
@@ -63,22 +64,57 @@ class NormConfig:
         "patch preserves the model's function. Norms whose output also reaches a residual "
         "connection (post-LN) are reported 'not foldable' with their measured drift. "
         "See docs/checkpoints.md.")})
+    exact_unfold: bool = field(default=False, metadata={"help": (
+        "fold_affine only: keep the folded Linear layers' original weights, in CPU memory (never "
+        "on an accelerator), so that unpatch_model restores them bitwise. Off by default: the copy "
+        "costs as much memory as those layers (65% of a Llama-shaped model), and without it "
+        "unpatch_model of a folded model refuses (reload the original model instead).")})
 
     def __post_init__(self):
         spec = get_spec(self.norm)  # unknown names raise with the list of choices
+        unused = [name for name in unused_options(self.norm) if getattr(self, name) != _DEFAULTS[name]]
+        if unused:
+            raise ValueError(
+                f"norm {self.norm!r} does not use {', '.join(f'{n}={getattr(self, n)!r}' for n in unused)}; "
+                f"drop {'it' if len(unused) == 1 else 'them'} (they would be recorded but change nothing)")
         if "k" in spec.options or "C" in spec.options:
             check_ada_params(self.k, self.C)
         check_detach(self.detach)
         check_eps_mode(self.eps_mode)
+        if self.exact_unfold is True and self.fold_affine is not True:
+            raise ValueError("exact_unfold=True only applies with fold_affine=True")
+        for flag in ("include_rmsnorm", "fold_affine", "exact_unfold"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         for option in ("include", "exclude"):
             patterns = getattr(self, option)
             _check_patterns(option, patterns)
             if patterns is not None and not isinstance(patterns, str):
                 setattr(self, option, list(patterns))  # a tuple would not survive a JSON round trip
-        if self.eps is not None and not self.eps > 0:
-            raise ValueError(f"eps must be > 0 or None (keep each module's), got {self.eps!r}")
+        if self.eps is not None and not (_is_real(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, or None (keep each module's own), "
+                             f"got {self.eps!r}")
+
+    def saturation_warning(self, largest_size: Optional[int] = None) -> Optional[str]:
+        """A sentence when AdaNorm's k makes ``k |y| >= 1`` (factor 1 - k y <= 0) common.
+
+        The paper picks k so that this is rare (k = 0.1: |y| >= 10).  The share is estimated
+        for Gaussian y.  A row of D elements normalized to unit variance has |y| <= sqrt(D),
+        so with ``largest_size`` D and k sqrt(D) < 1 it never happens.
+        """
+        if "k" not in get_spec(self.norm).options:
+            return None
+        if largest_size is not None and self.k * math.sqrt(largest_size) < 1:
+            return None
+        share = math.erfc(1.0 / (self.k * math.sqrt(2.0)))
+        if share <= _SATURATION_WARN_SHARE:
+            return None
+        return (f"k={self.k:g} makes k*|y| >= 1 common: for Gaussian y about {share:.1%} of elements "
+                "get a factor C(1 - k y) <= 0, which flips their sign. The paper uses k = 0.1; "
+                "k <= 0.38 keeps this under 1%.")
 
     def to_dict(self) -> dict:
+        """Every field as JSON (those the norm does not use hold their defaults: checked above)."""
         return asdict(self)
 
     @classmethod
@@ -102,4 +138,23 @@ class NormConfig:
         unknown = set(options) - known
         if unknown:
             raise TypeError(f"unknown patch_model option(s) {sorted(unknown)}; valid: {sorted(known)}")
+        get_spec(norm)  # an unknown norm first, with the list of choices
+        unused = sorted(set(options) & set(unused_options(norm)))
+        if unused:  # even at their default values: the caller believes they do something
+            raise ValueError(f"norm {norm!r} does not use the option(s) {unused}; drop them")
         return cls(norm=norm, **options)
+
+
+# The options that only some norms use (the others are meaningful for every replacement).
+_NORM_SPECIFIC = ("k", "C", "detach")
+_SATURATION_WARN_SHARE = 0.01  # warn when more than 1% of elements have k|y| >= 1
+_DEFAULTS = {f.name: f.default for f in fields(NormConfig)}
+
+
+def unused_options(norm: str) -> tuple[str, ...]:
+    """The NormConfig fields that ``norm`` ignores."""
+    spec = get_spec(norm)
+    unused = [name for name in _NORM_SPECIFIC if name not in spec.options]
+    if spec.layer_cls is NoNorm:  # z = x: no eps, no eps mode
+        unused += ["eps", "eps_mode"]
+    return tuple(unused)

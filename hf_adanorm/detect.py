@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 _EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "var_eps")
 _BIAS_NAMES = re.compile(r"bias|beta", re.I)
@@ -116,12 +117,13 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def _references(x: torch.Tensor, kind: str) -> torch.Tensor:
+def _references(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    """The normalized ``x`` with the module's own eps (a large eps, e.g. 1e-1, changes it visibly)."""
     x = x.double()
     if kind == "layernorm":
         xc = x - x.mean(-1, keepdim=True)
-        return xc / xc.pow(2).mean(-1, keepdim=True).sqrt()
-    return x / x.pow(2).mean(-1, keepdim=True).sqrt()
+        return xc / (xc.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 
 def classify(module: nn.Module) -> tuple[Optional[NormInfo], Optional[str]]:
@@ -133,6 +135,10 @@ def classify(module: nn.Module) -> tuple[Optional[NormInfo], Optional[str]]:
     named = looks_like_norm(module)
     if isinstance(module, _NOT_LAST_DIM):
         return None, f"{type(module).__name__} does not normalize over the last dimension"
+    if parametrize.is_parametrized(module):  # its weight is computed by other modules: not swappable
+        names = ", ".join(module.parametrizations.keys())
+        return None, (f"has a parametrization on {names} (torch.nn.utils.parametrize); remove it "
+                      "(parametrize.remove_parametrizations) to patch this norm" if named else None)
     if any(True for _ in module.children()):  # a container: its leaves are classified on their own
         return None, None
     extra = _extra_inputs(module)
@@ -154,7 +160,8 @@ def classify(module: nn.Module) -> tuple[Optional[NormInfo], Optional[str]]:
     size = _size_of(module, params)
     if size is None or any(p.shape[0] != size for _, p in params):
         return None, ("cannot tell the normalized size" if named else None)
-    if any(b is not None and b.dim() > 0 and b.numel() > 1 for b in module._buffers.values()):
+    if any(b is not None and b.dim() > 0 and b.numel() > 1 and n not in module._non_persistent_buffers_set
+           for n, b in module._buffers.items()):  # non-persistent ones are scratch (or hf_adanorm's)
         return None, ("keeps per-channel buffers (running statistics?)" if named else None)
     with one_thread():
         return _probe(module, params, size, named)
@@ -182,12 +189,13 @@ def _probe(module, params, size, named) -> tuple[Optional[NormInfo], Optional[st
     out = out.double()
     gain = values[gains[0]].double() if gains else None
     bias = values[biases[0]].double() if biases else 0.0
+    own_eps = read_eps(module)
     for kind in ("layernorm", "rmsnorm"):
-        ref = _references(x, kind)
+        ref = _references(x, kind, own_eps if own_eps is not None and own_eps >= 0 else 0.0)
         for offset in ((0.0, 1.0) if gain is not None else (None,)):
             scale = 1.0 if offset is None else gain + offset
             if torch.allclose(out, ref * scale + bias, rtol=2e-3, atol=2e-3):
-                eps = read_eps(module)
+                eps = own_eps
                 return NormInfo(kind, size, eps if eps is not None else _estimate_eps(clone, module, size, offset or 0.0),
                                 gains[0] if gains else None, offset or 0.0,
                                 biases[0] if biases else None), None

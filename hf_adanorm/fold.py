@@ -30,9 +30,13 @@ its *drift*, ``||z' - z|| / ||z||`` of its own output on the probe batch; the
 report and record also give the whole model's output drift (logits, else the last
 hidden state) after patching.
 
-The folded Linear layers' original parameters are kept so that ``unpatch_model``
-restores the model bitwise; if they were changed since (training), it refuses
-rather than silently throwing the changes away.
+Memory: by default nothing of the folded layers' originals is kept, so the fold costs
+no memory, and ``unpatch_model`` of a folded model refuses (reload the original
+instead).  With ``exact_unfold=True`` the original parameter objects are kept, their
+data moved to CPU memory (never on an accelerator), and ``unpatch_model`` restores
+them bitwise, converted to the model's current dtype and device; it refuses if the
+folded layers changed since (training) or the model went through a lossy dtype
+round trip (see :mod:`.fold_state`).
 """
 
 from __future__ import annotations
@@ -47,26 +51,52 @@ from torch import nn
 from .fold_trace import (PROBE_SHAPE, eval_no_grad, is_conv1d, is_linear, probe_inputs,
                          relative_drift, run, trace)
 
-_FOLD_ATTR = "_hf_adanorm_fold"
+
+_CHUNK_ELEMENTS = 1 << 22  # float64 work in row blocks: no full float64 copy of a huge LM head
+
+
+def _weight_chunks(w: torch.Tensor, gain: torch.Tensor, conv: bool):
+    """``(rows, W' rows)`` of the folded weight, computed block by block in float64.
+
+    Each element is ``w * s`` rounded once to ``w.dtype`` (the float64 product of two float32
+    values is exact), so the result does not depend on the device or the block size.
+    """
+    s = gain.double().to(w.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], step):
+        rows = slice(start, start + step)
+        block = w[rows].detach().double()
+        yield rows, (block * (s[rows, None] if conv else s[None, :])).to(w.dtype)
+
+
+def fold_tensors(w: torch.Tensor, c: Optional[torch.Tensor], gain: torch.Tensor,
+                 bias: Optional[torch.Tensor], conv: bool):
+    """``(W', c')`` for a Linear (``conv``: GPT-2 Conv1D) with weight ``w`` and bias ``c``, fed by
+    ``gain * y + bias``.  ``c'`` is None when there is no bias and no norm bias to absorb;
+    otherwise a layer without a bias gets ``c' = W bias``.
+    """
+    new_w = torch.empty_like(w, requires_grad=False)
+    shift = None
+    if bias is not None:
+        b = bias.double().to(w.device)
+        shift = torch.zeros(w.shape[1] if conv else w.shape[0], dtype=torch.float64, device=w.device)
+    for rows, block in _weight_chunks(w, gain, conv):
+        new_w[rows] = block
+        if shift is not None:
+            original = w[rows].detach().double()
+            if conv:
+                shift += b[rows] @ original
+            else:
+                shift[rows] = original @ b
+    new_c = None if c is None else c.detach().double()
+    if shift is not None:
+        new_c = shift if new_c is None else new_c + shift
+    return new_w, (None if new_c is None else new_c.to(w.dtype))
 
 
 def folded_linear(module: nn.Module, gain: torch.Tensor, bias: Optional[torch.Tensor]):
-    """``(W', c')`` for a Linear/Conv1D fed by ``gain * y + bias``; computed in float64.
-
-    ``c'`` is None when the layer has no bias and there is no norm bias to absorb
-    (``bias`` None); otherwise a layer without a bias gets ``c' = W bias``.
-    """
-    w = module.weight.detach().double()
-    s = gain.double().to(w.device)
-    conv = is_conv1d(module)
-    new_w = w * (s[:, None] if conv else s[None, :])
-    c = module.bias
-    new_c = None if c is None else c.detach().double()
-    if bias is not None:
-        shift = bias.double().to(w.device) @ w if conv else w @ bias.double().to(w.device)
-        new_c = shift if new_c is None else new_c + shift
-    dtype = module.weight.dtype
-    return new_w.to(dtype), (None if new_c is None else new_c.to(dtype))
+    """``(W', c')`` for a Linear/Conv1D module fed by ``gain * y + bias`` (see :func:`fold_tensors`)."""
+    return fold_tensors(module.weight, module.bias, gain, bias, is_conv1d(module))
 
 
 @dataclass
@@ -186,61 +216,11 @@ def _verify_numerically(plan: FoldPlan, model) -> None:
             plan.refused[name] = "folding it changes the model's output (numerical check)"
 
 
-@dataclass
-class _FoldState:
-    """Enough to undo a fold bitwise: original and folded parameters of each consumer."""
-
-    layers: dict  # {consumer name: (old weight, old bias, new weight, new bias, versions)}
-    tie_flags: list  # configs whose tie_word_embeddings was switched off
-    untied: list  # consumers that got their own copy of a tied weight
-    added_bias: list  # consumers that had no bias and got one
-
-
-def _shared_params(model) -> set:
-    """ids of parameters reachable under more than one name (tied weights)."""
-    seen = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {pid for pid, n in seen.items() if n > 1}
-
-
-def apply_fold(model: nn.Module, plan: FoldPlan) -> _FoldState:
-    """Fold every planned norm into its consumers (keeping what :func:`unfold` needs)."""
-    shared = _shared_params(model)
-    layers, untied, added_bias = {}, [], []
-    for name, cnames in plan.folds.items():
-        gain, bias = plan.affine(name)
-        for cname in cnames:
-            layer = model.get_submodule(cname)
-            old_w, old_b = layer.weight, layer.bias
-            if id(old_w) in shared:
-                untied.append(cname)
-            new_w, new_c = folded_linear(layer, gain, bias)
-            layer.weight = nn.Parameter(new_w, requires_grad=old_w.requires_grad)
-            if new_c is not None:
-                if old_b is None:
-                    added_bias.append(cname)
-                layer.bias = nn.Parameter(new_c, requires_grad=old_w.requires_grad if old_b is None
-                                          else old_b.requires_grad)
-            versions = (layer.weight._version, None if layer.bias is None else layer.bias._version)
-            layers[cname] = (old_w, old_b, layer.weight, layer.bias, versions)
-    tie_flags = []
-    if untied and getattr(model, "config", None) is not None:
-        # The consumer has its own weight now: keep save/load from tying it back.
-        for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            if getattr(cfg, "tie_word_embeddings", False):
-                cfg.tie_word_embeddings = False
-                tie_flags.append(cfg)
-    state = _FoldState(layers, tie_flags, untied, added_bias)
-    object.__setattr__(model, _FOLD_ATTR, state)
-    return state
-
-
-def fold_summary(model: nn.Module, plan: FoldPlan, report, applied: Optional[_FoldState] = None) -> dict:
+def fold_summary(model: nn.Module, plan: FoldPlan, report, applied=None) -> dict:
     """Annotate ``report`` and return the ``fold`` part of the patch record.
 
-    When the fold was ``applied``, also measures the whole patched model's output
-    drift on the probe batch.
+    When the fold was ``applied`` (a :class:`~.fold_state.FoldState`), also measures the whole
+    patched model's output drift on the probe batch.
     """
     by_name = {e.name: e for e in report.entries}
     for name, cnames in plan.folds.items():
@@ -259,34 +239,3 @@ def fold_summary(model: nn.Module, plan: FoldPlan, report, applied: Optional[_Fo
         summary["untied"], summary["added_bias"] = applied.untied, applied.added_bias
         report.output_drift = summary["output_drift"]
     return summary
-
-
-def unfold(model: nn.Module) -> None:
-    """Give the folded Linear layers their original parameters back (bitwise), or raise.
-
-    Raises ``RuntimeError`` before changing anything when a folded layer was
-    modified since ``patch_model`` (e.g. trained): restoring would discard that.
-    """
-    state: Optional[_FoldState] = getattr(model, _FOLD_ATTR, None)
-    if state is None:
-        return
-    changed = []
-    for cname, (_, _, new_w, new_b, versions) in state.layers.items():
-        layer = model.get_submodule(cname)
-        now = (layer.weight, layer.bias)
-        if now[0] is not new_w or now[1] is not new_b or (
-                new_w._version, None if new_b is None else new_b._version) != versions:
-            changed.append(cname)
-    if changed:
-        raise RuntimeError(
-            f"cannot unpatch: {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''} absorbed "
-            "the norms' gain and bias (fold_affine=True) and were changed since (training?); "
-            "restoring the originals would silently discard those changes. Save the trained model "
-            "with hf_adanorm.save_pretrained instead (plain=True gives a stock checkpoint for "
-            "layernorm_simple).")
-    for cname, (old_w, old_b, _, _, _) in state.layers.items():
-        layer = model.get_submodule(cname)
-        layer.weight, layer.bias = old_w, old_b  # the very objects (a None bias unregisters it)
-    for cfg in state.tie_flags:
-        cfg.tie_word_embeddings = True
-    object.__setattr__(model, _FOLD_ATTR, None)

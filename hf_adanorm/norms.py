@@ -60,6 +60,13 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_eps(eps) -> float:
+    """A finite eps > 0: with 0 a constant row divides by zero, with inf every output is 0."""
+    if not (_is_real(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0 (e.g. 1e-5), got eps={eps!r}")
+    return float(eps)
+
+
 def check_ada_params(k: float, C: float) -> None:
     """AdaNorm needs ``k > 0`` (else it is LayerNorm-simple) and ``C > 0``."""
     if not (_is_real(k) and k > 0):
@@ -91,7 +98,7 @@ class _ParameterFreeNorm(nn.Module):
     def __init__(self, normalized_shape: ShapeLike, eps: float = 1e-5, eps_mode: str = "torch"):
         super().__init__()
         self.normalized_shape = _as_shape(normalized_shape)
-        self.eps = float(eps)
+        self.eps = check_eps(eps)
         self.eps_mode = check_eps_mode(eps_mode)
 
     def _normalize(self, x: torch.Tensor, **kw) -> torch.Tensor:

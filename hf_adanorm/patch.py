@@ -1,47 +1,48 @@
 """``patch_model`` / ``unpatch_model``: swap a model's LayerNorms in place, reversibly.
 
-The patcher plans everything first (detect, filter, build the replacements) and
-only then mutates the model, so any error leaves the model as it was.  Original
-modules are kept, unregistered, in ``model._hf_adanorm_originals`` (their gain
-and bias are neither trained nor saved while patched) and come back, the very
-same objects, with :func:`unpatch_model`.  A JSON record of the patch is put on
-``model.config.hf_adanorm`` (when the model has a config) for saving, loading and
-callbacks.
+The patcher plans everything first (detect, filter, build the replacements, plan
+the fold), then changes the model as one transaction: every change logs its
+inverse, and any error (an out-of-memory in a fold, an interrupt) undoes what was
+done, so the model, its modules and its config are left exactly as they were.
+
+Where the patch state lives (see :mod:`.record`): the record and the original
+modules sit in a :class:`~.record.PatchState` in the model's ``__dict__`` (copied
+by ``copy.deepcopy`` and pickle, invisible to ``parameters()``, ``state_dict()``
+and optimizers).  Each original's tensors are also kept as non-persistent buffers
+of its replacement (``hf_adanorm_original__<name>``), aliasing them: those follow
+``.to()``, ``.half()``, device moves and DDP's buffer sync, so ``unpatch_model``
+puts the originals back converted exactly as the rest of the model was.  Nothing
+is written into ``model.config``, which may be shared with another model.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Callable, Optional, Union
 
 from torch import nn
 
+from .checkpoint import attach_save_pretrained, detach_save_pretrained
 from .config import NormConfig
 from .detect import HOOK_DICTS, NormInfo, classify, one_thread
-from .norms import _ParameterFreeNorm
-from .fold import apply_fold, fold_summary, plan_fold, unfold
+from .fold import fold_summary, plan_fold
+from .fold_state import apply_fold, converted, unfold
+from .norms import _ParameterFreeNorm, check_eps
+from .record import (CONFIG_KEY, PatchState, build_record, clear_state, get_record, get_state,
+                     is_patched, set_state, swap_module)
 from .registry import build_norm, get_spec
 from .report import ModuleEntry, PatchReport
+from .wrappers import refuse_wrappers
 
-RECORD_VERSION = 1
-_RECORD_ATTR = "_hf_adanorm_record"
-_ORIGINALS_ATTR = "_hf_adanorm_originals"
-_CONFIG_KEY = "hf_adanorm"
+_ORIGINAL_PREFIX = "hf_adanorm_original__"
+get_patch_record = get_record  # the public name
 
 
 def _matches(name: str, patterns) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def is_patched(model: nn.Module) -> bool:
-    return getattr(model, _RECORD_ATTR, None) is not None
-
-
-def get_patch_record(model: nn.Module) -> Optional[dict]:
-    """The JSON-serializable record of the patch on ``model`` (None if unpatched)."""
-    return getattr(model, _RECORD_ATTR, None)
 
 
 def _affine_note(module: nn.Module, info: NormInfo) -> str:
@@ -127,16 +128,8 @@ def _copy_hooks(old: nn.Module, new: nn.Module) -> None:
     new._is_full_backward_hook = old._is_full_backward_hook
     hf_hook = getattr(old, "_hf_hook", None)
     if hf_hook is not None:
-        from accelerate.hooks import add_hook_to_module  # imported by _check_can_install already
+        from accelerate.hooks import add_hook_to_module  # imported by _install already
         add_hook_to_module(new, hf_hook)
-
-
-def _swap_in(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    old = getattr(parent, attr)
-    setattr(parent, attr, new)
-    return old
 
 
 def _build_replacements(config: NormConfig, chosen: dict) -> dict:
@@ -144,6 +137,12 @@ def _build_replacements(config: NormConfig, chosen: dict) -> dict:
     for name, (info, module) in chosen.items():
         if id(module) not in by_original:  # one replacement per module: aliases stay tied
             eps = config.eps if config.eps is not None else info.eps
+            try:
+                check_eps(eps)
+            except ValueError:
+                raise ValueError(f"{name} ({type(module).__name__}) has eps={eps!r}, and its "
+                                 "replacement needs a finite eps > 0: pass eps=... to patch_model, "
+                                 "or exclude this module") from None
             new = build_norm(config, info.kind, (info.size,), eps)
             new.train(module.training)
             by_original[id(module)] = new
@@ -151,32 +150,37 @@ def _build_replacements(config: NormConfig, chosen: dict) -> dict:
     return built
 
 
-def _install(model, config: NormConfig, chosen: dict, built: dict) -> dict:
-    originals = {}
-    for name, new in built.items():
-        _copy_hooks(chosen[name][1], new)
-        originals[name] = _swap_in(model, name, new)
-    record = {
-        "format_version": RECORD_VERSION,
-        "config": config.to_dict(),
-        "modules": {name: {"kind": info.kind, "size": info.size, "eps": info.eps,
-                           "original_class": type(module).__name__, "gain": info.gain,
-                           "gain_offset": info.gain_offset, "bias": info.bias}
-                    for name, (info, module) in chosen.items()},
-    }
-    from . import __version__
-    record["library_version"] = __version__
-    object.__setattr__(model, _ORIGINALS_ATTR, originals)
-    object.__setattr__(model, _RECORD_ATTR, record)
-    if getattr(model, "config", None) is not None:
-        setattr(model.config, _CONFIG_KEY, record)
-    from .checkpoint import attach_save_pretrained  # lazy: checkpoint imports this module
-    attach_save_pretrained(model)  # model.save_pretrained writes what hf_adanorm.save_pretrained does
-    return record
+def _own_tensors(module: nn.Module):
+    yield from ((n, t) for n, t in module._parameters.items() if t is not None)
+    yield from ((n, t) for n, t in module._buffers.items() if t is not None)
 
 
-def _check_can_install(model: nn.Module, chosen: dict) -> None:
-    """Refuse what would leave a mixed state, and import what installing needs, before any change."""
+def _keep_original_tensors(new: nn.Module, original: nn.Module) -> None:
+    """Alias the original's tensors as non-persistent buffers of ``new``: they follow the model."""
+    for pname, tensor in _own_tensors(original):
+        new.register_buffer(_ORIGINAL_PREFIX + pname, tensor.detach(), persistent=False)
+
+
+def _restore_original_tensors(new: nn.Module, original: nn.Module) -> None:
+    """Give the original the tensors its aliases became after the model's moves (same objects)."""
+    for pname, tensor in list(_own_tensors(original)):
+        moved = new._buffers.pop(_ORIGINAL_PREFIX + pname)
+        unmoved = (moved.dtype == tensor.dtype and moved.device == tensor.device
+                   and (moved.is_meta or moved.data_ptr() == tensor.data_ptr()))
+        if unmoved:
+            continue
+        if pname in original._parameters:  # the same Parameter object where torch allows it
+            original._parameters[pname] = converted(tensor, moved)
+        else:
+            original._buffers[pname] = moved
+
+
+def _holds_original(current: nn.Module, original: nn.Module) -> bool:
+    return all(_ORIGINAL_PREFIX + n in current._buffers for n, _ in _own_tensors(original))
+
+
+def _check_can_install(model: nn.Module) -> None:
+    """Refuse what would leave a mixed state, before any change."""
     patched_parts = [name for name, module in model.named_modules()
                      if isinstance(module, _ParameterFreeNorm) or (name and is_patched(module))]
     if patched_parts:
@@ -184,14 +188,51 @@ def _check_can_install(model: nn.Module, chosen: dict) -> None:
                            f"{' ...' if len(patched_parts) > 3 else ''}); unpatch that part "
                            "(hf_adanorm.unpatch_model on the module you patched) first")
     config = getattr(model, "config", None)
-    if config is not None and getattr(config, _CONFIG_KEY, None) is not None:
+    if config is not None and getattr(config, CONFIG_KEY, None) is not None:
         raise RuntimeError(
-            "model.config already carries an hf_adanorm record but this model is not patched: it "
-            "was loaded without hf_adanorm.from_pretrained, or another module sharing this config "
-            "is patched. Load it with hf_adanorm.from_pretrained, or unpatch the other module first")
-    from .checkpoint import attach_save_pretrained  # noqa: F401 - fail here, not half-way
+            "model.config carries an hf_adanorm record but this model is not patched: it was "
+            "loaded from an hf_adanorm checkpoint without hf_adanorm.from_pretrained. Load it with "
+            "hf_adanorm.from_pretrained(AutoModel..., path) instead")
+
+
+def _install(model, config: NormConfig, chosen: dict, built: dict, folding, report) -> None:
+    """Fold, swap, record: one transaction (any error undoes every step already taken)."""
     if any(getattr(module, "_hf_hook", None) is not None for _, module in chosen.values()):
-        import accelerate.hooks  # noqa: F401
+        import accelerate.hooks  # noqa: F401 - fail here, not half-way
+    undo = []
+    try:
+        fold_state = (apply_fold(model, folding, built, undo, config.exact_unfold)
+                      if folding is not None else None)
+        prepared, originals = set(), {}
+        for name, new in built.items():
+            original = chosen[name][1]
+            if id(new) not in prepared:  # aliases share one replacement
+                prepared.add(id(new))
+                _copy_hooks(original, new)
+                _keep_original_tensors(new, original)
+            swap_module(model, name, new)
+            undo.append(lambda name=name, original=original: swap_module(model, name, original))
+            originals[name] = original
+        record = build_record(config, chosen)
+        if folding is not None:
+            record["fold"] = fold_summary(model, folding, report, fold_state)
+        set_state(model, PatchState(record, originals, fold_state))
+        undo.append(lambda: clear_state(model))
+        attach_save_pretrained(model)  # model.save_pretrained writes what hf_adanorm.save_pretrained does
+        undo.append(lambda: detach_save_pretrained(model))
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
+
+
+def _check_rms_detach(config: NormConfig, chosen: dict) -> None:
+    if "detach" in get_spec(config.norm).options and config.detach == "mean":
+        rms = [name for name, (info, _) in chosen.items() if info.kind == "rmsnorm"]
+        if rms:
+            raise ValueError(f"detach='mean' does nothing on RMSNorm modules ({', '.join(rms[:3])}"
+                             f"{' ...' if len(rms) > 3 else ''}): they subtract no mean. Use "
+                             "detach='variance' or 'both', or exclude them")
 
 
 def patch_model(
@@ -207,23 +248,30 @@ def patch_model(
     ``norm`` is a registered name (``hf_adanorm.available_norms()``) or a
     :class:`NormConfig`; ``options`` are NormConfig fields (``k``, ``C``,
     ``detach``, ``eps``, ``eps_mode``, ``include_rmsnorm``, ``include``,
-    ``exclude``).  ``filter_fn(module, name) -> bool`` vetoes single modules.
+    ``exclude``, ``fold_affine``, ``exact_unfold``); an option the norm does not
+    use is refused.  ``filter_fn(module, name) -> bool`` vetoes single modules.
     With ``dry_run=True`` nothing changes.  Raises ``ValueError`` when nothing
-    matches and ``RuntimeError`` on an already patched model; on any error the
-    model is left exactly as it was.
+    matches, ``RuntimeError`` on an already patched model, ``TypeError`` for a
+    wrapper (torch.compile, DDP, FSDP, PeftModel: patch the model inside first);
+    on any error the model is left exactly as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model needs a torch.nn.Module, got {type(model).__name__}")
     config = NormConfig.from_options(norm, options)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be a callable (module, name) -> bool, got {filter_fn!r}")
+    refuse_wrappers(model)
     if is_patched(model):
-        done = get_patch_record(model)["config"]["norm"]
+        done = get_record(model)["config"]["norm"]
         raise RuntimeError(f"model is already patched with {done!r}; call "
                            "hf_adanorm.unpatch_model(model) before patching again")
     entries, chosen = _plan(model, config, filter_fn)
     if not chosen:
         raise _nothing_matched(entries, config)
+    warning = config.saturation_warning(max(info.size for info, _ in chosen.values()))
+    if warning:
+        warnings.warn(warning, UserWarning, stacklevel=2)
+    _check_rms_detach(config, chosen)
     report = PatchReport(config.norm, entries, dry_run, get_spec(config.norm).effect)
     built = _build_replacements(config, chosen)
     for entry in report.replaced:
@@ -232,30 +280,50 @@ def patch_model(
             entry.action = "would replace"
     folding = plan_fold(model, chosen, built) if config.fold_affine else None  # changes nothing
     if not dry_run:
-        _check_can_install(model, chosen)
-        folded = apply_fold(model, folding) if folding is not None else None  # after all checks
-        record = _install(model, config, chosen, built)
-        if folding is not None:
-            record["fold"] = fold_summary(model, folding, report, folded)
+        _check_can_install(model)
+        _install(model, config, chosen, built, folding, report)
     elif folding is not None:
         fold_summary(model, folding, report)
     return report
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Put the original norm modules (same objects, same parameters) back; returns ``model``."""
-    if not is_patched(model):
-        raise ValueError("model is not patched by hf_adanorm; nothing to undo")
-    originals = getattr(model, _ORIGINALS_ATTR, None)
-    if originals is None:
+    """Put the original norm modules (same objects, same parameters) back; returns ``model``.
+
+    The originals come back in the model's current dtype and device (converted
+    exactly as the model was since patching).  Everything is checked before the
+    first change; a refusal leaves the model patched and unchanged.
+    """
+    state = get_state(model)
+    if state is None:
+        raise ValueError("model is not patched by hf_adanorm; nothing to undo"
+                         + refuse_wrappers(model, hint_only=True))
+    if state.originals is None:
         raise ValueError("this model was rebuilt from a patch record (e.g. loaded from a "
                          "checkpoint) and holds no original norms to restore")
-    unfold(model)  # folded Linear layers back first: it raises, changing nothing, if they were trained
-    for name, original in originals.items():
-        _swap_in(model, name, original)
-    object.__setattr__(model, _ORIGINALS_ATTR, None)
-    object.__setattr__(model, _RECORD_ATTR, None)
-    model.__dict__.pop("save_pretrained", None)  # the class's own save_pretrained again
-    if getattr(model, "config", None) is not None and hasattr(model.config, _CONFIG_KEY):
-        delattr(model.config, _CONFIG_KEY)
+    current = {}
+    for name, original in state.originals.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if module is None or not _holds_original(module, original):
+            raise RuntimeError(f"cannot unpatch: {name!r} no longer holds the norm hf_adanorm put "
+                               "there (it was replaced or removed since patch_model)")
+        current[name] = module
+    fold_steps = unfold(model, state.fold) if state.fold is not None else []  # raises, changing nothing
+    for step in fold_steps:
+        step()
+    restored = set()
+    for name, original in state.originals.items():
+        if id(original) not in restored:
+            restored.add(id(original))
+            _restore_original_tensors(current[name], original)
+            original.train(current[name].training)
+        swap_module(model, name, original)
+    for module in current.values():  # the replacements keep no reference to the originals
+        for key in [k for k in module._buffers if k.startswith(_ORIGINAL_PREFIX)]:
+            del module._buffers[key]
+    clear_state(model)
+    detach_save_pretrained(model)  # the class's own save_pretrained again
     return model

@@ -94,14 +94,19 @@ def test_tied_lm_head_is_untied_and_unpatch_restores_bitwise(model_type):
     embedding = model.get_input_embeddings().weight
     emb_before, before = embedding.detach().clone(), logits(model)
     assert model.lm_head.weight is embedding
-    hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True)
+    shared_config = model.config  # e.g. also used by a baseline model: must never change
+    hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True, exact_unfold=True)
     fold = hf_adanorm.get_patch_record(model)["fold"]
     assert fold["untied"] == ["lm_head"] and fold["added_bias"] == ["lm_head"]
     assert model.lm_head.weight is not embedding and model.config.tie_word_embeddings is False
+    assert shared_config.tie_word_embeddings is True and model.config is not shared_config
+    inner = model.model.decoder if model_type == "opt" else model.transformer
+    assert inner.config is model.config  # every module sees the model's own copy
     assert torch.equal(model.get_input_embeddings().weight, emb_before)  # embeddings untouched
     hf_adanorm.unpatch_model(model)
     assert torch.equal(logits(model), before)
     assert model.lm_head.weight is embedding and model.lm_head.bias is None
+    assert model.config is shared_config and inner.config is shared_config
     assert model.config.tie_word_embeddings is True
 
 
@@ -157,7 +162,7 @@ def test_folded_linear_matches_the_formula(layer_cls):
 
 def test_unpatch_refuses_when_folded_layers_were_trained():
     model = tiny_lm("gpt2")
-    hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True)
+    hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True, exact_unfold=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ids = torch.randint(0, 100, (2, 7))
     model(input_ids=ids, labels=ids).loss.backward()

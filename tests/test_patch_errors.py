@@ -26,7 +26,7 @@ from hf_adanorm import (AdaNorm, DetachNorm, LayerNormSimple, get_patch_record, 
     ("adanorm", {"kk": 0.1}, TypeError, r"unknown patch_model option\(s\) \['kk'\]; valid: .*'k'"),
     ("detachnorm", {"detach": "gain"}, ValueError, r"detach must be one of"),
     ("adanorm", {"eps_mode": "tf"}, ValueError, r"eps_mode must be 'torch' .* or 'fairseq'"),
-    ("adanorm", {"eps": 0.0}, ValueError, r"eps must be > 0"),
+    ("adanorm", {"eps": 0.0}, ValueError, r"eps must be a finite number > 0"),
     ("adanorm", {"include": "encoder.(layer"}, ValueError,
      r"include='encoder.\(layer' is not a valid regular expression"),
     ("adanorm", {"exclude": 3}, TypeError, r"exclude must be a regex string or a list"),
@@ -85,7 +85,7 @@ def test_patching_twice_raises_and_keeps_the_first_patch(state_of, assert_unchan
     with pytest.raises(RuntimeError, match=r"already patched with 'adanorm'; call hf_adanorm.unpatch_model"):
         patch_model(model, "layernorm_simple")
     assert_unchanged(model, before)
-    assert get_patch_record(model) == record and model.config.hf_adanorm == record
+    assert get_patch_record(model) == record and not hasattr(model.config, "hf_adanorm")
 
 
 def test_a_patched_part_is_never_patched_again():
@@ -99,7 +99,7 @@ def test_a_patched_part_is_never_patched_again():
     # The reverse would leave two records for one shared config: refused, nothing changed.
     model = tiny_bert()
     patch_model(model.encoder, "layernorm_simple")
-    record = dict(model.config.hf_adanorm)
+    record = dict(get_patch_record(model.encoder))
     report = patch_model(model, "adanorm", dry_run=True)  # a dry run still says what it sees
     assert [e.name for e in report.replaced] == ["embeddings.LayerNorm"]
     assert "already an hf_adanorm norm (this model or a part of it was patched before)" in {
@@ -107,14 +107,14 @@ def test_a_patched_part_is_never_patched_again():
     with pytest.raises(RuntimeError, match=r"part of this model is already patched \(encoder, "):
         patch_model(model, "adanorm")
     assert type(model.embeddings.LayerNorm) is torch.nn.LayerNorm
-    assert model.config.hf_adanorm == record and not is_patched(model)
+    assert get_patch_record(model.encoder) == record and not is_patched(model)
 
 
 def test_a_config_with_a_foreign_record_is_refused():
     """A stock model carrying a record in its config (e.g. loaded without the plugin)."""
     model = tiny_bert()
     model.config.hf_adanorm = {"format_version": 1, "config": {"norm": "adanorm"}, "modules": {}}
-    with pytest.raises(RuntimeError, match="already carries an hf_adanorm record"):
+    with pytest.raises(RuntimeError, match="carries an hf_adanorm record but this model is not patched"):
         patch_model(model, "adanorm")
     assert type(model.embeddings.LayerNorm) is torch.nn.LayerNorm and not is_patched(model)
 

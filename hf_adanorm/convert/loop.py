@@ -19,9 +19,9 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, get_scheduler
+from transformers import AutoModel, AutoModelForCausalLM, get_scheduler
 
-from ..checkpoint import save_pretrained
+from ..checkpoint import load_config, save_pretrained
 from ..patch import get_patch_record, patch_model
 from ..training import checkpoints
 from ..training.loop import make_accelerator
@@ -81,7 +81,7 @@ def _check_output_dir(args: ConvertArgs) -> Path | None:
 
 def _load_teacher(args: ConvertArgs):
     try:
-        config = AutoConfig.from_pretrained(args.model)
+        config = load_config(args.model)  # an hf_adanorm checkpoint's too (AutoConfig refuses it)
     except Exception as err:  # not a model folder / hub id
         raise ValueError(f"cannot load model {args.model!r} ({type(err).__name__}: {err}); pass a hub id or a "
                          "local folder of a pretrained model") from err

@@ -100,7 +100,7 @@ _FUNCTION_OPTIONS = ("norm", "k", "C", "detach", "eps", "eps_mode")
 
 def _load_converted(args, auto_class, overrides):
     """A checkpoint whose norms are already swapped: train it with the norm it holds, or refuse."""
-    from ..checkpoint import from_pretrained
+    from ..checkpoint import from_pretrained, load_config
     from ..registry import get_spec
 
     saved = converted_record(args.model)["config"]
@@ -117,7 +117,7 @@ def _load_converted(args, auto_class, overrides):
         raise ValueError(f"hf_adanorm: {args.model!r} was converted with other norm options than asked for: "
                          f"{'; '.join(differ)}. Pass the checkpoint's options, or convert the original "
                          "model again with the ones you want")
-    config = AutoConfig.from_pretrained(args.model, **overrides)  # e.g. num_labels of a new head
+    config = load_config(args.model, **overrides)  # e.g. num_labels of a new head
     return from_pretrained(auto_class, args.model, config=config)
 
 

@@ -1,0 +1,243 @@
+"""Undoing ``fold_affine``: what is kept (by default nothing), and the exact unfold.
+
+:func:`apply_fold` carries out a :class:`~.fold.FoldPlan` as part of the patcher's
+transaction (each change logs its inverse).  By default nothing of the folded layers'
+originals is kept: the fold costs no memory and :func:`unfold` refuses.  With
+``exact_unfold=True`` the original parameter objects are kept, their data moved to CPU
+memory (never on an accelerator), and :func:`unfold` restores them bitwise, converted to
+the model's current dtype and device, after checking that each folded layer still holds
+exactly the fold of its original (not trained since) and that the model went through no
+lossy dtype round trip (a witness buffer that follows the model's moves tells).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .fold import FoldPlan, _weight_chunks, folded_linear
+from .fold_trace import is_conv1d
+
+# Values that any precision-losing chain of dtype conversions changes (fp16 range, bf16 and fp16
+# mantissas, fp32 mantissa): a non-persistent buffer of them follows the model's moves, so unfold
+# can tell whether converting the kept original once gives what the moved model would hold.
+_WITNESS_VALUES = (1.0 + 2.0 ** -9, 1.0 + 2.0 ** -20, 7.0e4, 3.0e-39, -1.0 - 2.0 ** -40)
+WITNESS_BUFFER = "hf_adanorm_fold_witness"
+
+
+@dataclass
+class FoldedLayer:
+    """One folded Linear/Conv1D: the parameters installed, and (exact_unfold) the originals."""
+
+    norm: str  # the norm whose affine it absorbed
+    weight: nn.Parameter  # the folded parameters put in place
+    bias: Optional[nn.Parameter]
+    dtype: torch.dtype  # the weight's dtype when folded
+    original_weight: Optional[nn.Parameter] = None  # exact_unfold: the original, its data in CPU memory
+    original_bias: Optional[nn.Parameter] = None
+    folded_bias: Optional[torch.Tensor] = None  # exact_unfold: a CPU copy of ``bias`` as folded
+    tied_to: Optional[str] = None  # the weight was tied to this parameter, which stays in the model
+
+
+@dataclass
+class FoldState:
+    """What :func:`unfold` needs; its tensors are kept off the model's device (see docs)."""
+
+    layers: dict  # {consumer name: FoldedLayer}
+    affine: dict  # exact_unfold: {norm name: (gain, bias) float64 on CPU}, to recompute the fold
+    untied: list  # consumers that got their own copy of a tied weight
+    added_bias: list  # consumers that had no bias and got one
+    exact: bool  # the originals are kept: unfold restores them bitwise
+    own_config: list = field(default_factory=list)  # (module, attr, shared config) swapped for a copy
+
+
+def _shared_params(model) -> dict:
+    """{id: [names]} of parameters reachable under more than one name (tied weights)."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {pid: found for pid, found in names.items() if len(found) > 1}
+
+
+def _give_own_config(model, undo: list) -> list:
+    """Put a private copy of ``model.config`` everywhere the model refers to it (and its sub-configs).
+
+    Untying needs ``tie_word_embeddings = False``; a config object is often shared with another
+    model (a baseline), which must not see that change.  Returns what :func:`unfold` puts back.
+    """
+    from transformers import PretrainedConfig
+    old = model.config
+    new = copy.deepcopy(old)
+    mapping = {id(old): new}
+    for attr, value in vars(old).items():
+        if isinstance(value, PretrainedConfig):
+            mapping[id(value)] = getattr(new, attr)
+    swapped = []
+    for module in model.modules():
+        for attr, value in list(vars(module).items()):
+            if id(value) in mapping and isinstance(value, PretrainedConfig):
+                module.__dict__[attr] = mapping[id(value)]
+                swapped.append((module, attr, value))
+    undo.append(lambda: _put_back_configs(swapped))
+    for cfg in {id(c): c for c in (new, new.get_text_config())}.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+    return swapped
+
+
+def _put_back_configs(swapped: list) -> None:
+    for module, attr, value in swapped:
+        module.__dict__[attr] = value
+
+
+def apply_fold(model: nn.Module, plan: FoldPlan, built: dict, undo: list, exact: bool) -> FoldState:
+    """Fold every planned norm into its consumers.
+
+    Each change appends its inverse to ``undo`` (the patcher runs them if a later step fails).
+    With ``exact`` the original parameters are kept, their data moved to CPU memory, and a
+    witness buffer is put on each replacement norm in ``built``; otherwise nothing is kept.
+    """
+    shared = _shared_params(model)
+    layers, untied, added_bias, affine = {}, [], [], {}
+    for name, cnames in plan.folds.items():
+        gain, bias = plan.affine(name)
+        if exact:  # to recompute the fold when unfolding, and so see whether the layer changed
+            affine[name] = (gain.cpu(), None if bias is None else bias.cpu())
+        for cname in cnames:
+            layer = model.get_submodule(cname)
+            old_w, old_b = layer.weight, layer.bias
+            if id(old_w) in shared:
+                untied.append(cname)
+            new_w, new_c = folded_linear(layer, gain, bias)
+            layer.weight = nn.Parameter(new_w, requires_grad=old_w.requires_grad)
+            undo.append(lambda layer=layer, w=old_w, b=old_b: _set_params(layer, w, b))
+            if new_c is not None:
+                if old_b is None:
+                    added_bias.append(cname)
+                layer.bias = nn.Parameter(new_c, requires_grad=old_w.requires_grad if old_b is None
+                                          else old_b.requires_grad)
+            folded = FoldedLayer(name, layer.weight, layer.bias, old_w.dtype)
+            if id(old_w) in shared:  # still in the model under its other name(s): found there again
+                folded.tied_to = next(n for n in shared[id(old_w)] if n != f"{cname}.weight")
+            if exact:  # originals that are still in the model (tied) stay where they are
+                folded.folded_bias = None if layer.bias is None else layer.bias.detach().cpu().clone()
+                folded.original_weight = old_w if id(old_w) in shared else _to_cpu_memory(old_w, undo)
+                folded.original_bias = (old_b if old_b is None or id(old_b) in shared
+                                        else _to_cpu_memory(old_b, undo))
+            layers[cname] = folded
+        if exact:
+            dtype = model.get_submodule(cnames[0]).weight.dtype
+            device = model.get_submodule(cnames[0]).weight.device
+            built[name].register_buffer(WITNESS_BUFFER, torch.tensor(_WITNESS_VALUES, dtype=dtype,
+                                        device=device), persistent=False)
+    state = FoldState(layers, affine, untied, added_bias, exact)
+    if untied and getattr(model, "config", None) is not None:
+        # The consumer has its own weight now: keep save/load from tying it back.
+        state.own_config = _give_own_config(model, undo)
+    return state
+
+
+def converted(param: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``param`` holding ``new`` (same object, as ``nn.Module.to`` does), or, where torch cannot
+    swap the data in place (e.g. CPU to meta), a new Parameter, again as ``nn.Module.to`` does."""
+    if torch._has_compatible_shallow_copy_type(param, new):
+        param.data = new
+        return param
+    return nn.Parameter(new, requires_grad=param.requires_grad) if isinstance(param, nn.Parameter) else new
+
+
+def _set_params(layer, weight, bias) -> None:
+    layer.weight, layer.bias = weight, bias  # the very objects (a None bias unregisters it)
+
+
+def _to_cpu_memory(param: nn.Parameter, undo: list) -> nn.Parameter:
+    """Move ``param``'s data (not in the model any more) to CPU memory; same object."""
+    if param.device.type != "cpu":
+        on_device = param.data
+        param.data = on_device.to("cpu")
+        undo.append(lambda: setattr(param, "data", on_device))
+    return param
+
+
+def unfold(model: nn.Module, state: FoldState) -> list:
+    """Check that the folded layers can be restored bitwise; return the steps that restore them.
+
+    Raises ``RuntimeError`` (changing nothing) when the originals were not kept
+    (``exact_unfold=False``), when a folded layer changed since ``patch_model`` (e.g. trained:
+    restoring would discard that), or when the model went through a dtype conversion that lost
+    precision (then no kept original converts to what the moved model would hold).  The
+    model's current dtype and device are those of each folded weight.
+    """
+    if state.layers and not state.exact:
+        raise RuntimeError(
+            "cannot unpatch: fold_affine=True changed Linear layers and kept no copy of their original "
+            "weights (that copy costs as much memory as those layers). Reload the original model, or "
+            "patch with fold_affine=True, exact_unfold=True to keep the copy (in CPU memory).")
+    changed, lossy, steps = [], [], []
+    for cname, folded in state.layers.items():
+        layer = model.get_submodule(cname)
+        current_w, current_b = layer.weight, layer.bias
+        witness = model.get_submodule(folded.norm)._buffers.get(WITNESS_BUFFER)
+        if witness is None or (not witness.is_meta and not torch.equal(
+                witness.detach().cpu(), torch.tensor(_WITNESS_VALUES, dtype=folded.dtype).to(witness.dtype))):
+            lossy.append(cname)
+            continue
+        if current_w.is_meta:  # moved to the meta device: no values left to compare or lose
+            pass
+        elif current_w is not folded.weight or current_b is not folded.bias or not _still_folded(
+                model, layer, folded, state.affine[folded.norm]):
+            changed.append(cname)
+            continue
+        steps.append((layer, folded, current_w.dtype, current_w.device))
+    if changed:
+        raise RuntimeError(
+            f"cannot unpatch: {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''} absorbed "
+            "the norms' gain and bias (fold_affine=True) and were changed since (training?); "
+            "restoring the originals would silently discard those changes. Save the trained model "
+            "with hf_adanorm.save_pretrained instead (plain=True gives a stock checkpoint for "
+            "layernorm_simple).")
+    if lossy:
+        raise RuntimeError(
+            f"cannot unpatch exactly: the model was converted through a lower precision since it was "
+            f"patched (e.g. .half() then .float()), so the kept originals of {', '.join(lossy[:4])} "
+            "cannot reproduce what the unpatched model would hold after the same moves. Unpatch "
+            "before changing dtype, or reload the original model.")
+
+    def restore():
+        for layer, folded, dtype, device in steps:
+            weight, bias = (None if t is None else converted(t, t.detach().to(device=device, dtype=dtype))
+                            for t in (folded.original_weight, folded.original_bias))
+            if folded.tied_to is not None:  # tie it again to what the model holds now (moved with it)
+                weight = model.get_parameter(folded.tied_to)
+            _set_params(layer, weight, bias)
+        _put_back_configs(state.own_config)
+    return [restore]
+
+
+def _still_folded(model, layer, folded: FoldedLayer, affine) -> bool:
+    """Does ``layer`` hold exactly the fold of the kept original, converted as the model was?
+
+    The weight is recomputed block by block on CPU (exact, device independent); the bias, a
+    sum, is compared with the copy kept when folding.
+    """
+    if (folded.folded_bias is None) != (layer.bias is None) or (
+            layer.bias is not None and not torch.equal(folded.folded_bias.to(layer.bias.dtype),
+                                                       layer.bias.detach().cpu())):
+        return False
+    now = layer.weight.detach()
+    # a tied original is still in the model and was moved with it: back to the dtype it was folded in
+    original = (model.get_parameter(folded.tied_to) if folded.tied_to is not None
+                else folded.original_weight).detach()
+    if original.dtype not in (folded.dtype, torch.float64):
+        # a tied original moved to a narrower dtype with the model cannot give the fold's inputs
+        # back: only the bias (trained along with the weight) tells whether the layer changed
+        return True
+    original = original.to(folded.dtype)
+    for rows, block in _weight_chunks(original, affine[0], is_conv1d(layer)):
+        if not torch.equal(block.to(now.dtype), now[rows].cpu()):
+            return False
+    return True
