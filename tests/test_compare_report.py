@@ -175,8 +175,10 @@ def test_cli_passes_overwrite_output_dir_on(tmp_path, monkeypatch):
     import hf_adanorm.compare as compare_module
     seen = {}
 
-    def fake_compare(setup, norms, seeds, output_dir, run_fn=None, progress=True, overwrite=False):
+    def fake_compare(setup, norms, seeds, output_dir, run_fn=None, progress=True, overwrite=False,
+                     conversion=None):
         seen["overwrite"] = overwrite
+        assert conversion is None  # no --convert
         (tmp_path / "report.md").write_text("fake")
         return tmp_path / "report.md"
 
