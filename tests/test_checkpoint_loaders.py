@@ -104,9 +104,13 @@ def _checkpoints(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoints")
+    from hf_adanorm.registry import NORM_REGISTRY
+    had_scaled = "scaled_test_norm" in NORM_REGISTRY
     expected = _checkpoints(folder)
     save_file({"ids": IDS}, folder / "ids.safetensors")
-    return folder, expected
+    yield folder, expected
+    if not had_scaled:  # the registry is process-wide: later test modules must not see the test norm
+        NORM_REGISTRY.pop("scaled_test_norm", None)
 
 
 def run_cell(folder: Path, name: str, kind: str, plugin: bool, loader: str, output: str) -> dict:
