@@ -153,11 +153,6 @@ class ConvertArgs:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    # the names the recipes' loop helpers read (make_accelerator, checkpoints)
-    @property
-    def max_train_samples(self):
-        return None
-
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> ConvertArgs:
     parser = HfArgumentParser(ConvertArgs)

@@ -11,7 +11,6 @@ Figures, on the held-out text, of the student with every norm swapped against th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..training.checkpoints import CHECKPOINT_DIR, write_json_atomic
@@ -52,7 +51,7 @@ def _headline(figures: dict) -> str:
 def markdown(result: dict) -> str:
     naive, conv = result["naive"], result["converted"]
     lines = [f"# Conversion of `{result['teacher']}` to {result['norm']['norm']}", "",
-             f"- norm options: " + ", ".join(f"{k}={v}" for k, v in result["norm"].items() if k != "norm"),
+             "- norm options: " + ", ".join(f"{k}={v}" for k, v in result["norm"].items() if k != "norm"),
              f"- distilled on `{result['dataset']}` with the `{result['objective']}` objective, schedule "
              f"`{result['schedule']}`, {result['steps']} steps ({result['seconds'] / 60:.1f} min)",
              f"- drift measured on {result['eval_sequences']} held-out sequences", ""]
@@ -114,7 +113,3 @@ def write_reports(out: Path, result: dict) -> None:
     tmp.write_text(markdown(result))
     tmp.replace(out / REPORT_FILE)
     write_json_atomic(out / RESULT_FILE, result)
-
-
-def load_result(out) -> dict:
-    return json.loads((Path(out) / RESULT_FILE).read_text())
