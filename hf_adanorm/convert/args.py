@@ -70,6 +70,12 @@ class ConvertArgs:
     fold_affine: bool = _norm_option("fold_affine", default=True, note=(
         " On by default here: every exact fold is applied before training, so a pre-LN model "
         "converted to layernorm_simple needs no training at all."))
+    rescale_post_ln: bool = field(default=True, metadata=_help(
+        "Start each post-LN norm (one whose output also feeds the residual stream, as in BERT) from a "
+        "rescaled student instead of the naive swap: its gain and bias go into the Linear layers that read "
+        "it, and the residual writer after it is rescaled (hf_adanorm/convert/rescale.py). Such norms are "
+        "swapped at step 0; the schedule blends the others. Measured on MiniLM: a much closer start "
+        "and a better end (docs/conversion.md)."))
     schedule: str = field(default=DEFAULT_SCHEDULE, metadata=_help(
         "How the norms are swapped while distilling: 'blend' (every norm's output blended from the "
         "original to the new one together), 'layerwise' (one norm after another, in module order) or "

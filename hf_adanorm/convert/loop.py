@@ -28,6 +28,7 @@ from ..training.loop import make_accelerator
 from .args import ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import choose_objective, distill_loss, drift
+from .rescale import apply_sites, find_sites, restore
 from .report import ARGS_FILE, OWN_FILES, RESULT_FILE, summarize, write_reports
 from .schedule import alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
 
@@ -140,6 +141,33 @@ def measure(model, teacher, loader, device, wrapped=None, causal: bool = False) 
     return summarize(sums)
 
 
+def _closer(a: dict, b: dict) -> bool:
+    """Whether drift figures ``a`` are closer to the teacher than ``b``."""
+    if "kl" in a:
+        return a["kl"] < b["kl"]
+    return a["embedding_cosine"] > b["embedding_cosine"]
+
+
+def _rescale_post_ln(student, teacher, record, probe, wrapped, naive, norm_config, remeasure):
+    """Start every post-LN norm from the rescaled student (rescale.py) where that measures closer to the
+    teacher than the naive swap; those norms leave the schedule (swapped from step 0)."""
+    folded = set((record.get("fold") or {}).get("folded", {}))
+    names = [name for name in record["modules"] if name not in folded]
+    device = next(teacher.parameters()).device
+    sites = find_sites(teacher, names, {k: v[:2].to(device) for k, v in probe.items()})
+    if not sites:
+        return {}, None
+    scale = norm_config.C if norm_config.norm == "adanorm" else 1.0  # AdaNorm: C(1 - k y) y ~ C y
+    saved = apply_sites(student, teacher, sites, scale)
+    start = remeasure()
+    if not _closer(start, naive):
+        restore(student, saved)
+        return {}, None
+    unwrap_norms(student, {name: wrapped.pop(name) for name in sites})
+    return {name: {"gain": site.gain, "readers": site.readers, "writer": site.writer}
+            for name, site in sites.items()}, start
+
+
 def convert_model(args: ConvertArgs) -> dict:
     """Convert ``args.model`` to ``args.norm``; returns what is written to conversion.json."""
     started = time.time()
@@ -174,6 +202,11 @@ def convert_model(args: ConvertArgs) -> dict:
     # Logits are the function of an LM (a fold moves the last norm's gain into the head, so its
     # hidden states differ while its predictions do not); for an encoder the hidden state is.
     exact = (naive["kl"] if "kl" in naive else naive["relative_error"]) < EXACT
+    rescaled, start = {}, None
+    if args.rescale_post_ln and not exact:
+        rescaled, start = _rescale_post_ln(student, teacher, record, probe, wrapped, naive, norm_config,
+                                           lambda: measure(student, teacher, eval_loader, accelerator.device,
+                                                           wrapped, causal))
     total_steps = 0 if exact else args.max_steps
     ramp_steps = int(round(args.ramp_fraction * total_steps))
 
@@ -224,10 +257,11 @@ def convert_model(args: ConvertArgs) -> dict:
                 continue
             loop["step"] += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", alpha=f"{sum(b.alpha for b in wrapped.values()) / len(wrapped):.2f}")
+            mean_alpha = (sum(b.alpha for b in wrapped.values()) + len(rescaled)) / (len(wrapped) + len(rescaled))
+            progress.set_postfix(loss=f"{loss.item():.4f}", alpha=f"{mean_alpha:.2f}")
             if loop["step"] % args.eval_every == 0 or loop["step"] == total_steps:
                 entry = {"step": loop["step"], "loss": loss.item(),
-                         "mean_alpha": sum(b.alpha for b in wrapped.values()) / len(wrapped),
+                         "mean_alpha": mean_alpha,
                          **measure(model, teacher, eval_loader, accelerator.device, wrapped, causal)}
                 loop["history"].append(entry)
             if args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0 and loop["step"] < total_steps:
@@ -244,6 +278,7 @@ def convert_model(args: ConvertArgs) -> dict:
     result = {"teacher": args.model, "norm": norm_config.to_dict(), "objective": objective,
               "schedule": args.schedule, "steps": total_steps, "exact_without_training": exact,
               "dataset": args.dataset, "eval_sequences": naive["sequences"], "naive": loop["naive"],
+              "rescaled": rescaled, "start": start, "start_alpha": len(rescaled) / (len(wrapped) + len(rescaled)),
               "converted": final, "history": loop["history"], "patch_report": patch.to_dict(),
               "seconds": time.time() - started, "args": args.to_dict(), "frozen_unreached": unused,
               "world_size": accelerator.num_processes,

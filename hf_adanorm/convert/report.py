@@ -58,19 +58,24 @@ def markdown(result: dict) -> str:
     if result["exact_without_training"]:
         lines += ["Every norm folded exactly: the swapped model already computes the original function, "
                   "so no training was needed.", ""]
-    lines += ["| | naive swap | after conversion |", "|---|---|---|"]
+    start = result.get("start")
+    columns = [("naive swap", naive)] + ([("rescaled start", start)] if start else []) + [("after conversion", conv)]
+    if start:
+        lines += [f"{len(result['rescaled'])} post-LN norms started from the rescaled student "
+                  "(hf_adanorm/convert/rescale.py) and were swapped at step 0.", ""]
+    lines += ["| | " + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for key, label in (("embedding_cosine", "mean-pooled embedding cosine"),
                        ("relative_error", "relative error of the last hidden state"),
                        ("kl", "KL(teacher ‖ student), nats/token"),
                        ("student_lm_loss", "held-out next-token loss, nats/token "
                                            "(the original's: {teacher_lm_loss:.4g})")):
         if key in conv:
-            lines.append(f"| {label.format(**conv)} | {naive[key]:.4g} | {conv[key]:.4g} |")
+            lines.append(f"| {label.format(**conv)} | " + " | ".join(f"{f[key]:.4g}" for _, f in columns) + " |")
     if "layer_cosine" in conv:
         lines += ["", "Per layer (hidden states; 0 = embeddings), mean token cosine to the teacher:", "",
-                  "| layer | naive swap | after conversion |", "|---|---|---|"]
-        lines += [f"| {i} | {a:.4f} | {b:.4f} |" for i, (a, b) in
-                  enumerate(zip(naive["layer_cosine"], conv["layer_cosine"]))]
+                  "| layer | " + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {i} | " + " | ".join(f"{f['layer_cosine'][i]:.4f}" for _, f in columns) + " |"
+                  for i in range(len(conv["layer_cosine"]))]
     if result["history"]:
         lines += ["", f"![drift against steps]({PLOT_FILE})"]
     return "\n".join(lines) + "\n"
@@ -85,13 +90,14 @@ def plot(result: dict, path: Path) -> None:
     key = "kl" if "kl" in result["converted"] else "embedding_cosine"
     label = {"kl": "KL(teacher || student), nats/token", "embedding_cosine": "embedding cosine to the teacher"}[key]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([0] + [h["step"] for h in history], [result["naive"][key]] + [h[key] for h in history],
+    first = (result.get("start") or result["naive"])[key]  # step 0: the rescaled start where there is one
+    ax.plot([0] + [h["step"] for h in history], [first] + [h[key] for h in history],
             marker="o", ms=3, label="fully swapped")
     ax.axhline(result["naive"][key], ls=":", c="gray", label=f"naive swap ({result['naive'][key]:.3g})")
     if key == "kl":
         ax.set_yscale("log")
     alpha = ax.twinx()
-    alpha.plot([0] + [h["step"] for h in history], [0.0] + [h["mean_alpha"] for h in history], c="tab:orange",
+    alpha.plot([0] + [h["step"] for h in history], [result.get("start_alpha", 0.0)] + [h["mean_alpha"] for h in history], c="tab:orange",
                alpha=0.5, lw=1)
     alpha.set_ylabel("mean blend α", color="tab:orange")
     alpha.set_ylim(-0.05, 1.05)

@@ -1,0 +1,115 @@
+"""The rescaled start of post-LN norms (hf_adanorm/convert/rescale.py): it finds BERT's readers and
+residual writers, it is exact where every gain is a constant, and a conversion starts closer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+import hf_adanorm
+from hf_adanorm.convert import ConvertArgs, convert_model
+from hf_adanorm.convert.rescale import apply_sites, find_sites, restore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _bert(constant_gains: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=32)).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                gain = torch.rand(module.weight.shape) + 0.5
+                module.weight.copy_(gain.mean().expand_as(gain) if constant_gains else gain)
+                module.bias.copy_(torch.randn(module.bias.shape) * 0.3)
+    return model
+
+
+def _batch(seed=1, n=3, t=9):
+    gen = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1, 50, (n, t), generator=gen), "attention_mask": torch.ones(n, t, dtype=torch.long)}
+
+
+NORMS = ["embeddings.LayerNorm"] + [f"encoder.layer.{i}.{part}.LayerNorm" for i in range(2)
+                                    for part in ("attention.output", "output")]
+
+
+def test_finds_the_readers_and_the_residual_writer_of_every_post_ln_norm_but_the_last():
+    sites = find_sites(_bert(False), NORMS, _batch())
+    assert list(sites) == NORMS[:-1]  # the last norm's output is the model's: nothing to rescale
+    first = sites["embeddings.LayerNorm"]
+    assert sorted(first.readers) == [f"encoder.layer.0.attention.self.{p}" for p in ("key", "query", "value")]
+    assert first.writer == "encoder.layer.0.attention.output.dense"
+    assert first.next_norm == "encoder.layer.0.attention.output.LayerNorm"
+    middle = sites["encoder.layer.0.attention.output.LayerNorm"]
+    assert middle.readers == ["encoder.layer.0.intermediate.dense"]
+    assert middle.writer == "encoder.layer.0.output.dense"
+
+
+def test_pre_ln_norms_have_no_site():
+    torch.manual_seed(0)
+    gpt2 = GPT2Model(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    names = [n for n, m in gpt2.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert find_sites(gpt2, names, {"input_ids": _batch()["input_ids"]}) == {}
+
+
+@pytest.mark.parametrize("norm, options", [("layernorm_simple", {}), ("adanorm", {"C": 2.0, "k": 1e-7})])
+def test_exact_where_every_gain_is_a_constant(norm, options):
+    # With γ = g·1 in every norm the rescaled student computes the teacher's function: its output is
+    # the teacher's last norm before that norm's gain and bias, y_last = (T − β_last) / g_last.
+    # (AdaNorm with k → 0 is C·y, so its scale C must be undone exactly too.)
+    teacher = _bert(True)
+    student = copy.deepcopy(teacher)
+    sites = find_sites(teacher, NORMS, _batch())
+    apply_sites(student, teacher, sites, scale=options.get("C", 1.0))
+    hf_adanorm.patch_model(student, norm, eps_mode="torch", **options)
+    batch = _batch(seed=2)
+    with torch.no_grad():
+        reference = teacher(**batch).last_hidden_state
+        got = student(**batch).last_hidden_state / options.get("C", 1.0)
+    last = teacher.get_submodule(NORMS[-1])
+    expected = (reference - last.bias) / last.weight
+    # the student's norms see inputs scaled by c/g, so only eps (1e-12) separates them
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # and without the rescaled start the naive swap is far off
+    naive = copy.deepcopy(teacher)
+    hf_adanorm.patch_model(naive, norm, eps_mode="torch", **options)
+    with torch.no_grad():
+        assert (naive(**batch).last_hidden_state / options.get("C", 1.0) - expected).abs().max() > 0.1
+
+
+def test_restore_puts_back_every_tensor():
+    teacher = _bert(False)
+    student = copy.deepcopy(teacher)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    saved = apply_sites(student, teacher, find_sites(teacher, NORMS, _batch()), scale=1.0)
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    restore(student, saved)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_a_conversion_starts_from_the_rescaled_student_and_reports_it(tmp_path):
+    from hf_adanorm.training.modeling import build_vocab_tokenizer
+    words = "the a film movie good bad dull bright long short story actor plot scene".split()
+    gen = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (8,), generator=gen)) for _ in range(200)]
+    (tmp_path / "texts.txt").write_text("\n".join(texts))
+    tokenizer = build_vocab_tokenizer(texts, "word")
+    teacher = _bert(False)
+    teacher.resize_token_embeddings(len(tokenizer))
+    teacher.save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    common = dict(model=str(tmp_path / "bert"), dataset=str(tmp_path / "texts.txt"), norm="layernorm_simple",
+                  max_steps=4, eval_every=2, max_length=16, per_device_batch_size=8, checkpointing_steps=None)
+    result = convert_model(ConvertArgs(output_dir=str(tmp_path / "rescaled"), **common))
+    plain = convert_model(ConvertArgs(output_dir=str(tmp_path / "plain"), rescale_post_ln=False, **common))
+    assert sorted(result["rescaled"]) == sorted(NORMS[:-1]) and plain["rescaled"] == {}
+    assert result["start"]["embedding_cosine"] > result["naive"]["embedding_cosine"]
+    assert result["naive"] == pytest.approx(plain["naive"])  # the naive swap is measured before the rescale
+    assert result["start_alpha"] == pytest.approx(4 / 5)
+    report = (tmp_path / "rescaled" / "conversion.md").read_text()
+    assert "rescaled start" in report and "rescaled start" not in (tmp_path / "plain" / "conversion.md").read_text()
