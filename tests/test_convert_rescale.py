@@ -113,3 +113,29 @@ def test_a_conversion_starts_from_the_rescaled_student_and_reports_it(tmp_path):
     assert result["start_alpha"] == pytest.approx(4 / 5)
     report = (tmp_path / "rescaled" / "conversion.md").read_text()
     assert "rescaled start" in report and "rescaled start" not in (tmp_path / "plain" / "conversion.md").read_text()
+
+
+@pytest.mark.parametrize("constant_gains", [True, False])
+def test_norm_targets_vanish_exactly_when_the_rescaled_student_is_the_teacher(constant_gains):
+    from hf_adanorm.convert.rescale import NormTargets
+    teacher = _bert(constant_gains)
+    student = copy.deepcopy(teacher)
+    sites = find_sites(teacher, NORMS, _batch())
+    apply_sites(student, teacher, sites, scale=1.0)
+    hf_adanorm.patch_model(student, "layernorm_simple", eps_mode="torch")
+    targets = NormTargets(teacher, student, list(sites), scale=1.0)
+    batch = _batch(seed=3)
+    with torch.no_grad():
+        teacher(**batch)
+        student(**batch)
+    loss = float(targets.loss(batch["attention_mask"]))
+    assert loss < 1e-6 if constant_gains else loss > 1e-3
+    targets.remove()
+    assert not teacher.get_submodule(NORMS[0])._forward_hooks
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])
+def test_a_bad_layer_loss_weight_is_refused(value, tmp_path):
+    with pytest.raises(ValueError, match="layer_loss_weight"):
+        ConvertArgs(model="m", dataset="d", output_dir=str(tmp_path / "out"), layer_loss_weight=value)
+    assert not (tmp_path / "out").exists()

@@ -76,6 +76,10 @@ class ConvertArgs:
         "it, and the residual writer after it is rescaled (hf_adanorm/convert/rescale.py). Such norms are "
         "swapped at step 0; the schedule blends the others. Measured on MiniLM: a much closer start "
         "and a better end (docs/conversion.md)."))
+    layer_loss_weight: float = field(default=1.0, metadata=_help(
+        "Weight of a per-norm target for the rescaled post-LN norms, added to the objective: each one's "
+        "output, mapped back through the original gain and bias, should match the original norm's output "
+        "(1 − cosine per token, averaged over norms). 0 turns it off."))
     schedule: str = field(default=DEFAULT_SCHEDULE, metadata=_help(
         "How the norms are swapped while distilling: 'blend' (every norm's output blended from the "
         "original to the new one together), 'layerwise' (one norm after another, in module order) or "
@@ -144,6 +148,9 @@ class ConvertArgs:
             raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate!r}")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0 (or None: no clipping), got {self.max_grad_norm!r}")
+        if not (isinstance(self.layer_loss_weight, (int, float)) and math.isfinite(self.layer_loss_weight)
+                and self.layer_loss_weight >= 0):
+            raise ValueError(f"layer_loss_weight must be a finite number >= 0, got {self.layer_loss_weight!r}")
         if not 0 <= self.ramp_fraction <= 1:
             raise ValueError(f"ramp_fraction must be in [0, 1], got {self.ramp_fraction!r}")
         if not 0 < self.validation_fraction < 1:

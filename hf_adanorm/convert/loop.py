@@ -28,7 +28,7 @@ from ..training.loop import make_accelerator
 from .args import ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import choose_objective, distill_loss, drift
-from .rescale import apply_sites, find_sites, restore
+from .rescale import NormTargets, apply_sites, find_sites, output_scale, restore
 from .report import ARGS_FILE, OWN_FILES, RESULT_FILE, summarize, write_reports
 from .schedule import alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
 
@@ -157,8 +157,7 @@ def _rescale_post_ln(student, teacher, record, probe, wrapped, naive, norm_confi
     sites = find_sites(teacher, names, {k: v[:2].to(device) for k, v in probe.items()})
     if not sites:
         return {}, None
-    scale = norm_config.C if norm_config.norm == "adanorm" else 1.0  # AdaNorm: C(1 - k y) y ~ C y
-    saved = apply_sites(student, teacher, sites, scale)
+    saved = apply_sites(student, teacher, sites, output_scale(norm_config))
     start = remeasure()
     if not _closer(start, naive):
         restore(student, saved)
@@ -207,6 +206,8 @@ def convert_model(args: ConvertArgs) -> dict:
         rescaled, start = _rescale_post_ln(student, teacher, record, probe, wrapped, naive, norm_config,
                                            lambda: measure(student, teacher, eval_loader, accelerator.device,
                                                            wrapped, causal))
+    targets = (NormTargets(teacher, student, list(rescaled), output_scale(norm_config))
+               if rescaled and args.layer_loss_weight > 0 else None)
     total_steps = 0 if exact else args.max_steps
     ramp_steps = int(round(args.ramp_fraction * total_steps))
 
@@ -246,6 +247,8 @@ def convert_model(args: ConvertArgs) -> dict:
                 with torch.no_grad():
                     target = teacher(**batch)
                 loss = distill_loss(objective, target, model(**batch), batch["attention_mask"])
+                if targets is not None:
+                    loss = loss + args.layer_loss_weight * targets.loss(batch["attention_mask"])
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -271,6 +274,8 @@ def convert_model(args: ConvertArgs) -> dict:
         epoch += 1
         loop["epoch"], loop["batches_in_epoch"] = epoch, 0
     progress.close()
+    if targets is not None:
+        targets.remove()
 
     unwrapped = accelerator.unwrap_model(model)
     unwrap_norms(unwrapped, wrapped)  # only the target norms remain

@@ -48,6 +48,11 @@ class Site:
     weights: torch.Tensor | None = field(default=None, repr=False)  # E[y²] per feature
 
 
+def output_scale(norm_config) -> float:
+    """c of the module docstring: what the new norm's output is, roughly, a multiple of y."""
+    return float(norm_config.C) if norm_config.norm == "adanorm" else 1.0
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and (a.data_ptr() == b.data_ptr() or torch.equal(a, b))
 
@@ -142,3 +147,46 @@ def restore(student: nn.Module, saved: dict) -> None:
         linear = student.get_submodule(name)
         linear.weight.copy_(weight)
         linear.bias.copy_(bias)
+
+
+class NormTargets:
+    """A per-norm distillation target for the rescaled norms: the student's norm output s, mapped back
+    through the teacher's gain and bias, should match the teacher's output z of the same norm,
+
+        loss = mean over norms n of  mean over tokens of  1 − cos(γ_n ⊙ s_n / c + β_n, z_n),
+
+    so every layer gets its own signal instead of only the last one's (measured: docs/conversion.md).
+    Forward hooks keep the latest outputs of both models; :meth:`loss` reads them after a step's
+    forward passes."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, names: list[str], scale: float):
+        self.scale, self.names = scale, list(names)
+        self.student_out, self.teacher_out, self.hooks = {}, {}, []
+        for name in self.names:
+            norm = teacher.get_submodule(name)
+            self.hooks.append(student.get_submodule(name).register_forward_hook(self._keep(self.student_out, name)))
+            self.hooks.append(norm.register_forward_hook(self._keep(self.teacher_out, name)))
+        self.affine = {n: (teacher.get_submodule(n).weight.detach(), teacher.get_submodule(n).bias.detach())
+                       for n in self.names}
+
+    @staticmethod
+    def _keep(store, name):
+        def hook(_module, _args, out):
+            store[name] = out
+        return hook
+
+    def loss(self, mask: torch.Tensor) -> torch.Tensor:
+        keep = mask.bool()
+        total = 0.0
+        for name in self.names:
+            gamma, beta = self.affine[name]
+            mapped = self.student_out[name].float() * (gamma.float() / self.scale) + beta.float()
+            cosine = torch.nn.functional.cosine_similarity(mapped, self.teacher_out[name].float(), dim=-1)
+            total = total + (1 - cosine)[keep].mean()
+        return total / len(self.names)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.student_out.clear()
+        self.teacher_out.clear()
