@@ -61,6 +61,16 @@ inline void store_tail(T* p, int64_t count, const Vec& lo, const Vec& hi) {
   std::memcpy(p, padded, count * sizeof(T));
 }
 
+// Asks for the cache lines of one step at p to be brought into L2, without waiting for them.
+// Used on the next row while the current one is computed from L1, so that memory keeps streaming.
+template <typename T>
+inline void prefetch_step(const T* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  for (int64_t byte = 0; byte < kStep * int64_t(sizeof(T)); byte += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + byte, /*read*/ 0, /*L2*/ 2);
+#endif
+}
+
 // Zero in the lanes at and past count of a step (0 <= count <= kStep), so that a partial step's
 // padding adds nothing to a sum.
 inline void keep_first(int64_t count, Vec& lo, Vec& hi) {

@@ -32,6 +32,7 @@ using hf_adanorm::keep_first;
 using hf_adanorm::kStep;
 using hf_adanorm::load_step;
 using hf_adanorm::load_tail;
+using hf_adanorm::prefetch_step;
 using hf_adanorm::row_sums;
 using hf_adanorm::store_step;
 using hf_adanorm::store_tail;
@@ -57,8 +58,9 @@ inline void for_each_step(int64_t d, Step step, Tail tail) {
   if (j < d) tail(j, d - j);
 }
 
+// next: the row to prefetch while this one is written (nullptr for none).
 template <typename T>
-void forward_row(const T* x, T* z, float* mean_out, float* rstd_out, const Norm& n) {
+void forward_row(const T* x, const T* next, T* z, float* mean_out, float* rstd_out, const Norm& n) {
   float mean = 0.f;
   if (n.centre) {
     // Summing x - x[0] keeps a large common offset out of the float partial sums.
@@ -115,6 +117,7 @@ void forward_row(const T* x, T* z, float* mean_out, float* rstd_out, const Norm&
   for_each_step(
       n.d,
       [&](int64_t j) {
+        if (next) prefetch_step(next + j);
         Vec a, b;
         load_step(x + j, a, b);
         normalize(a);
@@ -132,9 +135,10 @@ void forward_row(const T* x, T* z, float* mean_out, float* rstd_out, const Norm&
   *rstd_out = rstd;
 }
 
+// g_next, x_next: the rows to prefetch while this one is written (nullptr for none).
 template <typename T>
-void input_grad_row(const T* g, const T* x, float mean, float rstd, T* dx, const Norm& n,
-                    bool subtract_mean, bool rescale) {
+void input_grad_row(const T* g, const T* x, const T* g_next, const T* x_next, float mean, float rstd, T* dx,
+                    const Norm& n, bool subtract_mean, bool rescale) {
   float b_factor = rescale ? 1.f : 0.f;
   if (rescale && n.fairseq) {
     // d sigma / d v differs from torch mode: b = sigma D / ((D - u) sqrt(v)); a constant row
@@ -183,6 +187,10 @@ void input_grad_row(const T* g, const T* x, float mean, float rstd, T* dx, const
   for_each_step(
       n.d,
       [&](int64_t j) {
+        if (x_next) {
+          prefetch_step(x_next + j);
+          prefetch_step(g_next + j);
+        }
         Vec xa, xb, ga, gb;
         load_step(x + j, xa, xb);
         load_step(g + j, ga, gb);
@@ -249,7 +257,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, doub
     T* zp = z.mutable_data_ptr<T>();
     float *mp = mean.mutable_data_ptr<float>(), *rp = rstd.mutable_data_ptr<float>();
     at::parallel_for(0, rows, grain(n.d), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) forward_row(xp + i * n.d, zp + i * n.d, mp + i, rp + i, n);
+      for (int64_t i = begin; i < end; ++i) {
+        const T* next = i + 1 < end ? xp + (i + 1) * n.d : nullptr;
+        forward_row(xp + i * n.d, next, zp + i * n.d, mp + i, rp + i, n);
+      }
     });
   });
   return {z, mean, rstd};
@@ -274,8 +285,11 @@ at::Tensor input_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor
     const float *mp = mean.const_data_ptr<float>(), *rp = rstd.const_data_ptr<float>();
     T* dxp = dx.mutable_data_ptr<T>();
     at::parallel_for(0, x.size(0), grain(n.d), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        input_grad_row(gp + i * n.d, xp + i * n.d, mp[i], rp[i], dxp + i * n.d, n, subtract_mean, rescale);
+      for (int64_t i = begin; i < end; ++i) {
+        const bool more = i + 1 < end;
+        input_grad_row(gp + i * n.d, xp + i * n.d, more ? gp + (i + 1) * n.d : nullptr,
+                       more ? xp + (i + 1) * n.d : nullptr, mp[i], rp[i], dxp + i * n.d, n, subtract_mean, rescale);
+      }
     });
   });
   return dx;
