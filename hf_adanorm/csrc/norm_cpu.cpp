@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -218,11 +217,12 @@ at::Tensor empty_output_like(const at::Tensor& x) {
   at::Tensor out = at::empty_like(x);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const int64_t bytes = out.nbytes();
-  if (bytes >= kAdviseHugePagesFrom && std::getenv("HF_ADANORM_NO_HUGEPAGES") == nullptr) {
+  // Only advice: ignored where transparent huge pages are off ("never").
+  if (bytes >= kAdviseHugePagesFrom) {
     const auto address = reinterpret_cast<uintptr_t>(out.data_ptr());
     const uintptr_t start = (address + kHugePageBytes - 1) & ~uintptr_t(kHugePageBytes - 1);
     const uintptr_t end = (address + bytes) & ~uintptr_t(kHugePageBytes - 1);
-    if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);  // advice only
+    if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
   }
 #endif
   return out;
