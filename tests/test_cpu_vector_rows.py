@@ -3,7 +3,7 @@ Kahan-combined blocks) against the float64 reference of test_norms.py.
 
 Each vector ISA walks a row in steps of 16 (AVX2) or 32 (AVX-512) elements and sums it in blocks
 of 64 steps, so the row lengths here sit on both sides of those sizes (a masked last step, a
-last block of one step). Also: outputs large enough for the huge-page advice, rows split over
+last block of one step). Also: outputs larger than glibc's mmap threshold (fresh pages), rows split over
 several threads (the next-row prefetch stops at a thread's last row), long rows far from zero
 against torch's own error, and every ISA build torch can dispatch to on this CPU.
 """
@@ -41,8 +41,8 @@ def test_row_lengths_around_the_vector_step(variant, eps_mode, dtype, cpu_kernel
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("dtype,shape", [(torch.float32, (2048, 4096)), (torch.bfloat16, (4096 + 3, 4096))],
                          ids=["fp32-32MiB", "bf16-32MiB"])
-def test_outputs_given_huge_pages_split_over_threads(dtype, shape, threads, cpu_kernels_mode):
-    """32 MiB outputs (advised 2 MiB pages), rows split over threads: the prefetch of each
+def test_large_outputs_split_over_threads(dtype, shape, threads, cpu_kernels_mode):
+    """32 MiB outputs (fresh pages from mmap), rows split over threads: the prefetch of each
     thread's next row stops at its last, and every row is normalized once."""
     calls = cpu_kernels_mode("auto")
     variant = next(v for v in NORMS if v.id == "adanorm")

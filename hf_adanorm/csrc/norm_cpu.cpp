@@ -19,9 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "float_lanes.h"
 
@@ -207,27 +204,6 @@ void input_grad_row(const T* g, const T* x, const T* g_next, const T* x_next, fl
       });
 }
 
-// A fresh output of this size comes straight from mmap (glibc's largest mmap threshold is 32 MiB),
-// and the kernel faults it in and zeroes it 4 KiB at a time on first write: at 256 MiB that takes
-// longer than the row arithmetic. Backed by 2 MiB pages it takes 512 times fewer faults.
-constexpr int64_t kHugePageBytes = int64_t(1) << 21;
-constexpr int64_t kAdviseHugePagesFrom = int64_t(32) << 20;
-
-at::Tensor empty_output_like(const at::Tensor& x) {
-  at::Tensor out = at::empty_like(x);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = out.nbytes();
-  // Only advice: ignored where transparent huge pages are off ("never").
-  if (bytes >= kAdviseHugePagesFrom) {
-    const auto address = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t start = (address + kHugePageBytes - 1) & ~uintptr_t(kHugePageBytes - 1);
-    const uintptr_t end = (address + bytes) & ~uintptr_t(kHugePageBytes - 1);
-    if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
-}
-
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(),
               "hf_adanorm CPU kernel: ", name, " must be a contiguous 2-D CPU tensor");
@@ -248,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, doub
   check_rows(x, "x");
   const int64_t rows = x.size(0);
   const Norm n{float(eps), float(k), float(C), centre, fairseq, x.size(1)};
-  at::Tensor z = empty_output_like(x);
+  at::Tensor z = at::empty_like(x);
   at::Tensor mean = at::empty({rows, 1}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows, 1}, x.options().dtype(at::kFloat));
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
@@ -278,7 +254,7 @@ at::Tensor input_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor
                   mean.numel() == x.size(0) && rstd.numel() == x.size(0),
               "hf_adanorm CPU kernel: mean and rstd must be contiguous float32, one per row");
   const Norm n{float(eps), float(k), float(C), centre, fairseq, x.size(1)};
-  at::Tensor dx = empty_output_like(x);
+  at::Tensor dx = at::empty_like(x);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T *gp = g.const_data_ptr<T>(), *xp = x.const_data_ptr<T>();
