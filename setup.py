@@ -12,7 +12,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["hf_adanorm", "hf_adanorm.*"]),
-    package_data={"hf_adanorm": ["csrc/*.cpp"]},  # the CPU kernels' source, built on first use
+    package_data={"hf_adanorm": ["csrc/*.cpp", "csrc/*.h"]},  # the CPU kernels' source, built on first use
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",  # torch.library.custom_op with register_vmap (hf_adanorm/functional.py)

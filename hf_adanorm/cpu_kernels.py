@@ -31,37 +31,49 @@ logger = logging.getLogger(__name__)
 
 BACKEND = "cpu"
 SOURCE = Path(__file__).with_name("csrc") / "norm_cpu.cpp"
+HEADERS = [Path(__file__).with_name("csrc") / "float_lanes.h"]  # included by SOURCE
 
 
 class BuildError(RuntimeError):
     """The kernels cannot be built or loaded on this machine (a kernel call that fails is not one)."""
 
 
+# torch's own flags for its kernels of each CPU capability (cmake/Codegen.cmake): at::vec's
+# Vectorized<float> then has 16 (AVX512) or 8 (AVX2) lanes; without them it is a portable array.
+VECTOR_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
 def build_flags() -> tuple[str, list[str], list[str]]:
     """``(name, cflags, ldflags)`` for this CPU, platform and torch build.
 
-    The vector-ISA flags follow the CPU torch itself dispatches to, and are part of the
-    extension's name, so a cache shared by machines of different CPUs keeps one build each.
+    The vector ISA is the one torch itself dispatches to on this CPU (a runtime check of the CPU,
+    which ``ATEN_CPU_CAPABILITY`` can lower), and is part of the extension's name, so a cache
+    shared by machines of different CPUs keeps one build each and never loads one a CPU cannot run.
     """
     if sys.platform == "win32":  # MSVC: no OpenMP here, so rows run on one thread (untested)
-        return "hf_adanorm_cpu", ["/O2"], []
+        return "hf_adanorm_cpu", ["/O2", "-DCPU_CAPABILITY=DEFAULT"], []
     capability = torch.backends.cpu.get_cpu_capability()
-    isa = ["-mavx2", "-mfma", "-mf16c"] if capability in ("AVX2", "AVX512") else []
+    isa = VECTOR_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
     # at::parallel_for runs its loop on torch's OpenMP pool only if this file is built with
     # OpenMP too; otherwise (and with Apple's clang, which has no -fopenmp) the rows run on
-    # one thread and the `omp simd` reductions still vectorize.
+    # one thread.
     openmp = torch.backends.openmp.is_available() and sys.platform != "darwin"
-    name = "hf_adanorm_cpu" + ("_avx2" if isa else "")
+    name = "hf_adanorm_cpu" + (f"_{capability.lower()}" if capability in VECTOR_FLAGS else "")
     return name, ["-O3", *isa, "-fopenmp" if openmp else "-fopenmp-simd"], ["-fopenmp"] if openmp else []
 
 
 def build_directory(name: str, flags: list[str]) -> Path:
-    """Where the build is cached: one folder per source text, flags and torch version (whose
+    """Where the build is cached: one folder per source text (headers included), flags and torch version (whose
     ABI the library is tied to), so an upgrade of either never loads a stale library."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    sources = b"".join(path.read_bytes() for path in [SOURCE, *HEADERS])
+    digest = hashlib.sha256(sources + " ".join(flags).encode()).hexdigest()[:12]
     return Path(root) / f"{name}-torch{torch.__version__}-{digest}"
 
 

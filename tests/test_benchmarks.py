@@ -41,3 +41,30 @@ def test_e2e_benchmark_of_compiled_models(compile_mode, tmp_path, monkeypatch, c
     assert [r["variant"] for r in rows] == ["unpatched", "adanorm"] and rows[1]["step_ms"] > 0
     assert (tmp_path / f"e2e_compile_{compile_mode}.csv").exists()
     assert (calls["forward"] > 0 and calls["input_grad"] > 0) == (compile_mode == "kernels")
+
+
+def test_norm_benchmark_reports_the_share_of_copy_bandwidth(tmp_path, monkeypatch, cpu_kernels_mode):
+    """bench_norms.py times a same-dtype copy beside the norms, per thread count, and derives
+    GB/s and the share of copy bandwidth (2.5 t_copy / t_full) from the same repeats."""
+    cpu_kernels_mode("auto")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = pytest.importorskip("bench_norms")
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        rows = bench.main(["--shapes", "64x40", "--dtypes", "bf16", "--threads", "1", "--paths", "cpu",
+                           "--repeats", "7", "--budget", "0", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert {r["norm"] for r in rows} >= {"nn.LayerNorm", *bench.BANDWIDTH_NORMS}
+    for r in rows:
+        assert (r["tokens"], r["hidden"], r["dtype"], r["threads"]) == (64, 40, "bfloat16", 1)
+        copy_bytes = 2 * 64 * 40 * 2
+        assert r["copy_gbs"] == pytest.approx(copy_bytes / r["copy_ms"] / 1e6)
+        assert r["full_gbs"] == pytest.approx(2.5 * copy_bytes / r["full_ms"] / 1e6)
+        assert 0 < r["full_share"] and 0 < r["fwd_share"] and 0 < r["bwd_share"]
+    lines = bench.check_bandwidth_targets(rows)
+    assert len(lines) == len(bench.BANDWIDTH_NORMS)
+    assert all(line.startswith(("PASS", "MISS")) and "64x40 bfloat16 1 thread(s)" in line for line in lines)
+    with open(tmp_path / "norms.csv") as f:
+        assert "full_share" in next(csv.reader(f))

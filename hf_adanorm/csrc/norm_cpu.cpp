@@ -19,30 +19,20 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <vector>
-#if defined(__F16C__) && defined(__AVX__)
-#include <immintrin.h>
-#endif
+
+#include "float_lanes.h"
 
 namespace {
 
-// Element conversions written as plain bit arithmetic, so the compiler vectorizes the row
-// loops for half-precision inputs too (c10's conversions branch, which keeps them scalar).
-inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) {
-  const uint32_t bits = uint32_t(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline void store(float* out, float v) { *out = v; }
-inline void store(c10::BFloat16* out, float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  const uint32_t nearest_even = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  out->x = v != v ? uint16_t(0x7FC0) : uint16_t(nearest_even);  // NaN stays NaN
-}
+using hf_adanorm::keep_first;
+using hf_adanorm::kStep;
+using hf_adanorm::load_step;
+using hf_adanorm::load_tail;
+using hf_adanorm::prefetch_step;
+using hf_adanorm::row_sums;
+using hf_adanorm::store_step;
+using hf_adanorm::store_tail;
+using hf_adanorm::Vec;
 
 struct Norm {
   float eps, k, C;
@@ -55,127 +45,163 @@ struct Norm {
 // Rows per task: enough elements that a thread's share outweighs waking it.
 int64_t grain(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
 
-// Row sums: float partial sums over blocks of kBlock elements (vectorized), added up in double,
-// so the rounding error does not grow with the row length as one float accumulator's would.
-constexpr int64_t kBlock = 256;
-
-// sum over j < d of term(j), blocked as above.
-template <typename Term>
-double row_sum(int64_t d, Term term) {
-  double total = 0.0;
-  for (int64_t lo = 0; lo < d; lo += kBlock) {
-    const int64_t hi = std::min(d, lo + kBlock);
-    float part = 0.f;
-#pragma omp simd reduction(+ : part)
-    for (int64_t j = lo; j < hi; ++j) part += term(j);
-    total += part;
-  }
-  return total;
+// Calls step(j) for each whole step of kStep elements (j its first element) and tail(j, count)
+// for a last partial one; each loads and stores its own data.
+template <typename Step, typename Tail>
+inline void for_each_step(int64_t d, Step step, Tail tail) {
+  int64_t j = 0;
+  for (; j + kStep <= d; j += kStep) step(j);
+  if (j < d) tail(j, d - j);
 }
 
+// next: the row to prefetch while this one is written (nullptr for none).
 template <typename T>
-void forward_row(const T* x, T* z, float* mean_out, float* rstd_out, const Norm& n) {
+void forward_row(const T* x, const T* next, T* z, float* mean_out, float* rstd_out, const Norm& n) {
   float mean = 0.f;
   if (n.centre) {
     // Summing x - x[0] keeps a large common offset out of the float partial sums.
-    const float pivot = to_float(x[0]);
-    mean = float(pivot + row_sum(n.d, [&](int64_t j) { return to_float(x[j]) - pivot; }) / n.d);
+    const float pivot = static_cast<float>(x[0]);
+    const Vec shift(pivot);
+    const auto [sum] = row_sums<1>(
+        n.d,
+        [&](int64_t j, auto& lo, auto& hi) {
+          Vec a, b;
+          load_step(x + j, a, b);
+          lo[0] = lo[0] + (a - shift);
+          hi[0] = hi[0] + (b - shift);
+        },
+        [&](int64_t j, int64_t count, auto& lo, auto& hi) {
+          Vec a, b;
+          load_tail(x + j, count, a, b);
+          a = a - shift;
+          b = b - shift;
+          keep_first(count, a, b);
+          lo[0] = lo[0] + a;
+          hi[0] = hi[0] + b;
+        });
+    mean = float(pivot + sum / n.d);
   }
   // Second pass over the cached row: exact for rows far from zero mean, unlike E[x^2] - E[x]^2.
-  const double squares = row_sum(n.d, [&](int64_t j) {
-    const float c = to_float(x[j]) - mean;
-    return c * c;
-  });
+  const Vec mean_v(mean);
+  const auto [squares] = row_sums<1>(
+      n.d,
+      [&](int64_t j, auto& lo, auto& hi) {
+        Vec a, b;
+        load_step(x + j, a, b);
+        a = a - mean_v;
+        b = b - mean_v;
+        lo[0] = at::vec::fmadd(a, a, lo[0]);
+        hi[0] = at::vec::fmadd(b, b, hi[0]);
+      },
+      [&](int64_t j, int64_t count, auto& lo, auto& hi) {
+        Vec a, b;
+        load_tail(x + j, count, a, b);
+        a = a - mean_v;
+        b = b - mean_v;
+        keep_first(count, a, b);
+        lo[0] = at::vec::fmadd(a, a, lo[0]);
+        hi[0] = at::vec::fmadd(b, b, hi[0]);
+      });
   const double v = squares / n.dof();
   const float rstd = float(n.fairseq ? 1.0 / (std::sqrt(v) + n.eps) : 1.0 / std::sqrt(v + n.eps));
-  const float C = n.C, Ck = n.C * n.k;
-#pragma omp simd
-  for (int64_t j = 0; j < n.d; ++j) {
-    const float y = (to_float(x[j]) - mean) * rstd;
-    store(z + j, y * (C - Ck * y));
-  }
+  // z = y (C - C k y) with y = (x - mean) rstd
+  const Vec rstd_v(rstd), C(n.C), minus_Ck(-n.C * n.k);
+  auto normalize = [&](Vec& a) {
+    const Vec y = (a - mean_v) * rstd_v;
+    a = y * at::vec::fmadd(minus_Ck, y, C);
+  };
+  for_each_step(
+      n.d,
+      [&](int64_t j) {
+        if (next) prefetch_step(next + j);
+        Vec a, b;
+        load_step(x + j, a, b);
+        normalize(a);
+        normalize(b);
+        store_step(z + j, a, b);
+      },
+      [&](int64_t j, int64_t count) {
+        Vec a, b;
+        load_tail(x + j, count, a, b);
+        normalize(a);
+        normalize(b);
+        store_tail(z + j, count, a, b);
+      });
   *mean_out = mean;
   *rstd_out = rstd;
 }
 
+// g_next, x_next: the rows to prefetch while this one is written (nullptr for none).
 template <typename T>
-void input_grad_row(const T* g, const T* x, float mean, float rstd, T* dx, const Norm& n,
-                    bool subtract_mean, bool rescale) {
-  float b = rescale ? 1.f : 0.f;
+void input_grad_row(const T* g, const T* x, const T* g_next, const T* x_next, float mean, float rstd, T* dx,
+                    const Norm& n, bool subtract_mean, bool rescale) {
+  float b_factor = rescale ? 1.f : 0.f;
   if (rescale && n.fairseq) {
     // d sigma / d v differs from torch mode: b = sigma D / ((D - u) sqrt(v)); a constant row
     // (sqrt(v) == 0) has y == 0, so the term vanishes there.
     const float sigma = 1.f / rstd, root_v = sigma - n.eps;
-    b = root_v > 0.f ? sigma * n.d / (n.dof() * root_v) : 0.f;
+    b_factor = root_v > 0.f ? sigma * n.d / (n.dof() * root_v) : 0.f;
   }
-  const float C = n.C, Ck = n.C * n.k;
-  double sum_gp = 0.0, sum_gpy = 0.0;
-  for (int64_t lo = 0; lo < n.d; lo += kBlock) {
-    const int64_t hi = std::min(n.d, lo + kBlock);
-    float part_gp = 0.f, part_gpy = 0.f;
-#pragma omp simd reduction(+ : part_gp, part_gpy)
-    for (int64_t j = lo; j < hi; ++j) {
-      const float y = (to_float(x[j]) - mean) * rstd;
-      const float gp = to_float(g[j]) * (C - Ck * y);
-      part_gp += gp;
-      part_gpy += gp * y;
-    }
-    sum_gp += part_gp;
-    sum_gpy += part_gpy;
-  }
-  const float shift = subtract_mean ? float(sum_gp / n.d) : 0.f;
-  const float tilt = float(b * sum_gpy / n.d);
-#pragma omp simd
-  for (int64_t j = 0; j < n.d; ++j) {
-    const float y = (to_float(x[j]) - mean) * rstd;
-    const float gp = to_float(g[j]) * (C - Ck * y);
-    store(dx + j, rstd * (gp - shift - tilt * y));
-  }
-}
-
-// float16: compilers do not vectorize its conversions inside the loops above, so each row is
-// converted into a float32 scratch row (8 lanes at a time with F16C), normalized, converted back.
-void half_to_float(const c10::Half* src, float* dst, int64_t n) {
-  int64_t j = 0;
-#if defined(__F16C__) && defined(__AVX__)
-  for (; j + 8 <= n; j += 8)
-    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
-#endif
-  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-void float_to_half(const float* src, c10::Half* dst, int64_t n) {
-  int64_t j = 0;
-#if defined(__F16C__) && defined(__AVX__)
-  for (; j + 8 <= n; j += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
-  for (; j < n; ++j) dst[j] = c10::Half(src[j]);
-}
-
-float* scratch(int slot, int64_t n) {
-  thread_local std::vector<float> rows[2];
-  if (int64_t(rows[slot].size()) < n) rows[slot].resize(n);
-  return rows[slot].data();
-}
-
-template <>
-void forward_row(const c10::Half* x, c10::Half* z, float* mean_out, float* rstd_out, const Norm& n) {
-  float* row = scratch(0, n.d);
-  half_to_float(x, row, n.d);
-  forward_row(row, row, mean_out, rstd_out, n);  // z[j] is written after x[j]'s last read
-  float_to_half(row, z, n.d);
-}
-
-template <>
-void input_grad_row(const c10::Half* g, const c10::Half* x, float mean, float rstd, c10::Half* dx,
-                    const Norm& n, bool subtract_mean, bool rescale) {
-  float *g_row = scratch(0, n.d), *x_row = scratch(1, n.d);
-  half_to_float(g, g_row, n.d);
-  half_to_float(x, x_row, n.d);
-  input_grad_row(g_row, x_row, mean, rstd, g_row, n, subtract_mean, rescale);
-  float_to_half(g_row, dx, n.d);
+  const Vec mean_v(mean), rstd_v(rstd), C(n.C), minus_Ck(-n.C * n.k);
+  // y and g' = g (C - C k y) of two vectors of x and g, in place
+  auto y_and_gp = [&](Vec& xa, Vec& ga) {
+    xa = (xa - mean_v) * rstd_v;
+    ga = ga * at::vec::fmadd(minus_Ck, xa, C);
+  };
+  auto add_terms = [&](const Vec& ya, const Vec& gpa, Vec& sum_gp, Vec& sum_gpy) {
+    sum_gp = sum_gp + gpa;
+    sum_gpy = at::vec::fmadd(gpa, ya, sum_gpy);
+  };
+  const auto [sum_gp, sum_gpy] = row_sums<2>(
+      n.d,
+      [&](int64_t j, auto& lo, auto& hi) {
+        Vec xa, xb, ga, gb;
+        load_step(x + j, xa, xb);
+        load_step(g + j, ga, gb);
+        y_and_gp(xa, ga);
+        y_and_gp(xb, gb);
+        add_terms(xa, ga, lo[0], lo[1]);
+        add_terms(xb, gb, hi[0], hi[1]);
+      },
+      [&](int64_t j, int64_t count, auto& lo, auto& hi) {
+        Vec xa, xb, ga, gb;
+        load_tail(x + j, count, xa, xb);
+        load_tail(g + j, count, ga, gb);
+        y_and_gp(xa, ga);
+        y_and_gp(xb, gb);
+        keep_first(count, ga, gb);  // g' = 0 past the row: both terms vanish there
+        add_terms(xa, ga, lo[0], lo[1]);
+        add_terms(xb, gb, hi[0], hi[1]);
+      });
+  // dL/dx = rstd (g' - shift - tilt y)
+  const Vec shift(subtract_mean ? float(sum_gp / n.d) : 0.f);
+  const Vec minus_tilt(-float(b_factor * sum_gpy / n.d));
+  auto input_grad = [&](Vec& xa, Vec& ga) {
+    y_and_gp(xa, ga);
+    ga = rstd_v * at::vec::fmadd(minus_tilt, xa, ga - shift);
+  };
+  for_each_step(
+      n.d,
+      [&](int64_t j) {
+        if (x_next) {
+          prefetch_step(x_next + j);
+          prefetch_step(g_next + j);
+        }
+        Vec xa, xb, ga, gb;
+        load_step(x + j, xa, xb);
+        load_step(g + j, ga, gb);
+        input_grad(xa, ga);
+        input_grad(xb, gb);
+        store_step(dx + j, ga, gb);
+      },
+      [&](int64_t j, int64_t count) {
+        Vec xa, xb, ga, gb;
+        load_tail(x + j, count, xa, xb);
+        load_tail(g + j, count, ga, gb);
+        input_grad(xa, ga);
+        input_grad(xb, gb);
+        store_tail(dx + j, count, ga, gb);
+      });
 }
 
 void check_rows(const at::Tensor& t, const char* name) {
@@ -207,7 +233,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, doub
     T* zp = z.mutable_data_ptr<T>();
     float *mp = mean.mutable_data_ptr<float>(), *rp = rstd.mutable_data_ptr<float>();
     at::parallel_for(0, rows, grain(n.d), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) forward_row(xp + i * n.d, zp + i * n.d, mp + i, rp + i, n);
+      for (int64_t i = begin; i < end; ++i) {
+        const T* next = i + 1 < end ? xp + (i + 1) * n.d : nullptr;
+        forward_row(xp + i * n.d, next, zp + i * n.d, mp + i, rp + i, n);
+      }
     });
   });
   return {z, mean, rstd};
@@ -232,8 +261,11 @@ at::Tensor input_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor
     const float *mp = mean.const_data_ptr<float>(), *rp = rstd.const_data_ptr<float>();
     T* dxp = dx.mutable_data_ptr<T>();
     at::parallel_for(0, x.size(0), grain(n.d), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        input_grad_row(gp + i * n.d, xp + i * n.d, mp[i], rp[i], dxp + i * n.d, n, subtract_mean, rescale);
+      for (int64_t i = begin; i < end; ++i) {
+        const bool more = i + 1 < end;
+        input_grad_row(gp + i * n.d, xp + i * n.d, more ? gp + (i + 1) * n.d : nullptr,
+                       more ? xp + (i + 1) * n.d : nullptr, mp[i], rp[i], dxp + i * n.d, n, subtract_mean, rescale);
+      }
     });
   });
   return dx;
