@@ -91,7 +91,7 @@ class ConvertArgs:
         "'logits' (KL of the teacher's to the student's token distributions), 'hidden' (cosine of the "
         "last hidden state per token and of the mean-pooled embedding) or 'auto' (logits when the "
         "model has them, else hidden)."))
-    max_steps: int = field(default=400, metadata=_help("Optimizer steps of distillation."))
+    max_steps: int = field(default=600, metadata=_help("Optimizer steps of distillation."))
     per_device_batch_size: int = field(default=32, metadata=_help("Texts (or blocks) per step and process."))
     max_length: int = field(default=64, metadata=_help(
         "Encoders: truncate each text to this many tokens. Causal LMs: the length of each block."))
