@@ -68,3 +68,22 @@ def test_norm_benchmark_reports_the_share_of_copy_bandwidth(tmp_path, monkeypatc
     assert all(line.startswith(("PASS", "MISS")) and "64x40 bfloat16 1 thread(s)" in line for line in lines)
     with open(tmp_path / "norms.csv") as f:
         assert "full_share" in next(csv.reader(f))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("minilm_path")
+def test_gradual_swap_benchmark_fine_tunes_through_the_swap(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = pytest.importorskip("gradual_swap_rt")
+    import json
+    import random
+    rng = random.Random(0)
+    words = "a gripping dull film long bright plot".split()
+    for split, n in (("train", 48), ("test", 16)):
+        rows = [(" ".join(rng.choice(words) for _ in range(6)), rng.randint(0, 1)) for _ in range(n)]
+        (tmp_path / f"{split}.csv").write_text("text,label\n" + "\n".join(f'"{t}",{y}' for t, y in rows))
+    results = bench.main(["--data", str(tmp_path), "--norm", "adanorm", "--ramp_steps", "2", "--max_steps", "3",
+                          "--seeds", "0", "--out", str(tmp_path / "out")])
+    assert list(results) == [0] and 0.0 <= results[0] <= 1.0
+    saved = json.loads((tmp_path / "out" / "adanorm.json").read_text())
+    assert saved["ramp_steps"] == 2 and saved["test_accuracy"]["0"] == results[0]
