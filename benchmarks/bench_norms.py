@@ -274,8 +274,9 @@ def plot(rows, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    threads = max(r["threads"] for r in rows)  # one thread count per plot: the most
-    rows = [r for r in rows if r["threads"] == threads]
+    # one thread count per plot: the most (bench_gpu.py's rows have none)
+    threads = max(r.get("threads", 0) for r in rows)
+    rows = [r for r in rows if r.get("threads", 0) == threads]
     dtypes = sorted({r["dtype"] for r in rows})
     fig, axes = plt.subplots(len(dtypes), 1, figsize=(12, 4.5 * len(dtypes)), squeeze=False)
     for ax, dtype in zip(axes[:, 0], dtypes):

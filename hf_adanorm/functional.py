@@ -30,8 +30,9 @@ than ``torch.nn.LayerNorm``, which also keeps its gain and bias.
 
 One op layer: two ``torch.library`` custom ops, ``torch.ops.hf_adanorm.forward`` and
 ``torch.ops.hf_adanorm.input_grad``, compute the values; one ``autograd.Function`` gives them
-their derivatives (see ``_NormalizeFunction`` for why this split).  torch.compile and
-torch.export see the ops whole (no graph break; the fast kernels run inside compiled code).
+their derivatives (see ``_NormalizeFunction`` for why this split).  torch.export sees the ops
+whole; torch.compile sees them whole (the fast kernels run inside compiled code) or traces the
+plain math, whichever was measured faster (``COMPILED_NORMS`` below); never a graph break.
 Behind the ops, each path exists for one reason (tests/test_fast_paths.py and
 tests/test_triton.py check each against plain autograd):
 
@@ -81,11 +82,23 @@ CPU_KERNELS = _switch("HF_ADANORM_CPU_KERNELS", ("auto", "off"))
 # (TRITON_INTERPRET=1), the way the tests check the kernels on machines without a GPU.
 # Read from $HF_ADANORM_TRITON.
 TRITON = _switch("HF_ADANORM_TRITON", ("auto", "off", "always"))
-# What torch.compile sees of a norm: "auto", the op (the kernels above run inside compiled
-# code), or "math", the plain formulas of norm_math, which inductor fuses with the ops around
-# them. benchmarks/bench_e2e.py --compile kernels|math measures which is faster. Read from
+# What torch.compile sees of a norm: "kernels", the op (the kernels above run inside compiled
+# code); "math", the plain formulas of norm_math, which inductor fuses with the ops around them;
+# or "auto", whichever was measured faster (benchmarks/bench_compiled_norms.py, BENCHMARKS.md
+# "Inside torch.compile"): on CPU the math for LayerNorm-simple and the DetachNorms (0.50-0.90x
+# the kernels' time at 8192x768, 0.68-0.99x at 4096x384) and the kernels for AdaNorm (the math
+# takes 1.00-1.16x); on CUDA the choice is unmeasured, so the Triton kernels stay. Read from
 # $HF_ADANORM_COMPILED_NORMS when this module is imported (dynamo guards on its value).
-COMPILED_NORMS = _switch("HF_ADANORM_COMPILED_NORMS", ("auto", "math"))
+COMPILED_NORMS = _switch("HF_ADANORM_COMPILED_NORMS", ("auto", "kernels", "math"))
+
+
+def _compiled_as_math(x: torch.Tensor, k: float) -> bool:
+    """Whether torch.compile, now tracing a norm of ``x`` (AdaNorm's ``k``, 0 for the others),
+    should see its plain formulas. torch.export (which compiles too) keeps the op unless "math":
+    its graph is a program to save and load."""
+    if COMPILED_NORMS != "auto" or torch.compiler.is_exporting():
+        return COMPILED_NORMS == "math"
+    return x.device.type == "cpu" and k == 0
 _SWITCHES = {"cpu": "HF_ADANORM_CPU_KERNELS", "triton": "HF_ADANORM_TRITON"}
 # Why a kernel family cannot run in this process at all (None: it can): no Triton, or C++
 # kernels that do not build.  A kernel *call* that fails falls back for that call only.
@@ -430,7 +443,7 @@ def normalize(
         raise ValueError(f"eps_mode must be 'torch' or 'fairseq', got {eps_mode!r}")
     conf = (float(eps), centre, eps_mode == "fairseq", detach_mean, detach_scale, float(k), float(C))
     if (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or (COMPILED_NORMS == "math" and torch.compiler.is_compiling())):
+            or (torch.compiler.is_compiling() and _compiled_as_math(x, k))):
         # A TorchScript trace or an ONNX graph can hold neither a Python autograd.Function nor a
         # Python custom op: record plain torch ops, which run and differentiate anywhere.
         return norm_math.decomposed(x, n_dims, *conf)

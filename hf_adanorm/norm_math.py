@@ -44,7 +44,7 @@ def _statistics(x, dims, eps: float, centre: bool, fairseq: bool):
     v = (xc * xc).mean(dims, keepdim=True)
     dof = None
     if centre and fairseq:  # the unbiased variance; sizes only here, so traces stay free of them
-        d = math.prod(x.shape[i] for i in dims)
+        d = math.prod([x.shape[i] for i in dims])  # a list: dynamo cannot trace a generator here
         dof = max(d - 1, 1)
         v = v * (d / dof)
     root_v = None

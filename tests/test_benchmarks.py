@@ -87,3 +87,15 @@ def test_gradual_swap_benchmark_fine_tunes_through_the_swap(tmp_path, monkeypatc
     assert list(results) == [0] and 0.0 <= results[0] <= 1.0
     saved = json.loads((tmp_path / "out" / "adanorm.json").read_text())
     assert saved["ramp_steps"] == 2 and saved["test_accuracy"]["0"] == results[0]
+
+
+@pytest.mark.slow
+def test_compiled_norms_benchmark_times_both_modes_and_restores_the_switch(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = pytest.importorskip("bench_compiled_norms")
+    from hf_adanorm import functional
+    before = functional.COMPILED_NORMS
+    rows = bench.main(["--shapes", "16x24", "--repeats", "2", "--variants", "adanorm", "--out", str(tmp_path)])
+    assert functional.COMPILED_NORMS == before
+    assert [r["variant"] for r in rows] == ["adanorm"] and rows[0]["kernels_ms"] > 0 and rows[0]["math_ms"] > 0
+    assert (tmp_path / "compiled_norms_cpu.csv").is_file()

@@ -172,10 +172,16 @@ def test_saves_no_more_than_layernorm(kind, dtype, mode, cpu_kernels_mode):
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_on_patched_model(cpu_kernels_mode):
-    """fullgraph=True raises on any graph break; compiled logits and grads equal eager."""
+@pytest.mark.parametrize("norm, compiled_norms, runs", [("adanorm", "kernels", 3), ("adanorm", "auto", 3),
+                                                        ("adanorm", "math", 0), ("layernorm_simple", "auto", 0),
+                                                        ("layernorm_simple", "kernels", 3)])
+def test_torch_compile_fullgraph_on_patched_model(cpu_kernels_mode, norm, compiled_norms, runs, monkeypatch):
+    """fullgraph=True raises on any graph break; compiled logits and grads equal eager. The compiled
+    graph calls the C++ kernels ``runs`` times each way: with "auto" on CPU for AdaNorm, while
+    LayerNorm-simple traces the math, which inductor fuses (each measured faster there)."""
     require_compiler()
     calls = cpu_kernels_mode("auto")
+    monkeypatch.setattr(functional, "COMPILED_NORMS", compiled_norms)
     from transformers import BertConfig, BertForSequenceClassification
 
     import hf_adanorm
@@ -185,7 +191,7 @@ def test_torch_compile_fullgraph_on_patched_model(cpu_kernels_mode):
                         attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
     model = BertForSequenceClassification(config)
-    hf_adanorm.patch_model(model, "adanorm", k=0.2)
+    hf_adanorm.patch_model(model, norm, **({"k": 0.2} if norm == "adanorm" else {}))
     ids = torch.randint(0, 64, (2, 12))
 
     def loss_and_grads(m):
@@ -198,8 +204,8 @@ def test_torch_compile_fullgraph_on_patched_model(cpu_kernels_mode):
     torch._dynamo.reset()
     eager_calls = dict(calls)
     compiled_logits, compiled_grads = loss_and_grads(torch.compile(model, fullgraph=True))
-    # the compiled graph calls the C++ kernels, once per norm (the embeddings' and 2 per layer) each way
-    assert calls == {"forward": eager_calls["forward"] + 3, "input_grad": eager_calls["input_grad"] + 3}
+    # 3 = once per norm (the embeddings' and 2 per layer)
+    assert calls == {"forward": eager_calls["forward"] + runs, "input_grad": eager_calls["input_grad"] + runs}
     torch.testing.assert_close(compiled_logits, logits, rtol=1e-5, atol=1e-5)
     for got, want in zip(compiled_grads, grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
