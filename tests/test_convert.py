@@ -181,6 +181,24 @@ def test_resume_with_other_options_is_refused(workspace, tmp_path):
         convert_model(_args(workspace, out, max_steps=12, checkpointing_steps=5, learning_rate=1e-3))
 
 
+def test_an_interrupted_conversion_from_before_an_option_existed_resumes_with_its_default(workspace, tmp_path):
+    from hf_adanorm.convert.loop import _check_output_dir
+    from hf_adanorm.convert.report import ARGS_FILE
+    from hf_adanorm.training.checkpoints import STATE_FILE
+    out = tmp_path / "out"
+    args = _args(workspace, out, max_steps=12, checkpointing_steps=5)
+    out.mkdir()
+    saved = args.to_dict()
+    for newer in ("rescale_post_ln", "layer_loss_weight"):  # options added after that run
+        del saved[newer]
+    (out / ARGS_FILE).write_text(json.dumps(saved))
+    (out / "checkpoints" / "step_5").mkdir(parents=True)
+    (out / "checkpoints" / "step_5" / STATE_FILE).write_text("{}")
+    assert _check_output_dir(args) == out / "checkpoints" / "step_5"
+    with pytest.raises(ValueError, match="rescale_post_ln: True -> False"):
+        _check_output_dir(_args(workspace, out, max_steps=12, checkpointing_steps=5, rescale_post_ln=False))
+
+
 def _snapshot(folder: Path):
     if not folder.exists():
         return None

@@ -139,3 +139,61 @@ def test_a_bad_layer_loss_weight_is_refused(value, tmp_path):
     with pytest.raises(ValueError, match="layer_loss_weight"):
         ConvertArgs(model="m", dataset="d", output_dir=str(tmp_path / "out"), layer_loss_weight=value)
     assert not (tmp_path / "out").exists()
+
+
+class _HiddenRead(torch.nn.Module):
+    """A post-LN block whose first norm's output is also read outside any nn.Linear (F.linear)."""
+
+    def __init__(self, hidden_read: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden_read = hidden_read
+        self.ln0, self.ln1 = torch.nn.LayerNorm(8), torch.nn.LayerNorm(8)
+        self.reader, self.writer = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.other = torch.nn.Parameter(torch.randn(8, 8) / 3)
+        with torch.no_grad():
+            self.ln0.weight.uniform_(0.5, 1.5)
+            self.ln0.bias.normal_(0, 0.3)
+
+    def forward(self, x):
+        z = self.ln0(x)
+        h = torch.relu(self.reader(z))
+        if self.hidden_read:
+            h = h + torch.nn.functional.linear(z, self.other)
+        return self.ln1(z + self.writer(h))
+
+
+@pytest.mark.parametrize("hidden_read", [False, True])
+def test_a_site_with_a_reader_the_hooks_cannot_see_is_rejected(hidden_read):
+    from hf_adanorm.convert.rescale import verified_sites
+    model = _HiddenRead(hidden_read).eval()
+    batch = {"x": torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))}
+    assert list(find_sites(model, ["ln0", "ln1"], batch)) == ["ln0"]  # the hooks see reader and writer either way
+    assert list(verified_sites(model, ["ln0", "ln1"], batch)) == ([] if hidden_read else ["ln0"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_teacher_gets_the_same_sites(dtype):
+    from hf_adanorm.convert.rescale import verified_sites
+    teacher = _bert(False)
+    want = verified_sites(teacher, NORMS, _batch())
+    got = verified_sites(teacher.to(dtype), NORMS, _batch())
+    assert list(want) == NORMS[:-1] and list(got) == list(want)
+    assert [s.writer for s in got.values()] == [s.writer for s in want.values()]
+
+
+def test_no_norm_is_not_rescaled(tmp_path):
+    # NoNorm outputs x itself, not about c·y: the rescaled start's premise does not hold
+    from hf_adanorm.training.modeling import build_vocab_tokenizer
+    texts = [" ".join(["good", "bad", "film", "plot"][(i * j) % 4] for j in range(6)) for i in range(40)]
+    (tmp_path / "texts.txt").write_text("\n".join(texts))
+    tokenizer = build_vocab_tokenizer(texts, "word")
+    teacher = _bert(False)
+    teacher.resize_token_embeddings(len(tokenizer))
+    teacher.save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    result = convert_model(ConvertArgs(model=str(tmp_path / "bert"), dataset=str(tmp_path / "texts.txt"),
+                                       norm="no_norm", max_steps=1, eval_every=1, max_length=8,
+                                       per_device_batch_size=4, checkpointing_steps=None,
+                                       output_dir=str(tmp_path / "out")))
+    assert result["rescaled"] == {} and result["start"] is None

@@ -13,6 +13,7 @@ import copy
 import json
 import shutil
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from ..training.loop import make_accelerator
 from .args import ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import choose_objective, distill_loss, drift
-from .rescale import NormTargets, apply_sites, find_sites, output_scale, restore
+from .rescale import RESCALABLE, NormTargets, apply_sites, output_scale, restore, verified_sites
 from .report import ARGS_FILE, OWN_FILES, RESULT_FILE, summarize, write_reports
 from .schedule import alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
 
@@ -71,8 +72,11 @@ def _check_output_dir(args: ConvertArgs) -> Path | None:
         raise FileNotFoundError(f"{path} is not a complete checkpoint: pass a checkpoints/step_N folder or 'latest'")
     saved = json.loads((out / ARGS_FILE).read_text()) if (out / ARGS_FILE).exists() else None
     ignore = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir"}
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in args.to_dict().items()
-               if saved is not None and k not in ignore and saved.get(k) != v]
+    # an option the saved run predates had its default then (the defaults of options added later
+    # reproduce the behaviour before them)
+    defaults = {f.name: f.default for f in fields(ConvertArgs)}
+    changed = [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in args.to_dict().items()
+               if saved is not None and k not in ignore and saved.get(k, defaults[k]) != v]
     if saved is None or changed:
         raise ValueError(f"cannot resume {path}: the conversion there was made with other options "
                          f"({'; '.join(changed) or 'unknown options'}); rerun with the same options, "
@@ -151,10 +155,11 @@ def _closer(a: dict, b: dict) -> bool:
 def _rescale_post_ln(student, teacher, record, probe, wrapped, naive, norm_config, remeasure):
     """Start every post-LN norm from the rescaled student (rescale.py) where that measures closer to the
     teacher than the naive swap; those norms leave the schedule (swapped from step 0)."""
+    if norm_config.norm not in RESCALABLE:  # its output is not about c·y (no_norm: x itself)
+        return {}, None
     folded = set((record.get("fold") or {}).get("folded", {}))
     names = [name for name in record["modules"] if name not in folded]
-    device = next(teacher.parameters()).device
-    sites = find_sites(teacher, names, {k: v[:2].to(device) for k, v in probe.items()})
+    sites = verified_sites(teacher, names, {k: v[:2] for k, v in probe.items()})
     if not sites:
         return {}, None
     saved = apply_sites(student, teacher, sites, output_scale(norm_config))

@@ -30,12 +30,18 @@ missing or ambiguous, or whose Linear has no bias where one is needed, is left t
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-MATCH_TOLERANCE = 1e-4  # relative: |x' − z − o| ≤ tolerance · max|x'| identifies the writer
+from ..fold_trace import primary_output, relative_drift
+from .schedule import PlainNormalization
+
+MATCH_TOLERANCE = 1e-4  # relative: |x' − z − o| ≤ tolerance · max|x'| identifies the writer (float32)
+EXACT_TOLERANCE = 1e-3  # relative output error of a site's exactness check (eps moves it by ~1e-6)
+RESCALABLE = ("layernorm_simple", "adanorm", "detachnorm")  # norms whose output is about c·y
 
 
 @dataclass
@@ -84,7 +90,8 @@ def find_sites(teacher: nn.Module, names: list[str], batch: dict) -> dict[str, S
     sites = {}
     for name in names:
         module = norms.get(name)
-        if module is None or name not in seen_norm or module.weight is None or module.bias is None:
+        if (module is None or name not in seen_norm or module.weight is None or module.bias is None
+                or len(module.normalized_shape) != 1):
             continue
         x, z = seen_norm[name]
         readers = [n for n, (inp, _) in seen_linear.items() if _same(inp, z)]
@@ -118,6 +125,40 @@ def find_sites(teacher: nn.Module, names: list[str], batch: dict) -> dict[str, S
                 sites.pop(owner[linear], None)
             owner[linear] = name
     return sites
+
+
+@torch.no_grad()
+def verified_sites(teacher: nn.Module, names: list[str], batch: dict) -> dict[str, Site]:
+    """:func:`find_sites` on a float32 copy of ``teacher``, keeping only the sites that pass
+    :func:`_exact_when_constant`: a reader the hooks cannot see (a convolution, a functional call,
+    a Linear called again on other input, a tied weight) makes that check fail."""
+    probe = copy.deepcopy(teacher).float().eval()
+    batch = {k: v.to(next(probe.parameters()).device) for k, v in batch.items()}
+    return {name: site for name, site in find_sites(probe, names, batch).items()
+            if _exact_when_constant(probe, name, site, batch)}
+
+
+@torch.no_grad()
+def _exact_when_constant(probe: nn.Module, name: str, site: Site, batch: dict) -> bool:
+    """With this norm's γ set to the constant g, rescaling the site and replacing the norm by the
+    plain normalization must leave the model's output unchanged (the next norm removes the scale)."""
+    norm = probe.get_submodule(name)
+    gamma = norm.weight.detach().clone()
+    parent_name, _, attr = name.rpartition(".")
+    parent = probe.get_submodule(parent_name)
+    norm.weight.fill_(site.gain)
+    saved = None
+    try:
+        reference = primary_output(probe(**batch))
+        saved = apply_sites(probe, probe, {name: site}, scale=1.0)
+        setattr(parent, attr, PlainNormalization(norm.eps))
+        error = relative_drift(primary_output(probe(**batch)), reference)
+    finally:
+        setattr(parent, attr, norm)
+        if saved is not None:
+            restore(probe, saved)
+        norm.weight.copy_(gamma)
+    return error < EXACT_TOLERANCE
 
 
 @torch.no_grad()
