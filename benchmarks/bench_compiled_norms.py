@@ -14,13 +14,12 @@ the "auto" choice of hf_adanorm/functional.py (math for CPU tensors).
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from common import machine_line
+from common import machine_line, write_csv
 
 import hf_adanorm
 from hf_adanorm import functional
@@ -80,11 +79,7 @@ def main(argv=None):
         torch._dynamo.reset()
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"compiled_norms_{args.device}.csv"
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out}")
+    write_csv(out, rows)
     return rows
 
 

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import statistics
 from pathlib import Path
 
 import torch
-from common import interleaved, machine_line, median_ratio, peak_bytes
+from common import interleaved, machine_line, median_ratio, peak_bytes, write_csv
 from transformers import AutoModelForSequenceClassification
 
 import hf_adanorm
@@ -154,11 +153,7 @@ def main(argv=None):
     out = args.out / ("e2e.csv" if plain else f"e2e_{device.type}_{args.autocast}.csv")
     if args.compile != "off":
         out = out.with_name(f"{out.stem}_compile_{args.compile}.csv")
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out}")
+    write_csv(out, rows)
     return rows
 
 

@@ -77,3 +77,13 @@ def saved_bytes(forward: Callable[[], object]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()
     return sum(storages.values())
+
+
+def write_csv(path, rows: list[dict]) -> None:
+    """``rows`` to ``path`` as CSV, the columns those of the first row; prints where it went."""
+    import csv
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")

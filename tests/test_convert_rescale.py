@@ -34,6 +34,17 @@ def _batch(seed=1, n=3, t=9):
     return {"input_ids": torch.randint(1, 50, (n, t), generator=gen), "attention_mask": torch.ones(n, t, dtype=torch.long)}
 
 
+def _save_bert_and_text(folder, texts):
+    """``folder/bert`` (the tiny BERT, a word tokenizer of ``texts``) and ``folder/texts.txt``."""
+    from hf_adanorm.training.modeling import build_vocab_tokenizer
+    (folder / "texts.txt").write_text("\n".join(texts))
+    tokenizer = build_vocab_tokenizer(texts, "word")
+    teacher = _bert(False)
+    teacher.resize_token_embeddings(len(tokenizer))
+    teacher.save_pretrained(folder / "bert")
+    tokenizer.save_pretrained(folder / "bert")
+
+
 NORMS = ["embeddings.LayerNorm"] + [f"encoder.layer.{i}.{part}.LayerNorm" for i in range(2)
                                     for part in ("attention.output", "output")]
 
@@ -93,16 +104,10 @@ def test_restore_puts_back_every_tensor():
 
 
 def test_a_conversion_starts_from_the_rescaled_student_and_reports_it(tmp_path):
-    from hf_adanorm.training.modeling import build_vocab_tokenizer
     words = "the a film movie good bad dull bright long short story actor plot scene".split()
     gen = torch.Generator().manual_seed(0)
-    texts = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (8,), generator=gen)) for _ in range(200)]
-    (tmp_path / "texts.txt").write_text("\n".join(texts))
-    tokenizer = build_vocab_tokenizer(texts, "word")
-    teacher = _bert(False)
-    teacher.resize_token_embeddings(len(tokenizer))
-    teacher.save_pretrained(tmp_path / "bert")
-    tokenizer.save_pretrained(tmp_path / "bert")
+    _save_bert_and_text(tmp_path, [" ".join(words[int(i)] for i in torch.randint(0, len(words), (8,), generator=gen))
+                                   for _ in range(200)])
     common = dict(model=str(tmp_path / "bert"), dataset=str(tmp_path / "texts.txt"), norm="layernorm_simple",
                   max_steps=4, eval_every=2, max_length=16, per_device_batch_size=8, checkpointing_steps=None)
     result = convert_model(ConvertArgs(output_dir=str(tmp_path / "rescaled"), **common))
@@ -184,14 +189,8 @@ def test_a_half_precision_teacher_gets_the_same_sites(dtype):
 
 def test_no_norm_is_not_rescaled(tmp_path):
     # NoNorm outputs x itself, not about c·y: the rescaled start's premise does not hold
-    from hf_adanorm.training.modeling import build_vocab_tokenizer
-    texts = [" ".join(["good", "bad", "film", "plot"][(i * j) % 4] for j in range(6)) for i in range(40)]
-    (tmp_path / "texts.txt").write_text("\n".join(texts))
-    tokenizer = build_vocab_tokenizer(texts, "word")
-    teacher = _bert(False)
-    teacher.resize_token_embeddings(len(tokenizer))
-    teacher.save_pretrained(tmp_path / "bert")
-    tokenizer.save_pretrained(tmp_path / "bert")
+    _save_bert_and_text(tmp_path, [" ".join(["good", "bad", "film", "plot"][(i * j) % 4] for j in range(6))
+                                   for i in range(40)])
     result = convert_model(ConvertArgs(model=str(tmp_path / "bert"), dataset=str(tmp_path / "texts.txt"),
                                        norm="no_norm", max_steps=1, eval_every=1, max_length=8,
                                        per_device_batch_size=4, checkpointing_steps=None,

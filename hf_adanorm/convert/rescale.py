@@ -31,7 +31,7 @@ missing or ambiguous, or whose Linear has no bias where one is needed, is left t
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,7 +51,6 @@ class Site:
     writer: str
     next_norm: str
     gain: float = 0.0  # g, set from the probe
-    weights: torch.Tensor | None = field(default=None, repr=False)  # E[y²] per feature
 
 
 def output_scale(norm_config) -> float:
@@ -115,7 +114,7 @@ def find_sites(teacher: nn.Module, names: list[str], batch: dict) -> dict[str, S
         gain = float((module.weight.float() * weights).sum() / weights.sum())
         if gain <= 0:
             continue
-        sites[name] = Site(readers, writer, next_norm, gain, weights)
+        sites[name] = Site(readers, writer, next_norm, gain)
     # A Linear changed by two sites would need their changes composed: leave both to the schedule.
     owner: dict[str, str] = {}
     for name, site in list(sites.items()):
