@@ -18,6 +18,7 @@ from .report import PatchReport
 # Imported on first use: they pull in transformers' Trainer and accelerate (seconds).
 _LAZY = {
     "save_pretrained": "checkpoint", "from_pretrained": "checkpoint", "push_to_hub": "checkpoint",
+    "load_tokenizer": "checkpoint",
     "CheckpointError": "checkpoint", "PatchCallback": "callbacks",
     "NormGradientStatsCallback": "callbacks", "AdaNormMonitorCallback": "callbacks",
     "AffineDriftCallback": "callbacks", "GradualSwapCallback": "convert.callback",
@@ -41,7 +42,7 @@ __all__ = [
     "patch_model", "unpatch_model", "is_patched", "get_patch_record", "PatchReport", "NormConfig",
     "available_norms", "register_norm",
     # checkpoints
-    "save_pretrained", "from_pretrained", "push_to_hub", "CheckpointError",
+    "save_pretrained", "from_pretrained", "load_tokenizer", "push_to_hub", "CheckpointError",
     # converting a pretrained model (hf-adanorm convert)
     "convert_model", "ConvertArgs", "GradualSwapCallback",
     # transformers.Trainer

@@ -114,6 +114,24 @@ def _resolve_class(model_class, config) -> type:
     return mapping[type(config)]
 
 
+def load_tokenizer(path, **kwargs):
+    """``AutoTokenizer.from_pretrained(path, **kwargs)`` for any checkpoint, patched or not.
+
+    A patched checkpoint's config.json names remote code, for the model. ``AutoTokenizer`` reads that
+    config and asks whether to run the code, a prompt that waits 15 s for an answer wherever stdin is
+    open (a terminal, a pipe), though no tokenizer needs it. Here it gets the stock config instead.
+    """
+    from transformers import AutoTokenizer
+    config = None
+    try:
+        config = load_config(path, **{k: v for k, v in kwargs.items() if k in _HUB_KWARGS})
+    except Exception:  # noqa: BLE001 - not a model folder (a tokenizer alone): AutoTokenizer decides
+        pass
+    if config is not None and getattr(config, "hf_adanorm", None) is not None and "config" not in kwargs:
+        kwargs["config"] = config
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
 def load_config(path, model_class=None, *, return_unused_kwargs: bool = False, **kwargs):
     """The config of any checkpoint, patched or not, as its stock transformers class, with the
     patch record (if any) under ``hf_adanorm``: what ``AutoConfig.from_pretrained`` gives for a

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -266,3 +267,93 @@ def test_the_student_starts_as_the_teacher_with_dropout_off(workspace, tmp_path)
                                  rescale_post_ln=False))
     assert result["history"][0]["mean_alpha"] == 0.0
     assert result["history"][0]["loss"] < 1e-6
+
+
+def test_a_folder_held_by_another_conversion_is_refused_and_nothing_is_written(workspace, tmp_path, monkeypatch):
+    from test_recipe_guards import hold_lock
+
+    from hf_adanorm.convert import loop
+    from hf_adanorm.training.locks import FolderInUseError
+    out = tmp_path / "out"
+    holder = hold_lock(out)
+    try:
+        before = _snapshot(out)
+        with pytest.raises(FolderInUseError, match=rf"in use by another conversion: pid {holder.pid}"):
+            convert_model(_args(workspace, out, max_steps=4))  # the early check, before the teacher loads
+        assert _snapshot(out) == before
+        with monkeypatch.context() as patch:  # the holder came after that check: the lock itself refuses
+            patch.setattr(loop, "check_not_in_use", lambda *args: None)
+            with pytest.raises(FolderInUseError, match=rf"in use by another conversion: pid {holder.pid}"):
+                convert_model(_args(workspace, out, max_steps=4))
+        assert _snapshot(out) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    result = convert_model(_args(workspace, out, max_steps=4))  # the dead holder's lock is free again
+    assert result["steps"] == 4 and (out / RESULT_FILE).is_file()
+    again = convert_model(_args(workspace, out, max_steps=4, overwrite_output_dir=True))  # keeps its own lock file
+    assert again["steps"] == 4
+
+
+def _interrupt_after_first_checkpoint(monkeypatch):
+    from hf_adanorm.training import checkpoints
+    original = checkpoints.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt  # the run dies right after its first checkpoint
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_stop)
+
+
+def test_a_resume_keeps_the_rescaled_start_its_checkpoint_was_made_with(workspace, tmp_path, monkeypatch):
+    from hf_adanorm.convert import loop
+    from hf_adanorm.training.checkpoints import STATE_FILE
+    reference = convert_model(_args(workspace, tmp_path / "reference", max_steps=12, checkpointing_steps=5))
+    assert reference["rescaled"], "the tiny BERT should start rescaled, or this test tests nothing"
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_checkpoint(patch)
+        with pytest.raises(KeyboardInterrupt):
+            convert_model(_args(workspace, out, max_steps=12, checkpointing_steps=5))
+    state_file = out / "checkpoints" / "step_5" / STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state["rescaled"] == list(reference["rescaled"])
+
+    # a recorded norm this teacher gives no start for: refused before anything is written
+    state_file.write_text(json.dumps({**state, "rescaled": state["rescaled"] + ["encoder.layer.9.output.LayerNorm"]}))
+    before = _snapshot(out)
+    with pytest.raises(RuntimeError, match="encoder.layer.9.output.LayerNorm"):
+        convert_model(_args(workspace, out, max_steps=12, checkpointing_steps=5))
+    assert _snapshot(out) == before
+    state_file.write_text(json.dumps(state))
+
+    # A choice made anew would now be "no rescaling"; the resume must keep the checkpoint's.
+    monkeypatch.setattr(loop, "_closer", lambda a, b: False)
+    resumed = convert_model(_args(workspace, out, max_steps=12, checkpointing_steps=5))
+    assert resumed["resumed_from"] == str(out / "checkpoints" / "step_5")
+    assert resumed["rescaled"] == reference["rescaled"] and resumed["start"] == reference["start"]
+    assert resumed["history"] == reference["history"]
+    got, want = load_file(out / "model" / "model.safetensors"), load_file(tmp_path / "reference" / "model" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+TOKENIZER_LOAD = textwrap.dedent("""
+    import json, sys
+    import hf_adanorm
+    tokenizer = hf_adanorm.load_tokenizer(sys.argv[1])
+    print(json.dumps(tokenizer("the dull film")["input_ids"]))
+""")
+
+
+def test_a_converted_models_tokenizer_loads_without_the_remote_code_prompt(workspace, tmp_path):
+    # config.json names the model's remote code; AutoTokenizer alone would print transformers'
+    # "Do you wish to run the custom code? [y/N]" and wait 15 s wherever stdin is open (a terminal).
+    from transformers import AutoTokenizer
+    convert_model(_args(workspace, tmp_path / "out", max_steps=2))
+    done = subprocess.run([sys.executable, "-c", TOKENIZER_LOAD, str(tmp_path / "out" / "model")],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "custom code" not in done.stdout + done.stderr
+    original = AutoTokenizer.from_pretrained(workspace / "bert")("the dull film")["input_ids"]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == original

@@ -196,3 +196,16 @@ def test_no_norm_is_not_rescaled(tmp_path):
                                        per_device_batch_size=4, checkpointing_steps=None,
                                        output_dir=str(tmp_path / "out")))
     assert result["rescaled"] == {} and result["start"] is None
+
+
+def test_the_gain_weights_leave_padding_out():
+    # g weighs γ by E[y²] over the probe's tokens: a padded copy of a sequence must give the gain of
+    # the sequence alone (BERT's real tokens do not see the padding).
+    model = _bert(False)
+    alone = _batch(n=1, t=5)
+    padded = {"input_ids": torch.cat([alone["input_ids"], torch.zeros(1, 7, dtype=torch.long)], 1),
+              "attention_mask": torch.cat([alone["attention_mask"], torch.zeros(1, 7, dtype=torch.long)], 1)}
+    want, got = find_sites(model, NORMS, alone), find_sites(model, NORMS, padded)
+    assert list(got) == list(want) == NORMS[:-1]
+    for name in want:
+        assert got[name].gain == pytest.approx(want[name].gain, rel=1e-5), name

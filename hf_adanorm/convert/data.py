@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, DataCollatorWithPadding, default_data_collator
+from transformers import DataCollatorWithPadding, default_data_collator
 
+from ..checkpoint import load_tokenizer as load_checkpoint_tokenizer
 from ..training.causal_lm import group_texts
 from ..training.data import check_columns, load_raw_datasets
 
@@ -29,7 +30,7 @@ class _DataOptions:
 def load_tokenizer(args):
     source = args.tokenizer or args.model
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = load_checkpoint_tokenizer(source)
     except Exception as err:  # transformers raises many types; all mean "no usable tokenizer there"
         raise ValueError(f"cannot load a tokenizer from {source!r} ({type(err).__name__}: {err}); "
                          "pass --tokenizer with the model's tokenizer") from err

@@ -13,11 +13,12 @@ import copy
 import json
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import fields
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForCausalLM, get_scheduler
@@ -25,7 +26,8 @@ from transformers import AutoModel, AutoModelForCausalLM, get_scheduler
 from ..checkpoint import load_config, save_pretrained
 from ..patch import get_patch_record, patch_model
 from ..training import checkpoints
-from ..training.loop import make_accelerator
+from ..training.locks import LOCK_FILE, OWNER_FILE, check_not_in_use, folder_lock
+from ..training.loop import backward_and_step, make_accelerator, resumed_batches
 from .args import ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import choose_objective, distill_loss, drift
@@ -34,6 +36,7 @@ from .report import ARGS_FILE, OWN_FILES, RESULT_FILE, summarize, write_reports
 from .schedule import alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
 
 MODEL_DIR = "model"
+LOCK_FILES = (LOCK_FILE, OWNER_FILE)  # a conversion's own, kept when --overwrite_output_dir clears the rest
 EXACT = 1e-6  # below this relative error (or KL) the naive swap already is the original function
 
 
@@ -50,7 +53,7 @@ def _check_output_dir(args: ConvertArgs) -> Path | None:
         raise FileExistsError(f"output_dir {out} is a file: pass a folder")
     if not out.exists():
         return None
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES + LOCK_FILES)
     if foreign:
         raise FileExistsError(f"output_dir {out} holds files that are not a conversion's ({', '.join(foreign[:5])}): "
                               "pass an empty or new folder")
@@ -152,19 +155,39 @@ def _closer(a: dict, b: dict) -> bool:
     return a["embedding_cosine"] > b["embedding_cosine"]
 
 
-def _rescale_post_ln(student, teacher, record, probe, wrapped, naive, norm_config, remeasure):
+def _recorded_rescale(resume_path: Path | None) -> list[str] | None:
+    """The norms a checkpoint's conversion started rescaled (None: a fresh start, or a checkpoint from
+    before the choice was recorded, which makes it again)."""
+    if resume_path is None:
+        return None
+    return json.loads((resume_path / checkpoints.STATE_FILE).read_text()).get("rescaled")
+
+
+def _rescale_post_ln(student, teacher, record, probe, wrapped, naive, norm_config, remeasure, recorded=None):
     """Start every post-LN norm from the rescaled student (rescale.py) where that measures closer to the
-    teacher than the naive swap; those norms leave the schedule (swapped from step 0)."""
-    if norm_config.norm not in RESCALABLE:  # its output is not about c·y (no_norm: x itself)
+    teacher than the naive swap; those norms leave the schedule (swapped from step 0).
+
+    ``recorded`` (a resumed checkpoint's choice) is applied as it is, not chosen again: a choice made
+    anew could differ in the last bit of a measurement, and the checkpoint's weights fit only its own."""
+    if norm_config.norm not in RESCALABLE or recorded == []:  # no_norm's output is not about c·y
         return {}, None
     folded = set((record.get("fold") or {}).get("folded", {}))
     names = [name for name in record["modules"] if name not in folded]
     sites = verified_sites(teacher, names, {k: v[:2] for k, v in probe.items()})
+    if recorded is not None:
+        missing = sorted(set(recorded) - set(sites))
+        if missing:
+            raise RuntimeError(f"the checkpoint being resumed started {', '.join(missing)} rescaled, but this "
+                               "teacher gives no rescaled start for them: is it the same model? Pass "
+                               "--overwrite_output_dir to start afresh")
+        sites = {name: sites[name] for name in recorded}
     if not sites:
         return {}, None
     saved = apply_sites(student, teacher, sites, output_scale(norm_config))
     start = remeasure()
-    if not _closer(start, naive):
+    keep = recorded is not None or _closer(start, naive)
+    keep = broadcast_object_list([keep])[0]  # every rank takes the main process's choice
+    if not keep:
         restore(student, saved)
         return {}, None
     unwrap_norms(student, {name: wrapped.pop(name) for name in sites})
@@ -181,6 +204,8 @@ def convert_model(args: ConvertArgs) -> dict:
 
     # Everything that can fail on bad input fails here, before a file is written.
     resume_path = _check_output_dir(args)
+    if accelerator.is_main_process:
+        check_not_in_use(out, "conversion")
     norm_config = args.norm_config()
     tokenizer = load_tokenizer(args)
     teacher, causal = _load_teacher(args)
@@ -210,7 +235,7 @@ def convert_model(args: ConvertArgs) -> dict:
     if args.rescale_post_ln and not exact:
         rescaled, start = _rescale_post_ln(student, teacher, record, probe, wrapped, naive, norm_config,
                                            lambda: measure(student, teacher, eval_loader, accelerator.device,
-                                                           wrapped, causal))
+                                                           wrapped, causal), _recorded_rescale(resume_path))
     targets = (NormTargets(teacher, student, list(rescaled), output_scale(norm_config))
                if rescaled and args.layer_loss_weight > 0 else None)
     total_steps = 0 if exact else args.max_steps
@@ -224,85 +249,83 @@ def convert_model(args: ConvertArgs) -> dict:
                               collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
     model, optimizer, train_loader, scheduler = accelerator.prepare(student, optimizer, train_loader, scheduler)
 
-    loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "history": [], "naive": naive}
-    if resume_path is not None:
-        loop = checkpoints.load_checkpoint(accelerator, resume_path)
-        accelerator.print(f"resumed from {resume_path} at step {loop['step']}")
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir and resume_path is None and out.exists():
-            for name in OWN_FILES:
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        checkpoints.remove_incomplete(out)
-        checkpoints.write_json_atomic(out / ARGS_FILE, args.to_dict())
+    with ExitStack() as lock:
+        if accelerator.is_main_process:  # one conversion per folder; the kernel frees the lock if we are killed
+            lock.enter_context(folder_lock(out, "conversion"))
+            if _check_output_dir(args) != resume_path:
+                raise RuntimeError(f"{out} changed while this conversion was being set up: is another process "
+                                   "writing there?")
+        loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "history": [], "naive": naive,
+                "rescaled": list(rescaled), "start": start}  # checkpoints keep the start, for the resume
+        if resume_path is not None:
+            loop = checkpoints.load_checkpoint(accelerator, resume_path)
+            accelerator.print(f"resumed from {resume_path} at step {loop['step']}")
+        if accelerator.is_main_process:
+            if args.overwrite_output_dir and resume_path is None and out.exists():
+                for name in OWN_FILES:
+                    target = out / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
+            checkpoints.remove_incomplete(out)
+            checkpoints.write_json_atomic(out / ARGS_FILE, args.to_dict())
 
-    progress = tqdm(total=total_steps, initial=loop["step"], disable=not accelerator.is_local_main_process,
-                    desc=f"convert -> {args.norm}")
-    model.eval()
-    epoch = loop["epoch"]
-    while loop["step"] < total_steps:
-        train_loader.set_epoch(epoch)
-        skip = loop["batches_in_epoch"] if epoch == loop["epoch"] else 0
-        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        loop["epoch"], loop["batches_in_epoch"] = epoch, skip
-        for batch in batches:
-            set_alphas(wrapped, alphas(args.schedule, loop["step"], ramp_steps, len(wrapped)))
-            with accelerator.accumulate(model):
-                with torch.no_grad():
-                    target = teacher(**batch)
-                loss = distill_loss(objective, target, model(**batch), batch["attention_mask"])
-                if targets is not None:
-                    loss = loss + args.layer_loss_weight * targets.loss(batch["attention_mask"])
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            loop["batches_in_epoch"] += 1
-            if not accelerator.sync_gradients:
-                continue
-            loop["step"] += 1
-            progress.update(1)
-            mean_alpha = (sum(b.alpha for b in wrapped.values()) + len(rescaled)) / (len(wrapped) + len(rescaled))
-            progress.set_postfix(loss=f"{loss.item():.4f}", alpha=f"{mean_alpha:.2f}")
-            if loop["step"] % args.eval_every == 0 or loop["step"] == total_steps:
-                entry = {"step": loop["step"], "loss": loss.item(),
-                         "mean_alpha": mean_alpha,
-                         **measure(model, teacher, eval_loader, accelerator.device, wrapped, causal)}
-                loop["history"].append(entry)
-            if args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0 and loop["step"] < total_steps:
-                checkpoints.save_checkpoint(accelerator, out, loop["step"], loop, total_limit=1)
-            if loop["step"] >= total_steps:
-                break
-        epoch += 1
-        loop["epoch"], loop["batches_in_epoch"] = epoch, 0
-    progress.close()
-    if targets is not None:
-        targets.remove()
+        progress = tqdm(total=total_steps, initial=loop["step"], disable=not accelerator.is_local_main_process,
+                        desc=f"convert -> {args.norm}")
+        model.eval()
+        epoch = loop["epoch"]
+        while loop["step"] < total_steps:
+            for batch in resumed_batches(accelerator, train_loader, loop, epoch):
+                set_alphas(wrapped, alphas(args.schedule, loop["step"], ramp_steps, len(wrapped)))
+                with accelerator.accumulate(model):
+                    with torch.no_grad():
+                        target = teacher(**batch)
+                    loss = distill_loss(objective, target, model(**batch), batch["attention_mask"])
+                    if targets is not None:
+                        loss = loss + args.layer_loss_weight * targets.loss(batch["attention_mask"])
+                    backward_and_step(accelerator, model, loss, optimizer, scheduler, args.max_grad_norm)
+                loop["batches_in_epoch"] += 1
+                if not accelerator.sync_gradients:
+                    continue
+                loop["step"] += 1
+                progress.update(1)
+                mean_alpha = (sum(b.alpha for b in wrapped.values()) + len(rescaled)) / (len(wrapped) + len(rescaled))
+                progress.set_postfix(loss=f"{loss.item():.4f}", alpha=f"{mean_alpha:.2f}")
+                if loop["step"] % args.eval_every == 0 or loop["step"] == total_steps:
+                    entry = {"step": loop["step"], "loss": loss.item(),
+                             "mean_alpha": mean_alpha,
+                             **measure(model, teacher, eval_loader, accelerator.device, wrapped, causal)}
+                    loop["history"].append(entry)
+                if args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0 and loop["step"] < total_steps:
+                    checkpoints.save_checkpoint(accelerator, out, loop["step"], loop, total_limit=1)
+                if loop["step"] >= total_steps:
+                    break
+            epoch += 1
+            loop["epoch"], loop["batches_in_epoch"] = epoch, 0
+        progress.close()
+        if targets is not None:
+            targets.remove()
 
-    unwrapped = accelerator.unwrap_model(model)
-    unwrap_norms(unwrapped, wrapped)  # only the target norms remain
-    final = measure(unwrapped, teacher, eval_loader, accelerator.device, causal=causal)
-    result = {"teacher": args.model, "norm": norm_config.to_dict(), "objective": objective,
-              "schedule": args.schedule, "steps": total_steps, "exact_without_training": exact,
-              "dataset": args.dataset, "eval_sequences": naive["sequences"], "naive": loop["naive"],
-              "rescaled": rescaled, "start": start, "start_alpha": len(rescaled) / (len(wrapped) + len(rescaled)),
-              "converted": final, "history": loop["history"], "patch_report": patch.to_dict(),
-              "seconds": time.time() - started, "args": args.to_dict(), "frozen_unreached": unused,
-              "world_size": accelerator.num_processes,
-              "resumed_from": str(resume_path) if resume_path else None}
-    state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
-    if accelerator.is_main_process:
-        save_pretrained(unwrapped, out / MODEL_DIR, state_dict=state_dict, base_model=args.model,
-                        metrics=_card_facts(result), is_main_process=True)
-        tokenizer.save_pretrained(out / MODEL_DIR)
-        write_reports(out, result)  # conversion.json last: its presence means "finished"
-        shutil.rmtree(out / checkpoints.CHECKPOINT_DIR, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
+        unwrapped = accelerator.unwrap_model(model)
+        unwrap_norms(unwrapped, wrapped)  # only the target norms remain
+        final = measure(unwrapped, teacher, eval_loader, accelerator.device, causal=causal)
+        result = {"teacher": args.model, "norm": norm_config.to_dict(), "objective": objective,
+                  "schedule": args.schedule, "steps": total_steps, "exact_without_training": exact,
+                  "dataset": args.dataset, "eval_sequences": naive["sequences"], "naive": loop["naive"],
+                  "rescaled": rescaled, "start": loop.get("start", start), "start_alpha": len(rescaled) / (len(wrapped) + len(rescaled)),
+                  "converted": final, "history": loop["history"], "patch_report": patch.to_dict(),
+                  "seconds": time.time() - started, "args": args.to_dict(), "frozen_unreached": unused,
+                  "world_size": accelerator.num_processes,
+                  "resumed_from": str(resume_path) if resume_path else None}
+        state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
+        if accelerator.is_main_process:
+            save_pretrained(unwrapped, out / MODEL_DIR, state_dict=state_dict, base_model=args.model,
+                            metrics=_card_facts(result), is_main_process=True)
+            tokenizer.save_pretrained(out / MODEL_DIR)
+            write_reports(out, result)  # conversion.json last: its presence means "finished"
+            shutil.rmtree(out / checkpoints.CHECKPOINT_DIR, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return result
 
 
 def _card_facts(result: dict) -> dict:

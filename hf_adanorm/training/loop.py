@@ -197,6 +197,25 @@ def _whole_model_under_zero3(accelerator):
         plugin.set_deepspeed_weakref()
 
 
+def resumed_batches(accelerator, loader, loop: dict, epoch: int):
+    """The batches of ``epoch``, less those a resumed checkpoint (``loop``) already trained on;
+    ``loop`` then counts from there."""
+    loader.set_epoch(epoch)
+    skip = loop["batches_in_epoch"] if epoch == loop["epoch"] else 0
+    loop["epoch"], loop["batches_in_epoch"] = epoch, skip
+    return accelerator.skip_first_batches(loader, skip) if skip else loader
+
+
+def backward_and_step(accelerator, model, loss, optimizer, scheduler, max_grad_norm) -> None:
+    """One micro-batch's backward; on the step's last micro-batch also clip, step and zero."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm is not None:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()  # accelerate's wrappers skip this until the gradients are synced
+    scheduler.step()
+    optimizer.zero_grad()
+
+
 def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> TrainResult:
     accelerator = make_accelerator(args)
     set_seed(args.seed)
@@ -303,19 +322,10 @@ def _train(args: TrainingArgs, accelerator, task: Task, resume_path: Optional[Pa
                     desc=f"{args.task} [{args.norm}]")
     model.train()
     for epoch in range(loop["epoch"], num_epochs):
-        train_dataloader.set_epoch(epoch)
-        skip = loop["batches_in_epoch"] if epoch == loop["epoch"] else 0
-        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        loop["epoch"], loop["batches_in_epoch"] = epoch, skip
-        for batch in batches:
+        for batch in resumed_batches(accelerator, train_dataloader, loop, epoch):
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                backward_and_step(accelerator, model, loss, optimizer, lr_scheduler, args.max_grad_norm)
             loop["batches_in_epoch"] += 1
             loss_sum += loss.detach().double()
             loop["loss_count"] += 1

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
+from ..checkpoint import load_tokenizer as load_checkpoint_tokenizer
 from ..patch import get_patch_record, is_patched, patch_model
 from .args import BUILT_TOKENIZERS
 
@@ -41,7 +42,7 @@ def load_tokenizer(args, train_texts):
         return build_vocab_tokenizer(train_texts, args.tokenizer)
     source = args.tokenizer or args.model
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = load_checkpoint_tokenizer(source)  # a converted model's too, without a remote-code prompt
     except Exception as err:
         raise ValueError(f"cannot load a tokenizer from {source!r} ({type(err).__name__}: {err}); pass "
                          "--tokenizer with a hub id or folder, or 'char' / 'word'") from err
