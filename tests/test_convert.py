@@ -295,6 +295,29 @@ def test_a_folder_held_by_another_conversion_is_refused_and_nothing_is_written(w
     assert again["steps"] == 4
 
 
+def test_a_running_conversion_is_named_as_the_holder_not_called_interrupted(workspace, tmp_path, monkeypatch):
+    # A running conversion's folder holds checkpoints, as an interrupted one's does: another conversion
+    # there must be told the folder is in use, not to resume it or to change its options.
+    from test_recipe_guards import hold_lock
+
+    from hf_adanorm.training.locks import FolderInUseError
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_checkpoint(patch)
+        with pytest.raises(KeyboardInterrupt):
+            convert_model(_args(workspace, out, max_steps=12, checkpointing_steps=5))
+    holder = hold_lock(out)
+    try:
+        before = _snapshot(out)
+        for options in ({"max_steps": 6}, {"resume_from_checkpoint": None}):
+            with pytest.raises(FolderInUseError, match=rf"in use by another conversion: pid {holder.pid}"):
+                convert_model(_args(workspace, out, **{"max_steps": 12, "checkpointing_steps": 5, **options}))
+        assert _snapshot(out) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 def _interrupt_after_first_checkpoint(monkeypatch):
     from hf_adanorm.training import checkpoints
     original = checkpoints.save_checkpoint

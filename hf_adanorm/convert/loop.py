@@ -203,9 +203,9 @@ def convert_model(args: ConvertArgs) -> dict:
     out = Path(args.output_dir)
 
     # Everything that can fail on bad input fails here, before a file is written.
-    resume_path = _check_output_dir(args)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # first: a running conversion's folder is not an interrupted one
         check_not_in_use(out, "conversion")
+    resume_path = _check_output_dir(args)
     norm_config = args.norm_config()
     tokenizer = load_tokenizer(args)
     teacher, causal = _load_teacher(args)
