@@ -364,7 +364,7 @@ def test_a_resume_keeps_the_rescaled_start_its_checkpoint_was_made_with(workspac
 TOKENIZER_LOAD = textwrap.dedent("""
     import json, sys
     import hf_adanorm
-    tokenizer = hf_adanorm.load_tokenizer(sys.argv[1])
+    tokenizer = hf_adanorm.load_tokenizer(sys.argv[1], **json.loads(sys.argv[2]))
     print(json.dumps(tokenizer("the dull film")["input_ids"]))
 """)
 
@@ -374,9 +374,10 @@ def test_a_converted_models_tokenizer_loads_without_the_remote_code_prompt(works
     # "Do you wish to run the custom code? [y/N]" and wait 15 s wherever stdin is open (a terminal).
     from transformers import AutoTokenizer
     convert_model(_args(workspace, tmp_path / "out", max_steps=2))
-    done = subprocess.run([sys.executable, "-c", TOKENIZER_LOAD, str(tmp_path / "out" / "model")],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "custom code" not in done.stdout + done.stderr
     original = AutoTokenizer.from_pretrained(workspace / "bert")("the dull film")["input_ids"]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == original
+    for kwargs in ({}, {"config": None}):  # config=None, as a wrapper passes it on, is no config
+        done = subprocess.run([sys.executable, "-c", TOKENIZER_LOAD, str(tmp_path / "out" / "model"), json.dumps(kwargs)],
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "custom code" not in done.stdout + done.stderr, kwargs
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == original
