@@ -239,6 +239,16 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(workspace, tmp_path, ca
     assert _snapshot(out) == before
 
 
+def test_an_output_dir_linked_to_nothing_is_refused_before_the_teacher_loads(workspace, tmp_path, monkeypatch):
+    from hf_adanorm.convert import loop
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "missing")
+    monkeypatch.setattr(loop, "_load_teacher", lambda args: pytest.fail("the teacher was loaded"))
+    with pytest.raises(FileNotFoundError, match="link to .*missing, which does not exist"):
+        convert_model(_args(workspace, out, max_steps=2))
+    assert not (tmp_path / "missing").exists()
+
+
 def test_a_model_that_is_already_converted_is_refused(workspace, tmp_path):
     convert_model(_args(workspace, tmp_path / "first", max_steps=2))
     with pytest.raises(ValueError, match="already converted"):

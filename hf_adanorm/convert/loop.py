@@ -51,6 +51,9 @@ def _check_output_dir(args: ConvertArgs) -> Path | None:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file: pass a folder")
+    if out.is_symlink() and not out.exists():  # mkdir would fail on it only after the teacher is loaded
+        raise FileNotFoundError(f"output_dir {out} is a link to {out.readlink()}, which does not exist: create "
+                                "that folder, or pass another --output_dir")
     if not out.exists():
         return None
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES + LOCK_FILES)
