@@ -127,7 +127,7 @@ def load_tokenizer(path, **kwargs):
         config = load_config(path, **{k: v for k, v in kwargs.items() if k in _HUB_KWARGS})
     except Exception:  # noqa: BLE001 - not a model folder (a tokenizer alone): AutoTokenizer decides
         pass
-    if config is not None and getattr(config, "hf_adanorm", None) is not None and "config" not in kwargs:
+    if config is not None and getattr(config, "hf_adanorm", None) is not None and kwargs.get("config") is None:
         kwargs["config"] = config
     return AutoTokenizer.from_pretrained(path, **kwargs)
 

@@ -239,6 +239,16 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(workspace, tmp_path, ca
     assert _snapshot(out) == before
 
 
+def test_an_output_dir_linked_to_nothing_is_refused_before_the_teacher_loads(workspace, tmp_path, monkeypatch):
+    from hf_adanorm.convert import loop
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "missing")
+    monkeypatch.setattr(loop, "_load_teacher", lambda args: pytest.fail("the teacher was loaded"))
+    with pytest.raises(FileNotFoundError, match="link to .*missing, which does not exist"):
+        convert_model(_args(workspace, out, max_steps=2))
+    assert not (tmp_path / "missing").exists()
+
+
 def test_a_model_that_is_already_converted_is_refused(workspace, tmp_path):
     convert_model(_args(workspace, tmp_path / "first", max_steps=2))
     with pytest.raises(ValueError, match="already converted"):
@@ -295,6 +305,29 @@ def test_a_folder_held_by_another_conversion_is_refused_and_nothing_is_written(w
     assert again["steps"] == 4
 
 
+def test_a_running_conversion_is_named_as_the_holder_not_called_interrupted(workspace, tmp_path, monkeypatch):
+    # A running conversion's folder holds checkpoints, as an interrupted one's does: another conversion
+    # there must be told the folder is in use, not to resume it or to change its options.
+    from test_recipe_guards import hold_lock
+
+    from hf_adanorm.training.locks import FolderInUseError
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_checkpoint(patch)
+        with pytest.raises(KeyboardInterrupt):
+            convert_model(_args(workspace, out, max_steps=12, checkpointing_steps=5))
+    holder = hold_lock(out)
+    try:
+        before = _snapshot(out)
+        for options in ({"max_steps": 6}, {"resume_from_checkpoint": None}):
+            with pytest.raises(FolderInUseError, match=rf"in use by another conversion: pid {holder.pid}"):
+                convert_model(_args(workspace, out, **{"max_steps": 12, "checkpointing_steps": 5, **options}))
+        assert _snapshot(out) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 def _interrupt_after_first_checkpoint(monkeypatch):
     from hf_adanorm.training import checkpoints
     original = checkpoints.save_checkpoint
@@ -341,7 +374,7 @@ def test_a_resume_keeps_the_rescaled_start_its_checkpoint_was_made_with(workspac
 TOKENIZER_LOAD = textwrap.dedent("""
     import json, sys
     import hf_adanorm
-    tokenizer = hf_adanorm.load_tokenizer(sys.argv[1])
+    tokenizer = hf_adanorm.load_tokenizer(sys.argv[1], **json.loads(sys.argv[2]))
     print(json.dumps(tokenizer("the dull film")["input_ids"]))
 """)
 
@@ -351,9 +384,10 @@ def test_a_converted_models_tokenizer_loads_without_the_remote_code_prompt(works
     # "Do you wish to run the custom code? [y/N]" and wait 15 s wherever stdin is open (a terminal).
     from transformers import AutoTokenizer
     convert_model(_args(workspace, tmp_path / "out", max_steps=2))
-    done = subprocess.run([sys.executable, "-c", TOKENIZER_LOAD, str(tmp_path / "out" / "model")],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "custom code" not in done.stdout + done.stderr
     original = AutoTokenizer.from_pretrained(workspace / "bert")("the dull film")["input_ids"]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == original
+    for kwargs in ({}, {"config": None}):  # config=None, as a wrapper passes it on, is no config
+        done = subprocess.run([sys.executable, "-c", TOKENIZER_LOAD, str(tmp_path / "out" / "model"), json.dumps(kwargs)],
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "custom code" not in done.stdout + done.stderr, kwargs
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == original

@@ -51,6 +51,9 @@ def _check_output_dir(args: ConvertArgs) -> Path | None:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file: pass a folder")
+    if out.is_symlink() and not out.exists():  # mkdir would fail on it only after the teacher is loaded
+        raise FileNotFoundError(f"output_dir {out} is a link to {out.readlink()}, which does not exist: create "
+                                "that folder, or pass another --output_dir")
     if not out.exists():
         return None
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES + LOCK_FILES)
@@ -203,9 +206,9 @@ def convert_model(args: ConvertArgs) -> dict:
     out = Path(args.output_dir)
 
     # Everything that can fail on bad input fails here, before a file is written.
-    resume_path = _check_output_dir(args)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # first: a running conversion's folder is not an interrupted one
         check_not_in_use(out, "conversion")
+    resume_path = _check_output_dir(args)
     norm_config = args.norm_config()
     tokenizer = load_tokenizer(args)
     teacher, causal = _load_teacher(args)
