@@ -137,6 +137,23 @@ def test_a_run_folder_held_by_another_process_is_refused_and_recovered_after_kil
         pass
 
 
+def test_a_running_run_is_named_as_the_holder_not_as_another_runs_results(tmp_path):
+    # A running run's folder holds checkpoints and metrics, as a finished or interrupted one's does:
+    # another run there must be told the folder is in use, not to resume it or to overwrite it.
+    args = tiny_args(tmp_path, num_epochs=1, max_steps=2, checkpointing_steps=1)
+    run_training(TrainingArgs(**args))
+    holder = hold_lock(Path(args["output_dir"]))
+    try:
+        before = snapshot(args["output_dir"])
+        for options in ({}, {"resume_from_checkpoint": "latest", "learning_rate": 0.5}):
+            with pytest.raises(FolderInUseError, match=rf"in use by another training run: pid {holder.pid}"):
+                run_training(TrainingArgs(**{**args, **options}))
+        assert snapshot(args["output_dir"]) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 def test_folder_lock_is_exclusive_between_processes_and_nests_within_one(tmp_path):
     holder = hold_lock(tmp_path)
     try:

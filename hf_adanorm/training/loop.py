@@ -221,10 +221,11 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
 
-    # Everything that can fail on bad input fails here, before a file is written.
-    resume_path = _check_start(args, accelerator)
+    # Everything that can fail on bad input fails here, before a file is written. A folder in use
+    # first: a running run's checkpoints would otherwise read as an interrupted run's.
     if accelerator.is_main_process:
         check_not_in_use(output_dir, "training run")
+    resume_path = _check_start(args, accelerator)
     with accelerator.main_process_first(), _whole_model_under_zero3(accelerator):
         task = build_task(args)  # the main process fills the datasets cache first
 
