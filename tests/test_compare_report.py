@@ -143,7 +143,7 @@ def test_the_verdict_follows_from_the_numbers(tmp_path):
 
 def test_the_sweep_folder_is_locked_and_recovered_after_kill_9(tmp_path, capsys):
     fake = FakeRun()
-    holder = hold_lock(tmp_path / "sweep")
+    holder = hold_lock(tmp_path / "sweep", "hf-adanorm compare")
     try:
         with pytest.raises(FolderInUseError, match=f"in use by another hf-adanorm compare: pid {holder.pid}"):
             run_sweep(SETUP, ["layernorm"], [0], tmp_path / "sweep", run_fn=fake, progress=False)

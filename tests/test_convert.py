@@ -285,20 +285,23 @@ def test_a_folder_held_by_another_conversion_is_refused_and_nothing_is_written(w
     from hf_adanorm.convert import loop
     from hf_adanorm.training.locks import FolderInUseError
     out = tmp_path / "out"
-    holder = hold_lock(out)
+    holder, trainer = hold_lock(out, "conversion"), hold_lock(tmp_path / "run")
     try:
         before = _snapshot(out)
         with pytest.raises(FolderInUseError, match=rf"in use by another conversion: pid {holder.pid}"):
             convert_model(_args(workspace, out, max_steps=4))  # the early check, before the teacher loads
         assert _snapshot(out) == before
+        with pytest.raises(FolderInUseError, match=rf"in use by another training run: pid {trainer.pid}"):
+            convert_model(_args(workspace, tmp_path / "run", max_steps=4))  # the holder's kind, not ours
         with monkeypatch.context() as patch:  # the holder came after that check: the lock itself refuses
             patch.setattr(loop, "check_not_in_use", lambda *args: None)
             with pytest.raises(FolderInUseError, match=rf"in use by another conversion: pid {holder.pid}"):
                 convert_model(_args(workspace, out, max_steps=4))
         assert _snapshot(out) == before
     finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+        for process in (holder, trainer):
+            process.send_signal(signal.SIGKILL)
+            process.wait()
     result = convert_model(_args(workspace, out, max_steps=4))  # the dead holder's lock is free again
     assert result["steps"] == 4 and (out / RESULT_FILE).is_file()
     again = convert_model(_args(workspace, out, max_steps=4, overwrite_output_dir=True))  # keeps its own lock file
@@ -316,7 +319,7 @@ def test_a_running_conversion_is_named_as_the_holder_not_called_interrupted(work
         _interrupt_after_first_checkpoint(patch)
         with pytest.raises(KeyboardInterrupt):
             convert_model(_args(workspace, out, max_steps=12, checkpointing_steps=5))
-    holder = hold_lock(out)
+    holder = hold_lock(out, "conversion")
     try:
         before = _snapshot(out)
         for options in ({"max_steps": 6}, {"resume_from_checkpoint": None}):

@@ -105,17 +105,17 @@ def test_resume_with_other_options_or_a_bad_random_state_is_refused(tmp_path):
 HOLD_LOCK = """
 import sys, time
 from hf_adanorm.training.locks import folder_lock
-with folder_lock(sys.argv[1], "test holder"):
+with folder_lock(sys.argv[1], sys.argv[2]):
     print("locked", flush=True)
     time.sleep(300)
 """
 
 
-def hold_lock(folder: Path) -> subprocess.Popen:
-    """Another process that holds ``folder``'s lock until it is killed."""
+def hold_lock(folder: Path, what: str = "training run") -> subprocess.Popen:
+    """Another process, a ``what``, that holds ``folder``'s lock until it is killed."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True,
-                              env=env)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder), what], stdout=subprocess.PIPE,
+                              text=True, env=env)
     assert holder.stdout.readline().strip() == "locked"
     return holder
 

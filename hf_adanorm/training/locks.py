@@ -5,7 +5,7 @@ and two ``hf-adanorm compare`` on one sweep folder train every run twice (or cra
 other's files). The lock is ``filelock.FileLock`` on ``<folder>/.lock``: an ``flock`` that the
 kernel releases when its process ends, however it ends (``kill -9`` included), so the lock of
 a dead process is recovered by the next one that asks, with nothing to clean up. Beside it,
-``.lock.owner`` (pid, host, start time, command line) names the holder in the refusal.
+``.lock.owner`` (pid, host, kind, start time, command line) names the holder in the refusal.
 """
 
 from __future__ import annotations
@@ -54,8 +54,16 @@ def describe_holder(folder) -> str:
     return text
 
 
+def _holder_kind(folder: Path) -> str | None:
+    try:
+        return json.loads((Path(folder) / OWNER_FILE).read_text()).get("what")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _refusal(folder: Path, what: str) -> FolderInUseError:
-    return FolderInUseError(f"{folder} is in use by another {what}: {describe_holder(folder)}. Wait for it "
+    kind = _holder_kind(folder) or what  # the holder's own kind: a training run may hold what a conversion asks for
+    return FolderInUseError(f"{folder} is in use by another {kind}: {describe_holder(folder)}. Wait for it "
                             "to finish (or stop it), or use another folder")
 
 
@@ -96,7 +104,7 @@ def folder_lock(folder, what: str):
         raise _refusal(folder, what) from None
     _held[key] = 1
     try:
-        write_json_atomic(folder / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname(),
+        write_json_atomic(folder / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
                                                 "started": time.time(), "command": " ".join(sys.argv)})
         yield
     finally:
