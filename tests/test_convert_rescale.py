@@ -209,3 +209,39 @@ def test_the_gain_weights_leave_padding_out():
     assert list(got) == list(want) == NORMS[:-1]
     for name in want:
         assert got[name].gain == pytest.approx(want[name].gain, rel=1e-5), name
+
+
+def test_an_encoder_decoders_decoder_norms_are_not_given_the_encoders_mask():
+    # BART's decoder runs over the shifted input, which the attention mask does not describe even when
+    # the lengths agree: its norms weigh every position, and only the encoder's leave padding out.
+    from transformers import BartConfig, BartModel
+    torch.manual_seed(0)
+    model = BartModel(BartConfig(vocab_size=50, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                 max_position_embeddings=32)).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(torch.rand(module.weight.shape) + 0.5)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    alone = {"input_ids": torch.randint(3, 50, (1, 5), generator=torch.Generator().manual_seed(1)),
+             "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    padded = {"input_ids": torch.cat([alone["input_ids"], torch.ones(1, 7, dtype=torch.long)], 1),  # BART pads with 1
+              "attention_mask": torch.cat([alone["attention_mask"], torch.zeros(1, 7, dtype=torch.long)], 1)}
+    inputs = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda mod, args, out, n=n: inputs.__setitem__(n, args[0])) for n in names]
+    with torch.no_grad():
+        model(**padded)
+    for hook in hooks:
+        hook.remove()
+    want, got = find_sites(model, names, alone), find_sites(model, names, padded)
+    assert any(n.startswith("encoder.") for n in got) and any(n.startswith("decoder.") for n in got)
+    for name, site in got.items():
+        if name.startswith("encoder."):
+            assert site.gain == pytest.approx(want[name].gain, rel=1e-5), name
+        else:  # every decoder position, from the definition
+            x = inputs[name]
+            weights = torch.nn.functional.layer_norm(x, x.shape[-1:]).pow(2).reshape(-1, x.shape[-1]).mean(0)
+            gamma = model.get_submodule(name).weight.detach()
+            assert site.gain == pytest.approx(float((gamma * weights).sum() / weights.sum()), rel=1e-5), name

@@ -87,6 +87,16 @@ class _Projection:
         return self.cache[key]
 
 
+def _positions_of_the_mask(model: nn.Module) -> str | None:
+    """The prefix of the module names whose norms run over the attention mask's positions: every
+    module, or an encoder-decoder's encoder only (its decoder runs over shifted decoder inputs,
+    which the mask does not describe even when the lengths agree); None if that encoder is not found."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return ""
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
+    return next((f"{name}." for name, module in model.named_modules() if module is encoder and name), None)
+
+
 @torch.no_grad()
 def find_sites(teacher: nn.Module, names: list[str], batch: dict) -> dict[str, Site]:
     """Run ``teacher`` once on ``batch`` and return a :class:`Site` for each norm in ``names``
@@ -112,6 +122,7 @@ def find_sites(teacher: nn.Module, names: list[str], batch: dict) -> dict[str, S
 
     order = list(seen_norm)  # execution order
     mask = batch.get("attention_mask")
+    masked = _positions_of_the_mask(teacher)
     projection = _Projection()
     sites = {}
     for name in names:
@@ -141,7 +152,7 @@ def find_sites(teacher: nn.Module, names: list[str], batch: dict) -> dict[str, S
         if writer in readers or linears[writer].bias is None or any(linears[r].bias is None for r in readers):
             continue
         y = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], eps=module.eps)
-        if mask is not None and tuple(mask.shape) == tuple(y.shape[:-1]):
+        if mask is not None and masked is not None and name.startswith(masked) and mask.shape == y.shape[:-1]:
             y = y[mask.bool()]  # padding is not text: it stays out of E[y²]
         weights = y.pow(2).reshape(-1, y.shape[-1]).mean(0)
         gain = float((module.weight.float() * weights).sum() / weights.sum())
