@@ -63,7 +63,9 @@ def model_card(model, record: Optional[dict], *, base_model: Optional[str] = Non
                 + ":\n\n```python\nimport hf_adanorm, transformers\n"
                 + f"model = hf_adanorm.from_pretrained(transformers.{cls}, path)\n"
                 + (f"model = transformers.{_auto_class(auto_map, cls)}.from_pretrained(path, "
-                   "trust_remote_code=True)  # via auto_map\n" if auto_map and not custom else "") + "```\n\n"
+                   "trust_remote_code=True)  # via auto_map\n" if auto_map and not custom else "")
+                + "tokenizer = hf_adanorm.load_tokenizer(path)  # if one was saved here; no remote-code prompt\n"
+                + "```\n\n"
                 + f"Its config.json has the model_type `{MODEL_TYPE_PREFIX}...` and stock transformers classes "
                 "refuse it (a stock class would build the model without its norms).")
     parts = [f"# {cls} with {norm}",

@@ -394,3 +394,8 @@ def test_a_converted_models_tokenizer_loads_without_the_remote_code_prompt(works
         assert done.returncode == 0, done.stderr[-2000:]
         assert "custom code" not in done.stdout + done.stderr, kwargs
         assert json.loads(done.stdout.strip().splitlines()[-1]) == original
+    # the model card's loading code runs as written, and gives this tokenizer
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    scope = {"path": str(tmp_path / "out" / "model")}
+    exec(card.split("```python\n", 1)[1].split("```", 1)[0], scope)
+    assert scope["tokenizer"]("the dull film")["input_ids"] == original
