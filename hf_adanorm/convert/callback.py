@@ -7,16 +7,26 @@ from 0 to 1 with the schedule, and once every α is 1 the originals are dropped.
 loss alone guides the model through the swap (there is no teacher, unlike ``hf-adanorm
 convert``). The originals are frozen copies, so the optimizer never trains their gains and
 biases; checkpoints written during the ramp carry them and resume the ramp exactly.
+
+With ``rescale_probe`` (a batch of model inputs), post-LN norms start from the rescaled start of
+:mod:`hf_adanorm.convert.rescale` instead: the Linear layers around each of them absorb its gain and
+bias, and it is swapped at step 0 rather than blended. On MiniLM fine-tuned on RT this is worth
+about as much as a separate conversion (docs/conversion.md).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from types import SimpleNamespace
 
+import torch
 from accelerate.utils import extract_model_from_parallel
+from torch import nn
 
 from ..callbacks import PatchCallback
 from ..patch import get_patch_record, is_patched, patch_model
+from .rescale import RESCALABLE, apply_sites, output_scale, verified_sites
 from .schedule import SCHEDULES, alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
 
 
@@ -24,17 +34,34 @@ class GradualSwapCallback(PatchCallback):
     """``Trainer(model, args, callbacks=[GradualSwapCallback("adanorm", ramp_steps=200)])``.
 
     ``ramp_steps`` (> 0): optimizer steps over which the norms are blended in; ``schedule``:
-    'blend' (all together) or 'layerwise' (one after another). Other arguments are those of
+    'blend' (all together) or 'layerwise' (one after another); ``rescale_probe``: a batch of model
+    inputs (``tokenizer(texts[:32], padding=True, return_tensors="pt")``) to find the post-LN norms
+    that start rescaled, or None (all blend). Pass the same probe when a run resumes from a
+    checkpoint, so that the model gets the same structure. Other arguments are those of
     :func:`hf_adanorm.patch_model`.
     """
 
-    def __init__(self, norm="adanorm", *, ramp_steps: int, schedule: str = "blend", filter_fn=None, **options):
+    def __init__(self, norm="adanorm", *, ramp_steps: int, schedule: str = "blend", rescale_probe=None,
+                 filter_fn=None, **options):
         if schedule not in SCHEDULES or schedule == "swap":
             raise ValueError(f"schedule must be 'blend' or 'layerwise' ('swap' is PatchCallback), got {schedule!r}")
         if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 1:
             raise ValueError(f"ramp_steps must be an integer >= 1, got {ramp_steps!r}")
         super().__init__(norm, filter_fn=filter_fn, **options)
+        if rescale_probe is not None:
+            if not (isinstance(rescale_probe, Mapping) and rescale_probe
+                    and all(isinstance(v, torch.Tensor) for v in rescale_probe.values())):
+                raise TypeError("rescale_probe must be a batch of model inputs, a mapping of tensors such as "
+                                "tokenizer(texts, padding=True, return_tensors='pt')")
+            if self.config.norm not in RESCALABLE:
+                raise ValueError(f"rescale_probe: only {', '.join(RESCALABLE)} start rescaled (their output is "
+                                 f"about c·y), not {self.config.norm}; leave rescale_probe out")
+            if self.config.fold_affine:
+                raise ValueError("rescale_probe and fold_affine=True both change the Linear layers next to the "
+                                 "norms: pass one of them")
         self.ramp_steps, self.schedule = ramp_steps, schedule
+        self.rescale_probe = dict(rescale_probe) if rescale_probe is not None else None
+        self.rescaled: list[str] = []
         self.wrapped = None
 
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -43,9 +70,18 @@ class GradualSwapCallback(PatchCallback):
                                "original (unpatched) model, or use PatchCallback for a patched one")
         plan = patch_model(model, self.config, filter_fn=self.filter_fn, dry_run=True)
         originals = {e.name: copy.deepcopy(model.get_submodule(e.name)) for e in plan.replaced}
-        super().on_init_end(args, state, control, model=model, optimizer=optimizer, **kwargs)
+        sites = {}
+        if self.rescale_probe is not None:  # read-only on the model: it works on a float32 copy
+            sites = verified_sites(model, [n for n, m in originals.items() if isinstance(m, nn.LayerNorm)],
+                                   self.rescale_probe)
+        super().on_init_end(args, state, control, model=model, optimizer=optimizer, **kwargs)  # checks, patches
+        # the original norms' gains and biases go into the Linear layers around them (now, after the
+        # patch's checks: a refusal leaves the model as it was)
+        apply_sites(model, SimpleNamespace(get_submodule=originals.__getitem__), sites, output_scale(self.config))
+        self.rescaled = sorted(sites)
         record = get_patch_record(model)
-        self.wrapped = wrap_norms(model, blend_sources(record, lambda name: originals[name]))
+        sources = blend_sources(record, lambda name: originals[name])
+        self.wrapped = wrap_norms(model, {name: source for name, source in sources.items() if name not in sites})
         self._model = model
         set_alphas(self.wrapped, [0.0] * len(self.wrapped))
 
@@ -53,7 +89,7 @@ class GradualSwapCallback(PatchCallback):
         if self.wrapped is None:
             return
         values = alphas(self.schedule, state.global_step, self.ramp_steps, len(self.wrapped))
-        if min(values) >= 1.0:  # fully swapped: only the new norms from here on
+        if min(values, default=1.0) >= 1.0:  # fully swapped (or every norm rescaled): only the new norms
             unwrap_norms(extract_model_from_parallel(self._model), self.wrapped)
             self.wrapped = None
             return
