@@ -11,7 +11,9 @@ biases; checkpoints written during the ramp carry them and resume the ramp exact
 With ``rescale_probe`` (a batch of model inputs), post-LN norms start from the rescaled start of
 :mod:`hf_adanorm.convert.rescale` instead: the Linear layers around each of them absorb its gain and
 bias, and it is swapped at step 0 rather than blended. On MiniLM fine-tuned on RT it takes the
-callback from 9.5 points below a separate conversion to 2.3 below (docs/conversion.md).
+callback from 9.5 points below a separate conversion to 2.3 below (docs/conversion.md). The
+rescaled Linear layers are trained weights from then on: ``unpatch_model`` puts the original norms
+back but does not undo them.
 """
 
 from __future__ import annotations
