@@ -301,6 +301,10 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if state.originals is None:
         raise ValueError("this model was rebuilt from a patch record (e.g. loaded from a "
                          "checkpoint) and holds no original norms to restore")
+    if state.extra.get("rescaled"):
+        raise ValueError(f"the Linear layers around {len(state.extra['rescaled'])} of this model's norms were "
+                         "rescaled when they were swapped (GradualSwapCallback(rescale_probe=...)), and putting the "
+                         "norms back would not undo that: load the original model again instead")
     current = {}
     for name, original in state.originals.items():
         try:

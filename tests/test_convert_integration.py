@@ -188,6 +188,9 @@ def test_gradual_swap_with_a_rescale_probe_starts_as_the_original_where_gains_ar
         naive = copy.deepcopy(original)
         hf_adanorm.patch_model(naive, norm, eps_mode="torch", **options)
         assert (naive.bert(**batch).last_hidden_state - want).norm() > 0.1 * want.norm()  # what the rescale is for
+    with pytest.raises(ValueError, match="rescaled"):  # the norms alone would not give the original back
+        hf_adanorm.unpatch_model(model)
+    assert hf_adanorm.is_patched(model)
     trainer.train()  # then the ramp runs as without it, and only the new norms remain
     assert not any(isinstance(m, (BlendedNorm, torch.nn.LayerNorm)) for m in model.modules())
 

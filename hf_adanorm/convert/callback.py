@@ -12,8 +12,8 @@ With ``rescale_probe`` (a batch of model inputs), post-LN norms start from the r
 :mod:`hf_adanorm.convert.rescale` instead: the Linear layers around each of them absorb its gain and
 bias, and it is swapped at step 0 rather than blended. On MiniLM fine-tuned on RT it takes the
 callback from 9.5 points below a separate conversion to 2.3 below (docs/conversion.md). The
-rescaled Linear layers are trained weights from then on: ``unpatch_model`` puts the original norms
-back but does not undo them.
+rescaled Linear layers are not undone by putting the original norms back, so ``unpatch_model``
+refuses such a model.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch import nn
 
 from ..callbacks import PatchCallback
 from ..patch import get_patch_record, is_patched, patch_model
+from ..record import get_state
 from .rescale import RESCALABLE, apply_sites, output_scale, verified_sites
 from .schedule import SCHEDULES, alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
 
@@ -81,6 +82,8 @@ class GradualSwapCallback(PatchCallback):
         # patch's checks: a refusal leaves the model as it was)
         apply_sites(model, SimpleNamespace(get_submodule=originals.__getitem__), sites, output_scale(self.config))
         self.rescaled = sorted(sites)
+        if sites:
+            get_state(model).extra["rescaled"] = self.rescaled  # so that unpatch_model refuses
         record = get_patch_record(model)
         sources = blend_sources(record, lambda name: originals[name])
         self.wrapped = wrap_norms(model, {name: source for name, source in sources.items() if name not in sites})
