@@ -211,3 +211,38 @@ def test_gradual_swap_rescale_probe_refusals_leave_the_model_as_it_was(tmp_path,
                 callbacks=[hf_adanorm.GradualSwapCallback("layernorm_simple", ramp_steps=2, rescale_probe=_probe())])
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("probe", [None, _probe()], ids=["blend", "rescaled"])
+def test_gradual_swap_resumes_inside_the_ramp_exactly(tmp_path, token_dataset, probe):
+    # A checkpoint inside the ramp holds the blended norms' frozen originals; a fresh model given the
+    # same callback (and the same probe) gets the same structure, and the checkpoint its weights.
+    def run(folder, seed, callbacks, resume=None, probe=probe):
+        model = _constant_gain_bert(seed)
+        args = TrainingArguments(str(folder), per_device_train_batch_size=4, max_steps=6, save_strategy="steps",
+                                 save_steps=2, report_to=[], use_cpu=True, seed=0)
+        swap = hf_adanorm.GradualSwapCallback("layernorm_simple", ramp_steps=4, rescale_probe=probe)
+        Trainer(model, args, train_dataset=token_dataset, callbacks=[swap, *callbacks]).train(
+            resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "straight", 0, [])
+    run(tmp_path / "resumed", 0, [_StopAt(2)])
+    checkpoint = str(tmp_path / "resumed" / "checkpoint-2")
+    other = _probe() if probe is None else None  # a resume that forgets the probe, or adds one: refused
+    with pytest.raises(RuntimeError, match="Resume with the same rescale_probe"):
+        run(tmp_path / "resumed", 1, [], resume=checkpoint, probe=other)
+    resumed = run(tmp_path / "resumed", 1, [], resume=checkpoint)
+    want, got = straight.state_dict(), resumed.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key

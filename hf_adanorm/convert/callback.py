@@ -19,18 +19,25 @@ refuses such a model.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..callbacks import PatchCallback
 from ..patch import get_patch_record, is_patched, patch_model
 from ..record import get_state
+from ..training.checkpoints import write_json_atomic
 from .rescale import RESCALABLE, apply_sites, output_scale, verified_sites
 from .schedule import SCHEDULES, alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
+
+
+SWAP_FILE = "hf_adanorm_swap.json"  # in each checkpoint: which norms started rescaled
 
 
 class GradualSwapCallback(PatchCallback):
@@ -89,6 +96,24 @@ class GradualSwapCallback(PatchCallback):
         self.wrapped = wrap_norms(model, {name: source for name, source in sources.items() if name not in sites})
         self._model = model
         set_alphas(self.wrapped, [0.0] * len(self.wrapped))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        swap_file = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / SWAP_FILE
+        if state.global_step == 0 or not (swap_file.parent / "config.json").is_file():
+            return  # a fresh start (or a checkpoint elsewhere, which the Trainer found by path)
+        saved = json.loads(swap_file.read_text())["rescaled"] if swap_file.is_file() else []
+        if saved != self.rescaled:  # the weights fit only the structure they were saved with
+            raise RuntimeError(f"GradualSwapCallback: the run resumed from {swap_file.parent} started "
+                               f"{len(saved)} norms rescaled ({', '.join(saved) or 'none'}), but this callback "
+                               f"starts {len(self.rescaled)} rescaled ({', '.join(self.rescaled) or 'none'}). "
+                               "Resume with the same rescale_probe (or none, as before).")
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        super().on_save(args, state, control, model=model, **kwargs)
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and folder.is_dir():
+            write_json_atomic(folder / SWAP_FILE, {"rescaled": self.rescaled})
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.wrapped is None:
