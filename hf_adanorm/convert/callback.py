@@ -47,8 +47,8 @@ class GradualSwapCallback(PatchCallback):
     'blend' (all together) or 'layerwise' (one after another); ``rescale_probe``: a batch of model
     inputs (``tokenizer(texts[:32], padding=True, return_tensors="pt")``) to find the post-LN norms
     that start rescaled, or None (all blend). Pass the same probe when a run resumes from a
-    checkpoint, so that the model gets the same structure (checkpoints record it, and another is refused). Other arguments are those of
-    :func:`hf_adanorm.patch_model`.
+    checkpoint, so that the model gets the same structure (checkpoints record it; another probe, or
+    none, is refused). Other arguments are those of :func:`hf_adanorm.patch_model`.
     """
 
     def __init__(self, norm="adanorm", *, ramp_steps: int, schedule: str = "blend", rescale_probe=None,
