@@ -62,6 +62,11 @@ def write_patch_record(folder, record: dict) -> None:
             write_json_atomic(config_file, config)
 
 
+def checkpoint_folder(args, state) -> Path:
+    """Where the Trainer writes (or wrote) the checkpoint of ``state.global_step``."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+
 class PatchCallback(TrainerCallback):
     """``Trainer(model, args, callbacks=[PatchCallback("adanorm", k=0.1)])`` trains a patched model.
 
@@ -123,7 +128,7 @@ class PatchCallback(TrainerCallback):
     def _check_resumed_checkpoint(self, args, state) -> None:
         """A resumed run must be patched as the checkpoint it continues (checked when that
         checkpoint is ``output_dir/checkpoint-N``, where the Trainer writes them)."""
-        config_file = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / "config.json"
+        config_file = checkpoint_folder(args, state) / "config.json"
         if state.global_step == 0 or not config_file.is_file():
             return
         saved = (json.loads(config_file.read_text()).get(_CONFIG_KEY) or {}).get("config")
@@ -137,7 +142,7 @@ class PatchCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         if not args.should_save:  # only the process that writes checkpoints
             return
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        folder = checkpoint_folder(args, state)
         if not folder.is_dir():
             logger.warning("hf_adanorm: checkpoint folder %s not found; patch record not written", folder)
             return

@@ -122,13 +122,13 @@ def load_tokenizer(path, **kwargs):
     open (a terminal, a pipe), though no tokenizer needs it. Here it gets the stock config instead.
     """
     from transformers import AutoTokenizer
-    config = None
-    try:
-        config = load_config(path, **{k: v for k, v in kwargs.items() if k in _HUB_KWARGS})
-    except Exception:  # noqa: BLE001 - not a model folder (a tokenizer alone): AutoTokenizer decides
-        pass
-    if config is not None and getattr(config, "hf_adanorm", None) is not None and kwargs.get("config") is None:
-        kwargs["config"] = config
+    if kwargs.get("config") is None:  # (config=None, as a wrapper passes it on, is no config)
+        try:
+            config = load_config(path, **{k: v for k, v in kwargs.items() if k in _HUB_KWARGS})
+        except Exception:  # noqa: BLE001 - not a model folder (a tokenizer alone): AutoTokenizer decides
+            config = None
+        if getattr(config, "hf_adanorm", None) is not None:
+            kwargs["config"] = config
     return AutoTokenizer.from_pretrained(path, **kwargs)
 
 

@@ -21,6 +21,7 @@ from hf_adanorm.convert import ConvertArgs, convert_model
 from hf_adanorm.convert.schedule import BlendedNorm, alphas
 from hf_adanorm.training import TrainingArgs, run_training
 
+from test_callbacks_lifecycle import StopAt
 from test_convert import workspace  # noqa: F401 - the tiny 'pretrained' models and their text
 from test_recipes import write_sentiment_csvs
 
@@ -213,15 +214,6 @@ def test_gradual_swap_rescale_probe_refusals_leave_the_model_as_it_was(tmp_path,
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 @pytest.mark.parametrize("probe", [None, _probe()], ids=["blend", "rescaled"])
 def test_gradual_swap_resumes_inside_the_ramp_exactly(tmp_path, token_dataset, probe):
     # A checkpoint inside the ramp holds the blended norms' frozen originals; a fresh model given the
@@ -236,7 +228,7 @@ def test_gradual_swap_resumes_inside_the_ramp_exactly(tmp_path, token_dataset, p
         return model
 
     straight = run(tmp_path / "straight", 0, [])
-    run(tmp_path / "resumed", 0, [_StopAt(2)])
+    run(tmp_path / "resumed", 0, [StopAt(2)])
     checkpoint = str(tmp_path / "resumed" / "checkpoint-2")
     other = _probe() if probe is None else None  # a resume that forgets the probe, or adds one: refused
     with pytest.raises(RuntimeError, match="Resume with the same rescale_probe"):

@@ -21,15 +21,13 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..callbacks import PatchCallback
+from ..callbacks import PatchCallback, checkpoint_folder
 from ..patch import get_patch_record, is_patched, patch_model
 from ..record import get_state
 from ..training.checkpoints import write_json_atomic
@@ -99,7 +97,7 @@ class GradualSwapCallback(PatchCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         super().on_train_begin(args, state, control, model=model, **kwargs)
-        swap_file = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / SWAP_FILE
+        swap_file = checkpoint_folder(args, state) / SWAP_FILE
         if state.global_step == 0 or not (swap_file.parent / "config.json").is_file():
             return  # a fresh start (or a checkpoint elsewhere, which the Trainer found by path)
         saved = json.loads(swap_file.read_text())["rescaled"] if swap_file.is_file() else []
@@ -111,7 +109,7 @@ class GradualSwapCallback(PatchCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         super().on_save(args, state, control, model=model, **kwargs)
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        folder = checkpoint_folder(args, state)
         if args.should_save and folder.is_dir():
             write_json_atomic(folder / SWAP_FILE, {"rescaled": self.rescaled})
 

@@ -71,19 +71,21 @@ class _Projection:
     def __init__(self):
         self.directions, self.cache = {}, {}
 
-    def _direction(self, width: int, device) -> torch.Tensor:
-        if width not in self.directions:
-            gen = torch.Generator().manual_seed(width)
-            self.directions[width] = torch.randn(width, generator=gen, dtype=torch.float64).to(device)
-        return self.directions[width]
+    @staticmethod
+    def _direction(width: int) -> torch.Tensor:
+        return torch.randn(width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
 
     def norm1(self, width: int) -> float:
-        return float(self._direction(width, "cpu").abs().sum())
+        """‖v‖₁ of the direction for vectors of ``width``."""
+        return float(self._direction(width).abs().sum())
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         key = id(t)
         if key not in self.cache:  # (the hook stores hold every tensor, so no id is reused meanwhile)
-            self.cache[key] = t.double() @ self._direction(t.shape[-1], t.device)
+            width = t.shape[-1]
+            if (width, t.device) not in self.directions:
+                self.directions[width, t.device] = self._direction(width).to(t.device)
+            self.cache[key] = t.double() @ self.directions[width, t.device]
         return self.cache[key]
 
 

@@ -41,11 +41,19 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def describe_holder(folder) -> str:
-    """Who holds (or last held) the lock of ``folder``, from its owner file."""
+def _owner(folder) -> dict | None:
+    """The owner file of ``folder``'s lock, or None while it is missing or half written."""
     try:
         owner = json.loads((Path(folder) / OWNER_FILE).read_text())
     except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def describe_holder(folder) -> str:
+    """Who holds (or last held) the lock of ``folder``, from its owner file."""
+    owner = _owner(folder)
+    if owner is None:
         return "a process that has not said who it is yet"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
     text = f"pid {owner.get('pid')} on host {owner.get('host')} (since {since}: {owner.get('command', '?')})"
@@ -54,15 +62,9 @@ def describe_holder(folder) -> str:
     return text
 
 
-def _holder_kind(folder: Path) -> str | None:
-    try:
-        return json.loads((Path(folder) / OWNER_FILE).read_text()).get("what")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def _refusal(folder: Path, what: str) -> FolderInUseError:
-    kind = _holder_kind(folder) or what  # the holder's own kind: a training run may hold what a conversion asks for
+    # the holder's own kind: a training run may hold the folder a conversion asks for
+    kind = (_owner(folder) or {}).get("what") or what
     return FolderInUseError(f"{folder} is in use by another {kind}: {describe_holder(folder)}. Wait for it "
                             "to finish (or stop it), or use another folder")
 
