@@ -187,15 +187,22 @@ def _rescale_post_ln(student, teacher, record, probe, wrapped, naive, norm_confi
     if not sites:
         return {}, None
     saved = apply_sites(student, teacher, sites, output_scale(norm_config))
+    if recorded is not None:  # the checkpoint holds the start's figures too: no measurement to redo
+        return _rescaled_entries(student, wrapped, sites), None
     start = remeasure()
-    keep = recorded is not None or _closer(start, naive)
+    keep = _closer(start, naive)
     keep = broadcast_object_list([keep])[0]  # every rank takes the main process's choice
     if not keep:
         restore(student, saved)
         return {}, None
+    return _rescaled_entries(student, wrapped, sites), start
+
+
+def _rescaled_entries(student, wrapped, sites) -> dict:
+    """Take the rescaled norms out of the schedule (swapped from step 0); their report entries."""
     unwrap_norms(student, {name: wrapped.pop(name) for name in sites})
     return {name: {"gain": site.gain, "readers": site.readers, "writer": site.writer}
-            for name, site in sites.items()}, start
+            for name, site in sites.items()}
 
 
 def convert_model(args: ConvertArgs) -> dict:
