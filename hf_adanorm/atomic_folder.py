@@ -34,6 +34,11 @@ def _tmp_prefix(target: Path) -> str:
     return f".{target.name}{_TMP_MARK}"
 
 
+def is_staging_leftover(name: str, target_name: str) -> bool:
+    """Whether ``name`` is what a save of ``target_name`` killed part-way left beside it."""
+    return name.startswith(f".{target_name}{_TMP_MARK}")
+
+
 def check_target(target) -> Path:
     """The absolute folder to save into; raises (before anything is written) where it cannot be
     replaced atomically: a file in its place, a mount point, an unwritable parent."""

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 BACKEND = "cpu"
 SOURCE = Path(__file__).with_name("csrc") / "norm_cpu.cpp"
-HEADERS = [Path(__file__).with_name("csrc") / "float_lanes.h"]  # included by SOURCE
+HEADERS = [Path(__file__).with_name("csrc") / name for name in ("float_lanes.h", "output_pool.h")]  # included by SOURCE
+CACHE_LIMIT_ENV = "HF_ADANORM_CPU_CACHE_MB"  # the pool of freed outputs: its limit in MiB (0: off)
 
 
 class BuildError(RuntimeError):
@@ -106,7 +107,32 @@ def _why(err: Exception) -> str:
 
 @functools.cache
 def ops():
-    """``torch.ops.hf_adanorm_cpu``, loaded from the cache, or built first on this machine's first use."""
+    """``torch.ops.hf_adanorm_cpu``, loaded from the cache, or built first on this machine's first use,
+    with the output pool's limit taken from ``$HF_ADANORM_CPU_CACHE_MB`` if that is set."""
+    library = _load()
+    if _CACHE_LIMIT is not None:
+        library.set_cache_limit(_CACHE_LIMIT)
+    return library
+
+
+def _cache_limit_from_env() -> int | None:
+    value = os.environ.get(CACHE_LIMIT_ENV)
+    if value is None or not value.strip():
+        return None
+    try:
+        mib = float(value)
+    except ValueError:
+        mib = -1.0
+    if not (0 <= mib < 2 ** 40):
+        raise ValueError(f"{CACHE_LIMIT_ENV}={value!r}: give the limit of hf_adanorm's CPU output cache in MiB, "
+                         "a number >= 0 (0 turns the cache off)")
+    return int(mib * 2 ** 20)
+
+
+_CACHE_LIMIT = _cache_limit_from_env()  # read on import, so a bad value fails at `import hf_adanorm`
+
+
+def _load():
     name, cflags, ldflags = build_flags()
     folder = build_directory(name, cflags + ldflags)
     library = folder / f"{name}{'.pyd' if sys.platform == 'win32' else '.so'}"
@@ -133,6 +159,28 @@ def ops():
     except Exception as err:  # noqa: BLE001 - a compile error, no ninja, an unwritable folder ...
         raise BuildError(f"building {name} in {folder} failed: {_why(err)}") from err
     return torch.ops.hf_adanorm_cpu
+
+
+def cache_info() -> dict:
+    """The pool of freed outputs that the kernels reuse (``csrc/output_pool.h``): bytes held now and the limit.
+
+    Outputs of 32 MiB and more come from it: glibc would map each one anew, and the Linux kernel zeroes
+    new memory page by page on the first write, which costs more than the norm itself (BENCHMARKS.md).
+    """
+    cached, limit = ops().cache_info()
+    return {"cached_bytes": cached, "limit_bytes": limit}
+
+
+def set_cache_limit(limit_bytes: int) -> None:
+    """Keep at most ``limit_bytes`` of freed outputs (default 1 GiB, or ``$HF_ADANORM_CPU_CACHE_MB``); 0: none."""
+    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or limit_bytes < 0:
+        raise ValueError(f"limit_bytes must be an integer >= 0, got {limit_bytes!r}")
+    ops().set_cache_limit(limit_bytes)
+
+
+def empty_cache() -> None:
+    """Give every cached output back to the system (like ``torch.cuda.empty_cache``)."""
+    ops().empty_cache()
 
 
 def forward(x2d: torch.Tensor, eps: float, centre: bool, fairseq: bool, k: float, C: float):

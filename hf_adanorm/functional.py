@@ -61,7 +61,7 @@ from typing import Optional
 
 import torch
 
-from . import norm_math
+from . import cpu_kernels, norm_math  # cpu_kernels checks $HF_ADANORM_CPU_CACHE_MB on import
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -133,7 +133,6 @@ def _kernels_for(x: torch.Tensor) -> Optional[types.ModuleType]:
             if x.shape[-1] <= triton_norm.MAX_ROW:
                 return triton_norm
     if x.device.type == "cpu" and CPU_KERNELS != "off" and _failures["cpu"] is None:
-        from . import cpu_kernels
         return cpu_kernels
     return None
 

@@ -239,6 +239,22 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(workspace, tmp_path, ca
     assert _snapshot(out) == before
 
 
+def test_what_a_kill_during_an_atomic_write_left_does_not_block_the_rerun(workspace, tmp_path):
+    """A kill -9 while the lock's owner file, a report or the model was being written leaves a
+    temporary sibling: the rerun takes the folder as its own (and a stranger's file is still refused)."""
+    from hf_adanorm.training.locks import OWNER_FILE
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".tmp-{OWNER_FILE}").write_text('{"pid": 1')
+    (out / ".tmp-conversion.json").write_text("{")
+    (out / ".model.hf_adanorm-tmp-0123abcd").mkdir()
+    result = convert_model(_args(workspace, out, max_steps=2))
+    assert result["steps"] == 2 and (out / "conversion.json").is_file()
+    (out / ".tmp-notes.txt").write_text("mine")  # not a leftover of a conversion's own file
+    with pytest.raises(FileExistsError, match=r"not a conversion's \(\.tmp-notes\.txt\)"):
+        convert_model(_args(workspace, out, max_steps=2, overwrite_output_dir=True))
+
+
 def test_an_output_dir_linked_to_nothing_is_refused_before_the_teacher_loads(workspace, tmp_path, monkeypatch):
     from hf_adanorm.convert import loop
     out = tmp_path / "out"

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForCausalLM, get_scheduler
 
+from ..atomic_folder import is_staging_leftover
 from ..checkpoint import load_config, save_pretrained
 from ..patch import get_patch_record, patch_model
 from ..training import checkpoints
@@ -46,6 +47,14 @@ def _is_causal(args: ConvertArgs, config) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
 
 
+def _own_file(name: str) -> bool:
+    """A conversion's own file, or the temporary file or folder that a kill during one of its atomic
+    writes left of it (the next write of the same file replaces or deletes it)."""
+    own = OWN_FILES + LOCK_FILES
+    return (name in own or name.removeprefix(checkpoints.TMP_PREFIX) in own
+            or any(is_staging_leftover(name, target) for target in own))
+
+
 def _check_output_dir(args: ConvertArgs) -> Path | None:
     """The checkpoint to resume from, or None; refuses a folder that holds something else."""
     out = Path(args.output_dir)
@@ -56,7 +65,7 @@ def _check_output_dir(args: ConvertArgs) -> Path | None:
                                 "that folder, or pass another --output_dir")
     if not out.exists():
         return None
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES + LOCK_FILES)
+    foreign = sorted(p.name for p in out.iterdir() if not _own_file(p.name))
     if foreign:
         raise FileExistsError(f"output_dir {out} holds files that are not a conversion's ({', '.join(foreign[:5])}): "
                               "pass an empty or new folder")

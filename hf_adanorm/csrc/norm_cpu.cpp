@@ -11,6 +11,7 @@
 //   dL/dx = (1 / sigma) * (g' - a * mean(g') - b * y * mean(g' * y)).
 // Arithmetic is float32 whatever the input dtype (float32, bfloat16, float16).
 #include <ATen/Parallel.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -19,8 +20,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "float_lanes.h"
+#include "output_pool.h"
 
 namespace {
 
@@ -204,6 +207,13 @@ void input_grad_row(const T* g, const T* x, const T* g_next, const T* x_next, fl
       });
 }
 
+// An uninitialised tensor shaped like the contiguous x, from the pool of freed outputs (output_pool.h).
+at::Tensor pooled_empty_like(const at::Tensor& x) {
+  return at::detail::empty_generic(x.sizes(), &hf_adanorm::OutputPool::instance(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type(),
+                                   c10::MemoryFormat::Contiguous);
+}
+
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(),
               "hf_adanorm CPU kernel: ", name, " must be a contiguous 2-D CPU tensor");
@@ -224,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, doub
   check_rows(x, "x");
   const int64_t rows = x.size(0);
   const Norm n{float(eps), float(k), float(C), centre, fairseq, x.size(1)};
-  at::Tensor z = at::empty_like(x);
+  at::Tensor z = pooled_empty_like(x);
   at::Tensor mean = at::empty({rows, 1}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows, 1}, x.options().dtype(at::kFloat));
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
@@ -254,7 +264,7 @@ at::Tensor input_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor
                   mean.numel() == x.size(0) && rstd.numel() == x.size(0),
               "hf_adanorm CPU kernel: mean and rstd must be contiguous float32, one per row");
   const Norm n{float(eps), float(k), float(C), centre, fairseq, x.size(1)};
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = pooled_empty_like(x);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T *gp = g.const_data_ptr<T>(), *xp = x.const_data_ptr<T>();
@@ -271,12 +281,28 @@ at::Tensor input_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor
   return dx;
 }
 
+std::vector<int64_t> cache_info() {
+  auto [cached, limit] = hf_adanorm::OutputPool::instance().info();
+  return {int64_t(cached), int64_t(limit)};
+}
+
+void set_cache_limit(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "hf_adanorm CPU kernel: the cache limit must be >= 0 bytes, got ", bytes);
+  hf_adanorm::OutputPool::instance().set_limit(size_t(bytes));
+}
+
+void empty_cache() { hf_adanorm::OutputPool::instance().empty(); }
+
 }  // namespace
 
 TORCH_LIBRARY(hf_adanorm_cpu, m) {
   m.def("forward(Tensor x, float eps, bool centre, bool fairseq, float k, float C) -> (Tensor, Tensor, Tensor)");
   m.def("input_grad(Tensor g, Tensor x, Tensor mean, Tensor rstd, float eps, bool centre, bool fairseq, "
         "bool subtract_mean, bool rescale, float k, float C) -> Tensor");
+  // The pool of freed outputs (output_pool.h): [bytes cached, limit], the limit, emptying it.
+  m.def("cache_info() -> int[]", &cache_info);
+  m.def("set_cache_limit(int bytes) -> ()", &set_cache_limit);
+  m.def("empty_cache() -> ()", &empty_cache);
 }
 
 TORCH_LIBRARY_IMPL(hf_adanorm_cpu, CPU, m) {

@@ -1,0 +1,167 @@
+"""The pool of freed outputs that the C++ CPU kernels reuse (hf_adanorm/csrc/output_pool.h).
+
+Outputs of 32 MiB and more are served from it: a block handed out again must be fully overwritten
+(values are checked against the eager kernels after the block was filled with NaN), the limit must
+hold, and the profiler must still see every output as an allocation.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_adanorm import AdaNorm, DetachNorm, cpu_kernels, functional
+
+MIB = 2 ** 20
+ROWS, D = 8192, 1024  # float32: exactly 32 MiB, the smallest pooled size
+
+
+@pytest.fixture
+def pool(cpu_kernels_mode):
+    """The kernels on, an empty pool with the default limit; restored afterwards."""
+    cpu_kernels_mode("auto")
+    limit = cpu_kernels.cache_info()["limit_bytes"]
+    cpu_kernels.empty_cache()
+    yield
+    cpu_kernels.set_cache_limit(limit)
+    cpu_kernels.empty_cache()
+
+
+def eager(module, x, g):
+    """The module's output and input gradient from torch's kernels (the kernels switched off)."""
+    before = functional.CPU_KERNELS
+    functional.CPU_KERNELS = "off"
+    try:
+        x = x.detach().requires_grad_()
+        z = module(x)
+        z.backward(g)
+        return z.detach(), x.grad
+    finally:
+        functional.CPU_KERNELS = before
+
+
+def data(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(ROWS, D, generator=gen) * 3 + 1, torch.randn(ROWS, D, generator=gen)
+
+
+@pytest.mark.parametrize("module", [AdaNorm(D), DetachNorm(D, detach="both")], ids=["adanorm", "detachnorm"])
+def test_a_reused_block_is_fully_overwritten(pool, module):
+    x, g = data()
+    z = module(x.requires_grad_())
+    z.backward(g)
+    z_ptr, dx_ptr = z.data_ptr(), x.grad.data_ptr()
+    z.detach().fill_(float("nan"))
+    x.grad.fill_(float("nan"))
+    del z
+    x.grad = None
+    assert cpu_kernels.cache_info()["cached_bytes"] == 2 * ROWS * D * 4
+
+    x2, g2 = data(1)
+    z2 = module(x2.requires_grad_())
+    z2.backward(g2)
+    assert {z2.data_ptr(), x2.grad.data_ptr()} == {z_ptr, dx_ptr}  # both blocks served again
+    assert cpu_kernels.cache_info()["cached_bytes"] == 0
+    want_z, want_dx = eager(module, x2, g2)
+    torch.testing.assert_close(z2.detach(), want_z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x2.grad, want_dx, rtol=1e-4, atol=1e-5)
+
+
+def test_small_outputs_are_left_to_torch(pool):
+    x = torch.randn(ROWS // 2, D)
+    z = AdaNorm(D)(x)
+    del z
+    assert cpu_kernels.cache_info()["cached_bytes"] == 0
+
+
+def test_the_limit_holds_and_evicts_the_oldest(pool):
+    x = torch.randn(ROWS, D)
+    cpu_kernels.set_cache_limit(2 * ROWS * D * 4)
+    outs = [AdaNorm(D)(x) for _ in range(3)]
+    pointers = [z.data_ptr() for z in outs]
+    while outs:  # freed in order: the first one is the oldest, and goes
+        outs.pop(0)
+    assert cpu_kernels.cache_info()["cached_bytes"] == 2 * ROWS * D * 4
+    z = AdaNorm(D)(x)
+    assert z.data_ptr() == pointers[2]  # the most recently freed block comes first
+    cpu_kernels.set_cache_limit(ROWS * D * 4 - 1)  # lowering the limit frees what no longer fits
+    assert cpu_kernels.cache_info()["cached_bytes"] == 0
+    del z  # and a block over the limit is freed, not kept
+    assert cpu_kernels.cache_info()["cached_bytes"] == 0
+
+
+def test_a_block_is_reused_only_for_a_close_size(pool):
+    z = AdaNorm(D)(torch.randn(2 * ROWS, D))
+    pointer = z.data_ptr()
+    del z
+    small = AdaNorm(D)(torch.randn(ROWS, D))  # half the size: would waste half the block
+    assert small.data_ptr() != pointer and cpu_kernels.cache_info()["cached_bytes"] == 2 * ROWS * D * 4
+    close = AdaNorm(D)(torch.randn(2 * ROWS - 64, D))  # within a quarter: served from it
+    assert close.data_ptr() == pointer
+
+
+def test_empty_cache_and_a_limit_of_zero(pool):
+    del pool
+    z = AdaNorm(D)(torch.randn(ROWS, D))
+    del z
+    assert cpu_kernels.cache_info()["cached_bytes"] == ROWS * D * 4
+    cpu_kernels.empty_cache()
+    assert cpu_kernels.cache_info()["cached_bytes"] == 0
+    cpu_kernels.set_cache_limit(0)
+    z = AdaNorm(D)(torch.randn(ROWS, D))
+    del z
+    assert cpu_kernels.cache_info() == {"cached_bytes": 0, "limit_bytes": 0}
+
+
+def test_a_pooled_output_behaves_like_any_tensor(pool):
+    x = torch.randn(ROWS, D)
+    z = AdaNorm(D)(x).detach()
+    head = z[:2].clone()
+    z.resize_(ROWS + 16, D)  # grows through the pool's allocator, keeping the values
+    torch.testing.assert_close(z[:2], head)
+    shared = z.clone().share_memory_()
+    torch.testing.assert_close(shared[:2], head)
+    assert torch.equal(torch.load(_saved(z), weights_only=True)[:2], head)
+
+
+def _saved(t):
+    import io
+    buffer = io.BytesIO()
+    torch.save(t, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_the_profiler_sees_each_output_allocated(pool):
+    """benchmarks/bench_norms.py counts allocated bytes from the profiler's events: a block served
+    from the pool must count as before."""
+    x = torch.randn(ROWS, D)
+    AdaNorm(D)(x)  # freed at once: leaves a block in the pool
+    assert cpu_kernels.cache_info()["cached_bytes"] == ROWS * D * 4
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        z = AdaNorm(D)(x)
+        del z
+    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    freed = -sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage < 0)
+    assert allocated >= ROWS * D * 4 and freed >= ROWS * D * 4
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "1"])
+def test_a_bad_limit_is_refused(pool, value):
+    with pytest.raises(ValueError, match="limit_bytes must be an integer >= 0"):
+        cpu_kernels.set_cache_limit(value)
+
+
+@pytest.mark.parametrize("value,limit", [("0", 0), ("64", 64 * MIB), ("lots", None), ("-1", None), ("nan", None)])
+def test_the_limit_from_the_environment(value, limit):
+    code = "from hf_adanorm import cpu_kernels; print(cpu_kernels._CACHE_LIMIT)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, cpu_kernels.CACHE_LIMIT_ENV: value},
+                         capture_output=True, text=True, timeout=120)
+    if limit is None:
+        assert out.returncode != 0 and f"{cpu_kernels.CACHE_LIMIT_ENV}={value!r}" in out.stderr
+    else:
+        assert out.returncode == 0 and int(out.stdout) == limit, out.stderr
