@@ -76,7 +76,7 @@ def test_exact_where_every_gain_is_a_constant(norm, options):
     teacher = _bert(True)
     student = copy.deepcopy(teacher)
     sites = find_sites(teacher, NORMS, _batch())
-    apply_sites(student, teacher, sites, scale=options.get("C", 1.0))
+    apply_sites(student, teacher.get_submodule, sites, scale=options.get("C", 1.0))
     hf_adanorm.patch_model(student, norm, eps_mode="torch", **options)
     batch = _batch(seed=2)
     with torch.no_grad():
@@ -97,7 +97,7 @@ def test_restore_puts_back_every_tensor():
     teacher = _bert(False)
     student = copy.deepcopy(teacher)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    saved = apply_sites(student, teacher, find_sites(teacher, NORMS, _batch()), scale=1.0)
+    saved = apply_sites(student, teacher.get_submodule, find_sites(teacher, NORMS, _batch()), scale=1.0)
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
     restore(student, saved)
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
@@ -126,7 +126,7 @@ def test_norm_targets_vanish_exactly_when_the_rescaled_student_is_the_teacher(co
     teacher = _bert(constant_gains)
     student = copy.deepcopy(teacher)
     sites = find_sites(teacher, NORMS, _batch())
-    apply_sites(student, teacher, sites, scale=1.0)
+    apply_sites(student, teacher.get_submodule, sites, scale=1.0)
     hf_adanorm.patch_model(student, "layernorm_simple", eps_mode="torch")
     targets = NormTargets(teacher, student, list(sites), scale=1.0)
     batch = _batch(seed=3)

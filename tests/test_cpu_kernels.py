@@ -161,6 +161,19 @@ def test_long_rows_far_from_zero_are_as_accurate_as_torch(offset, cpu_kernels_mo
     assert ours <= max(2 * torch_error, 1e-5), (ours, torch_error)
 
 
+@pytest.mark.parametrize("lead", [0.9, 1e4], ids=["near", "outlier"])
+def test_a_row_whose_first_values_are_far_from_its_mean_is_as_accurate_as_torch(lead, cpu_kernels_mode):
+    """The forward sums x - p and (x - p)^2 in one pass, p the mean of the row's first step, where
+    |mean - p| <= sigma; a row that starts far out (an outlier first) takes a second, exact pass."""
+    cpu_kernels_mode("auto")
+    x = torch.randn(4, 4096, generator=torch.Generator().manual_seed(0)) + 1e3
+    x[:, :32] += lead * (x.std() if lead < 1 else 1)
+    want = F.layer_norm(x.double(), (4096,))
+    torch_error = (F.layer_norm(x, (4096,)).double() - want).abs().max().item()
+    ours = (functional.normalize(x).double() - want).abs().max().item()
+    assert ours <= max(2 * torch_error, 1e-5), (ours, torch_error)
+
+
 def test_tensor_subclasses_take_the_eager_path(cpu_kernels_mode):
     """Subclasses bring their own dispatch (FakeTensor, DTensor ...): eager for them, and the
     kernels stay on for plain tensors."""

@@ -1,8 +1,9 @@
-"""The pool of freed outputs that the C++ CPU kernels reuse (hf_adanorm/csrc/output_pool.h).
+"""Outputs of 32 MiB and more from the C++ CPU kernels: the pool of freed outputs they reuse
+(hf_adanorm/csrc/output_pool.h), and the non-temporal stores that write them (float_lanes.h).
 
-Outputs of 32 MiB and more are served from it: a block handed out again must be fully overwritten
-(values are checked against the eager kernels after the block was filled with NaN), the limit must
-hold, and the profiler must still see every output as an allocation.
+A block handed out again must be fully overwritten (values are checked against the eager kernels after
+the block was filled with NaN), the limit must hold, the profiler must still see every output as an
+allocation, and streamed rows, aligned or not, must match the float64 reference.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from hf_adanorm import AdaNorm, DetachNorm, cpu_kernels, functional
+from test_fast_paths import KINDS, assert_matches_reference, awkward_input
 
 MIB = 2 ** 20
 ROWS, D = 8192, 1024  # float32: exactly 32 MiB, the smallest pooled size
@@ -165,3 +167,35 @@ def test_the_limit_from_the_environment(value, limit):
         assert out.returncode != 0 and f"{cpu_kernels.CACHE_LIMIT_ENV}={value!r}" in out.stderr
     else:
         assert out.returncode == 0 and int(out.stdout) == limit, out.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_uses_the_pool(pool):
+    """DataLoader workers are forks: a child frees and allocates pooled outputs like the parent."""
+    x = torch.randn(ROWS, D)
+    inherited = AdaNorm(D)(x)
+    AdaNorm(D)(x)  # one block cached in the parent
+    pid = os.fork()
+    if pid == 0:  # the child: free an inherited output, take two blocks, check one
+        code = 1
+        try:
+            torch.set_num_threads(1)  # as DataLoader workers do: GNU OpenMP's team does not survive a fork
+            del inherited
+            outs = [AdaNorm(D)(x) for _ in range(2)]
+            code = 0 if torch.allclose(outs[1], outs[0]) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+LARGE = [(torch.float32, 1024, 1e-5), (torch.bfloat16, 1023, 2e-2), (torch.float16, 4096, 5e-3)]
+
+
+@pytest.mark.parametrize("kind", [KINDS[1], KINDS[5], KINDS[7]], ids=lambda k: k.id)
+@pytest.mark.parametrize("dtype,d,tol", LARGE, ids=["fp32-aligned", "bf16-unaligned-rows", "fp16"])
+def test_large_outputs_match_the_reference(pool, kind, dtype, d, tol):
+    """Rows of 1023 bf16 elements start at every alignment: streamed and plain steps mix in a row."""
+    rows = -(-32 * MIB // (d * dtype.itemsize))  # the smallest output that is streamed
+    x, g = awkward_input((rows, d), dtype)
+    assert_matches_reference(kind, kind.make(d), x, g, tol)

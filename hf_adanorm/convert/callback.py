@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Mapping
-from types import SimpleNamespace
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -85,7 +84,7 @@ class GradualSwapCallback(PatchCallback):
         super().on_init_end(args, state, control, model=model, optimizer=optimizer, **kwargs)  # checks, patches
         # the original norms' gains and biases go into the Linear layers around them (now, after the
         # patch's checks: a refusal leaves the model as it was)
-        apply_sites(model, SimpleNamespace(get_submodule=originals.__getitem__), sites, output_scale(self.config))
+        apply_sites(model, originals.__getitem__, sites, output_scale(self.config))
         self.rescaled = sorted(sites)
         if sites:
             get_state(model).extra["rescaled"] = self.rescaled  # so that unpatch_model refuses

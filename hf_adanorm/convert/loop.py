@@ -195,7 +195,7 @@ def _rescale_post_ln(student, teacher, record, probe, wrapped, naive, norm_confi
         sites = {name: sites[name] for name in recorded}
     if not sites:
         return {}, None
-    saved = apply_sites(student, teacher, sites, output_scale(norm_config))
+    saved = apply_sites(student, teacher.get_submodule, sites, output_scale(norm_config))
     if recorded is not None:  # the checkpoint holds the start's figures too: no measurement to redo
         return _rescaled_entries(student, wrapped, sites), None
     start = remeasure()

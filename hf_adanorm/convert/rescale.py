@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -195,7 +196,7 @@ def _exact_when_constant(probe: nn.Module, name: str, site: Site, batch: dict) -
     saved = None
     try:
         reference = primary_output(probe(**batch))
-        saved = apply_sites(probe, probe, {name: site}, scale=1.0)
+        saved = apply_sites(probe, probe.get_submodule, {name: site}, scale=1.0)
         setattr(parent, attr, PlainNormalization(norm.eps))
         error = relative_drift(primary_output(probe(**batch)), reference)
     finally:
@@ -207,12 +208,14 @@ def _exact_when_constant(probe: nn.Module, name: str, site: Site, batch: dict) -
 
 
 @torch.no_grad()
-def apply_sites(student: nn.Module, teacher: nn.Module, sites: dict[str, Site], scale: float) -> dict:
-    """Change ``student``'s Linear layers for each site (see the module docstring); returns the
-    original tensors, for :func:`restore`."""
+def apply_sites(student: nn.Module, original_norm: Callable[[str], nn.Module], sites: dict[str, Site],
+                scale: float) -> dict:
+    """Change ``student``'s Linear layers for each site (see the module docstring), with γ and β of
+    ``original_norm(name)``, the norm the site had in the original model; returns the original
+    tensors, for :func:`restore`."""
     saved = {}
     for name, site in sites.items():
-        norm = teacher.get_submodule(name)
+        norm = original_norm(name)
         gamma, beta = norm.weight.detach(), norm.bias.detach()
         for reader in site.readers:
             linear = student.get_submodule(reader)

@@ -54,6 +54,52 @@ inline void store_step(c10::BFloat16* p, const Vec& lo, const Vec& hi) {
 }
 inline void store_step(c10::Half* p, const Vec& lo, const Vec& hi) { at::vec::convert_float_half(lo, hi).store(p); }
 
+// store_step with non-temporal stores where the CPU has them and p is aligned to the vector:
+// written past the caches, so a large output does not first read each line it overwrites.
+// The caller issues stream_fence() before its stores may be read by another thread.
+inline void stream_step(float* p, const Vec& lo, const Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+    _mm512_stream_ps(p, lo);
+    _mm512_stream_ps(p + kLanes, hi);
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+    _mm256_stream_ps(p, lo);
+    _mm256_stream_ps(p + kLanes, hi);
+    return;
+  }
+#endif
+  store_step(p, lo, hi);
+}
+// The 16-bit types: kStep elements are one whole vector once packed.
+template <typename Half16, typename Pack>
+inline void stream_packed(Half16* p, const Vec& lo, const Vec& hi, Pack pack) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if ((reinterpret_cast<uintptr_t>(p) & (kStep * sizeof(Half16) - 1)) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), pack(lo, hi));
+#else
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack(lo, hi));
+#endif
+    return;
+  }
+#endif
+  store_step(p, lo, hi);
+}
+inline void stream_step(c10::BFloat16* p, const Vec& lo, const Vec& hi) {
+  stream_packed(p, lo, hi, [](const Vec& a, const Vec& b) { return at::vec::convert_float_bfloat16(a, b); });
+}
+inline void stream_step(c10::Half* p, const Vec& lo, const Vec& hi) {
+  stream_packed(p, lo, hi, [](const Vec& a, const Vec& b) { return at::vec::convert_float_half(a, b); });
+}
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 template <typename T>
 inline void store_tail(T* p, int64_t count, const Vec& lo, const Vec& hi) {
   alignas(64) T padded[kStep];

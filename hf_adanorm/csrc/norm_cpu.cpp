@@ -34,6 +34,7 @@ using hf_adanorm::load_tail;
 using hf_adanorm::prefetch_step;
 using hf_adanorm::row_sums;
 using hf_adanorm::store_step;
+using hf_adanorm::stream_step;
 using hf_adanorm::store_tail;
 using hf_adanorm::Vec;
 
@@ -58,36 +59,22 @@ inline void for_each_step(int64_t d, Step step, Tail tail) {
 }
 
 // next: the row to prefetch while this one is written (nullptr for none).
+// The pivot p of a row's shifted sums: the mean of its first step, near the row's mean for any
+// row whose values do not drift along it, so that sums of x - p keep a common offset out.
 template <typename T>
-void forward_row(const T* x, const T* next, T* z, float* mean_out, float* rstd_out, const Norm& n) {
-  float mean = 0.f;
-  if (n.centre) {
-    // Summing x - x[0] keeps a large common offset out of the float partial sums.
-    const float pivot = static_cast<float>(x[0]);
-    const Vec shift(pivot);
-    const auto [sum] = row_sums<1>(
-        n.d,
-        [&](int64_t j, auto& lo, auto& hi) {
-          Vec a, b;
-          load_step(x + j, a, b);
-          lo[0] = lo[0] + (a - shift);
-          hi[0] = hi[0] + (b - shift);
-        },
-        [&](int64_t j, int64_t count, auto& lo, auto& hi) {
-          Vec a, b;
-          load_tail(x + j, count, a, b);
-          a = a - shift;
-          b = b - shift;
-          keep_first(count, a, b);
-          lo[0] = lo[0] + a;
-          hi[0] = hi[0] + b;
-        });
-    mean = float(pivot + sum / n.d);
-  }
-  // Second pass over the cached row: exact for rows far from zero mean, unlike E[x^2] - E[x]^2.
+float pivot_of(const T* x, int64_t d) {
+  const int64_t count = std::min<int64_t>(d, kStep);
+  float sum = 0.f;
+  for (int64_t j = 0; j < count; ++j) sum += static_cast<float>(x[j]);
+  return sum / float(count);
+}
+
+// Sum of (x - mean)^2 over the row, from a second pass over the cached row.
+template <typename T>
+double centred_squares(const T* x, int64_t d, float mean) {
   const Vec mean_v(mean);
-  const auto [squares] = row_sums<1>(
-      n.d,
+  return row_sums<1>(
+      d,
       [&](int64_t j, auto& lo, auto& hi) {
         Vec a, b;
         load_step(x + j, a, b);
@@ -104,7 +91,52 @@ void forward_row(const T* x, const T* next, T* z, float* mean_out, float* rstd_o
         keep_first(count, a, b);
         lo[0] = at::vec::fmadd(a, a, lo[0]);
         hi[0] = at::vec::fmadd(b, b, hi[0]);
-      });
+      })[0];
+}
+
+// next: the row to prefetch while this one is written (nullptr for none).
+template <typename T>
+void forward_row(const T* x, const T* next, T* z, float* mean_out, float* rstd_out, const Norm& n, bool stream) {
+  float mean = 0.f;
+  double squares;
+  if (n.centre) {
+    // One pass for S1 = sum(x - p) and S2 = sum((x - p)^2); then sum((x - mean)^2) = S2 - S1^2 / d.
+    // That difference loses accuracy by the factor S2 / sum((x - mean)^2) = 1 + (mean - p)^2 / var:
+    // at most 2 where it is kept (|mean - p| <= sigma, nearly every row with the pivot above);
+    // other rows take a second pass over the cached row, exact however far the pivot is.
+    const float pivot = pivot_of(x, n.d);
+    const Vec shift(pivot);
+    const auto [s1, s2] = row_sums<2>(
+        n.d,
+        [&](int64_t j, auto& lo, auto& hi) {
+          Vec a, b;
+          load_step(x + j, a, b);
+          a = a - shift;
+          b = b - shift;
+          lo[0] = lo[0] + a;
+          hi[0] = hi[0] + b;
+          lo[1] = at::vec::fmadd(a, a, lo[1]);
+          hi[1] = at::vec::fmadd(b, b, hi[1]);
+        },
+        [&](int64_t j, int64_t count, auto& lo, auto& hi) {
+          Vec a, b;
+          load_tail(x + j, count, a, b);
+          a = a - shift;
+          b = b - shift;
+          keep_first(count, a, b);
+          lo[0] = lo[0] + a;
+          hi[0] = hi[0] + b;
+          lo[1] = at::vec::fmadd(a, a, lo[1]);
+          hi[1] = at::vec::fmadd(b, b, hi[1]);
+        });
+    const double offset = s1 / n.d;  // mean - p
+    mean = float(pivot + offset);
+    squares = s2 - s1 * offset;
+    if (!(squares >= s2 * 0.5)) squares = centred_squares(x, n.d, mean);  // (mean - p)^2 > var, or NaN
+  } else {
+    squares = centred_squares(x, n.d, 0.f);
+  }
+  const Vec mean_v(mean);
   const double v = squares / n.dof();
   const float rstd = float(n.fairseq ? 1.0 / (std::sqrt(v) + n.eps) : 1.0 / std::sqrt(v + n.eps));
   // z = y (C - C k y) with y = (x - mean) rstd
@@ -121,7 +153,7 @@ void forward_row(const T* x, const T* next, T* z, float* mean_out, float* rstd_o
         load_step(x + j, a, b);
         normalize(a);
         normalize(b);
-        store_step(z + j, a, b);
+        if (stream) stream_step(z + j, a, b); else store_step(z + j, a, b);
       },
       [&](int64_t j, int64_t count) {
         Vec a, b;
@@ -137,7 +169,7 @@ void forward_row(const T* x, const T* next, T* z, float* mean_out, float* rstd_o
 // g_next, x_next: the rows to prefetch while this one is written (nullptr for none).
 template <typename T>
 void input_grad_row(const T* g, const T* x, const T* g_next, const T* x_next, float mean, float rstd, T* dx,
-                    const Norm& n, bool subtract_mean, bool rescale) {
+                    const Norm& n, bool subtract_mean, bool rescale, bool stream) {
   float b_factor = rescale ? 1.f : 0.f;
   if (rescale && n.fairseq) {
     // d sigma / d v differs from torch mode: b = sigma D / ((D - u) sqrt(v)); a constant row
@@ -195,7 +227,7 @@ void input_grad_row(const T* g, const T* x, const T* g_next, const T* x_next, fl
         load_step(g + j, ga, gb);
         input_grad(xa, ga);
         input_grad(xb, gb);
-        store_step(dx + j, ga, gb);
+        if (stream) stream_step(dx + j, ga, gb); else store_step(dx + j, ga, gb);
       },
       [&](int64_t j, int64_t count) {
         Vec xa, xb, ga, gb;
@@ -213,6 +245,12 @@ at::Tensor pooled_empty_like(const at::Tensor& x) {
                                    c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type(),
                                    c10::MemoryFormat::Contiguous);
 }
+
+// Whether the rows of `out` are written with non-temporal stores (float_lanes.h: stream_step): for
+// outputs of 32 MiB and more, which outgrow a core's share of the caches, so writing them through the
+// caches only reads every line from memory before overwriting it. Measured at 16384 x 4096 on one
+// thread: the forward takes 0.71x its time in float32 and 0.75x in bfloat16 (BENCHMARKS.md).
+bool streams(const at::Tensor& out) { return out.nbytes() >= (size_t(32) << 20); }
 
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(),
@@ -235,6 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, doub
   const int64_t rows = x.size(0);
   const Norm n{float(eps), float(k), float(C), centre, fairseq, x.size(1)};
   at::Tensor z = pooled_empty_like(x);
+  const bool stream = streams(z);
   at::Tensor mean = at::empty({rows, 1}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows, 1}, x.options().dtype(at::kFloat));
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
@@ -245,8 +284,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, doub
     at::parallel_for(0, rows, grain(n.d), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const T* next = i + 1 < end ? xp + (i + 1) * n.d : nullptr;
-        forward_row(xp + i * n.d, next, zp + i * n.d, mp + i, rp + i, n);
+        forward_row(xp + i * n.d, next, zp + i * n.d, mp + i, rp + i, n, stream);
       }
+      if (stream) hf_adanorm::stream_fence();
     });
   });
   return {z, mean, rstd};
@@ -265,6 +305,7 @@ at::Tensor input_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor
               "hf_adanorm CPU kernel: mean and rstd must be contiguous float32, one per row");
   const Norm n{float(eps), float(k), float(C), centre, fairseq, x.size(1)};
   at::Tensor dx = pooled_empty_like(x);
+  const bool stream = streams(dx);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T *gp = g.const_data_ptr<T>(), *xp = x.const_data_ptr<T>();
@@ -274,8 +315,10 @@ at::Tensor input_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor
       for (int64_t i = begin; i < end; ++i) {
         const bool more = i + 1 < end;
         input_grad_row(gp + i * n.d, xp + i * n.d, more ? gp + (i + 1) * n.d : nullptr,
-                       more ? xp + (i + 1) * n.d : nullptr, mp[i], rp[i], dxp + i * n.d, n, subtract_mean, rescale);
+                       more ? xp + (i + 1) * n.d : nullptr, mp[i], rp[i], dxp + i * n.d, n, subtract_mean, rescale,
+                       stream);
       }
+      if (stream) hf_adanorm::stream_fence();
     });
   });
   return dx;

@@ -21,6 +21,9 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstddef>
+#ifndef _WIN32
+#include <pthread.h>
+#endif
 #include <list>
 #include <mutex>
 #include <utility>
@@ -32,7 +35,7 @@ class OutputPool final : public c10::Allocator {
   static constexpr size_t kMinBytes = size_t(32) << 20;
 
   static OutputPool& instance() {
-    static OutputPool* pool = new OutputPool();  // never destroyed: tensors may outlive static destructors
+    static OutputPool* pool = create();  // never destroyed: tensors may outlive static destructors
     return *pool;
   }
 
@@ -79,6 +82,17 @@ class OutputPool final : public c10::Allocator {
     void* ptr;
     size_t size;
   };
+
+  static OutputPool* create() {
+    OutputPool* pool = new OutputPool();
+#ifndef _WIN32
+    // A fork (DataLoader workers) while another thread holds the mutex would leave it locked
+    // for good in the child: hold it across the fork, and release it on both sides.
+    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                   [] { instance().mutex_.unlock(); });
+#endif
+    return pool;
+  }
 
   size_t limit() {
     std::lock_guard<std::mutex> guard(mutex_);
