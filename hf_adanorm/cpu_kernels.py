@@ -11,7 +11,9 @@ thousand elements): the forward writes
 ``z = C (1 - k y) y`` with the row's mean and ``1/sigma``; the backward writes
 ``dL/dx = (1/sigma) (g' - a mean(g') - b y mean(g' y))`` with ``g' = C (1 - k y) g``
 (``a``, ``b`` as in :mod:`hf_adanorm.functional`).  Arithmetic is float32 for float32,
-bfloat16 and float16 inputs; outputs take the input dtype.
+bfloat16 and float16 inputs; outputs take the input dtype.  Outputs of 32 MiB and more are written with non-temporal stores
+and come from a capped pool of freed outputs (:func:`cache_info`), so that they run at the machine's
+copy bandwidth (BENCHMARKS.md).
 """
 
 from __future__ import annotations

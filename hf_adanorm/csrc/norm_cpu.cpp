@@ -5,7 +5,10 @@
 //   forward:  read x, write z = y * (C - C k y), mean and 1/sigma;
 //   backward: read g, x, mean and 1/sigma, write dL/dx.
 // torch's own route (LayerNorm kernel, then an element-wise pass for the AdaNorm factor)
-// streams the whole tensor twice. Notation as in hf_adanorm/functional.py:
+// streams the whole tensor twice. In L1 the forward takes two passes over a row (the sums of
+// x - p and (x - p)^2 in one, then z) unless the row needs a third for an exact variance; the
+// backward takes two. Outputs of 32 MiB and more are written past the caches (streams()) into
+// memory reused from earlier outputs (output_pool.h). Notation as in hf_adanorm/functional.py:
 //   y  = (x - mean) / sigma,  sigma = sqrt(v + eps) ("torch") or sqrt(v) + eps ("fairseq"),
 //   v  = sum((x - mean)^2) / (D - u),  g' = g * (C - C k y),
 //   dL/dx = (1 / sigma) * (g' - a * mean(g') - b * y * mean(g' * y)).
