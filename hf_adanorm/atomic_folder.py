@@ -34,9 +34,14 @@ def _tmp_prefix(target: Path) -> str:
     return f".{target.name}{_TMP_MARK}"
 
 
+def _staging_match(name: str, target_name: str):
+    """The match of a staging folder's name for ``target_name`` (group 1: the saving process's pid)."""
+    return re.fullmatch(re.escape(f".{target_name}{_TMP_MARK}") + r"(\d+)-[0-9a-f]+(-old)?", name)
+
+
 def is_staging_leftover(name: str, target_name: str) -> bool:
-    """Whether ``name`` is what a save of ``target_name`` killed part-way left beside it."""
-    return name.startswith(f".{target_name}{_TMP_MARK}")
+    """Whether ``name`` is a staging folder of a save of ``target_name``: what a kill left beside it."""
+    return _staging_match(name, target_name) is not None
 
 
 def check_target(target) -> Path:
@@ -133,9 +138,8 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale(target: Path) -> None:
     """Delete temporary siblings of ``target`` left by killed saves (not those of live ones)."""
-    prefix = re.escape(_tmp_prefix(target))
     for path in target.parent.glob(f"{glob.escape(_tmp_prefix(target))}*"):
-        found = re.fullmatch(prefix + r"(\d+)-[0-9a-f]+(-old)?", path.name)
+        found = _staging_match(path.name, target.name)
         if found and (int(found.group(1)) == os.getpid() or not _pid_alive(int(found.group(1)))):
             shutil.rmtree(path, ignore_errors=True)
 

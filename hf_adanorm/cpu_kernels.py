@@ -11,9 +11,9 @@ thousand elements): the forward writes
 ``z = C (1 - k y) y`` with the row's mean and ``1/sigma``; the backward writes
 ``dL/dx = (1/sigma) (g' - a mean(g') - b y mean(g' y))`` with ``g' = C (1 - k y) g``
 (``a``, ``b`` as in :mod:`hf_adanorm.functional`).  Arithmetic is float32 for float32,
-bfloat16 and float16 inputs; outputs take the input dtype.  Outputs of 32 MiB and more are written with non-temporal stores
-and come from a capped pool of freed outputs (:func:`cache_info`), so that they run at the machine's
-copy bandwidth (BENCHMARKS.md).
+bfloat16 and float16 inputs; outputs take the input dtype.  Outputs of 32 MiB and more come from a capped pool of freed
+outputs (:func:`cache_info`), and those of 64 MiB and more are written with non-temporal stores, so
+that they run at the machine's copy bandwidth (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -112,15 +112,17 @@ def ops():
     """``torch.ops.hf_adanorm_cpu``, loaded from the cache, or built first on this machine's first use,
     with the output pool's limit taken from ``$HF_ADANORM_CPU_CACHE_MB`` if that is set."""
     library = _load()
-    if _CACHE_LIMIT is not None:
-        library.set_cache_limit(_CACHE_LIMIT)
+    library.set_cache_limit(_cache_limit)
     return library
 
 
-def _cache_limit_from_env() -> int | None:
+DEFAULT_CACHE_LIMIT = 2 ** 30
+
+
+def _cache_limit_from_env() -> int:
     value = os.environ.get(CACHE_LIMIT_ENV)
     if value is None or not value.strip():
-        return None
+        return DEFAULT_CACHE_LIMIT
     try:
         mib = float(value)
     except ValueError:
@@ -131,7 +133,9 @@ def _cache_limit_from_env() -> int | None:
     return int(mib * 2 ** 20)
 
 
-_CACHE_LIMIT = _cache_limit_from_env()  # read on import, so a bad value fails at `import hf_adanorm`
+# The pool's limit: read on import (so a bad value fails at `import hf_adanorm`), given to the library
+# when it loads, and changed by set_cache_limit.
+_cache_limit = _cache_limit_from_env()
 
 
 def _load():
@@ -168,21 +172,32 @@ def cache_info() -> dict:
 
     Outputs of 32 MiB and more come from it: glibc would map each one anew, and the Linux kernel zeroes
     new memory page by page on the first write, which costs more than the norm itself (BENCHMARKS.md).
+    Kernels that were never loaded hold nothing (and are not built to say so).
     """
+    if not _loaded():
+        return {"cached_bytes": 0, "limit_bytes": _cache_limit}
     cached, limit = ops().cache_info()
     return {"cached_bytes": cached, "limit_bytes": limit}
 
 
 def set_cache_limit(limit_bytes: int) -> None:
     """Keep at most ``limit_bytes`` of freed outputs (default 1 GiB, or ``$HF_ADANORM_CPU_CACHE_MB``); 0: none."""
+    global _cache_limit
     if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or limit_bytes < 0:
         raise ValueError(f"limit_bytes must be an integer >= 0, got {limit_bytes!r}")
-    ops().set_cache_limit(limit_bytes)
+    _cache_limit = limit_bytes
+    if _loaded():
+        ops().set_cache_limit(limit_bytes)
 
 
 def empty_cache() -> None:
     """Give every cached output back to the system (like ``torch.cuda.empty_cache``)."""
-    ops().empty_cache()
+    if _loaded():
+        ops().empty_cache()
+
+
+def _loaded() -> bool:
+    return ops.cache_info().currsize > 0
 
 
 def forward(x2d: torch.Tensor, eps: float, centre: bool, fairseq: bool, k: float, C: float):

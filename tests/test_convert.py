@@ -5,6 +5,7 @@ recipes and ``compare --convert`` take it, and bad input writes nothing."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import random
 import signal
@@ -247,12 +248,17 @@ def test_what_a_kill_during_an_atomic_write_left_does_not_block_the_rerun(worksp
     out.mkdir()
     (out / f".tmp-{OWNER_FILE}").write_text('{"pid": 1')
     (out / ".tmp-conversion.json").write_text("{")
-    (out / ".model.hf_adanorm-tmp-0123abcd").mkdir()
+    staging = out / ".model.hf_adanorm-tmp-999999999-0123456789ab"  # a save by a process that is gone
+    staging.mkdir()
     result = convert_model(_args(workspace, out, max_steps=2))
     assert result["steps"] == 2 and (out / "conversion.json").is_file()
-    (out / ".tmp-notes.txt").write_text("mine")  # not a leftover of a conversion's own file
-    with pytest.raises(FileExistsError, match=r"not a conversion's \(\.tmp-notes\.txt\)"):
-        convert_model(_args(workspace, out, max_steps=2, overwrite_output_dir=True))
+    assert not staging.exists()  # the model's save removed it
+    for stranger in (".tmp-notes.txt", ".tmp-model", ".model.hf_adanorm-tmp-mine"):  # no write of a conversion's
+        (out / stranger).write_text("mine")
+        with pytest.raises(FileExistsError, match=rf"not a conversion's \({re.escape(stranger)}\)"):
+            convert_model(_args(workspace, out, max_steps=2, overwrite_output_dir=True))
+        assert (out / stranger).read_text() == "mine"
+        (out / stranger).unlink()
 
 
 def test_an_output_dir_linked_to_nothing_is_refused_before_the_teacher_loads(workspace, tmp_path, monkeypatch):

@@ -174,6 +174,16 @@ def test_a_row_whose_first_values_are_far_from_its_mean_is_as_accurate_as_torch(
     assert ours <= max(2 * torch_error, 1e-5), (ours, torch_error)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_constant_rows_near_the_float_limit_normalize_to_zero(dtype, cpu_kernels_mode):
+    """The pivot of the one-pass sums is a mean of the first values: summed in float it overflowed."""
+    cpu_kernels_mode("auto")
+    x = torch.full((2, 4096), 2e37, dtype=dtype, requires_grad=True)
+    z = AdaNorm(4096)(x)
+    z.float().sum().backward()
+    assert torch.equal(z.float(), torch.zeros(2, 4096)) and torch.isfinite(x.grad.float()).all()
+
+
 def test_tensor_subclasses_take_the_eager_path(cpu_kernels_mode):
     """Subclasses bring their own dispatch (FakeTensor, DTensor ...): eager for them, and the
     kernels stay on for plain tensors."""

@@ -33,10 +33,9 @@ from .args import ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import choose_objective, distill_loss, drift
 from .rescale import RESCALABLE, NormTargets, apply_sites, output_scale, restore, verified_sites
-from .report import ARGS_FILE, OWN_FILES, RESULT_FILE, summarize, write_reports
+from .report import ARGS_FILE, MODEL_DIR, OWN_FILES, PLOT_FILE, REPORT_FILE, RESULT_FILE, summarize, write_reports
 from .schedule import alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
 
-MODEL_DIR = "model"
 LOCK_FILES = (LOCK_FILE, OWNER_FILE)  # a conversion's own, kept when --overwrite_output_dir clears the rest
 EXACT = 1e-6  # below this relative error (or KL) the naive swap already is the original function
 
@@ -48,11 +47,12 @@ def _is_causal(args: ConvertArgs, config) -> bool:
 
 
 def _own_file(name: str) -> bool:
-    """A conversion's own file, or the temporary file or folder that a kill during one of its atomic
-    writes left of it (the next write of the same file replaces or deletes it)."""
-    own = OWN_FILES + LOCK_FILES
-    return (name in own or name.removeprefix(checkpoints.TMP_PREFIX) in own
-            or any(is_staging_leftover(name, target) for target in own))
+    """A conversion's own file, or what a kill during one of its atomic writes left of it: the
+    temporary file of a report or of the lock's owner file (the next write replaces it), or a staging
+    folder of the model (the next save deletes it)."""
+    written_through_tmp = (RESULT_FILE, ARGS_FILE, REPORT_FILE, PLOT_FILE, OWNER_FILE)
+    return (name in OWN_FILES + LOCK_FILES or name.removeprefix(checkpoints.TMP_PREFIX) in written_through_tmp
+            or is_staging_leftover(name, MODEL_DIR))
 
 
 def _check_output_dir(args: ConvertArgs) -> Path | None:

@@ -19,7 +19,8 @@ RESULT_FILE = "conversion.json"  # written last: its presence means the conversi
 ARGS_FILE = "convert_args.json"
 REPORT_FILE = "conversion.md"
 PLOT_FILE = "drift.png"
-OWN_FILES = (RESULT_FILE, ARGS_FILE, REPORT_FILE, PLOT_FILE, CHECKPOINT_DIR, "model")
+MODEL_DIR = "model"
+OWN_FILES = (RESULT_FILE, ARGS_FILE, REPORT_FILE, PLOT_FILE, CHECKPOINT_DIR, MODEL_DIR)
 
 
 def summarize(sums: dict) -> dict:

@@ -7,8 +7,8 @@
 // torch's own route (LayerNorm kernel, then an element-wise pass for the AdaNorm factor)
 // streams the whole tensor twice. In L1 the forward takes two passes over a row (the sums of
 // x - p and (x - p)^2 in one, then z) unless the row needs a third for an exact variance; the
-// backward takes two. Outputs of 32 MiB and more are written past the caches (streams()) into
-// memory reused from earlier outputs (output_pool.h). Notation as in hf_adanorm/functional.py:
+// backward takes two. Outputs of 64 MiB and more are written past the caches (streams()), and
+// those of 32 MiB and more into memory reused from earlier outputs (output_pool.h). Notation as in hf_adanorm/functional.py:
 //   y  = (x - mean) / sigma,  sigma = sqrt(v + eps) ("torch") or sqrt(v) + eps ("fairseq"),
 //   v  = sum((x - mean)^2) / (D - u),  g' = g * (C - C k y),
 //   dL/dx = (1 / sigma) * (g' - a * mean(g') - b * y * mean(g' * y)).
@@ -67,9 +67,9 @@ inline void for_each_step(int64_t d, Step step, Tail tail) {
 template <typename T>
 float pivot_of(const T* x, int64_t d) {
   const int64_t count = std::min<int64_t>(d, kStep);
-  float sum = 0.f;
-  for (int64_t j = 0; j < count; ++j) sum += static_cast<float>(x[j]);
-  return sum / float(count);
+  double sum = 0.0;  // float would overflow on a constant row of 1e37 (NaN out instead of 0)
+  for (int64_t j = 0; j < count; ++j) sum += static_cast<double>(x[j]);
+  return float(sum / count);
 }
 
 // Sum of (x - mean)^2 over the row, from a second pass over the cached row.
@@ -250,10 +250,11 @@ at::Tensor pooled_empty_like(const at::Tensor& x) {
 }
 
 // Whether the rows of `out` are written with non-temporal stores (float_lanes.h: stream_step): for
-// outputs of 32 MiB and more, which outgrow a core's share of the caches, so writing them through the
-// caches only reads every line from memory before overwriting it. Measured at 16384 x 4096 on one
-// thread: the forward takes 0.71x its time in float32 and 0.75x in bfloat16 (BENCHMARKS.md).
-bool streams(const at::Tensor& out) { return out.nbytes() >= (size_t(32) << 20); }
+// outputs of 64 MiB and more, which outgrow the caches, so writing them through the caches only
+// reads every line from memory before overwriting it. Measured on one thread, forward and then a
+// read of the output (z.sum()), against plain stores: 0.91x the time at 64 MiB, 0.82-0.85x at
+// 128-256 MiB, but 1.4-1.8x at 32 MiB, where the output would still have been in the caches for its reader.
+bool streams(const at::Tensor& out) { return out.nbytes() >= (size_t(64) << 20); }
 
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(),

@@ -9,7 +9,8 @@
 //   - allocate(n): n below kMinBytes goes to torch's CPU allocator (glibc reuses those itself);
 //     otherwise the most recently freed cached block of n to n + n/4 bytes, else a new one;
 //   - a freed block is cached, the least recently freed blocks going first when the cache would
-//     exceed its limit (default 1 GiB; 0 turns the pool off); empty() frees every cached block.
+//     exceed its limit (default 1 GiB; 0 turns the pool off); empty() frees every cached block,
+//     and so does an allocation that fails, before it is tried again.
 //
 // A block handed out again still holds its last tensor's values; the kernels overwrite every
 // element of their outputs. The profiler sees each hand-out as an allocation and each return as
@@ -42,7 +43,14 @@ class OutputPool final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinBytes || limit() == 0) return c10::GetDefaultCPUAllocator()->allocate(n);
     Block block = take(n);
-    if (block.ptr == nullptr) block = {c10::alloc_cpu(n), n};
+    if (block.ptr == nullptr) {
+      try {
+        block = {c10::alloc_cpu(n), n};
+      } catch (const c10::Error&) {  // out of memory (ulimit -v, no overcommit): give the cache back first
+        empty();
+        block = {c10::alloc_cpu(n), n};
+      }
+    }
     c10::profiledCPUMemoryReporter().New(block.ptr, n);
     return {block.ptr, new Block(block), &OutputPool::release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -150,7 +158,7 @@ class OutputPool final : public c10::Allocator {
   std::mutex mutex_;
   std::list<Block> blocks_;  // oldest first
   size_t cached_ = 0;
-  size_t limit_ = size_t(1) << 30;
+  size_t limit_ = size_t(1) << 30;  // cpu_kernels.py sets it when it loads the library
 };
 
 }  // namespace hf_adanorm
