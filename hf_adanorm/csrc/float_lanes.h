@@ -166,4 +166,25 @@ std::array<double, N> row_sums(int64_t d, Terms terms, Tail tail) {
   return out;
 }
 
+// row_sums over one row x: each step's two vectors go through prepare(a, b), the lanes past the
+// row's end are then zeroed, and add(a, b, lo, hi) adds them into the sums.
+template <int N, typename T, typename Prepare, typename Add>
+std::array<double, N> row_sums_of(const T* x, int64_t d, Prepare prepare, Add add) {
+  return row_sums<N>(
+      d,
+      [&](int64_t j, auto& lo, auto& hi) {
+        Vec a, b;
+        load_step(x + j, a, b);
+        prepare(a, b);
+        add(a, b, lo, hi);
+      },
+      [&](int64_t j, int64_t count, auto& lo, auto& hi) {
+        Vec a, b;
+        load_tail(x + j, count, a, b);
+        prepare(a, b);
+        keep_first(count, a, b);
+        add(a, b, lo, hi);
+      });
+}
+
 }  // namespace hf_adanorm

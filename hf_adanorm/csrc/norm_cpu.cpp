@@ -36,6 +36,7 @@ using hf_adanorm::load_step;
 using hf_adanorm::load_tail;
 using hf_adanorm::prefetch_step;
 using hf_adanorm::row_sums;
+using hf_adanorm::row_sums_of;
 using hf_adanorm::store_step;
 using hf_adanorm::stream_step;
 using hf_adanorm::store_tail;
@@ -61,7 +62,6 @@ inline void for_each_step(int64_t d, Step step, Tail tail) {
   if (j < d) tail(j, d - j);
 }
 
-// next: the row to prefetch while this one is written (nullptr for none).
 // The pivot p of a row's shifted sums: the mean of its first step, near the row's mean for any
 // row whose values do not drift along it, so that sums of x - p keep a common offset out.
 template <typename T>
@@ -76,22 +76,13 @@ float pivot_of(const T* x, int64_t d) {
 template <typename T>
 double centred_squares(const T* x, int64_t d, float mean) {
   const Vec mean_v(mean);
-  return row_sums<1>(
-      d,
-      [&](int64_t j, auto& lo, auto& hi) {
-        Vec a, b;
-        load_step(x + j, a, b);
+  return row_sums_of<1>(
+      x, d,
+      [&](Vec& a, Vec& b) {
         a = a - mean_v;
         b = b - mean_v;
-        lo[0] = at::vec::fmadd(a, a, lo[0]);
-        hi[0] = at::vec::fmadd(b, b, hi[0]);
       },
-      [&](int64_t j, int64_t count, auto& lo, auto& hi) {
-        Vec a, b;
-        load_tail(x + j, count, a, b);
-        a = a - mean_v;
-        b = b - mean_v;
-        keep_first(count, a, b);
+      [](const Vec& a, const Vec& b, auto& lo, auto& hi) {
         lo[0] = at::vec::fmadd(a, a, lo[0]);
         hi[0] = at::vec::fmadd(b, b, hi[0]);
       })[0];
@@ -109,24 +100,13 @@ void forward_row(const T* x, const T* next, T* z, float* mean_out, float* rstd_o
     // other rows take a second pass over the cached row, exact however far the pivot is.
     const float pivot = pivot_of(x, n.d);
     const Vec shift(pivot);
-    const auto [s1, s2] = row_sums<2>(
-        n.d,
-        [&](int64_t j, auto& lo, auto& hi) {
-          Vec a, b;
-          load_step(x + j, a, b);
+    const auto [s1, s2] = row_sums_of<2>(
+        x, n.d,
+        [&](Vec& a, Vec& b) {
           a = a - shift;
           b = b - shift;
-          lo[0] = lo[0] + a;
-          hi[0] = hi[0] + b;
-          lo[1] = at::vec::fmadd(a, a, lo[1]);
-          hi[1] = at::vec::fmadd(b, b, hi[1]);
         },
-        [&](int64_t j, int64_t count, auto& lo, auto& hi) {
-          Vec a, b;
-          load_tail(x + j, count, a, b);
-          a = a - shift;
-          b = b - shift;
-          keep_first(count, a, b);
+        [](const Vec& a, const Vec& b, auto& lo, auto& hi) {
           lo[0] = lo[0] + a;
           hi[0] = hi[0] + b;
           lo[1] = at::vec::fmadd(a, a, lo[1]);
