@@ -102,3 +102,18 @@ def test_compiled_norms_benchmark_times_both_modes_and_restores_the_switch(tmp_p
     assert functional.COMPILED_NORMS == before
     assert [r["variant"] for r in rows] == ["adanorm"] and rows[0]["kernels_ms"] > 0 and rows[0]["math_ms"] > 0
     assert (tmp_path / "compiled_norms_cpu.csv").is_file()
+
+
+def test_interleaved_timing_rotates_the_order_so_no_step_always_follows_the_same_one(monkeypatch):
+    """Each step runs once per repeat, and over len(steps) repeats after every other step once."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import interleaved
+    calls = []
+    times = interleaved({name: (lambda name=name: calls.append(name)) for name in "abc"}, repeats=6, budget_s=0.0,
+                        min_repeats=6)
+    assert {name: len(t) for name, t in times.items()} == {"a": 6, "b": 6, "c": 6}
+    repeats = [calls[i:i + 3] for i in range(0, 18, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in repeats)
+    predecessors = {(prev, cur) for prev, cur in zip(calls, calls[1:])}
+    assert {p for p, c in predecessors if c == "b"} == {"a", "c"}  # b does not always follow a
+    assert [r[0] for r in repeats] == ["a", "b", "c", "a", "b", "c"]

@@ -79,12 +79,44 @@ def test_long_offset_rows_are_as_accurate_as_torch_both_ways(dtype, cpu_kernels_
         assert ours_error <= max(2 * torch_error, 1e-5 * want_.abs().max().item()), (ours_error, torch_error)
 
 
+@pytest.mark.parametrize("d", [64, 95], ids=["whole-steps", "masked-tail"])
+def test_bfloat16_outputs_keep_denormals_and_nans(d, cpu_kernels_mode):
+    """The AVX512-BF16 conversion reads float32 denormals as 0 and writes NaNs with other bits,
+    so the kernels hand such steps to torch's own rounding: a tiny output scale C (forward) or a
+    tiny upstream gradient (backward) must come out as bfloat16 denormals, not zeros, and a NaN
+    row as NaNs."""
+    calls = cpu_kernels_mode("auto")
+    tiny = 1e-39  # float32 and bfloat16 denormals start below 1.18e-38
+    x = rows(4, d, dtype=torch.bfloat16, seed=d)
+    x[3, 5] = float("nan")
+    g = (rows(4, d, seed=d + 1, offset=False) * tiny).to(torch.bfloat16)
+    assert (g[:3] != 0).float().mean() > 0.9
+    kwargs = dict(k=0.1, C=tiny)
+    t = x.clone().requires_grad_(True)
+    z = functional.normalize(t, **kwargs)
+    (dx,) = torch.autograd.grad(z, t, g)
+    t64 = x.double().requires_grad_(True)
+    z64 = functional.normalize(t64, **kwargs)  # float64: no kernel, no denormals
+    (dx64,) = torch.autograd.grad(z64, t64, g.double())
+    assert calls == {"forward": 1, "input_grad": 1}
+    spacing = 2.0 ** -133  # of bfloat16 denormals
+    for got, want in ((z, z64 * 1.0), (dx, dx64)):
+        got, want = got[:3].double(), want[:3].detach()
+        assert want.abs().max() < 2 ** -126  # the whole tensor is denormal
+        assert ((got - want).abs() <= 1.01 * spacing).all(), (got - want).abs().max()
+        assert (got[want.abs() > 2 * spacing] != 0).all()  # not flushed to zero
+    assert torch.isnan(z[3]).all() and torch.isnan(dx[3]).all()
+
+
 # Builds the kernels for one CPU capability in a fresh process (ATEN_CPU_CAPABILITY lowers what
 # torch dispatches to) and prints the build's name and the largest error against float64 over
 # row lengths around each vector step, for the forward and the input gradient.
 ISA_PROBE = """
-import torch
+import os, torch
 from hf_adanorm import AdaNorm, DetachNorm, RMSAdaNorm, cpu_kernels
+if os.environ.get("PROBE_WITHOUT_AVX512_BF16"):  # the AVX512 build of a CPU without AVX512-BF16
+    capabilities = {**torch.cpu.get_capabilities(), "avx512_bf16": False}
+    torch.cpu.get_capabilities = lambda: capabilities
 print(torch.backends.cpu.get_cpu_capability(), cpu_kernels.build_flags()[0])
 ran = []
 kernel = cpu_kernels.forward
@@ -120,13 +152,14 @@ print(worst, len(ran))
 """
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2"])
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_each_vector_isa_build_matches_reference(capability, cpu_kernels_mode):
-    """The portable build (plain arrays) and the AVX2 build (8 lanes) beside this machine's own:
-    each is a separate library, built once per machine into the usual cache."""
+    """The portable build (plain arrays), the AVX2 build (8 lanes) and the AVX512 build without
+    AVX512-BF16 beside this machine's own: each is a separate library, built once per machine
+    into the usual cache."""
     cpu_kernels_mode("auto")  # a compiler is there (or the test is skipped)
-    out = subprocess.run([sys.executable, "-c", ISA_PROBE], env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
-                         capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PROBE_WITHOUT_AVX512_BF16": "1"}
+    out = subprocess.run([sys.executable, "-c", ISA_PROBE], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     (seen, name), (worst, calls) = (line.split() for line in out.stdout.splitlines()[:2])
     if seen.lower() != capability:
