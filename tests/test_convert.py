@@ -291,6 +291,25 @@ def test_command_line_runs_and_refuses_bad_options(workspace, tmp_path):
     assert json.loads((tmp_path / "ok" / RESULT_FILE).read_text())["steps"] == 4
 
 
+def test_the_default_learning_rate_is_the_one_measured_for_the_target_norm(workspace, tmp_path, monkeypatch):
+    from hf_adanorm.convert.args import DEFAULT_LEARNING_RATE, LEARNING_RATE_BY_NORM, parse_args
+    from hf_adanorm.convert.report import ARGS_FILE
+    assert LEARNING_RATE_BY_NORM["adanorm"] != DEFAULT_LEARNING_RATE
+    common = ["--model", "m", "--dataset", "d"]
+    assert parse_args([*common, "--norm", "adanorm"]).learning_rate == LEARNING_RATE_BY_NORM["adanorm"]
+    assert parse_args([*common, "--norm", "layernorm_simple"]).learning_rate == DEFAULT_LEARNING_RATE
+    assert parse_args([*common, "--norm", "adanorm", "--learning_rate", "1e-3"]).learning_rate == 1e-3
+    with pytest.raises(ValueError, match="learning_rate"):
+        ConvertArgs(model="m", dataset="d", learning_rate=float("nan"))
+    seen = []
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **kw: (seen.append(lr), adamw(params, lr=lr, **kw))[1])
+    out = tmp_path / "out"
+    convert_model(_args(workspace, out, max_steps=2, norm="adanorm"))
+    assert seen == [LEARNING_RATE_BY_NORM["adanorm"]]
+    assert json.loads((out / ARGS_FILE).read_text())["learning_rate"] == LEARNING_RATE_BY_NORM["adanorm"]
+
+
 def test_the_student_starts_as_the_teacher_with_dropout_off(workspace, tmp_path):
     # BERT's dropout (0.1 here) is on in train mode: a student distilled in train mode would start
     # with a loss of its dropout noise alone. At alpha = 0 the blended student is the teacher exactly

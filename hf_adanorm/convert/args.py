@@ -21,6 +21,12 @@ from .schedule import SCHEDULES
 MODEL_CLASSES = ("auto", "causal_lm", "base")
 DEFAULT_SCHEDULE = "blend"  # the measured winner: docs/conversion.md
 NORM_OPTIONS = ("k", "C", "detach", "eps_mode", "include_rmsnorm", "include", "exclude", "fold_affine")
+# AdamW's peak learning rate when --learning_rate is not given. AdaNorm starts much farther from the
+# original than the other norms (its factor 1 - k y is not the identity) and gains from larger steps;
+# on MiniLM 5e-4 beat 2e-4, 1e-3 and 2e-3 (docs/conversion.md), while layernorm_simple was level at
+# 5e-4 and unstable at 1e-3.
+DEFAULT_LEARNING_RATE = 2e-4
+LEARNING_RATE_BY_NORM = {"adanorm": 5e-4}
 
 
 def _help(text: str) -> dict:
@@ -95,7 +101,9 @@ class ConvertArgs:
     per_device_batch_size: int = field(default=32, metadata=_help("Texts (or blocks) per step and process."))
     max_length: int = field(default=64, metadata=_help(
         "Encoders: truncate each text to this many tokens. Causal LMs: the length of each block."))
-    learning_rate: float = field(default=2e-4, metadata=_help("Peak learning rate of AdamW."))
+    learning_rate: Optional[float] = field(default=None, metadata=_help(
+        f"Peak learning rate of AdamW. Default: {LEARNING_RATE_BY_NORM['adanorm']:g} for adanorm, "
+        f"{DEFAULT_LEARNING_RATE:g} for the other norms (measured on MiniLM: docs/conversion.md)."))
     warmup_steps: int = field(default=20, metadata=_help("Linear warm-up steps; then linear decay to 0."))
     max_grad_norm: Optional[float] = field(default=1.0, metadata=_help(
         "Clip the global gradient norm to this (> 0), or None for no clipping."))
@@ -144,7 +152,10 @@ class ConvertArgs:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2 ** 32):
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+        if self.learning_rate is None:
+            self.learning_rate = LEARNING_RATE_BY_NORM.get(self.norm, DEFAULT_LEARNING_RATE)
+        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, (int, float)) or not (
+                math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate!r}")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0 (or None: no clipping), got {self.max_grad_norm!r}")
