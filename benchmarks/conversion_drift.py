@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM
 
 import hf_adanorm
 from hf_adanorm.convert.data import collator, eval_text
@@ -36,7 +36,7 @@ def main():
     auto = AutoModelForCausalLM if causal else AutoModel
     teacher = auto.from_pretrained(result["teacher"]).eval()
     student = hf_adanorm.from_pretrained(auto, args.model).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = hf_adanorm.load_tokenizer(args.model)  # no remote-code prompt (the folder names the model's code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     rows = {}

@@ -188,7 +188,7 @@ def test_an_interrupted_conversion_from_before_an_option_existed_resumes_with_it
     from hf_adanorm.convert.report import ARGS_FILE
     from hf_adanorm.training.checkpoints import STATE_FILE
     out = tmp_path / "out"
-    args = _args(workspace, out, max_steps=12, checkpointing_steps=5)
+    args = _args(workspace, out, max_steps=12, checkpointing_steps=5, norm="layernorm_simple")
     out.mkdir()
     saved = args.to_dict()
     for newer in ("rescale_post_ln", "layer_loss_weight"):  # options added after that run
@@ -198,7 +198,17 @@ def test_an_interrupted_conversion_from_before_an_option_existed_resumes_with_it
     (out / "checkpoints" / "step_5" / STATE_FILE).write_text("{}")
     assert _check_output_dir(args) == out / "checkpoints" / "step_5"
     with pytest.raises(ValueError, match="rescale_post_ln: True -> False"):
-        _check_output_dir(_args(workspace, out, max_steps=12, checkpointing_steps=5, rescale_post_ln=False))
+        _check_output_dir(_args(workspace, out, max_steps=12, checkpointing_steps=5, norm="layernorm_simple",
+                                rescale_post_ln=False))
+    # an AdaNorm run from before its own defaults ran with the generic ones: resuming it with the new ones
+    # would change the run half-way, so it is refused with what to pass
+    saved = _args(workspace, out, max_steps=12, checkpointing_steps=5, learning_rate=2e-4).to_dict()
+    del saved["layer_loss_weight"]
+    (out / ARGS_FILE).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"layer_loss_weight: 1\.0 -> 10\.0"):
+        _check_output_dir(_args(workspace, out, max_steps=12, checkpointing_steps=5, learning_rate=2e-4))
+    assert _check_output_dir(_args(workspace, out, max_steps=12, checkpointing_steps=5, learning_rate=2e-4,
+                                   layer_loss_weight=1.0)) == out / "checkpoints" / "step_5"
 
 
 def _snapshot(folder: Path):
@@ -291,23 +301,30 @@ def test_command_line_runs_and_refuses_bad_options(workspace, tmp_path):
     assert json.loads((tmp_path / "ok" / RESULT_FILE).read_text())["steps"] == 4
 
 
-def test_the_default_learning_rate_is_the_one_measured_for_the_target_norm(workspace, tmp_path, monkeypatch):
-    from hf_adanorm.convert.args import DEFAULT_LEARNING_RATE, LEARNING_RATE_BY_NORM, parse_args
+def test_the_defaults_that_depend_on_the_norm_are_the_ones_measured_for_it(workspace, tmp_path, monkeypatch):
+    from hf_adanorm.convert import rescale
+    from hf_adanorm.convert.args import DEFAULTS, DEFAULTS_BY_NORM, parse_args
     from hf_adanorm.convert.report import ARGS_FILE
-    assert LEARNING_RATE_BY_NORM["adanorm"] != DEFAULT_LEARNING_RATE
+    ada = DEFAULTS_BY_NORM["adanorm"]
+    assert all(ada[name] != DEFAULTS[name] for name in ada)
     common = ["--model", "m", "--dataset", "d"]
-    assert parse_args([*common, "--norm", "adanorm"]).learning_rate == LEARNING_RATE_BY_NORM["adanorm"]
-    assert parse_args([*common, "--norm", "layernorm_simple"]).learning_rate == DEFAULT_LEARNING_RATE
-    assert parse_args([*common, "--norm", "adanorm", "--learning_rate", "1e-3"]).learning_rate == 1e-3
+    for name in DEFAULTS:
+        assert getattr(parse_args([*common, "--norm", "adanorm"]), name) == ada[name]
+        assert getattr(parse_args([*common, "--norm", "layernorm_simple"]), name) == DEFAULTS[name]
+        assert getattr(parse_args([*common, "--norm", "adanorm", f"--{name}", "0.003"]), name) == 0.003
     with pytest.raises(ValueError, match="learning_rate"):
         ConvertArgs(model="m", dataset="d", learning_rate=float("nan"))
-    seen = []
+    # the conversion runs with them: AdamW's learning rate and the weight of the per-norm targets
+    seen, weights = [], []
     adamw = torch.optim.AdamW
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **kw: (seen.append(lr), adamw(params, lr=lr, **kw))[1])
+    loss = rescale.NormTargets.loss
+    monkeypatch.setattr(rescale.NormTargets, "loss", lambda self, mask: (weights.append(1), loss(self, mask))[1])
     out = tmp_path / "out"
     convert_model(_args(workspace, out, max_steps=2, norm="adanorm"))
-    assert seen == [LEARNING_RATE_BY_NORM["adanorm"]]
-    assert json.loads((out / ARGS_FILE).read_text())["learning_rate"] == LEARNING_RATE_BY_NORM["adanorm"]
+    assert seen == [ada["learning_rate"]] and weights
+    saved = json.loads((out / ARGS_FILE).read_text())
+    assert (saved["learning_rate"], saved["layer_loss_weight"]) == (ada["learning_rate"], ada["layer_loss_weight"])
 
 
 def test_the_student_starts_as_the_teacher_with_dropout_off(workspace, tmp_path):

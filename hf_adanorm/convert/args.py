@@ -21,12 +21,16 @@ from .schedule import SCHEDULES
 MODEL_CLASSES = ("auto", "causal_lm", "base")
 DEFAULT_SCHEDULE = "blend"  # the measured winner: docs/conversion.md
 NORM_OPTIONS = ("k", "C", "detach", "eps_mode", "include_rmsnorm", "include", "exclude", "fold_affine")
-# AdamW's peak learning rate when --learning_rate is not given. AdaNorm starts much farther from the
-# original than the other norms (its factor 1 - k y is not the identity) and gains from larger steps;
-# on MiniLM 5e-4 beat 2e-4, 1e-3 and 2e-3 (docs/conversion.md), while layernorm_simple was level at
-# 5e-4 and unstable at 1e-3.
-DEFAULT_LEARNING_RATE = 2e-4
-LEARNING_RATE_BY_NORM = {"adanorm": 5e-4}
+# The options whose default depends on the target norm, and their values. AdaNorm starts much farther
+# from the original than the other norms (its factor 1 - k y is not the identity): on MiniLM it gained
+# from larger steps and from a heavier per-norm target, where layernorm_simple was level at 5e-4 and
+# unstable at 1e-3 (docs/conversion.md).
+DEFAULTS = {"learning_rate": 2e-4, "layer_loss_weight": 1.0}
+DEFAULTS_BY_NORM = {"adanorm": {"learning_rate": 5e-4, "layer_loss_weight": 10.0}}
+
+
+def default_for(option: str, norm: str) -> float:
+    return DEFAULTS_BY_NORM.get(norm, {}).get(option, DEFAULTS[option])
 
 
 def _help(text: str) -> dict:
@@ -82,10 +86,12 @@ class ConvertArgs:
         "it, and the residual writer after it is rescaled (hf_adanorm/convert/rescale.py). Such norms are "
         "swapped at step 0; the schedule blends the others. Measured on MiniLM: a much closer start "
         "and a better end (docs/conversion.md)."))
-    layer_loss_weight: float = field(default=1.0, metadata=_help(
+    layer_loss_weight: Optional[float] = field(default=None, metadata=_help(
         "Weight of a per-norm target for the rescaled post-LN norms, added to the objective: each one's "
         "output, mapped back through the original gain and bias, should match the original norm's output "
-        "(1 − cosine per token, averaged over norms). 0 turns it off."))
+        "(1 − cosine per token, averaged over norms). 0 turns it off. Default: "
+        f"{DEFAULTS_BY_NORM['adanorm']['layer_loss_weight']:g} for adanorm, {DEFAULTS['layer_loss_weight']:g} "
+        "for the other norms (measured on MiniLM: docs/conversion.md)."))
     schedule: str = field(default=DEFAULT_SCHEDULE, metadata=_help(
         "How the norms are swapped while distilling: 'blend' (every norm's output blended from the "
         "original to the new one together), 'layerwise' (one norm after another, in module order) or "
@@ -102,8 +108,8 @@ class ConvertArgs:
     max_length: int = field(default=64, metadata=_help(
         "Encoders: truncate each text to this many tokens. Causal LMs: the length of each block."))
     learning_rate: Optional[float] = field(default=None, metadata=_help(
-        f"Peak learning rate of AdamW. Default: {LEARNING_RATE_BY_NORM['adanorm']:g} for adanorm, "
-        f"{DEFAULT_LEARNING_RATE:g} for the other norms (measured on MiniLM: docs/conversion.md)."))
+        f"Peak learning rate of AdamW. Default: {DEFAULTS_BY_NORM['adanorm']['learning_rate']:g} for adanorm, "
+        f"{DEFAULTS['learning_rate']:g} for the other norms (measured on MiniLM: docs/conversion.md)."))
     warmup_steps: int = field(default=20, metadata=_help("Linear warm-up steps; then linear decay to 0."))
     max_grad_norm: Optional[float] = field(default=1.0, metadata=_help(
         "Clip the global gradient norm to this (> 0), or None for no clipping."))
@@ -152,8 +158,9 @@ class ConvertArgs:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2 ** 32):
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if self.learning_rate is None:
-            self.learning_rate = LEARNING_RATE_BY_NORM.get(self.norm, DEFAULT_LEARNING_RATE)
+        for name in DEFAULTS:
+            if getattr(self, name) is None:
+                setattr(self, name, default_for(name, self.norm))
         if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, (int, float)) or not (
                 math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate!r}")

@@ -29,7 +29,7 @@ from ..patch import get_patch_record, patch_model
 from ..training import checkpoints
 from ..training.locks import LOCK_FILE, OWNER_FILE, check_not_in_use, folder_lock
 from ..training.loop import backward_and_step, make_accelerator, resumed_batches
-from .args import ConvertArgs
+from .args import DEFAULTS, ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import choose_objective, distill_loss, drift
 from .rescale import RESCALABLE, NormTargets, apply_sites, output_scale, restore, verified_sites
@@ -88,8 +88,8 @@ def _check_output_dir(args: ConvertArgs) -> Path | None:
     saved = json.loads((out / ARGS_FILE).read_text()) if (out / ARGS_FILE).exists() else None
     ignore = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir"}
     # an option the saved run predates had its default then (the defaults of options added later
-    # reproduce the behaviour before them)
-    defaults = {f.name: f.default for f in fields(ConvertArgs)}
+    # reproduce the behaviour before them; those that now depend on the norm had the generic one)
+    defaults = {**{f.name: f.default for f in fields(ConvertArgs)}, **DEFAULTS}
     changed = [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in args.to_dict().items()
                if saved is not None and k not in ignore and saved.get(k, defaults[k]) != v]
     if saved is None or changed:
