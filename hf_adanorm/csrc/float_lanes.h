@@ -100,11 +100,17 @@ inline void stream_packed(Half16* p, const Vec& lo, const Vec& hi, Pack pack) {
   store_step(p, lo, hi);
 }
 inline void stream_step(c10::BFloat16* p, const Vec& lo, const Vec& hi) {
-  stream_packed(p, lo, hi, [](const Vec& a, const Vec& b) { return to_bfloat16(a, b); });
+  stream_packed(p, lo, hi, to_bfloat16);
 }
 inline void stream_step(c10::Half* p, const Vec& lo, const Vec& hi) {
   stream_packed(p, lo, hi, [](const Vec& a, const Vec& b) { return at::vec::convert_float_half(a, b); });
 }
+// store_step, or stream_step where the caller chose non-temporal stores for its output.
+template <typename T>
+inline void put_step(T* p, const Vec& lo, const Vec& hi, bool stream) {
+  if (stream) stream_step(p, lo, hi); else store_step(p, lo, hi);
+}
+
 inline void stream_fence() {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();

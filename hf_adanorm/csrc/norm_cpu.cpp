@@ -37,8 +37,7 @@ using hf_adanorm::load_tail;
 using hf_adanorm::prefetch_step;
 using hf_adanorm::row_sums;
 using hf_adanorm::row_sums_of;
-using hf_adanorm::store_step;
-using hf_adanorm::stream_step;
+using hf_adanorm::put_step;
 using hf_adanorm::store_tail;
 using hf_adanorm::Vec;
 
@@ -141,7 +140,7 @@ void forward_row(const T* x, const T* next, T* z, float* mean_out, float* rstd_o
         load_step(x + j, a, b);
         normalize(a);
         normalize(b);
-        if (stream) stream_step(z + j, a, b); else store_step(z + j, a, b);
+        put_step(z + j, a, b, stream);
       },
       [&](int64_t j, int64_t count) {
         Vec a, b;
@@ -215,7 +214,7 @@ void input_grad_row(const T* g, const T* x, const T* g_next, const T* x_next, fl
         load_step(g + j, ga, gb);
         input_grad(xa, ga);
         input_grad(xb, gb);
-        if (stream) stream_step(dx + j, ga, gb); else store_step(dx + j, ga, gb);
+        put_step(dx + j, ga, gb, stream);
       },
       [&](int64_t j, int64_t count) {
         Vec xa, xb, ga, gb;

@@ -41,8 +41,8 @@ class OutputPool final : public c10::Allocator {
   }
 
   c10::DataPtr allocate(size_t n) override {
-    if (n < kMinBytes || limit() == 0) return c10::GetDefaultCPUAllocator()->allocate(n);
-    Block block = take(n);
+    Block block{nullptr, 0};
+    if (n < kMinBytes || !take(n, block)) return c10::GetDefaultCPUAllocator()->allocate(n);
     if (block.ptr == nullptr) {
       try {
         block = {c10::alloc_cpu(n), n};
@@ -102,23 +102,20 @@ class OutputPool final : public c10::Allocator {
     return pool;
   }
 
-  size_t limit() {
+  // Under one lock: false if the pool is off (limit 0); else true, with `block` the most recently
+  // freed block that fits n with at most a quarter to spare, or left {nullptr, 0} if none does.
+  bool take(size_t n, Block& block) {
     std::lock_guard<std::mutex> guard(mutex_);
-    return limit_;
-  }
-
-  // The most recently freed block that fits n with at most a quarter to spare, or {nullptr, 0}.
-  Block take(size_t n) {
-    std::lock_guard<std::mutex> guard(mutex_);
+    if (limit_ == 0) return false;
     for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
       if (it->size >= n && it->size - n <= n / 4) {
-        Block block = *it;
+        block = *it;
         blocks_.erase(std::next(it).base());
         cached_ -= block.size;
-        return block;
+        break;
       }
     }
-    return {nullptr, 0};
+    return true;
   }
 
   static void release(void* context) {
