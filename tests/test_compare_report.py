@@ -188,6 +188,33 @@ def test_cli_passes_overwrite_output_dir_on(tmp_path, monkeypatch):
     assert main([*argv, "--overwrite_output_dir"]) == 0 and seen == {"overwrite": True}
 
 
+def test_cli_reruns_a_convert_sweep_in_its_folder(tmp_path, monkeypatch, capsys):
+    """sweep.json records the conversion options beside the setup; the CLI's early check must
+    compare against the same record, or a rerun (a resume, more seeds) of any --convert sweep
+    is refused as 'other training options'."""
+    import hf_adanorm.compare as compare_module
+    calls = []
+
+    def fake_compare(setup, norms, seeds, output_dir, run_fn=None, progress=True, overwrite=False,
+                     conversion=None):
+        calls.append((list(seeds), conversion))
+        run_sweep(setup, norms, seeds, output_dir, run_fn=FakeRun(), progress=False, conversion=conversion)
+        (tmp_path / "report.md").write_text("fake")
+        return tmp_path / "report.md"
+
+    monkeypatch.setattr(compare_module, "compare", fake_compare)
+    argv = ["compare", "--model", "m", "--dataset", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+            "--norms", "layernorm", "adanorm", "--convert", "--convert-options", '{"max_steps": 5}']
+    assert main([*argv, "--seeds", "0"]) == 0
+    assert json.loads((tmp_path / "o" / "sweep.json").read_text())["convert"] == {"max_steps": 5}
+    assert main([*argv, "--seeds", "0", "1"]) == 0, capsys.readouterr().err  # more seeds, same sweep
+    assert calls == [([0], {"max_steps": 5}), ([0, 1], {"max_steps": 5})]
+    other = [*argv[:-1], '{"max_steps": 6}', "--seeds", "0"]
+    assert main(other) == 2 and "other training options (convert" in capsys.readouterr().err
+    assert main([*argv[:-2], "--seeds", "0"]) == 2  # the same folder without --convert
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "4294967296"], r"seeds must be non-negative integers up to 2\*\*32 - 1"),
     (["--output-dir", ""], "the sweep folder is empty"),

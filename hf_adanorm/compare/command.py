@@ -92,9 +92,10 @@ def run_compare(args) -> int:
             raise ValueError("--model needs --dataset (or give neither for the built-in digits demo)")
         demo = "model" not in given and "dataset" not in given
         setup = dict(default_setup(args.output_dir), **given) if demo else given
-        check_sweep(setup, args.norms, args.seeds, args.output_dir, args.overwrite_output_dir)  # writes nothing
-        run_fn = accelerate_runner(args.accelerate_config) if args.launcher == "accelerate" else None
         conversion = _conversion_options(args)
+        # writes nothing; with the conversion options, which sweep.json records beside the setup
+        check_sweep(setup, args.norms, args.seeds, args.output_dir, args.overwrite_output_dir, conversion)
+        run_fn = accelerate_runner(args.accelerate_config) if args.launcher == "accelerate" else None
         if conversion is not None:
             from .conversions import plan_conversions
             plan_conversions(setup, args.norms, args.output_dir, conversion)  # checks every option
