@@ -139,10 +139,23 @@ def test_norm_targets_vanish_exactly_when_the_rescaled_student_is_the_teacher(co
     assert not teacher.get_submodule(NORMS[0])._forward_hooks
 
 
-@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf"), True, "10"])
 def test_a_bad_layer_loss_weight_is_refused(value, tmp_path):
     with pytest.raises(ValueError, match="layer_loss_weight"):
         ConvertArgs(model="m", dataset="d", output_dir=str(tmp_path / "out"), layer_loss_weight=value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option, value", [
+    ("learning_rate", True), ("learning_rate", "5e-4"), ("max_grad_norm", True), ("max_grad_norm", "1"),
+    ("ramp_fraction", "0.5"), ("ramp_fraction", float("nan")), ("validation_fraction", True),
+    ("validation_fraction", "0.1"), ("warmup_steps", True), ("seed", False),
+])
+def test_a_bool_or_a_string_is_not_taken_as_a_number(option, value, tmp_path):
+    # a bool is an int to Python (True would pass as 1), and a string from a JSON --convert-options
+    # would fail deep inside the optimizer; both get the option's own message, nothing written
+    with pytest.raises(ValueError, match=option):
+        ConvertArgs(model="m", dataset="d", output_dir=str(tmp_path / "out"), **{option: value})
     assert not (tmp_path / "out").exists()
 
 

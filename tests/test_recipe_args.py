@@ -82,6 +82,16 @@ def test_bad_options_fail_when_parsed():
         TrainingArgs(model="m")
 
 
+@pytest.mark.parametrize("option, value", [
+    ("learning_rate", True), ("learning_rate", "5e-5"), ("weight_decay", True), ("max_grad_norm", True),
+    ("max_grad_norm", "1.0"), ("warmup_steps", True), ("warmup_steps", 2.5),
+])
+def test_a_bool_or_a_string_is_not_taken_as_a_number(option, value):
+    # True is an int to Python and would train with 1; a string would fail deep inside torch
+    with pytest.raises(ValueError, match=option):
+        TrainingArgs(model="m", dataset="x.csv", **{option: value})
+
+
 @pytest.mark.parametrize("name, distributed_type, extra", [
     ("single_gpu", "NO", {}), ("multi_gpu", "MULTI_GPU", {}),
     ("fsdp", "FSDP", {"fsdp_version": 2, "fsdp_reshard_after_forward": True}),

@@ -6,7 +6,6 @@ target-norm options take theirs, and their defaults, from ``NormConfig``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from os import PathLike, fspath
 from typing import Optional, Sequence
@@ -14,6 +13,7 @@ from typing import Optional, Sequence
 from transformers import HfArgumentParser
 
 from ..config import NormConfig
+from ..norms import _is_real
 from ..registry import available_norms
 from .distill import OBJECTIVES
 from .schedule import SCHEDULES
@@ -154,24 +154,23 @@ class ConvertArgs:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if not (isinstance(self.seed, int) and 0 <= self.seed < 2 ** 32):
+        if isinstance(self.seed, bool) or not (isinstance(self.seed, int) and 0 <= self.seed < 2 ** 32):
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         for name in DEFAULTS:
             if getattr(self, name) is None:
                 setattr(self, name, default_for(name, self.norm))
-        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, (int, float)) or not (
-                math.isfinite(self.learning_rate) and self.learning_rate > 0):
+        # _is_real: a finite number, not a bool (True would pass as 1) nor a string from a JSON option
+        if not (_is_real(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate!r}")
-        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+        if self.max_grad_norm is not None and not (_is_real(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0 (or None: no clipping), got {self.max_grad_norm!r}")
-        if not (isinstance(self.layer_loss_weight, (int, float)) and math.isfinite(self.layer_loss_weight)
-                and self.layer_loss_weight >= 0):
+        if not (_is_real(self.layer_loss_weight) and self.layer_loss_weight >= 0):
             raise ValueError(f"layer_loss_weight must be a finite number >= 0, got {self.layer_loss_weight!r}")
-        if not 0 <= self.ramp_fraction <= 1:
+        if not (_is_real(self.ramp_fraction) and 0 <= self.ramp_fraction <= 1):
             raise ValueError(f"ramp_fraction must be in [0, 1], got {self.ramp_fraction!r}")
-        if not 0 < self.validation_fraction < 1:
+        if not (_is_real(self.validation_fraction) and 0 < self.validation_fraction < 1):
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
