@@ -97,6 +97,17 @@ def test_compare_convert_refuses_a_model_built_from_a_config(tmp_path):
         plan_conversions({"model": "config:bert", "dataset": "x"}, ["layernorm", "adanorm"], tmp_path, {})
     with pytest.raises(ValueError, match="convert-options"):
         plan_conversions({"model": "m", "dataset": "x"}, ["adanorm"], tmp_path, {"no_such_option": 1})
+    # the teacher and the norm options come from the sweep: a conversion with another k would be refused
+    # by the fine-tuning only after it had run, and another model would make an unfair baseline
+    for option, value in (("k", 0.2), ("C", 2.0), ("eps_mode", "fairseq"), ("model", "other"), ("tokenizer", "t")):
+        with pytest.raises(ValueError, match=rf"cannot set \['{option}'\]: the conversion takes them from the sweep"):
+            plan_conversions({"model": "m", "dataset": "x"}, ["adanorm"], tmp_path, {option: value})
+    assert not any(tmp_path.iterdir())
+    # with no --max_length the runs fine-tune at TrainingArgs' default, and the conversion distils at it too
+    (plan,) = plan_conversions({"model": "m", "dataset": "x"}, ["layernorm", "adanorm"], tmp_path, {}).values()
+    assert plan.max_length == TrainingArgs(model="m", dataset="x").max_length == 128
+    (plan,) = plan_conversions({"model": "m", "dataset": "x", "max_length": 48}, ["adanorm"], tmp_path, {}).values()
+    assert plan.max_length == 48
 
 
 class _Alphas(TrainerCallback):

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..training.args import BASELINE
+from ..training.args import BASELINE, TrainingArgs
 
 CONVERSIONS_DIR = "conversions"
 # Options of a training run that a conversion of the same model takes as they are.
 SHARED_WITH_TRAINING = ("model", "tokenizer", "dataset", "dataset_config", "text_column", "k", "C", "detach",
                         "eps_mode", "include_rmsnorm", "max_length", "cpu", "mixed_precision")
+# Of those, the ones a conversion must share with the runs: the teacher, and the options of the norm.
+SET_BY_THE_SWEEP = ("model", "tokenizer", "k", "C", "detach", "eps_mode", "include_rmsnorm")
 
 
 def conversion_args(setup: dict, norm: str, conversion: dict, folder: Path):
@@ -30,6 +33,8 @@ def conversion_args(setup: dict, norm: str, conversion: dict, folder: Path):
     from ..convert import ConvertArgs
 
     options = {k: setup[k] for k in SHARED_WITH_TRAINING if k in setup}
+    # the runs' length when the sweep leaves it at its default (convert's own default is shorter)
+    options.setdefault("max_length", next(f.default for f in fields(TrainingArgs) if f.name == "max_length"))
     if setup.get("task") == "causal_lm":
         options["model_class"] = "causal_lm"
     elif setup.get("task", "classification") == "classification":
@@ -52,6 +57,11 @@ def plan_conversions(setup: dict, norms, output_dir, conversion: dict) -> dict:
     if not setup.get("model") or str(setup["model"]).startswith("config:"):
         raise ValueError("--convert needs a pretrained --model: a model built from a config has learned "
                          "nothing to keep")
+    fixed = sorted(set(conversion) & set(SET_BY_THE_SWEEP))
+    if fixed:
+        raise ValueError(f"--convert-options cannot set {fixed}: the conversion takes them from the sweep (its "
+                         "--model, --tokenizer and norm options), so that every run fine-tunes the model it was "
+                         "converted for and the baseline starts from the same teacher; set them on the sweep")
     plans = {}
     for norm in norms:
         if norm == BASELINE:

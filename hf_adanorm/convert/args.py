@@ -7,6 +7,7 @@ target-norm options take theirs, and their defaults, from ``NormConfig``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+import os
 from os import PathLike, fspath
 from typing import Optional, Sequence
 
@@ -18,6 +19,7 @@ from ..registry import available_norms
 from .distill import OBJECTIVES
 from .schedule import SCHEDULES
 
+PATH_OPTIONS = ("model", "tokenizer", "dataset", "eval_dataset")  # hub ids, or local paths made absolute
 MODEL_CLASSES = ("auto", "causal_lm", "base")
 DEFAULT_SCHEDULE = "blend"  # the measured winner: docs/conversion.md
 NORM_OPTIONS = ("k", "C", "detach", "eps_mode", "include_rmsnorm", "include", "exclude", "fold_affine")
@@ -92,6 +94,12 @@ class ConvertArgs:
         "(1 − cosine per token, averaged over norms). 0 turns it off. Default: "
         f"{DEFAULTS_BY_NORM['adanorm']['layer_loss_weight']:g} for adanorm, {DEFAULTS['layer_loss_weight']:g} "
         "for the other norms (measured on MiniLM: docs/conversion.md)."))
+    exact_backward: bool = field(default=True, metadata=_help(
+        "Distil with the exact gradient of each target norm's forward. AdaNorm detaches its factor "
+        "C(1 - k y) in backward, and DetachNorm its statistics: that is how a model trains with them "
+        "(fine-tuning the converted model keeps it), but it is not the gradient of the distillation loss. "
+        "The saved model is the same norm either way. Measured on MiniLM -> AdaNorm: a closer conversion "
+        "(docs/conversion.md); False reproduces conversions made before this option."))
     schedule: str = field(default=DEFAULT_SCHEDULE, metadata=_help(
         "How the norms are swapped while distilling: 'blend' (every norm's output blended from the "
         "original to the new one together), 'layerwise' (one norm after another, in module order) or "
@@ -130,7 +138,7 @@ class ConvertArgs:
     cpu: bool = field(default=False, metadata=_help("Run on CPU even if a GPU is present."))
 
     def __post_init__(self):
-        for name in ("model", "tokenizer", "dataset", "output_dir", "resume_from_checkpoint"):
+        for name in ("model", "tokenizer", "dataset", "eval_dataset", "output_dir", "resume_from_checkpoint"):
             if isinstance(getattr(self, name), PathLike):
                 setattr(self, name, fspath(getattr(self, name)))
         if not self.model:
@@ -156,8 +164,13 @@ class ConvertArgs:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if isinstance(self.seed, bool) or not (isinstance(self.seed, int) and 0 <= self.seed < 2 ** 32):
-            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        for name in ("seed", "split_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int) and 0 <= value < 2 ** 32):
+                raise ValueError(f"{name} must be an integer in [0, 2**32), got {value!r}")
+        for name in ("rescale_post_ln", "exact_backward", "overwrite_output_dir", "cpu"):
+            if not isinstance(getattr(self, name), bool):  # "no" from a JSON option is not False
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in DEFAULTS:
             if getattr(self, name) is None:
                 setattr(self, name, default_for(name, self.norm))
@@ -176,6 +189,15 @@ class ConvertArgs:
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.resume_from_checkpoint in ("none", "None", ""):
             self.resume_from_checkpoint = None
+        if self.overwrite_output_dir and self.resume_from_checkpoint not in (None, "latest"):
+            raise ValueError("--overwrite_output_dir starts the conversion afresh, so it cannot resume from "
+                             f"{self.resume_from_checkpoint}: pass one or the other")
+        for name in PATH_OPTIONS:
+            value = getattr(self, name)
+            if isinstance(value, str) and value and os.path.exists(value):
+                # one spelling per local folder: a resume then compares the folder, not how it was written
+                # ('m', './m/' and /abs/m are the same teacher; 'm' from another working folder is not)
+                setattr(self, name, os.path.abspath(value))
 
     def norm_config(self) -> NormConfig:
         return NormConfig(norm=self.norm, **{name: getattr(self, name) for name in NORM_OPTIONS})

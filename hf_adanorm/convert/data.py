@@ -92,10 +92,11 @@ def tokenize(texts: dict, tokenizer, args, causal: bool, vocab_size: int) -> dic
             sep = _separator(tokenizer)
             data = data.map(lambda b: tokenizer([t + sep for t in b["text"]], add_special_tokens=False),
                             batched=True, remove_columns=["text"])
-            data = group_texts(data, args.max_length).remove_columns(["labels"])
-            if len(data) == 0:
+            data = group_texts(data, args.max_length)
+            if len(data) == 0 or "labels" not in data.column_names:  # a text shorter than a block: no column
                 raise ValueError(f"the {split} text holds fewer than max_length={args.max_length} tokens: "
                                  "lower --max_length or give more text")
+            data = data.remove_columns(["labels"])
         else:
             data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length),
                             batched=True, remove_columns=["text"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import time
 from contextlib import ExitStack
@@ -29,9 +30,10 @@ from ..patch import get_patch_record, patch_model
 from ..training import checkpoints
 from ..training.locks import LOCK_FILE, OWNER_FILE, check_not_in_use, folder_lock
 from ..training.loop import backward_and_step, make_accelerator, resumed_batches
-from .args import DEFAULTS, ConvertArgs
+from .args import DEFAULTS, PATH_OPTIONS, ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import choose_objective, distill_loss, drift
+from .exact_grad import exact_backward
 from .rescale import RESCALABLE, NormTargets, apply_sites, output_scale, restore, verified_sites
 from .report import ARGS_FILE, MODEL_DIR, OWN_FILES, PLOT_FILE, REPORT_FILE, RESULT_FILE, summarize, write_reports
 from .schedule import alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
@@ -55,6 +57,14 @@ def _own_file(name: str) -> bool:
             or is_staging_leftover(name, MODEL_DIR))
 
 
+def _as_recorded_now(option: str, value):
+    """A saved option as ConvertArgs records it today: runs from before local paths were made absolute
+    saved them as given, which can only be read relative to the current folder."""
+    if option in PATH_OPTIONS and isinstance(value, str) and value and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
 def _check_output_dir(args: ConvertArgs) -> Path | None:
     """The checkpoint to resume from, or None; refuses a folder that holds something else."""
     out = Path(args.output_dir)
@@ -63,6 +73,11 @@ def _check_output_dir(args: ConvertArgs) -> Path | None:
     if out.is_symlink() and not out.exists():  # mkdir would fail on it only after the teacher is loaded
         raise FileNotFoundError(f"output_dir {out} is a link to {out.readlink()}, which does not exist: create "
                                 "that folder, or pass another --output_dir")
+    explicit = args.resume_from_checkpoint not in (None, "latest")
+    if explicit and not (out / ARGS_FILE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {out} holds no conversion to "
+                                f"resume ({ARGS_FILE} is missing); pass the --output_dir of the conversion that "
+                                "wrote that checkpoint")
     if not out.exists():
         return None
     foreign = sorted(p.name for p in out.iterdir() if not _own_file(p.name))
@@ -86,12 +101,16 @@ def _check_output_dir(args: ConvertArgs) -> Path | None:
     if not (path / checkpoints.STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint: pass a checkpoints/step_N folder or 'latest'")
     saved = json.loads((out / ARGS_FILE).read_text()) if (out / ARGS_FILE).exists() else None
-    ignore = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir"}
+    # options that do not change the result (checkpoints are saved at the end of a step, so a resume is
+    # bitwise the same whatever their spacing)
+    ignore = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir", "checkpointing_steps"}
     # an option the saved run predates had its default then (the defaults of options added later
-    # reproduce the behaviour before them; those that now depend on the norm had the generic one)
-    defaults = {**{f.name: f.default for f in fields(ConvertArgs)}, **DEFAULTS}
-    changed = [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in args.to_dict().items()
-               if saved is not None and k not in ignore and saved.get(k, defaults[k]) != v]
+    # reproduce the behaviour before them; those that now depend on the norm had the generic one, and
+    # runs before exact_backward distilled through the detached backward)
+    defaults = {**{f.name: f.default for f in fields(ConvertArgs)}, **DEFAULTS, "exact_backward": False}
+    before = {k: _as_recorded_now(k, saved.get(k, defaults[k])) for k in args.to_dict()} if saved else {}
+    changed = [f"{k}: {before[k]!r} -> {v!r}" for k, v in args.to_dict().items()
+               if saved is not None and k not in ignore and before[k] != v]
     if saved is None or changed:
         raise ValueError(f"cannot resume {path}: the conversion there was made with other options "
                          f"({'; '.join(changed) or 'unknown options'}); rerun with the same options, "
@@ -109,6 +128,13 @@ def _load_teacher(args: ConvertArgs):
         raise ValueError(f"{args.model!r} is already converted to {config.hf_adanorm['config']['norm']!r}: "
                          "convert the original model")
     causal = _is_causal(args, config)
+    if causal and args.max_length < 2:
+        raise ValueError(f"max_length={args.max_length} is too short for a causal LM: a block needs at least 2 "
+                         "tokens, one to read and one to predict")
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and args.max_length > positions:
+        raise ValueError(f"max_length={args.max_length} is more than the {positions} positions {args.model!r} "
+                         f"has: pass --max_length {positions} or less")
     auto = AutoModelForCausalLM if causal else AutoModel
     try:
         teacher = auto.from_pretrained(args.model)
@@ -290,36 +316,40 @@ def convert_model(args: ConvertArgs) -> dict:
 
         progress = tqdm(total=total_steps, initial=loop["step"], disable=not accelerator.is_local_main_process,
                         desc=f"convert -> {args.norm}")
-        model.eval()
-        epoch = loop["epoch"]
-        while loop["step"] < total_steps:
-            for batch in resumed_batches(accelerator, train_loader, loop, epoch):
-                set_alphas(wrapped, alphas(args.schedule, loop["step"], ramp_steps, len(wrapped)))
-                with accelerator.accumulate(model):
-                    with torch.no_grad():
-                        target = teacher(**batch)
-                    loss = distill_loss(objective, target, model(**batch), batch["attention_mask"])
-                    if targets is not None:
-                        loss = loss + args.layer_loss_weight * targets.loss(batch["attention_mask"])
-                    backward_and_step(accelerator, model, loss, optimizer, scheduler, args.max_grad_norm)
-                loop["batches_in_epoch"] += 1
-                if not accelerator.sync_gradients:
-                    continue
-                loop["step"] += 1
-                progress.update(1)
-                mean_alpha = (sum(b.alpha for b in wrapped.values()) + len(rescaled)) / (len(wrapped) + len(rescaled))
-                progress.set_postfix(loss=f"{loss.item():.4f}", alpha=f"{mean_alpha:.2f}")
-                if loop["step"] % args.eval_every == 0 or loop["step"] == total_steps:
-                    entry = {"step": loop["step"], "loss": loss.item(),
-                             "mean_alpha": mean_alpha,
-                             **measure(model, teacher, eval_loader, accelerator.device, wrapped, causal)}
-                    loop["history"].append(entry)
-                if args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0 and loop["step"] < total_steps:
-                    checkpoints.save_checkpoint(accelerator, out, loop["step"], loop, total_limit=1)
-                if loop["step"] >= total_steps:
-                    break
-            epoch += 1
-            loop["epoch"], loop["batches_in_epoch"] = epoch, 0
+        # the forward's own gradient for AdaNorm's factor and DetachNorm's statistics (exact_grad.py)
+        with exact_backward(student, args.exact_backward):
+            model.eval()
+            epoch = loop["epoch"]
+            while loop["step"] < total_steps:
+                for batch in resumed_batches(accelerator, train_loader, loop, epoch):
+                    set_alphas(wrapped, alphas(args.schedule, loop["step"], ramp_steps, len(wrapped)))
+                    with accelerator.accumulate(model):
+                        with torch.no_grad():
+                            target = teacher(**batch)
+                        loss = distill_loss(objective, target, model(**batch), batch["attention_mask"])
+                        if targets is not None:
+                            loss = loss + args.layer_loss_weight * targets.loss(batch["attention_mask"])
+                        backward_and_step(accelerator, model, loss, optimizer, scheduler, args.max_grad_norm)
+                    loop["batches_in_epoch"] += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    loop["step"] += 1
+                    progress.update(1)
+                    mean_alpha = ((sum(b.alpha for b in wrapped.values()) + len(rescaled))
+                                  / (len(wrapped) + len(rescaled)))
+                    progress.set_postfix(loss=f"{loss.item():.4f}", alpha=f"{mean_alpha:.2f}")
+                    if loop["step"] % args.eval_every == 0 or loop["step"] == total_steps:
+                        entry = {"step": loop["step"], "loss": loss.item(),
+                                 "mean_alpha": mean_alpha,
+                                 **measure(model, teacher, eval_loader, accelerator.device, wrapped, causal)}
+                        loop["history"].append(entry)
+                    if (args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0
+                            and loop["step"] < total_steps):
+                        checkpoints.save_checkpoint(accelerator, out, loop["step"], loop, total_limit=1)
+                    if loop["step"] >= total_steps:
+                        break
+                epoch += 1
+                loop["epoch"], loop["batches_in_epoch"] = epoch, 0
         progress.close()
         if targets is not None:
             targets.remove()
