@@ -120,13 +120,15 @@ class ConvertArgs:
         f"{DEFAULTS['learning_rate']:g} for the other norms (measured on MiniLM: docs/conversion.md)."))
     warmup_steps: int = field(default=20, metadata=_help("Linear warm-up steps; then linear decay to 0."))
     max_grad_norm: Optional[float] = field(default=1.0, metadata=_help(
-        "Clip the global gradient norm to this (> 0), or None for no clipping."))
+        "Clip the global gradient norm to this (> 0); None (from Python, or null in JSON options) turns "
+        "clipping off."))
     eval_every: int = field(default=50, metadata=_help("Measure the drift every N steps (and at the end)."))
     seed: int = field(default=0, metadata=_help("Seed of the data order and dropout."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
     mixed_precision: Optional[str] = field(default=None, metadata=_help("'no', 'bf16' or 'fp16' (GPU only)."))
     checkpointing_steps: Optional[int] = field(default=100, metadata=_help(
-        "Save the full state every N steps into output_dir/checkpoints (resumable after a kill)."))
+        "Save the full state every N steps into output_dir/checkpoints (resumable after a kill); None (from "
+        "Python, or null in JSON options) saves none."))
     resume_from_checkpoint: Optional[str] = field(default="latest", metadata=_help(
         "A checkpoint folder, 'latest' (default: continue an interrupted conversion in output_dir, "
         "else start afresh) or 'none'."))

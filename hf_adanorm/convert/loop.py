@@ -316,40 +316,40 @@ def convert_model(args: ConvertArgs) -> dict:
 
         progress = tqdm(total=total_steps, initial=loop["step"], disable=not accelerator.is_local_main_process,
                         desc=f"convert -> {args.norm}")
-        # the forward's own gradient for AdaNorm's factor and DetachNorm's statistics (exact_grad.py)
-        with exact_backward(student, args.exact_backward):
-            model.eval()
-            epoch = loop["epoch"]
-            while loop["step"] < total_steps:
-                for batch in resumed_batches(accelerator, train_loader, loop, epoch):
-                    set_alphas(wrapped, alphas(args.schedule, loop["step"], ramp_steps, len(wrapped)))
-                    with accelerator.accumulate(model):
-                        with torch.no_grad():
-                            target = teacher(**batch)
+        model.eval()
+        epoch = loop["epoch"]
+        while loop["step"] < total_steps:
+            for batch in resumed_batches(accelerator, train_loader, loop, epoch):
+                set_alphas(wrapped, alphas(args.schedule, loop["step"], ramp_steps, len(wrapped)))
+                with accelerator.accumulate(model):
+                    with torch.no_grad():
+                        target = teacher(**batch)
+                    # the loss through each norm's exact gradient (exact_grad.py); measured as saved
+                    with exact_backward(student, args.exact_backward):
                         loss = distill_loss(objective, target, model(**batch), batch["attention_mask"])
                         if targets is not None:
                             loss = loss + args.layer_loss_weight * targets.loss(batch["attention_mask"])
                         backward_and_step(accelerator, model, loss, optimizer, scheduler, args.max_grad_norm)
-                    loop["batches_in_epoch"] += 1
-                    if not accelerator.sync_gradients:
-                        continue
-                    loop["step"] += 1
-                    progress.update(1)
-                    mean_alpha = ((sum(b.alpha for b in wrapped.values()) + len(rescaled))
-                                  / (len(wrapped) + len(rescaled)))
-                    progress.set_postfix(loss=f"{loss.item():.4f}", alpha=f"{mean_alpha:.2f}")
-                    if loop["step"] % args.eval_every == 0 or loop["step"] == total_steps:
-                        entry = {"step": loop["step"], "loss": loss.item(),
-                                 "mean_alpha": mean_alpha,
-                                 **measure(model, teacher, eval_loader, accelerator.device, wrapped, causal)}
-                        loop["history"].append(entry)
-                    if (args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0
-                            and loop["step"] < total_steps):
-                        checkpoints.save_checkpoint(accelerator, out, loop["step"], loop, total_limit=1)
-                    if loop["step"] >= total_steps:
-                        break
-                epoch += 1
-                loop["epoch"], loop["batches_in_epoch"] = epoch, 0
+                loop["batches_in_epoch"] += 1
+                if not accelerator.sync_gradients:
+                    continue
+                loop["step"] += 1
+                progress.update(1)
+                mean_alpha = ((sum(b.alpha for b in wrapped.values()) + len(rescaled))
+                              / (len(wrapped) + len(rescaled)))
+                progress.set_postfix(loss=f"{loss.item():.4f}", alpha=f"{mean_alpha:.2f}")
+                if loop["step"] % args.eval_every == 0 or loop["step"] == total_steps:
+                    entry = {"step": loop["step"], "loss": loss.item(),
+                             "mean_alpha": mean_alpha,
+                             **measure(model, teacher, eval_loader, accelerator.device, wrapped, causal)}
+                    loop["history"].append(entry)
+                if (args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0
+                        and loop["step"] < total_steps):
+                    checkpoints.save_checkpoint(accelerator, out, loop["step"], loop, total_limit=1)
+                if loop["step"] >= total_steps:
+                    break
+            epoch += 1
+            loop["epoch"], loop["batches_in_epoch"] = epoch, 0
         progress.close()
         if targets is not None:
             targets.remove()

@@ -108,7 +108,7 @@ class TrainingArgs:
         f"transformers scheduler name, one of {', '.join(SCHEDULERS)}."))
     warmup_steps: int = field(default=0, metadata=_help("Learning-rate warm-up steps."))
     max_grad_norm: Optional[float] = field(default=1.0, metadata=_help(
-        "Clip the global gradient norm to this, > 0 (None: no clipping)."))
+        "Clip the global gradient norm to this, > 0 (None from Python, or null in JSON options: no clipping)."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help(
         "Micro-batches per optimizer step."))
     mixed_precision: Optional[str] = field(default=None, metadata=_help(
