@@ -36,7 +36,7 @@ def snapshot(folder: Path) -> dict:
     ({"learning_rate": 0.0}, "learning_rate must be"),
     ({"learning_rate": math.inf}, "learning_rate must be"),
     ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0"),
-    ({"warmup_steps": -5}, "warmup_steps must be >= 0"),
+    ({"warmup_steps": -5}, "warmup_steps must be an integer >= 0"),
     ({"seed": -1}, r"seed must be an integer from 0 to 2\*\*32 - 1"),
     ({"seed": 2**40}, "seed must be"),
     ({"split_seed": -1}, "split_seed must be"),
