@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import fields
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -34,7 +33,7 @@ def conversion_args(setup: dict, norm: str, conversion: dict, folder: Path):
 
     options = {k: setup[k] for k in SHARED_WITH_TRAINING if k in setup}
     # the runs' length when the sweep leaves it at its default (convert's own default is shorter)
-    options.setdefault("max_length", next(f.default for f in fields(TrainingArgs) if f.name == "max_length"))
+    options.setdefault("max_length", TrainingArgs.max_length)
     if setup.get("task") == "causal_lm":
         options["model_class"] = "causal_lm"
     elif setup.get("task", "classification") == "classification":

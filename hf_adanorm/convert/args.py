@@ -31,6 +31,19 @@ DEFAULTS = {"learning_rate": 2e-4, "layer_loss_weight": 1.0}
 DEFAULTS_BY_NORM = {"adanorm": {"learning_rate": 5e-4, "layer_loss_weight": 10.0}}
 
 
+# What a run recorded before an option existed behaved as (a resume compares the saved options with these
+# for the ones its file lacks): runs before exact_backward distilled through the detached backward.
+BEFORE_THE_OPTION = {"exact_backward": False}
+
+
+def local_path(value):
+    """A local file or folder as its absolute path (one spelling per folder: 'm', './m/' and /abs/m are the
+    same teacher, 'm' from another working folder is not); anything else, such as a hub id, as it is."""
+    if isinstance(value, str) and value and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
 def default_for(option: str, norm: str) -> float:
     return DEFAULTS_BY_NORM.get(norm, {}).get(option, DEFAULTS[option])
 
@@ -194,12 +207,8 @@ class ConvertArgs:
         if self.overwrite_output_dir and self.resume_from_checkpoint not in (None, "latest"):
             raise ValueError("--overwrite_output_dir starts the conversion afresh, so it cannot resume from "
                              f"{self.resume_from_checkpoint}: pass one or the other")
-        for name in PATH_OPTIONS:
-            value = getattr(self, name)
-            if isinstance(value, str) and value and os.path.exists(value):
-                # one spelling per local folder: a resume then compares the folder, not how it was written
-                # ('m', './m/' and /abs/m are the same teacher; 'm' from another working folder is not)
-                setattr(self, name, os.path.abspath(value))
+        for name in PATH_OPTIONS:  # a resume then compares the folder, not how it was written
+            setattr(self, name, local_path(getattr(self, name)))
 
     def norm_config(self) -> NormConfig:
         return NormConfig(norm=self.norm, **{name: getattr(self, name) for name in NORM_OPTIONS})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import time
 from contextlib import ExitStack
@@ -30,7 +29,7 @@ from ..patch import get_patch_record, patch_model
 from ..training import checkpoints
 from ..training.locks import LOCK_FILE, OWNER_FILE, check_not_in_use, folder_lock
 from ..training.loop import backward_and_step, make_accelerator, resumed_batches
-from .args import DEFAULTS, PATH_OPTIONS, ConvertArgs
+from .args import BEFORE_THE_OPTION, DEFAULTS, PATH_OPTIONS, ConvertArgs, local_path
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import choose_objective, distill_loss, drift
 from .exact_grad import exact_backward
@@ -55,14 +54,6 @@ def _own_file(name: str) -> bool:
     written_through_tmp = (RESULT_FILE, ARGS_FILE, REPORT_FILE, PLOT_FILE, OWNER_FILE)
     return (name in OWN_FILES + LOCK_FILES or name.removeprefix(checkpoints.TMP_PREFIX) in written_through_tmp
             or is_staging_leftover(name, MODEL_DIR))
-
-
-def _as_recorded_now(option: str, value):
-    """A saved option as ConvertArgs records it today: runs from before local paths were made absolute
-    saved them as given, which can only be read relative to the current folder."""
-    if option in PATH_OPTIONS and isinstance(value, str) and value and os.path.exists(value):
-        return os.path.abspath(value)
-    return value
 
 
 def _check_output_dir(args: ConvertArgs) -> Path | None:
@@ -105,10 +96,12 @@ def _check_output_dir(args: ConvertArgs) -> Path | None:
     # bitwise the same whatever their spacing)
     ignore = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir", "checkpointing_steps"}
     # an option the saved run predates had its default then (the defaults of options added later
-    # reproduce the behaviour before them; those that now depend on the norm had the generic one, and
-    # runs before exact_backward distilled through the detached backward)
-    defaults = {**{f.name: f.default for f in fields(ConvertArgs)}, **DEFAULTS, "exact_backward": False}
-    before = {k: _as_recorded_now(k, saved.get(k, defaults[k])) for k in args.to_dict()} if saved else {}
+    # reproduce the behaviour before them, except those in BEFORE_THE_OPTION; those that now depend on the
+    # norm had the generic one). Runs from before local paths were made absolute saved them as given, which
+    # can only be read relative to the current folder.
+    defaults = {**{f.name: f.default for f in fields(ConvertArgs)}, **DEFAULTS, **BEFORE_THE_OPTION}
+    before = {k: local_path(saved.get(k, defaults[k])) if k in PATH_OPTIONS else saved.get(k, defaults[k])
+              for k in args.to_dict()} if saved else {}
     changed = [f"{k}: {before[k]!r} -> {v!r}" for k, v in args.to_dict().items()
                if saved is not None and k not in ignore and before[k] != v]
     if saved is None or changed:
