@@ -177,3 +177,28 @@ def test_options_that_cannot_hold_are_refused_before_anything_is_written(workspa
     with pytest.raises(error, match=match):
         convert_model(_args(workspace, out, **options))
     assert not out.exists() and _snapshot(out) is None
+
+
+@pytest.mark.parametrize("max_length, fits", [(33, False), (32, True)])
+def test_a_length_past_the_model_s_own_positions_is_refused_before_anything_is_written(workspace, tmp_path,  # noqa: F811
+                                                                                      max_length, fits):
+    """RoBERTa counts its positions past a padding offset: its config's max_position_embeddings (here 33,
+    so the config alone lets 33 through) holds max_position_embeddings - pad_token_id - 1 tokens."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "bert")
+    assert tokenizer.pad_token_id == 0  # the fixture's; then RoBERTa's first position is 1
+    roberta = RobertaModel(RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=33,
+                                         pad_token_id=0))
+    roberta.save_pretrained(tmp_path / "roberta")
+    tokenizer.save_pretrained(tmp_path / "roberta")
+    out = tmp_path / "out"
+    args = _args(workspace, out, model=str(tmp_path / "roberta"), dataset=str(workspace / "texts.txt"),
+                 max_length=max_length, max_steps=2, eval_every=2, max_eval_samples=4)
+    if fits:
+        assert convert_model(args)["steps"] == 2
+        return
+    with pytest.raises(ValueError, match="cannot take a sequence of max_length=33 tokens.*smaller --max_length"):
+        convert_model(args)
+    assert not out.exists() and _snapshot(out) is None

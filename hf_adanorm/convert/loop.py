@@ -134,7 +134,22 @@ def _load_teacher(args: ConvertArgs):
     except Exception as err:
         raise ValueError(f"cannot load {args.model!r} as {auto.__name__} ({type(err).__name__}: {err}); "
                          "set --model_class") from err
-    return teacher.eval().requires_grad_(False), causal
+    teacher.eval().requires_grad_(False)
+    _check_length_fits(teacher, args)
+    return teacher, causal
+
+
+def _check_length_fits(teacher, args: ConvertArgs) -> None:
+    """One forward of a single max_length-token sequence. Models count their positions in their own ways
+    (RoBERTa's 514 embeddings hold 512 tokens, past its padding offset), so ask the model rather than its
+    config: a length it cannot take fails here, before a file is written, not at the first long batch."""
+    token = 1 if teacher.config.pad_token_id == 0 else 0  # not padding: a padding run would not count positions
+    try:
+        with torch.no_grad():
+            teacher(input_ids=torch.full((1, args.max_length), token, dtype=torch.long))
+    except (IndexError, RuntimeError) as err:
+        raise ValueError(f"{args.model!r} cannot take a sequence of max_length={args.max_length} tokens "
+                         f"({type(err).__name__}: {err}); pass a smaller --max_length") from err
 
 
 def _freeze_unreached(student, teacher, batch, objective, wrapped, device) -> list[str]:
