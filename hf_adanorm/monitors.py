@@ -20,7 +20,7 @@ from transformers.utils import logging
 from .detect import classify
 from .functional import normalize
 from .grad_stats import STATISTICS, GradientProbe, find_norm_sites
-from .norms import AdaNorm
+from .norms import AdaNorm, _is_int
 from .patch import get_patch_record
 
 logger = logging.get_logger(__name__)
@@ -37,7 +37,7 @@ class _PeriodicMonitor(TrainerCallback):
     prefix = ""
 
     def __init__(self, every_n_steps: int = 50, per_layer: bool = True):
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        if not _is_int(every_n_steps) or every_n_steps < 1:
             raise ValueError(f"{type(self).__name__}: every_n_steps must be a positive integer (measure "
                              f"on every n-th optimizer step), got {every_n_steps!r}")
         self.every_n_steps = every_n_steps

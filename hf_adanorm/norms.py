@@ -60,6 +60,11 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_int(value) -> bool:
+    """A Python int, not a bool (True would pass as 1) nor a float or a string from a JSON option."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_eps(eps) -> float:
     """A finite eps > 0: with 0 a constant row divides by zero, with inf every output is 0."""
     if not (_is_real(eps) and eps > 0):

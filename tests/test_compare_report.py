@@ -212,7 +212,9 @@ def test_cli_reruns_a_convert_sweep_in_its_folder(tmp_path, monkeypatch, capsys)
     other = [*argv[:-1], '{"max_steps": 6}', "--seeds", "0"]
     assert main(other) == 2 and "other training options (convert" in capsys.readouterr().err
     assert main([*argv[:-2], "--seeds", "0"]) == 2  # the same folder without --convert
-    assert len(calls) == 2
+    per_arm = [*argv[:-1], '{"norm": "layernorm_simple"}', "--seeds", "0", "--output-dir", str(tmp_path / "p")]
+    assert main(per_arm) == 2 and "the sweep sets them per norm" in capsys.readouterr().err
+    assert len(calls) == 2 and not (tmp_path / "p").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

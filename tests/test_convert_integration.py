@@ -102,6 +102,10 @@ def test_compare_convert_refuses_a_model_built_from_a_config(tmp_path):
     for option, value in (("k", 0.2), ("C", 2.0), ("eps_mode", "fairseq"), ("model", "other"), ("tokenizer", "t")):
         with pytest.raises(ValueError, match=rf"cannot set \['{option}'\]: the conversion takes them from the sweep"):
             plan_conversions({"model": "m", "dataset": "x"}, ["adanorm"], tmp_path, {option: value})
+    # the norm and the folder are each arm's own (from Python too, where the norm was once overridden silently)
+    for option, value in (("norm", "layernorm_simple"), ("output_dir", str(tmp_path / "x"))):
+        with pytest.raises(ValueError, match=rf"cannot set \['{option}'\]: the sweep sets them per norm"):
+            plan_conversions({"model": "m", "dataset": "x"}, ["adanorm"], tmp_path, {option: value})
     assert not any(tmp_path.iterdir())
     # with no --max_length the runs fine-tune at TrainingArgs' default, and the conversion distils at it too
     (plan,) = plan_conversions({"model": "m", "dataset": "x"}, ["layernorm", "adanorm"], tmp_path, {}).values()

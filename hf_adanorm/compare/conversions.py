@@ -56,6 +56,9 @@ def plan_conversions(setup: dict, norms, output_dir, conversion: dict) -> dict:
     if not setup.get("model") or str(setup["model"]).startswith("config:"):
         raise ValueError("--convert needs a pretrained --model: a model built from a config has learned "
                          "nothing to keep")
+    per_arm = sorted({"norm", "output_dir"} & set(conversion))
+    if per_arm:
+        raise ValueError(f"--convert-options cannot set {per_arm}: the sweep sets them per norm")
     fixed = sorted(set(conversion) & set(SET_BY_THE_SWEEP))
     if fixed:
         raise ValueError(f"--convert-options cannot set {fixed}: the conversion takes them from the sweep (its "

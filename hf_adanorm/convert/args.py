@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from transformers import HfArgumentParser
 
 from ..config import NormConfig
-from ..norms import _is_real
+from ..norms import _is_int, _is_real
 from ..registry import available_norms
 from .distill import OBJECTIVES
 from .schedule import SCHEDULES
@@ -26,9 +26,10 @@ NORM_OPTIONS = ("k", "C", "detach", "eps_mode", "include_rmsnorm", "include", "e
 # The options whose default depends on the target norm, and their values. AdaNorm starts much farther
 # from the original than the other norms (its factor 1 - k y is not the identity): on MiniLM it gained
 # from larger steps and from a heavier per-norm target, where layernorm_simple was level at 5e-4 and
-# unstable at 1e-3 (docs/conversion.md).
-DEFAULTS = {"learning_rate": 2e-4, "layer_loss_weight": 1.0}
-DEFAULTS_BY_NORM = {"adanorm": {"learning_rate": 5e-4, "layer_loss_weight": 10.0}}
+# unstable at 1e-3, and from more, smaller steps for the same compute (docs/conversion.md).
+DEFAULTS = {"learning_rate": 2e-4, "layer_loss_weight": 1.0, "max_steps": 600, "per_device_batch_size": 32}
+DEFAULTS_BY_NORM = {"adanorm": {"learning_rate": 5e-4, "layer_loss_weight": 10.0, "max_steps": 1600,
+                                "per_device_batch_size": 16}}
 
 
 # What a run recorded before an option existed behaved as (a resume compares the saved options with these
@@ -124,8 +125,13 @@ class ConvertArgs:
         "'logits' (KL of the teacher's to the student's token distributions), 'hidden' (cosine of the "
         "last hidden state per token and of the mean-pooled embedding) or 'auto' (logits when the "
         "model has them, else hidden)."))
-    max_steps: int = field(default=600, metadata=_help("Optimizer steps of distillation."))
-    per_device_batch_size: int = field(default=32, metadata=_help("Texts (or blocks) per step and process."))
+    max_steps: Optional[int] = field(default=None, metadata=_help(
+        f"Optimizer steps of distillation. Default: {DEFAULTS_BY_NORM['adanorm']['max_steps']} for adanorm, "
+        f"{DEFAULTS['max_steps']} for the other norms."))
+    per_device_batch_size: Optional[int] = field(default=None, metadata=_help(
+        f"Texts (or blocks) per step and process. Default: {DEFAULTS_BY_NORM['adanorm']['per_device_batch_size']} "
+        f"for adanorm (more, smaller steps: closer on MiniLM for the same compute), "
+        f"{DEFAULTS['per_device_batch_size']} for the other norms."))
     max_length: int = field(default=64, metadata=_help(
         "Encoders: truncate each text to this many tokens. Causal LMs: the length of each block."))
     learning_rate: Optional[float] = field(default=None, metadata=_help(
@@ -175,13 +181,13 @@ class ConvertArgs:
         for name in ("max_steps", "per_device_batch_size", "max_length", "eval_every", "max_eval_samples",
                      "gradient_accumulation_steps", "checkpointing_steps"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         for name in ("seed", "split_seed"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, int) and 0 <= value < 2 ** 32):
+            if not (_is_int(value) and 0 <= value < 2 ** 32):
                 raise ValueError(f"{name} must be an integer in [0, 2**32), got {value!r}")
         for name in ("rescale_post_ln", "exact_backward", "overwrite_output_dir", "cpu"):
             if not isinstance(getattr(self, name), bool):  # "no" from a JSON option is not False

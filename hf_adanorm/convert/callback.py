@@ -27,6 +27,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from ..callbacks import PatchCallback, checkpoint_folder
+from ..norms import _is_int
 from ..patch import get_patch_record, is_patched, patch_model
 from ..record import get_state
 from ..training.checkpoints import write_json_atomic
@@ -52,7 +53,7 @@ class GradualSwapCallback(PatchCallback):
                  filter_fn=None, **options):
         if schedule not in SCHEDULES or schedule == "swap":
             raise ValueError(f"schedule must be 'blend' or 'layerwise' ('swap' is PatchCallback), got {schedule!r}")
-        if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 1:
+        if not _is_int(ramp_steps) or ramp_steps < 1:
             raise ValueError(f"ramp_steps must be an integer >= 1, got {ramp_steps!r}")
         super().__init__(norm, filter_fn=filter_fn, **options)
         if rescale_probe is not None:

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from transformers import HfArgumentParser
 
 from ..config import NormConfig
-from ..norms import _is_real
+from ..norms import _is_int, _is_real
 from ..registry import available_norms
 
 BASELINE = "layernorm"  # the unpatched model
@@ -182,14 +182,14 @@ class TrainingArgs:
         torch / numpy (a negative clipping norm ascends the gradient, a negative seed crashes numpy)."""
         for name in ("seed", "split_seed"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+            if not _is_int(value) or not 0 <= value <= MAX_SEED:
                 raise ValueError(f"{name} must be an integer from 0 to 2**32 - 1 (numpy's seed range), got {value!r}")
         # _is_real: a finite number, not a bool (True would pass as 1) nor a string from a JSON option
         if not (_is_real(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
         if not (_is_real(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.max_grad_norm is not None and not (_is_real(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a finite number > 0, or None for no clipping; got "
