@@ -92,6 +92,7 @@ def test_compare_convert_converts_once_per_norm_and_reports_the_start(workspace,
 
 
 def test_compare_convert_refuses_a_model_built_from_a_config(tmp_path):
+    from hf_adanorm.compare import compare
     from hf_adanorm.compare.conversions import plan_conversions
     with pytest.raises(ValueError, match="pretrained --model"):
         plan_conversions({"model": "config:bert", "dataset": "x"}, ["layernorm", "adanorm"], tmp_path, {})
@@ -106,6 +107,11 @@ def test_compare_convert_refuses_a_model_built_from_a_config(tmp_path):
     for option, value in (("norm", "layernorm_simple"), ("output_dir", str(tmp_path / "x"))):
         with pytest.raises(ValueError, match=rf"cannot set \['{option}'\]: the sweep sets them per norm"):
             plan_conversions({"model": "m", "dataset": "x"}, ["adanorm"], tmp_path, {option: value})
+    assert not any(tmp_path.iterdir())
+    # through compare() too: refused before its lock would create the sweep folder
+    with pytest.raises(ValueError, match=r"cannot set \['k'\]"):
+        compare({"model": "m", "dataset": "x"}, ["layernorm", "adanorm"], [0], tmp_path / "sweep", progress=False,
+                conversion={"k": 0.2})
     assert not any(tmp_path.iterdir())
     # with no --max_length the runs fine-tune at TrainingArgs' default, and the conversion distils at it too
     (plan,) = plan_conversions({"model": "m", "dataset": "x"}, ["layernorm", "adanorm"], tmp_path, {}).values()

@@ -37,12 +37,14 @@ def compare(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
     from ..training.locks import folder_lock
     from .sweep import LOCK_USER, check_sweep
 
-    with folder_lock(check_sweep(setup, list(norms), list(seeds), output_dir, overwrite, conversion), LOCK_USER):
+    folder = check_sweep(setup, list(norms), list(seeds), output_dir, overwrite, conversion)
+    if conversion is not None:  # every option checked before the lock creates the folder
+        from .conversions import converted_model, plan_conversions, run_conversions
+
+        plans = plan_conversions(setup, norms, output_dir, conversion)
+    with folder_lock(folder, LOCK_USER):
         models, results = None, {}
         if conversion is not None:
-            from .conversions import converted_model, plan_conversions, run_conversions
-
-            plans = plan_conversions(setup, norms, output_dir, conversion)  # every option checked first
             results = run_conversions(plans, progress=progress)
             models = {norm: converted_model(args) for norm, args in plans.items()}
         runs = run_sweep(setup, norms, seeds, output_dir, run_fn=run_fn, progress=progress, overwrite=overwrite,
