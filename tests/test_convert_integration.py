@@ -65,7 +65,7 @@ def test_the_recipes_refuse_a_converted_model_with_other_norms(converted, tmp_pa
     assert not (tmp_path / f"run-{norm}").exists()
 
 
-def test_compare_convert_converts_once_per_norm_and_reports_the_start(workspace, tmp_path):  # noqa: F811
+def test_compare_convert_converts_once_per_norm_and_reports_the_start(workspace, tmp_path, monkeypatch):  # noqa: F811
     from hf_adanorm.compare import compare
     setup = {"model": str(workspace / "bert"), "dataset": str(write_sentiment_csvs(tmp_path / "data")),
              "num_epochs": 1, "per_device_batch_size": 8, "max_length": 16, "save_model": False}
@@ -89,6 +89,14 @@ def test_compare_convert_converts_once_per_norm_and_reports_the_start(workspace,
     assert result.stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="convert"):
         compare(setup, ["layernorm", "adanorm"], [0, 1], out, progress=False, conversion={"max_steps": 7})
+    # the same options under other defaults (a new version) plan another conversion: its runs would join
+    # the report beside those of the old one, so the sweep is refused before anything runs
+    from hf_adanorm.convert import args as convert_args
+    monkeypatch.setitem(convert_args.DEFAULTS_BY_NORM["adanorm"], "layer_loss_weight", 3.0)
+    with pytest.raises(ValueError, match=r"adanorm_seed0 fine-tuned the conversion .*differ.*overwrite_output_dir"):
+        compare(setup, ["layernorm", "adanorm"], [0, 1, 2], out, progress=False, conversion=conversion)
+    assert sorted(p.name for p in (out / "conversions").iterdir()) == [folder.name]
+    assert not (out / "runs" / "adanorm_seed2").exists()
 
 
 def test_compare_convert_refuses_a_model_built_from_a_config(tmp_path):

@@ -39,9 +39,11 @@ def compare(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
 
     folder = check_sweep(setup, list(norms), list(seeds), output_dir, overwrite, conversion)
     if conversion is not None:  # every option checked before the lock creates the folder
-        from .conversions import converted_model, plan_conversions, run_conversions
+        from .conversions import check_runs_fit, converted_model, plan_conversions, run_conversions
 
         plans = plan_conversions(setup, norms, output_dir, conversion)
+        if not overwrite:
+            check_runs_fit(plans, folder)
     with folder_lock(folder, LOCK_USER):
         models, results = None, {}
         if conversion is not None:

@@ -88,6 +88,23 @@ def run_conversions(plans: dict, progress: bool = True) -> dict:
     return results
 
 
+def check_runs_fit(plans: dict, output_dir) -> None:
+    """Refuse when an arm's finished runs fine-tuned another conversion than the one planned now. sweep.json
+    holds the conversion options as given, so a change of convert's defaults (a new version) would
+    otherwise convert again and add runs from the new conversion to a report of runs from the old one."""
+    from ..training.checkpoints import METRICS_FILE
+    from .sweep import finished_runs
+
+    for norm, args in plans.items():
+        planned = Path(args.output_dir).name  # <norm>-<key>: the folder, however the sweep path is spelled
+        for run in finished_runs(output_dir, norm):
+            started = json.loads((run / METRICS_FILE).read_text()).get("config", {}).get("model", "")
+            if Path(started).parent.name != planned:
+                raise ValueError(f"{run} fine-tuned the conversion {started}, but the {norm} conversion of this "
+                                 f"sweep is now {planned} (its options, or convert's defaults, differ): pass "
+                                 "--overwrite_output_dir to start the sweep afresh, or use another --output-dir")
+
+
 def converted_model(args) -> str:
     from ..convert.loop import MODEL_DIR
     return str(Path(args.output_dir) / MODEL_DIR)

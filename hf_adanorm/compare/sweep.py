@@ -83,6 +83,11 @@ def is_finished(folder: Path) -> bool:
     return (Path(folder) / METRICS_FILE).is_file()
 
 
+def finished_runs(output_dir: Path, norm: str) -> list[Path]:
+    """The folders of ``norm``'s finished runs in the sweep, every seed."""
+    return sorted(p.parent for p in run_dir(output_dir, norm, 0).parent.glob(f"{norm}_seed*/{METRICS_FILE}"))
+
+
 def check_same_setup(output_dir: Path, setup: dict) -> None:
     """Refuse to mix finished runs made with other training options into one report."""
     path = Path(output_dir) / SWEEP_FILE

@@ -142,7 +142,9 @@ def _load_teacher(args: ConvertArgs):
 def _check_length_fits(teacher, args: ConvertArgs) -> None:
     """One forward of a single max_length-token sequence. Models count their positions in their own ways
     (RoBERTa's 514 embeddings hold 512 tokens, past its padding offset), so ask the model rather than its
-    config: a length it cannot take fails here, before a file is written, not at the first long batch."""
+    config: a length it cannot take fails here, before a file is written, not at the first long batch.
+    On the CPU, where the teacher is loaded: on a GPU an index out of range is a device-side assert,
+    which leaves the CUDA context unusable instead of raising an error that can be explained."""
     token = 1 if teacher.config.pad_token_id == 0 else 0  # not padding: a padding run would not count positions
     try:
         with torch.no_grad():
