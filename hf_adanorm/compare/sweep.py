@@ -75,7 +75,7 @@ def check_output_dir(output_dir) -> Path:
     return output_dir
 
 
-def run_dir(output_dir: Path, norm: str, seed: int) -> Path:
+def run_dir(output_dir: Path, norm: str, seed: int | str) -> Path:
     return Path(output_dir) / "runs" / f"{norm}_seed{seed}"
 
 
@@ -85,7 +85,8 @@ def is_finished(folder: Path) -> bool:
 
 def finished_runs(output_dir: Path, norm: str) -> list[Path]:
     """The folders of ``norm``'s finished runs in the sweep, every seed."""
-    return sorted(p.parent for p in run_dir(output_dir, norm, 0).parent.glob(f"{norm}_seed*/{METRICS_FILE}"))
+    every_seed = run_dir(output_dir, norm, "*")  # a glob pattern in run_dir's own naming
+    return sorted(p.parent for p in every_seed.parent.glob(f"{every_seed.name}/{METRICS_FILE}"))
 
 
 def check_same_setup(output_dir: Path, setup: dict) -> None:

@@ -6,8 +6,8 @@ target-norm options take theirs, and their defaults, from ``NormConfig``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
 import os
+from dataclasses import asdict, dataclass, field, fields
 from os import PathLike, fspath
 from typing import Optional, Sequence
 
