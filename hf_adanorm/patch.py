@@ -115,6 +115,18 @@ def _nothing_matched(entries, config) -> ValueError:
     return ValueError(f"no module matched: found {listing}{more}.{hint}")
 
 
+def _check_exclude_matched(entries, config) -> None:
+    """An exclude that matches no norm is almost always a misspelt name (or a search pattern where a
+    full-name regular expression is expected): the norm meant to stay would be replaced unnoticed."""
+    if config.exclude is None or any(e.kind and _matches(e.name, config.exclude) for e in entries):
+        return
+    names = [e.name for e in entries if e.kind]
+    how = ("a regular expression that must match a module's full name (e.g. '.*embeddings.*')"
+           if isinstance(config.exclude, str) else "module names, or their last parts (e.g. 'LayerNorm')")
+    raise ValueError(f"exclude={config.exclude!r} matched no norm, so it would keep none; it is {how}. The "
+                     f"norms are named: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}")
+
+
 def _copy_hooks(old: nn.Module, new: nn.Module) -> None:
     """Carry torch hooks and accelerate's dispatch hook over to the replacement.
 
@@ -268,6 +280,7 @@ def patch_model(
     entries, chosen = _plan(model, config, filter_fn)
     if not chosen:
         raise _nothing_matched(entries, config)
+    _check_exclude_matched(entries, config)
     warning = config.saturation_warning(max(info.size for info, _ in chosen.values()))
     if warning:
         warnings.warn(warning, UserWarning, stacklevel=2)

@@ -68,7 +68,9 @@ class ConvertArgs:
     model_class: str = field(default="auto", metadata=_help(
         "'causal_lm' (AutoModelForCausalLM: distil next-token distributions), 'base' (AutoModel: distil "
         "the last hidden state and the mean-pooled embedding) or 'auto' (causal_lm when the model's "
-        "config names a *ForCausalLM / *LMHeadModel architecture, else base)."))
+        "config names a *ForCausalLM / *LMHeadModel architecture, base when it names a base model or none; "
+        "a model with another head, such as *ForSequenceClassification, is refused: pass 'base' to convert "
+        "its base model and drop the head)."))
     dataset: Optional[str] = field(default=None, metadata=_help(
         "Unlabeled text to distil on: a hub dataset id, a csv/json/jsonl/txt file, or a folder of "
         "train.* / validation.* files or of .txt files (as the recipes take it). Labels are ignored."))

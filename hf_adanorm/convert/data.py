@@ -76,8 +76,11 @@ def load_texts(args, causal: bool) -> dict:
         texts["validation"] = _non_empty(data[args.text_column])
     for split, found in texts.items():
         if not found:
-            raise ValueError(f"the {split} text of {args.dataset!r} is empty (column {args.text_column!r} "
-                             "holds no non-blank text): give a dataset with text to distil on")
+            source = ("--eval_dataset", args.eval_dataset) if split == "validation" and args.eval_dataset else (
+                "--dataset", args.dataset)
+            raise ValueError(f"the {split} text of {source[0]} {source[1]!r} is empty (column "
+                             f"{args.text_column!r} holds no non-blank text): give it text to "
+                             f"{'measure the drift on' if split == 'validation' else 'distil on'}")
     return texts
 
 

@@ -13,6 +13,7 @@ import copy
 import json
 import shutil
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import fields
 from pathlib import Path
@@ -33,18 +34,32 @@ from .args import BEFORE_THE_OPTION, DEFAULTS, PATH_OPTIONS, ConvertArgs, local_
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import choose_objective, distill_loss, drift
 from .exact_grad import exact_backward
+from .fingerprint import check_same_teacher, model_fingerprint
 from .rescale import RESCALABLE, NormTargets, apply_sites, output_scale, restore, verified_sites
 from .report import ARGS_FILE, MODEL_DIR, OWN_FILES, PLOT_FILE, REPORT_FILE, RESULT_FILE, summarize, write_reports
 from .schedule import alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
 
 LOCK_FILES = (LOCK_FILE, OWNER_FILE)  # a conversion's own, kept when --overwrite_output_dir clears the rest
 EXACT = 1e-6  # below this relative error (or KL) the naive swap already is the original function
+# Only these compute the plain normalization y in forward, so only they can equal the original once its
+# gain and bias are folded away. A threshold alone is not enough: an LM with nearly flat predictions has
+# a KL under it after any swap, AdaNorm's too.
+CAN_BE_EXACT = ("layernorm_simple", "detachnorm")
 
 
 def _is_causal(args: ConvertArgs, config) -> bool:
     if args.model_class != "auto":
         return args.model_class == "causal_lm"
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+    architectures = config.architectures or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return True
+    heads = [a for a in architectures if "For" in a]
+    if heads:  # loaded as its base model, the head would be dropped from what is saved, unannounced
+        raise ValueError(f"{args.model!r} is a {heads[0]}: convert keeps the function of a causal LM or of a "
+                         "base model, not of that head. Pass --model_class base to convert its base model (the "
+                         "head is not kept: fine-tune a new one on the converted model), or --model_class "
+                         "causal_lm if it is a causal LM")
+    return False
 
 
 def _own_file(name: str) -> bool:
@@ -56,8 +71,26 @@ def _own_file(name: str) -> bool:
             or is_staging_leftover(name, MODEL_DIR))
 
 
-def _check_output_dir(args: ConvertArgs) -> Path | None:
-    """The checkpoint to resume from, or None; refuses a folder that holds something else."""
+def _check_apart(args: ConvertArgs) -> None:
+    """Refuse an --output_dir that is, holds or lies inside a local input: the save would replace a model
+    folder named ``model`` in it (the teacher itself), and a text folder would read the conversion's
+    own files as text on a resume."""
+    out = Path(args.output_dir).resolve()
+    for name in PATH_OPTIONS:
+        value = getattr(args, name)
+        if not (isinstance(value, str) and value and Path(value).exists()):
+            continue  # a hub id, or not given
+        path = Path(value).resolve()
+        if path == out or out in path.parents or path in out.parents:
+            where = ("is" if path == out else "holds" if out in path.parents else "lies inside")
+            raise ValueError(f"output_dir {args.output_dir} {where} the --{name} {value}: the conversion would "
+                             f"write over or into its own input; pass an --output_dir outside {path}")
+
+
+def _check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | None = None) -> Path | None:
+    """The checkpoint to resume from, or None; refuses a folder that holds something else, and a
+    checkpoint of another conversion or of another version of the teacher (``fingerprint``)."""
+    _check_apart(args)
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file: pass a folder")
@@ -91,7 +124,24 @@ def _check_output_dir(args: ConvertArgs) -> Path | None:
         return None
     if not (path / checkpoints.STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint: pass a checkpoints/step_N folder or 'latest'")
-    saved = json.loads((out / ARGS_FILE).read_text()) if (out / ARGS_FILE).exists() else None
+    # the options of the conversion that wrote the checkpoint: its own record (a checkpoint passed by path
+    # may come from another conversion's folder), else, for a checkpoint of this folder from before
+    # checkpoints kept one, the folder's
+    run = json.loads((path / checkpoints.STATE_FILE).read_text()).get("run")
+    own = path.resolve().parent == (out / checkpoints.CHECKPOINT_DIR).resolve()
+    if run is None and not own:
+        raise ValueError(f"cannot resume {path}: it records no options and is not a checkpoint of {out}, so "
+                         "which conversion wrote it cannot be checked; pass 'latest' or a checkpoint of "
+                         f"{out / checkpoints.CHECKPOINT_DIR}")
+    if run is not None and run.get("world_size", world_size) != world_size:
+        raise ValueError(f"cannot resume {path}: it was written by {run['world_size']} processes and this run "
+                         f"has {world_size}, which would deal the batches differently; resume with "
+                         f"{run['world_size']} processes, or pass --overwrite_output_dir to start afresh")
+    if run is not None:
+        check_same_teacher(run.get("teacher_fingerprint"), fingerprint, args.model, f"the checkpoint {path}",
+                           "pass --overwrite_output_dir to convert the model as it is now")
+    saved = (run["args"] if run is not None
+             else json.loads((out / ARGS_FILE).read_text()) if (out / ARGS_FILE).exists() else None)
     # options that do not change the result (checkpoints are saved at the end of a step, so a resume is
     # bitwise the same whatever their spacing)
     ignore = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir", "checkpointing_steps"}
@@ -260,7 +310,8 @@ def convert_model(args: ConvertArgs) -> dict:
     # Everything that can fail on bad input fails here, before a file is written.
     if accelerator.is_main_process:  # first: a running conversion's folder is not an interrupted one
         check_not_in_use(out, "conversion")
-    resume_path = _check_output_dir(args)
+    fingerprint = model_fingerprint(args.model)
+    resume_path = _check_output_dir(args, accelerator.num_processes, fingerprint)
     norm_config = args.norm_config()
     tokenizer = load_tokenizer(args)
     teacher, causal = _load_teacher(args)
@@ -285,7 +336,8 @@ def convert_model(args: ConvertArgs) -> dict:
     naive = measure(student, teacher, eval_loader, accelerator.device, wrapped, causal)  # the swap with no training
     # Logits are the function of an LM (a fold moves the last norm's gain into the head, so its
     # hidden states differ while its predictions do not); for an encoder the hidden state is.
-    exact = (naive["kl"] if "kl" in naive else naive["relative_error"]) < EXACT
+    exact = (norm_config.norm in CAN_BE_EXACT and norm_config.eps_mode == "torch"
+             and (naive["kl"] if "kl" in naive else naive["relative_error"]) < EXACT)
     rescaled, start = {}, None
     if args.rescale_post_ln and not exact:
         rescaled, start = _rescale_post_ln(student, teacher, record, probe, wrapped, naive, norm_config,
@@ -307,7 +359,7 @@ def convert_model(args: ConvertArgs) -> dict:
     with ExitStack() as lock:
         if accelerator.is_main_process:  # one conversion per folder; the kernel frees the lock if we are killed
             lock.enter_context(folder_lock(out, "conversion"))
-            if _check_output_dir(args) != resume_path:
+            if _check_output_dir(args, accelerator.num_processes, fingerprint) != resume_path:
                 raise RuntimeError(f"{out} changed while this conversion was being set up: is another process "
                                    "writing there?")
         loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "history": [], "naive": naive,
@@ -355,7 +407,9 @@ def convert_model(args: ConvertArgs) -> dict:
                     loop["history"].append(entry)
                 if (args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0
                         and loop["step"] < total_steps):
-                    checkpoints.save_checkpoint(accelerator, out, loop["step"], loop, total_limit=1)
+                    checkpoints.save_checkpoint(accelerator, out, loop["step"], loop, total_limit=1,
+                                                run={**checkpoints.run_record(args, accelerator.num_processes),
+                                                     "teacher_fingerprint": fingerprint})
                 if loop["step"] >= total_steps:
                     break
             epoch += 1
@@ -367,14 +421,18 @@ def convert_model(args: ConvertArgs) -> dict:
         unwrapped = accelerator.unwrap_model(model)
         unwrap_norms(unwrapped, wrapped)  # only the target norms remain
         final = measure(unwrapped, teacher, eval_loader, accelerator.device, causal=causal)
-        result = {"teacher": args.model, "norm": norm_config.to_dict(), "objective": objective,
+        result = {"teacher": args.model, "teacher_fingerprint": fingerprint, "norm": norm_config.to_dict(), "objective": objective,
                   "schedule": args.schedule, "steps": total_steps, "exact_without_training": exact,
                   "dataset": args.dataset, "eval_sequences": naive["sequences"], "naive": loop["naive"],
                   "rescaled": rescaled, "start": loop.get("start", start), "start_alpha": len(rescaled) / (len(wrapped) + len(rescaled)),
                   "converted": final, "history": loop["history"], "patch_report": patch.to_dict(),
                   "seconds": time.time() - started, "args": args.to_dict(), "frozen_unreached": unused,
                   "world_size": accelerator.num_processes,
-                  "resumed_from": str(resume_path) if resume_path else None}
+                  "resumed_from": str(resume_path) if resume_path else None,
+                  "worse_than_naive": total_steps > 0 and _closer(loop["naive"], final)}
+        if result["worse_than_naive"]:
+            warnings.warn("the converted model is farther from the original than the naive swap: the "
+                          "distillation diverged; convert again with a lower --learning_rate", UserWarning)
         state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
         if accelerator.is_main_process:
             save_pretrained(unwrapped, out / MODEL_DIR, state_dict=state_dict, base_model=args.model,

@@ -1,0 +1,161 @@
+"""A conversion never writes over its own inputs, never resumes from a checkpoint another conversion
+wrote, and never calls a swap exact that is not."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from hf_adanorm.convert import convert_model
+
+from test_recipes import write_sentiment_csvs
+from test_convert import _args, _interrupt_after_first_checkpoint, _snapshot, workspace  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("layout", ["model inside output_dir", "output_dir is the model", "output_dir inside the text"])
+def test_an_output_dir_that_overlaps_an_input_is_refused_and_nothing_changes(workspace, tmp_path, layout):  # noqa: F811
+    home = tmp_path / "home"
+    if layout == "output_dir inside the text":
+        (home / "text").mkdir(parents=True)
+        shutil.copy(workspace / "texts.txt", home / "text" / "train.txt")
+        args = dict(dataset=str(home / "text"), output_dir=home / "text" / "converted")
+        option = "--dataset"
+    else:
+        # a folder that holds only the pretrained model, in a sub-folder named like the conversion's output:
+        # the final save would replace it with the student
+        shutil.copytree(workspace / "bert", home / "model")
+        model = home / "model"
+        args = dict(model=str(model), dataset=str(workspace / "texts.txt"),
+                    output_dir=home if layout == "model inside output_dir" else model)
+        option = "--model"
+    before = _snapshot(home)
+    with pytest.raises(ValueError, match=f"{option} .*pass an --output_dir outside"):
+        convert_model(_args(workspace, **{"out": args.pop("output_dir")}, max_steps=4, **args))
+    assert _snapshot(home) == before
+
+
+def test_a_checkpoint_another_conversion_wrote_is_refused(workspace, tmp_path, monkeypatch):  # noqa: F811
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_checkpoint(patch)
+        for name, norm in (("a", "adanorm"), ("b", "layernorm_simple")):
+            with pytest.raises(KeyboardInterrupt):
+                convert_model(_args(workspace, tmp_path / name, norm=norm, max_steps=12, checkpointing_steps=5))
+    foreign = tmp_path / "b" / "checkpoints" / "step_5"
+    before = _snapshot(tmp_path / "a")
+    with pytest.raises(ValueError, match="norm: 'layernorm_simple' -> 'adanorm'"):
+        convert_model(_args(workspace, tmp_path / "a", max_steps=12, checkpointing_steps=5,
+                            resume_from_checkpoint=str(foreign)))
+    assert _snapshot(tmp_path / "a") == before
+    # one that records no options (written before checkpoints kept them) is trusted only in its own folder
+    state_file = foreign / "training_state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("run")["args"]["norm"] == "layernorm_simple"
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="records no options and is not a checkpoint of"):
+        convert_model(_args(workspace, tmp_path / "a", max_steps=12, checkpointing_steps=5,
+                            resume_from_checkpoint=str(foreign)))
+    assert _snapshot(tmp_path / "a") == before
+    # its own checkpoint, by path, resumes
+    own = tmp_path / "a" / "checkpoints" / "step_5"
+    resumed = convert_model(_args(workspace, tmp_path / "a", max_steps=12, checkpointing_steps=5,
+                                  resume_from_checkpoint=str(own)))
+    assert resumed["resumed_from"] == str(own) and resumed["steps"] == 12
+
+
+def test_a_swap_that_changes_the_function_is_never_called_exact(workspace, tmp_path):  # noqa: F811
+    """A GPT-2 whose predictions are nearly flat has a next-token KL under any threshold after AdaNorm's
+    swap, though AdaNorm changes what it computes: the conversion must still train."""
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "gpt2")
+    flat = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      initializer_range=0.002, pad_token_id=tokenizer.pad_token_id))
+    flat.save_pretrained(tmp_path / "flat")
+    tokenizer.save_pretrained(tmp_path / "flat")
+    args = _args(workspace, tmp_path / "out", model="gpt2", max_steps=3, eval_every=3)
+    args.model = str(tmp_path / "flat")
+    result = convert_model(args)
+    assert result["naive"]["kl"] < 1e-6, "the fixture should be flat enough to pass a KL threshold"
+    assert result["naive"]["layer_cosine"][-1] < 0.999  # yet the swap changed the hidden states
+    assert not result["exact_without_training"] and result["steps"] == 3
+    assert "no training was needed" not in (tmp_path / "out" / "conversion.md").read_text()
+
+
+def _save_again_changed(folder):
+    """The model at ``folder`` saved again with one weight changed, as further fine-tuning would."""
+    model = AutoModel.from_pretrained(folder)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight[5] += 0.1
+    model.save_pretrained(folder)
+
+
+def test_a_teacher_saved_again_at_its_path_is_not_resumed_from_its_old_checkpoint(workspace, tmp_path,  # noqa: F811
+                                                                                   monkeypatch):
+    shutil.copytree(workspace / "bert", tmp_path / "bert")
+    args = dict(max_steps=12, checkpointing_steps=5)
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_checkpoint(patch)
+        with pytest.raises(KeyboardInterrupt):
+            convert_model(_args(tmp_path, tmp_path / "out", dataset=str(workspace / "texts.txt"), **args))
+    _save_again_changed(tmp_path / "bert")
+    before = _snapshot(tmp_path / "out")
+    with pytest.raises(ValueError, match="another version of .*bert: its config or weight files have changed"):
+        convert_model(_args(tmp_path, tmp_path / "out", dataset=str(workspace / "texts.txt"), **args))
+    assert _snapshot(tmp_path / "out") == before
+
+
+def test_compare_does_not_reuse_a_conversion_of_an_older_teacher(workspace, tmp_path):  # noqa: F811
+    from hf_adanorm.compare import compare
+    from hf_adanorm.convert.fingerprint import model_fingerprint
+    shutil.copytree(workspace / "bert", tmp_path / "bert")
+    setup = {"model": str(tmp_path / "bert"), "dataset": str(write_sentiment_csvs(tmp_path / "data")),
+             "num_epochs": 1, "per_device_batch_size": 8, "max_length": 16, "save_model": False,
+             "max_train_samples": 16, "max_eval_samples": 8}
+    sweep = dict(norms=["layernorm", "adanorm"], seeds=[0], output_dir=tmp_path / "sweep", progress=False,
+                 conversion={"max_steps": 2, "eval_every": 2})
+    compare(setup, **sweep)
+    (result,) = (tmp_path / "sweep" / "conversions").glob("*/conversion.json")
+    old = json.loads(result.read_text())["teacher_fingerprint"]
+    assert old == model_fingerprint(tmp_path / "bert")
+    _save_again_changed(tmp_path / "bert")
+    with pytest.raises(ValueError, match="adanorm conversion .*another version of .*overwrite_output_dir"):
+        compare(setup, **sweep)
+    # afresh means the conversions too: the arm then starts from the teacher as it is now
+    compare(setup, **sweep, overwrite=True)
+    new = json.loads(result.read_text())["teacher_fingerprint"]
+    assert new == model_fingerprint(tmp_path / "bert") != old
+
+
+def test_a_model_with_a_task_head_is_refused_unless_its_base_model_is_asked_for(workspace, tmp_path):  # noqa: F811
+    from transformers import BertConfig, BertForSequenceClassification
+    config = BertConfig.from_pretrained(workspace / "bert", num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "classifier")
+    AutoTokenizer.from_pretrained(workspace / "bert").save_pretrained(tmp_path / "classifier")
+    args = _args(workspace, tmp_path / "out", max_steps=2, eval_every=2)
+    args.model = str(tmp_path / "classifier")
+    with pytest.raises(ValueError, match="is a BertForSequenceClassification.*Pass --model_class base"):
+        convert_model(args)
+    assert not (tmp_path / "out").exists()
+    args.model_class = "base"  # asked for: the encoder is converted, the head left behind
+    result = convert_model(args)
+    assert result["steps"] == 2 and (tmp_path / "out" / "model" / "model.safetensors").is_file()
+
+
+def test_a_blank_eval_dataset_is_named_as_the_blank_one(workspace, tmp_path):  # noqa: F811
+    (tmp_path / "blank.txt").write_text("\n   \n\n")
+    with pytest.raises(ValueError, match=r"validation text of --eval_dataset '.*blank.txt' is empty"):
+        convert_model(_args(workspace, tmp_path / "out", eval_dataset=str(tmp_path / "blank.txt")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_conversion_that_ends_farther_than_the_naive_swap_says_so(workspace, tmp_path):  # noqa: F811
+    args = _args(workspace, tmp_path / "out", max_steps=4, eval_every=4, learning_rate=1000.0, warmup_steps=0)
+    with pytest.warns(UserWarning, match="farther from the original than the naive swap"):
+        result = convert_model(args)
+    assert result["converted"]["embedding_cosine"] < result["naive"]["embedding_cosine"]
+    assert result["worse_than_naive"]
+    assert "farther from the original than the naive swap" in (tmp_path / "out" / "conversion.md").read_text()
