@@ -358,15 +358,26 @@ class _NormalizeFunction(torch.autograd.Function):
 
     Why an ``autograd.Function`` over ``torch.library.register_autograd``: a custom op's
     autograd has no forward-mode rule (``torch.func.jvp``, ``forward_ad``), and this one
-    Function gives all of them: ``setup_context`` (torch.func), ``generate_vmap_rule`` (the
-    ops carry their own vmap rules), ``jvp``, and a backward that, when it is itself
+    Function gives all of them: ``setup_context`` (torch.func), a ``vmap`` rule, ``jvp``, and a
+    backward that, when it is itself
     differentiated (``create_graph=True``, torch.func), is computed with the differentiable
     ops of :mod:`hf_adanorm.norm_math`, so a Hessian-vector product or a gradient penalty
     is exact.  Otherwise the backward is the kernel op, as fast as before.
     """
 
-    generate_vmap_rule = True
     # (The forward-mode rule is added by _NormalizeFunctionWithJvp below.)
+
+    @staticmethod
+    def vmap(info, in_dims, x2d, *conf):
+        """A batch of row-sets is more rows: apply the Function to all of them at once. Calling
+        ``apply`` again keeps autograd and any transform outside this vmap (``grad(vmap(f))``,
+        ``jacrev``, a plain ``.backward()``) on the Function's own rules. torch's generated rule
+        (``generate_vmap_rule``) cannot be differentiated here: the backward of the generated
+        Function fails on the ``None`` gradients of the non-differentiable mean and 1/sigma."""
+        b = info.batch_size
+        function = _NormalizeFunction if torch.compiler.is_compiling() else _NormalizeFunctionWithJvp
+        z, mean, rstd = function.apply(_as_rows(x2d, in_dims[0], b), *conf)
+        return (z.view(b, -1, z.shape[-1]), mean.view(b, -1, 1), rstd.view(b, -1, 1)), (0, 0, 0)
 
     @staticmethod
     def forward(x2d, eps, centre, fairseq, detach_mean, detach_scale, k, C):

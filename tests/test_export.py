@@ -98,6 +98,17 @@ def test_torch_export_save_and_load(cpu_kernels_mode, tmp_path):
     assert calls["forward"] == before + 5
 
 
+
+def test_an_exported_norm_is_for_inference_and_says_so_when_differentiated():
+    """The op does not carry DetachNorm's detach flags (only the module knows them), so it has no
+    autograd formula of its own: a backward through the exported graph must fail, not guess one."""
+    for norm in (DetachNorm(8, detach="both"), AdaNorm(8)):
+        exported = torch.export.export(norm, (torch.randn(2, 8),)).module()
+        x = torch.randn(2, 8, requires_grad=True)
+        with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+            exported(x).sum().backward()
+
+
 @pytest.fixture
 def onnxruntime():
     for package in ("onnx", "onnxscript"):

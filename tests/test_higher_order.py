@@ -301,3 +301,24 @@ def test_func_transforms_of_one_norm(variant, eps_mode):
                 torch.func.hessian(lambda t: (ref(t) * w).sum().square())(x), 1e-12)
     batch = rows(3, 4, 5, seed=10)
     assert_same(torch.func.vmap(module, in_dims=1, out_dims=1)(batch), ref(batch), 1e-12)
+
+
+@by_id(NORMALIZING)
+@all_modes
+def test_derivatives_taken_outside_a_vmap_of_one_norm(variant, eps_mode):
+    """A transform or plain autograd *around* ``vmap(norm)`` (model ensembles: ``vmap`` over stacked
+    weights, then ``.backward()``): each goes through the norm's own vmap rule and derivatives."""
+    module = variant.make(5, 1e-3, eps_mode)
+    ref = (lambda t: reference(variant, t, 1e-3, eps_mode))  # noqa: E731
+    batch, w = rows(3, 4, 5, seed=11), rows(3, 4, 5, seed=12, offset=False)
+    loss = (lambda f, w=w: lambda t: (torch.func.vmap(f)(t) * w).sum().square())  # noqa: E731
+    assert_same(torch.func.grad(loss(module))(batch), torch.func.grad(loss(ref))(batch), 1e-12)
+    assert_same(torch.func.jacrev(torch.func.vmap(module))(batch), torch.func.jacrev(ref)(batch), 1e-12)
+    assert_same(torch.func.jacfwd(torch.func.vmap(module))(batch), torch.func.jacfwd(ref)(batch), 1e-12)
+    small, w_small = batch[:2, :2], w[:2, :2]
+    assert_same(torch.func.hessian(loss(module, w_small))(small), torch.func.hessian(loss(ref, w_small))(small),
+                1e-11)
+    x, x_ref = batch.clone().requires_grad_(True), batch.clone().requires_grad_(True)
+    loss(module)(x).backward()
+    loss(ref)(x_ref).backward()
+    assert_same(x.grad, x_ref.grad, 1e-12)
