@@ -159,3 +159,17 @@ def test_a_conversion_that_ends_farther_than_the_naive_swap_says_so(workspace, t
     assert result["converted"]["embedding_cosine"] < result["naive"]["embedding_cosine"]
     assert result["worse_than_naive"]
     assert "farther from the original than the naive swap" in (tmp_path / "out" / "conversion.md").read_text()
+
+
+def test_an_encoder_decoder_that_needs_decoder_inputs_is_refused_clearly(workspace, tmp_path):  # noqa: F811
+    from transformers import T5Config, T5Model
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "bert")
+    T5Model(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                     pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+            ).save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    args = _args(workspace, tmp_path / "out", max_steps=2, include_rmsnorm=True, model_class="base")
+    args.model = str(tmp_path / "t5")
+    with pytest.raises(ValueError, match="does not run on token ids alone .*T5 and other encoder-decoders"):
+        convert_model(args)
+    assert not (tmp_path / "out").exists()

@@ -202,6 +202,10 @@ def _check_length_fits(teacher, args: ConvertArgs) -> None:
     except (IndexError, RuntimeError) as err:
         raise ValueError(f"{args.model!r} cannot take a sequence of max_length={args.max_length} tokens "
                          f"({type(err).__name__}: {err}); pass a smaller --max_length") from err
+    except ValueError as err:  # transformers' refusal of the inputs, e.g. T5 asks for decoder inputs
+        raise ValueError(f"{args.model!r} does not run on token ids alone ({err}): convert distils models "
+                         "that do, encoders and causal LMs (BART builds its decoder inputs itself; T5 and "
+                         "other encoder-decoders that need decoder inputs are not supported)") from err
 
 
 def _freeze_unreached(student, teacher, batch, objective, wrapped, device) -> list[str]:
