@@ -175,7 +175,16 @@ def _digest(weight: torch.Tensor, dtype: torch.dtype) -> str:
     return digest.hexdigest()
 
 
+def _plain_layer(layer) -> bool:
+    """Does ``layer`` hold its weight as its own parameter, so that setting it back replaces that?
+    Not so for a wrapper such as PEFT's LoRA layer, whose ``weight`` reads its ``base_layer``'s."""
+    return "weight" in layer._parameters and not hasattr(layer, "base_layer")
+
+
 def _set_params(layer, weight, bias) -> None:
+    if not _plain_layer(layer):  # would register stray parameters beside the base layer's folded ones
+        raise RuntimeError(f"internal error: cannot set the parameters of a {type(layer).__name__}, "
+                           "which does not hold its weight itself; please report this")
     layer.weight, layer.bias = weight, bias  # the very objects (a None bias unregisters it)
 
 
@@ -192,19 +201,27 @@ def unfold(model: nn.Module, state: FoldState) -> list:
     """Check that the folded layers can be restored bitwise; return the steps that restore them.
 
     Raises ``RuntimeError`` (changing nothing) when the originals were not kept
-    (``exact_unfold=False``), when a folded layer changed since ``patch_model`` (e.g. trained:
-    restoring would discard that), or when the model went through a dtype conversion that lost
-    precision (then no kept original converts to what the moved model would hold).  The
-    model's current dtype and device are those of each folded weight.
+    (``exact_unfold=False``), when a folded layer was replaced or wrapped (a PEFT LoRA layer)
+    since ``patch_model``, when one changed since (e.g. trained: restoring would discard that),
+    or when the model went through a dtype conversion that lost precision (then no kept
+    original converts to what the moved model would hold).  The model's current dtype and
+    device are those of each folded weight.  Each step is called with the caller's undo list,
+    to which it appends the inverse of every change it makes.
     """
     if state.layers and not state.exact:
         raise RuntimeError(
             "cannot unpatch: fold_affine=True changed Linear layers and kept no copy of their original "
             "weights (that copy costs as much memory as those layers). Reload the original model, or "
             "patch with fold_affine=True, exact_unfold=True to keep the copy (in CPU memory).")
-    changed, lossy, unknown, steps = [], [], [], []
+    replaced, changed, lossy, unknown, steps = [], [], [], [], []
     for cname, folded in state.layers.items():
-        layer = model.get_submodule(cname)
+        try:
+            layer = model.get_submodule(cname)
+        except AttributeError:
+            layer = None
+        if layer is None or not _plain_layer(layer):
+            replaced.append((cname, layer))
+            continue
         current_w, current_b = layer.weight, layer.bias
         witness = model.get_submodule(folded.norm)._buffers.get(WITNESS_BUFFER)
         if witness is None or (not witness.is_meta and not torch.equal(
@@ -212,7 +229,9 @@ def unfold(model: nn.Module, state: FoldState) -> list:
             lossy.append(cname)
             continue
         if current_w.is_meta:  # moved to the meta device: no values left to compare or lose
-            pass
+            if current_w.shape != folded.weight.shape:
+                changed.append(cname)
+                continue
         elif current_w is not folded.weight or current_b is not folded.bias:
             changed.append(cname)
             continue
@@ -225,6 +244,22 @@ def unfold(model: nn.Module, state: FoldState) -> list:
                 changed.append(cname)
                 continue
         steps.append((layer, folded, current_w.dtype, current_w.device))
+    if replaced:
+        names = ", ".join(n for n, _ in replaced[:4]) + (" ..." if len(replaced) > 4 else "")
+        wrappers = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for _, m in replaced
+                           if m is not None and hasattr(m, "base_layer")})
+        if wrappers:
+            raise RuntimeError(
+                f"cannot unpatch: {names} absorbed the norms' gain and bias (fold_affine=True) and were "
+                f"wrapped since ({', '.join(wrappers)}, e.g. PEFT LoRA layers), whose base_layer holds the "
+                "folded weight; with the norms back, adapters trained on the folded layers would compute "
+                "something else. Remove the adapters first: unpatch the model that peft_model.unload() "
+                "returns (adapters dropped), or, to keep them, merge_and_unload() and save that model "
+                "with hf_adanorm.save_pretrained (unpatching would discard the merged change).")
+        raise RuntimeError(
+            f"cannot unpatch: {names} absorbed the norms' gain and bias (fold_affine=True) and were "
+            "replaced or removed since (no module there holds its weight as its own parameter), so "
+            "there is nothing to put the originals back into. Reload the original model.")
     if changed:
         raise RuntimeError(
             f"cannot unpatch: {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''} absorbed "
@@ -248,15 +283,25 @@ def unfold(model: nn.Module, state: FoldState) -> list:
             "since cannot be checked (restoring could silently discard a change). Unpatch before "
             "changing dtype, or reload the original model.")
 
-    def restore():
+    def restore(undo: list):
         for layer, folded, dtype, device in steps:
-            weight, bias = (None if t is None else converted(t, t.detach().to(device=device, dtype=dtype))
+            undo.append(lambda layer=layer, w=layer.weight, b=layer.bias: _set_params(layer, w, b))
+            weight, bias = (None if t is None else _converted_original(t, device, dtype, undo)
                             for t in (folded.original_weight, folded.original_bias))
             if folded.tied_to is not None:  # tie it again to what the model holds now (moved with it)
                 weight = model.get_parameter(folded.tied_to)
             _set_params(layer, weight, bias)
+        now = [(module, attr, module.__dict__[attr]) for module, attr, _ in state.own_config]
+        undo.append(lambda: _put_back_configs(now))
         _put_back_configs(state.own_config)
     return [restore]
+
+
+def _converted_original(param, device, dtype, undo: list):
+    """A kept original converted to the model's current ``device`` and ``dtype`` (the same object
+    where torch allows it); ``undo`` gets what gives it its kept data back."""
+    undo.append(lambda data=param.data: setattr(param, "data", data))
+    return converted(param, param.detach().to(device=device, dtype=dtype))
 
 
 def _still_folded(model, layer, folded: FoldedLayer, affine) -> Optional[bool]:
