@@ -36,7 +36,6 @@ from torch import nn
 from . import portable
 from .atomic_folder import check_target, staged_folder
 from .config import NormConfig
-from .detect import classify
 from .gather import agree_before_collective, full_state_dict, sharding
 from .portable import CheckpointError
 from .record import (CONFIG_KEY, PatchState, check_record, get_record, record_from_config, set_state,
@@ -52,13 +51,6 @@ _WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 _SAVE_FILES = {"config.json", "generation_config.json", "README.md", MODELING_FILE, "hf_adanorm_patch.json"}
 
 
-def _describe(module: nn.Module):
-    """(kind, size) of a module the norm detector recognises, else (None, None)."""
-    with torch.device("cpu"):  # transformers builds models under a meta-device context; the probe runs on CPU
-        info, _ = classify(module)
-    return (info.kind, info.size) if info is not None else (None, None)
-
-
 def rebuild_patch(model: nn.Module, record: dict) -> None:
     """Apply a saved patch to a freshly built (unpatched) ``model``; checks everything first:
     the record itself, then that each module it names exists and is a norm of that kind and size.
@@ -66,7 +58,7 @@ def rebuild_patch(model: nn.Module, record: dict) -> None:
     :func:`portable.record_for` maps it."""
     config = check_record(record)
     record = portable.record_for(model, record, (getattr(model.config, "architectures", None) or [None])[0])
-    portable.check_against_model(model, record, describe=_describe)
+    portable.check_against_model(model, record)
     swaps = []
     for name, entry in record["modules"].items():
         eps = config.eps if config.eps is not None else entry["eps"]

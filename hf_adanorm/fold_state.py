@@ -7,19 +7,22 @@ originals is kept: the fold costs no memory and :func:`unfold` refuses.  With
 memory (never on an accelerator), and :func:`unfold` restores them bitwise, converted to
 the model's current dtype and device, after checking that each folded layer still holds
 exactly the fold of its original (not trained since) and that the model went through no
-lossy dtype round trip (a witness buffer that follows the model's moves tells).
+lossy dtype round trip (a witness buffer that follows the model's moves tells).  A folded
+layer whose original stays in the model (a tied LM head) also keeps a fingerprint of its
+folded weight in each narrower dtype, so that a change to it is seen after ``.half()`` too.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .fold import FoldPlan, _weight_chunks, folded_linear
+from .fold import _CHUNK_ELEMENTS, FoldPlan, _weight_chunks, folded_linear
 from .fold_trace import is_conv1d
 
 # Values that any precision-losing chain of dtype conversions changes (fp16 range, bf16 and fp16
@@ -27,6 +30,13 @@ from .fold_trace import is_conv1d
 # can tell whether converting the kept original once gives what the moved model would hold.
 _WITNESS_VALUES = (1.0 + 2.0 ** -9, 1.0 + 2.0 ** -20, 7.0e4, 3.0e-39, -1.0 - 2.0 ** -40)
 WITNESS_BUFFER = "hf_adanorm_fold_witness"
+
+# The dtypes that do not hold every value of the key dtype: a tied original moved to one of them
+# (with the model) no longer gives the inputs of the fold, so the folded weight cannot be
+# recomputed from it and a fingerprint taken when folding has to tell whether the layer changed.
+_NARROWER = {torch.float64: (torch.float32, torch.float16, torch.bfloat16),
+             torch.float32: (torch.float16, torch.bfloat16),
+             torch.float16: (torch.bfloat16,), torch.bfloat16: (torch.float16,)}
 
 
 @dataclass
@@ -41,6 +51,8 @@ class FoldedLayer:
     original_bias: Optional[nn.Parameter] = None
     folded_bias: Optional[torch.Tensor] = None  # exact_unfold: a CPU copy of ``bias`` as folded
     tied_to: Optional[str] = None  # the weight was tied to this parameter, which stays in the model
+    # exact_unfold and tied: {dtype: digest of ``weight`` converted to dtype} for the _NARROWER dtypes
+    fingerprints: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -123,6 +135,9 @@ def apply_fold(model: nn.Module, plan: FoldPlan, built: dict, undo: list, exact:
             folded = FoldedLayer(name, layer.weight, layer.bias, old_w.dtype)
             if id(old_w) in shared:  # still in the model under its other name(s): found there again
                 folded.tied_to = next(n for n in shared[id(old_w)] if n != f"{cname}.weight")
+            if exact and folded.tied_to is not None:  # its original moves with the model: see _still_folded
+                folded.fingerprints = {dtype: _digest(layer.weight, dtype)
+                                       for dtype in _NARROWER.get(layer.weight.dtype, ())}
             if exact:  # originals that are still in the model (tied) stay where they are
                 folded.folded_bias = None if layer.bias is None else layer.bias.detach().cpu().clone()
                 folded.original_weight = old_w if id(old_w) in shared else _to_cpu_memory(old_w, undo)
@@ -150,7 +165,26 @@ def converted(param: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return nn.Parameter(new, requires_grad=param.requires_grad) if isinstance(param, nn.Parameter) else new
 
 
+def _digest(weight: torch.Tensor, dtype: torch.dtype) -> str:
+    """A digest of the bits of ``weight`` converted to ``dtype`` (on CPU, in blocks of rows)."""
+    digest = hashlib.blake2b(digest_size=16)
+    step = max(1, _CHUNK_ELEMENTS // max(1, weight[0].numel()))
+    for start in range(0, weight.shape[0], step):
+        block = weight[start:start + step].detach().to(dtype).cpu().contiguous()
+        digest.update(block.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _plain_layer(layer) -> bool:
+    """Does ``layer`` hold its weight as its own parameter, so that setting it back replaces that?
+    Not so for a wrapper such as PEFT's LoRA layer, whose ``weight`` reads its ``base_layer``'s."""
+    return "weight" in layer._parameters and not hasattr(layer, "base_layer")
+
+
 def _set_params(layer, weight, bias) -> None:
+    if not _plain_layer(layer):  # would register stray parameters beside the base layer's folded ones
+        raise RuntimeError(f"internal error: cannot set the parameters of a {type(layer).__name__}, "
+                           "which does not hold its weight itself; please report this")
     layer.weight, layer.bias = weight, bias  # the very objects (a None bias unregisters it)
 
 
@@ -167,19 +201,27 @@ def unfold(model: nn.Module, state: FoldState) -> list:
     """Check that the folded layers can be restored bitwise; return the steps that restore them.
 
     Raises ``RuntimeError`` (changing nothing) when the originals were not kept
-    (``exact_unfold=False``), when a folded layer changed since ``patch_model`` (e.g. trained:
-    restoring would discard that), or when the model went through a dtype conversion that lost
-    precision (then no kept original converts to what the moved model would hold).  The
-    model's current dtype and device are those of each folded weight.
+    (``exact_unfold=False``), when a folded layer was replaced or wrapped (a PEFT LoRA layer)
+    since ``patch_model``, when one changed since (e.g. trained: restoring would discard that),
+    or when the model went through a dtype conversion that lost precision (then no kept
+    original converts to what the moved model would hold).  The model's current dtype and
+    device are those of each folded weight.  Each step is called with the caller's undo list,
+    to which it appends the inverse of every change it makes.
     """
     if state.layers and not state.exact:
         raise RuntimeError(
             "cannot unpatch: fold_affine=True changed Linear layers and kept no copy of their original "
             "weights (that copy costs as much memory as those layers). Reload the original model, or "
             "patch with fold_affine=True, exact_unfold=True to keep the copy (in CPU memory).")
-    changed, lossy, steps = [], [], []
+    replaced, changed, lossy, unknown, steps = [], [], [], [], []
     for cname, folded in state.layers.items():
-        layer = model.get_submodule(cname)
+        try:
+            layer = model.get_submodule(cname)
+        except AttributeError:
+            layer = None
+        if layer is None or not _plain_layer(layer):
+            replaced.append((cname, layer))
+            continue
         current_w, current_b = layer.weight, layer.bias
         witness = model.get_submodule(folded.norm)._buffers.get(WITNESS_BUFFER)
         if witness is None or (not witness.is_meta and not torch.equal(
@@ -187,12 +229,37 @@ def unfold(model: nn.Module, state: FoldState) -> list:
             lossy.append(cname)
             continue
         if current_w.is_meta:  # moved to the meta device: no values left to compare or lose
-            pass
-        elif current_w is not folded.weight or current_b is not folded.bias or not _still_folded(
-                model, layer, folded, state.affine[folded.norm]):
+            if current_w.shape != folded.weight.shape:
+                changed.append(cname)
+                continue
+        elif current_w is not folded.weight or current_b is not folded.bias:
             changed.append(cname)
             continue
+        else:
+            still = _still_folded(model, layer, folded, state.affine[folded.norm])
+            if still is None:
+                unknown.append(cname)
+                continue
+            if not still:
+                changed.append(cname)
+                continue
         steps.append((layer, folded, current_w.dtype, current_w.device))
+    if replaced:
+        names = ", ".join(n for n, _ in replaced[:4]) + (" ..." if len(replaced) > 4 else "")
+        wrappers = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for _, m in replaced
+                           if m is not None and hasattr(m, "base_layer")})
+        if wrappers:
+            raise RuntimeError(
+                f"cannot unpatch: {names} absorbed the norms' gain and bias (fold_affine=True) and were "
+                f"wrapped since ({', '.join(wrappers)}, e.g. PEFT LoRA layers), whose base_layer holds the "
+                "folded weight; with the norms back, adapters trained on the folded layers would compute "
+                "something else. Remove the adapters first: unpatch the model that peft_model.unload() "
+                "returns (adapters dropped), or, to keep them, merge_and_unload() and save that model "
+                "with hf_adanorm.save_pretrained (unpatching would discard the merged change).")
+        raise RuntimeError(
+            f"cannot unpatch: {names} absorbed the norms' gain and bias (fold_affine=True) and were "
+            "replaced or removed since (no module there holds its weight as its own parameter), so "
+            "there is nothing to put the originals back into. Reload the original model.")
     if changed:
         raise RuntimeError(
             f"cannot unpatch: {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''} absorbed "
@@ -206,23 +273,44 @@ def unfold(model: nn.Module, state: FoldState) -> list:
             f"patched (e.g. .half() then .float()), so the kept originals of {', '.join(lossy[:4])} "
             "cannot reproduce what the unpatched model would hold after the same moves. Unpatch "
             "before changing dtype, or reload the original model.")
+    if unknown:
+        folded = state.layers[unknown[0]]
+        raise RuntimeError(
+            f"cannot unpatch exactly: {', '.join(unknown[:4])} {'was' if len(unknown) == 1 else 'were'} "
+            f"folded from {folded.tied_to}, a tied weight that was converted to "
+            f"{model.get_parameter(folded.tied_to).dtype} since patching, and no fingerprint was kept "
+            f"for {model.get_submodule(unknown[0]).weight.dtype}, so whether the folded weights changed "
+            "since cannot be checked (restoring could silently discard a change). Unpatch before "
+            "changing dtype, or reload the original model.")
 
-    def restore():
+    def restore(undo: list):
         for layer, folded, dtype, device in steps:
-            weight, bias = (None if t is None else converted(t, t.detach().to(device=device, dtype=dtype))
+            undo.append(lambda layer=layer, w=layer.weight, b=layer.bias: _set_params(layer, w, b))
+            weight, bias = (None if t is None else _converted_original(t, device, dtype, undo)
                             for t in (folded.original_weight, folded.original_bias))
             if folded.tied_to is not None:  # tie it again to what the model holds now (moved with it)
                 weight = model.get_parameter(folded.tied_to)
             _set_params(layer, weight, bias)
+        now = [(module, attr, module.__dict__[attr]) for module, attr, _ in state.own_config]
+        undo.append(lambda: _put_back_configs(now))
         _put_back_configs(state.own_config)
     return [restore]
 
 
-def _still_folded(model, layer, folded: FoldedLayer, affine) -> bool:
+def _converted_original(param, device, dtype, undo: list):
+    """A kept original converted to the model's current ``device`` and ``dtype`` (the same object
+    where torch allows it); ``undo`` gets what gives it its kept data back."""
+    undo.append(lambda data=param.data: setattr(param, "data", data))
+    return converted(param, param.detach().to(device=device, dtype=dtype))
+
+
+def _still_folded(model, layer, folded: FoldedLayer, affine) -> Optional[bool]:
     """Does ``layer`` hold exactly the fold of the kept original, converted as the model was?
 
     The weight is recomputed block by block on CPU (exact, device independent); the bias, a
-    sum, is compared with the copy kept when folding.
+    sum, is compared with the copy kept when folding.  Where the original (tied, so moved with
+    the model) went to a dtype that cannot give the fold's inputs back, the weight is compared
+    with the fingerprint taken when folding; None if none was taken for its dtype (undecided).
     """
     if (folded.folded_bias is None) != (layer.bias is None) or (
             layer.bias is not None and not torch.equal(folded.folded_bias.to(layer.bias.dtype),
@@ -232,10 +320,11 @@ def _still_folded(model, layer, folded: FoldedLayer, affine) -> bool:
     # a tied original is still in the model and was moved with it: back to the dtype it was folded in
     original = (model.get_parameter(folded.tied_to) if folded.tied_to is not None
                 else folded.original_weight).detach()
-    if original.dtype not in (folded.dtype, torch.float64):
-        # a tied original moved to a narrower dtype with the model cannot give the fold's inputs
-        # back: only the bias (trained along with the weight) tells whether the layer changed
-        return True
+    if original.dtype in _NARROWER.get(folded.dtype, ()) or original.dtype not in _NARROWER:
+        # the fold's inputs are lost (e.g. .half() of a tied LM head): the bias alone would miss a
+        # change to the weight only, so the folded weight's bits are compared in its dtype now
+        expected = getattr(folded, "fingerprints", {}).get(now.dtype)
+        return None if expected is None else _digest(now, now.dtype) == expected
     original = original.to(folded.dtype)
     for rows, block in _weight_chunks(original, affine[0], is_conv1d(layer)):
         if not torch.equal(block.to(now.dtype), now[rows].cpu()):

@@ -173,15 +173,21 @@ def _keep_original_tensors(new: nn.Module, original: nn.Module) -> None:
         new.register_buffer(_ORIGINAL_PREFIX + pname, tensor.detach(), persistent=False)
 
 
-def _restore_original_tensors(new: nn.Module, original: nn.Module) -> None:
-    """Give the original the tensors its aliases became after the model's moves (same objects)."""
+def _restore_original_tensors(new: nn.Module, original: nn.Module, undo: list) -> None:
+    """Give the original the tensors its aliases became after the model's moves (same objects);
+    ``undo`` gets the inverse of each change."""
     for pname, tensor in list(_own_tensors(original)):
-        moved = new._buffers.pop(_ORIGINAL_PREFIX + pname)
+        key = _ORIGINAL_PREFIX + pname
+        moved = new._buffers.pop(key)
+        undo.append(lambda key=key, moved=moved: new._buffers.__setitem__(key, moved))
         unmoved = (moved.dtype == tensor.dtype and moved.device == tensor.device
                    and (moved.is_meta or moved.data_ptr() == tensor.data_ptr()))
         if unmoved:
             continue
-        if pname in original._parameters:  # the same Parameter object where torch allows it
+        where = original._parameters if pname in original._parameters else original._buffers
+        undo.append(lambda where=where, pname=pname, tensor=tensor, data=tensor.data: (
+            setattr(tensor, "data", data), where.__setitem__(pname, tensor)))
+        if where is original._parameters:  # the same Parameter object where torch allows it
             original._parameters[pname] = converted(tensor, moved)
         else:
             original._buffers[pname] = moved
@@ -305,7 +311,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 
     The originals come back in the model's current dtype and device (converted
     exactly as the model was since patching).  Everything is checked before the
-    first change; a refusal leaves the model patched and unchanged.
+    first change; a refusal leaves the model patched and unchanged, and so does an
+    error while restoring (every change already made is undone before it propagates).
     """
     state = get_state(model)
     if state is None:
@@ -329,18 +336,32 @@ def unpatch_model(model: nn.Module) -> nn.Module:
                                "there (it was replaced or removed since patch_model)")
         current[name] = module
     fold_steps = unfold(model, state.fold) if state.fold is not None else []  # raises, changing nothing
-    for step in fold_steps:
-        step()
-    restored = set()
-    for name, original in state.originals.items():
-        if id(original) not in restored:
-            restored.add(id(original))
-            _restore_original_tensors(current[name], original)
-            original.train(current[name].training)
-        swap_module(model, name, original)
-    for module in current.values():  # the replacements keep no reference to the originals
-        for key in [k for k in module._buffers if k.startswith(_ORIGINAL_PREFIX)]:
-            del module._buffers[key]
-    clear_state(model)
-    detach_save_pretrained(model)  # the class's own save_pretrained again
+    undo = []  # as in _install: any error (an interrupt) undoes every step already taken
+    try:
+        for step in fold_steps:
+            step(undo)
+        restored = set()
+        for name, original in state.originals.items():
+            if id(original) not in restored:
+                restored.add(id(original))
+                _restore_original_tensors(current[name], original, undo)
+                undo.append(lambda original=original, modes=[m.training for m in original.modules()]: [
+                    m.train(mode) for m, mode in zip(original.modules(), modes)])
+                original.train(current[name].training)
+            swap_module(model, name, original)
+            undo.append(lambda name=name: swap_module(model, name, current[name]))
+        for module in current.values():  # the replacements keep no reference to the originals
+            for key in [k for k in module._buffers if k.startswith(_ORIGINAL_PREFIX)]:
+                undo.append(lambda module=module, key=key, kept=module._buffers[key]:
+                            module._buffers.__setitem__(key, kept))
+                del module._buffers[key]
+        clear_state(model)
+        undo.append(lambda: set_state(model, state))
+        saver = model.__dict__.get("save_pretrained")
+        detach_save_pretrained(model)  # the class's own save_pretrained again
+        undo.append(lambda: model.__dict__.__setitem__("save_pretrained", saver) if saver is not None else None)
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
     return model

@@ -114,3 +114,45 @@ def test_an_out_of_memory_on_the_third_fold_is_undone(monkeypatch, error, state_
         hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True)
     assert len(applied) == 3
     _assert_as_before(model, before, assert_unchanged)
+
+
+# Every step of unpatch_model that changes the model or the kept originals.
+UNPATCH_FAULT_POINTS = [
+    ("hf_adanorm.fold_state", "_converted_original"), ("hf_adanorm.fold_state", "_set_params"),
+    ("hf_adanorm.fold_state", "_put_back_configs"), ("hf_adanorm.patch", "_restore_original_tensors"),
+    ("hf_adanorm.patch", "swap_module"), ("hf_adanorm.patch", "clear_state"),
+    ("hf_adanorm.patch", "detach_save_pretrained"),
+]
+
+
+def test_a_fault_at_every_unpatch_step_leaves_the_model_patched_and_unchanged(monkeypatch, state_of,
+                                                                              assert_unchanged):
+    # float64: the kept originals are converted when restored, so their undo is exercised too
+    reference = tiny_lm("gpt2").to(torch.float64)
+    template = tiny_lm("gpt2")
+    hf_adanorm.patch_model(template, "layernorm_simple", **OPTIONS)
+    template.to(torch.float64)
+    counters = {point: _wrap(monkeypatch, *point, fail_at=0) for point in UNPATCH_FAULT_POINTS}
+    hf_adanorm.unpatch_model(copy.deepcopy(template))
+    monkeypatch.undo()
+    counts = {point: calls[0] for point, calls in counters.items()}
+    assert all(counts.values()), f"a fault point is never reached: {counts}"
+    tried = 0
+    for point, count in counts.items():
+        for fail_at in range(1, count + 1):
+            model = copy.deepcopy(template)
+            before = {**_snapshot(model, state_of), "saver": model.save_pretrained}
+            with monkeypatch.context() as patcher:
+                _wrap(patcher, *point, fail_at=fail_at)
+                with pytest.raises(InjectedFault):
+                    hf_adanorm.unpatch_model(model)
+            assert hf_adanorm.is_patched(model) and model.save_pretrained is before["saver"]
+            assert_unchanged(model, before["state"])
+            assert model.config is before["config"] and not before["tied"]
+            assert all(m.config is config for m, config in before["config_refs"])
+            assert torch.equal(logits(model), before["logits"])
+            hf_adanorm.unpatch_model(model)  # the kept originals are intact: still bitwise
+            assert torch.equal(logits(model), logits(reference))
+            assert model.lm_head.weight is model.get_input_embeddings().weight
+            tried += 1
+    assert tried >= 20

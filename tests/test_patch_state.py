@@ -79,6 +79,32 @@ def test_exact_unfold_refuses_after_a_lossy_dtype_round_trip():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_exact_unfold_sees_a_weight_only_change_to_a_tied_layer_after_a_narrowing_move(dtype):
+    # The folded LM head's original is the embedding, which moved with the model: the fold's
+    # inputs are lost, and the bias (unchanged here) must not be the only witness.
+    model = tiny_lm("gpt2")
+    hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True, exact_unfold=True)
+    model.to(dtype)
+    with torch.no_grad():  # one step of one element, as small a change as the dtype has
+        w = model.lm_head.weight
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf"), dtype=dtype))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"lm_head absorbed .* changed since .* discard"):
+        hf_adanorm.unpatch_model(model)
+    assert hf_adanorm.is_patched(model) and model.lm_head.weight is not model.get_input_embeddings().weight
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_exact_unfold_refuses_a_move_it_cannot_check_and_says_what_to_do():
+    model = tiny_lm("gpt2")
+    hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True, exact_unfold=True)
+    model.to(torch.float8_e4m3fn)  # a dtype no fingerprint was taken for
+    with pytest.raises(RuntimeError, match=r"lm_head was folded from .* no fingerprint .* Unpatch before"):
+        hf_adanorm.unpatch_model(model)
+    assert hf_adanorm.is_patched(model)
+
+
 def test_fold_keeps_no_copy_by_default_and_unpatch_says_what_to_do():
     model = tiny_lm("gpt2")
     hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True)

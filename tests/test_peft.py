@@ -1,4 +1,5 @@
-"""PEFT on a patched model: LN tuning is refused with a reason, the alternative it names works.
+"""PEFT on a patched model: LN tuning is refused with a reason, the alternative it names works;
+unpatching under LoRA adapters on folded layers is refused, changing nothing.
 
 Skipped without ``peft`` (in the ``test`` extra).
 """
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import hf_adanorm
+from test_fold import logits, tiny_lm
 
 peft = pytest.importorskip("peft", reason="pip install hf_adanorm[test] (peft)")
 
@@ -54,3 +56,21 @@ def test_other_wrappers_still_take_the_norms():
     holder.norm = hf_adanorm.AdaNorm(8)
     holder.seq = torch.nn.Sequential(hf_adanorm.LayerNormSimple(8))
     assert isinstance(holder.seq[0], hf_adanorm.LayerNormSimple)
+
+
+@pytest.mark.parametrize("model_type, target", [("llama", "v_proj"), ("gpt2", "c_attn")])  # Linear, Conv1D
+def test_unpatch_under_lora_on_folded_layers_says_what_to_do_and_changes_nothing(model_type, target, state_of,
+                                                                                 assert_unchanged):
+    reference = tiny_lm(model_type)
+    model = tiny_lm(model_type)
+    hf_adanorm.patch_model(model, "layernorm_simple", include_rmsnorm=True, fold_affine=True, exact_unfold=True)
+    lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=[target], r=2,
+                                                      fan_in_fan_out=model_type == "gpt2"))
+    before, out = state_of(model), logits(model)
+    with pytest.raises(RuntimeError, match=rf"{target} .* wrapped since .*base_layer.* peft_model.unload\(\)"):
+        hf_adanorm.unpatch_model(lora.get_base_model())
+    assert_unchanged(model, before)  # no layer un-folded, no stray parameter on a wrapper
+    assert hf_adanorm.is_patched(model) and torch.equal(logits(model), out)
+    plain = lora.unload()  # what the message says to do
+    hf_adanorm.unpatch_model(plain)
+    assert torch.equal(logits(plain), logits(reference))

@@ -85,6 +85,8 @@ def test_bad_options_fail_when_parsed():
 @pytest.mark.parametrize("option, value", [
     ("learning_rate", True), ("learning_rate", "5e-5"), ("weight_decay", True), ("max_grad_norm", True),
     ("max_grad_norm", "1.0"), ("warmup_steps", True), ("warmup_steps", 2.5),
+    ("per_device_batch_size", 1.5), ("gradient_accumulation_steps", 2.5), ("num_epochs", 2.5),
+    ("max_steps", True), ("max_length", "128"),
 ])
 def test_a_bool_or_a_string_is_not_taken_as_a_number(option, value):
     # True is an int to Python and would train with 1; a string would fail deep inside torch

@@ -118,10 +118,13 @@ def _set_module(name, **fields):
 BAD_RECORDS = {  # id: (edit of the record, what the error must say)
     "eps_negative": (_set_module("transformer.h.0.ln_1", eps=-1.0), r"\.eps"),
     "eps_nan": (_set_module("transformer.h.0.ln_1", eps=math.nan), r"\.eps"),
+    "eps_zero": (_set_module("transformer.h.0.ln_1", eps=0), r"\.eps is 0 .* eps > 0"),  # config.eps is null
     "k_negative": (lambda r: r["config"].update(k=-1.0), r"config\.k|k=-1"),
     "C_infinite": (lambda r: r["config"].update(C=math.inf), r"config\.C|C=inf"),
     "eps_mode": (lambda r: r["config"].update(eps_mode="paper"), r"eps_mode"),
     "kind_batchnorm": (_set_module("transformer.h.0.ln_1", kind="batchnorm"), r"\.kind"),
+    "kind_rmsnorm_at_a_layernorm": (_set_module("transformer.h.0.ln_1", kind="rmsnorm"),
+                                    r"says a rmsnorm of size 32, but .* has a layernorm"),
     "size_999": (_set_module("transformer.h.0.ln_1", size=999), r"size 999"),
     "size_zero": (_set_module("transformer.h.0.ln_1", size=0), r"\.size"),
     "empty_name": (_set_module("", kind="layernorm", size=32, eps=1e-5), r"not a module path"),
@@ -165,6 +168,16 @@ def test_the_library_refuses_a_bad_record_naming_the_field(tmp_path, saved_recor
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):
         from_pretrained(AutoModelForCausalLM, tmp_path)
+
+
+def test_a_module_eps_of_0_is_accepted_where_config_eps_replaces_it(generated, saved_record):
+    record = copy.deepcopy(saved_record)  # as patch_model(..., eps=1e-5) records a LayerNorm of eps 0
+    record["config"]["eps"] = 1e-5
+    record["modules"]["transformer.h.0.ln_1"]["eps"] = 0
+    hf_adanorm.record.check_record(record)
+    model = tiny_lm("gpt2")
+    generated.apply_patch(model, record, "GPT2LMHeadModel")
+    assert model.transformer.h[0].ln_1.eps == 1e-5
 
 
 def test_transformers_remote_loading_raises_the_generated_check(tmp_path, monkeypatch):

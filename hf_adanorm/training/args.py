@@ -160,6 +160,8 @@ class TrainingArgs:
                     "eval_batch_size", "max_train_samples", "max_eval_samples")
         for name in positive:
             value = getattr(self, name)
+            if value is not None and not _is_int(value):  # 1.5 or True would run, as 1 or with a float count
+                raise ValueError(f"{name} must be an integer, got {value!r}")
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self._check_numbers()
