@@ -10,6 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+# No test needs the hub: a name that is not a local folder (a bad-input case) must fail at once, not
+# after the hub's timeouts on a machine without internet (46 s for one case), and nothing is downloaded.
+# huggingface_hub reads these when it is first imported (by transformers): set before anything imports it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 if not torch.cuda.is_available():
     # Without a GPU the Triton kernels run in Triton's interpreter (tests/test_triton.py).
     # Triton reads this when it is first imported: set it before anything imports it.
