@@ -53,6 +53,7 @@ class FoldedLayer:
     tied_to: Optional[str] = None  # the weight was tied to this parameter, which stays in the model
     # exact_unfold and tied: {dtype: digest of ``weight`` converted to dtype} for the _NARROWER dtypes
     fingerprints: dict = field(default_factory=dict)
+    original_fingerprints: dict = field(default_factory=dict)  # the same of the tied original
 
 
 @dataclass
@@ -136,8 +137,9 @@ def apply_fold(model: nn.Module, plan: FoldPlan, built: dict, undo: list, exact:
             if id(old_w) in shared:  # still in the model under its other name(s): found there again
                 folded.tied_to = next(n for n in shared[id(old_w)] if n != f"{cname}.weight")
             if exact and folded.tied_to is not None:  # its original moves with the model: see _still_folded
-                folded.fingerprints = {dtype: _digest(layer.weight, dtype)
-                                       for dtype in _NARROWER.get(layer.weight.dtype, ())}
+                narrower = _NARROWER.get(layer.weight.dtype, ())
+                folded.fingerprints = {dtype: _digest(layer.weight, dtype) for dtype in narrower}
+                folded.original_fingerprints = {dtype: _digest(old_w, dtype) for dtype in narrower}
             if exact:  # originals that are still in the model (tied) stay where they are
                 folded.folded_bias = None if layer.bias is None else layer.bias.detach().cpu().clone()
                 folded.original_weight = old_w if id(old_w) in shared else _to_cpu_memory(old_w, undo)
@@ -322,9 +324,13 @@ def _still_folded(model, layer, folded: FoldedLayer, affine) -> Optional[bool]:
                 else folded.original_weight).detach()
     if original.dtype in _NARROWER.get(folded.dtype, ()) or original.dtype not in _NARROWER:
         # the fold's inputs are lost (e.g. .half() of a tied LM head): the bias alone would miss a
-        # change to the weight only, so the folded weight's bits are compared in its dtype now
+        # change to the weight only, so the folded weight's bits are compared in its dtype now, and so
+        # are the tied original's (an edit to it, e.g. to the input embeddings, would be tied back in)
         expected = getattr(folded, "fingerprints", {}).get(now.dtype)
-        return None if expected is None else _digest(now, now.dtype) == expected
+        expected_original = getattr(folded, "original_fingerprints", {}).get(original.dtype)
+        if expected is None or expected_original is None:
+            return None
+        return _digest(now, now.dtype) == expected and _digest(original, original.dtype) == expected_original
     original = original.to(folded.dtype)
     for rows, block in _weight_chunks(original, affine[0], is_conv1d(layer)):
         if not torch.equal(block.to(now.dtype), now[rows].cpu()):

@@ -375,6 +375,8 @@ class _NormalizeFunction(torch.autograd.Function):
         (``generate_vmap_rule``) cannot be differentiated here: the backward of the generated
         Function fails on the ``None`` gradients of the non-differentiable mean and 1/sigma."""
         b = info.batch_size
+        # (torch.compile does not come here: dynamo traces forward, and the op's own vmap rule batches.
+        # The guard keeps a Function with a jvp, which dynamo refuses, out of a traced graph anyway.)
         function = _NormalizeFunction if torch.compiler.is_compiling() else _NormalizeFunctionWithJvp
         z, mean, rstd = function.apply(_as_rows(x2d, in_dims[0], b), *conf)
         return (z.view(b, -1, z.shape[-1]), mean.view(b, -1, 1), rstd.view(b, -1, 1)), (0, 0, 0)

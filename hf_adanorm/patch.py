@@ -116,15 +116,38 @@ def _nothing_matched(entries, config) -> ValueError:
 
 
 def _check_exclude_matched(entries, config) -> None:
-    """An exclude that matches no norm is almost always a misspelt name (or a search pattern where a
-    full-name regular expression is expected): the norm meant to stay would be replaced unnoticed."""
-    if config.exclude is None or any(e.kind and _matches(e.name, config.exclude) for e in entries):
+    """An exclude pattern that matches no norm is almost always a misspelt name (or a search pattern
+    where a full-name regular expression is expected): the norm meant to stay would be replaced
+    unnoticed. Each pattern of a list is checked on its own, so one typo among several is caught."""
+    if config.exclude is None:
         return
-    names = [e.name for e in entries if e.kind]
+    norms = [e.name for e in entries if e.kind]
+    # (shown, as _matches takes it): a string is one regular expression; a list, names one by one
+    patterns = ([(config.exclude, config.exclude)] if isinstance(config.exclude, str)
+                else [(p, [p]) for p in config.exclude])
+    unmatched = [shown for shown, pattern in patterns if not any(_matches(name, pattern) for name in norms)]
+    if not unmatched:
+        return
     how = ("a regular expression that must match a module's full name (e.g. '.*embeddings.*')"
            if isinstance(config.exclude, str) else "module names, or their last parts (e.g. 'LayerNorm')")
-    raise ValueError(f"exclude={config.exclude!r} matched no norm, so it would keep none; it is {how}. The "
-                     f"norms are named: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}")
+    raise ValueError(f"exclude={config.exclude!r}: {', '.join(map(repr, unmatched))} matched no norm, so it "
+                     f"would keep none; patterns are {how}. The norms are named: "
+                     f"{', '.join(norms[:6])}{' ...' if len(norms) > 6 else ''}")
+
+
+def _roll_back(undo: list, err: BaseException) -> None:
+    """Undo every step taken, newest first. A step that fails does not stop the others (each undoes a
+    change of its own) and does not hide ``err``: it is told in a note on it."""
+    for step in reversed(undo):
+        try:
+            step()
+        except Exception as failed:  # plain assignments, unlikely to fail: but never hide err
+            message = (f"hf_adanorm: undoing a step failed too ({type(failed).__name__}: {failed}); the model may "
+                       "be left partly changed: reload it")
+            if hasattr(err, "add_note"):
+                err.add_note(message)
+            else:
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _copy_hooks(old: nn.Module, new: nn.Module) -> None:
@@ -238,9 +261,8 @@ def _install(model, config: NormConfig, chosen: dict, built: dict, folding, repo
         undo.append(lambda: clear_state(model))
         attach_save_pretrained(model)  # model.save_pretrained writes what hf_adanorm.save_pretrained does
         undo.append(lambda: detach_save_pretrained(model))
-    except BaseException:
-        for step in reversed(undo):
-            step()
+    except BaseException as err:
+        _roll_back(undo, err)
         raise
 
 
@@ -360,8 +382,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         saver = model.__dict__.get("save_pretrained")
         detach_save_pretrained(model)  # the class's own save_pretrained again
         undo.append(lambda: model.__dict__.__setitem__("save_pretrained", saver) if saver is not None else None)
-    except BaseException:
-        for step in reversed(undo):
-            step()
+    except BaseException as err:
+        _roll_back(undo, err)
         raise
     return model

@@ -18,25 +18,30 @@ from test_convert import _args, _interrupt_after_first_checkpoint, _snapshot, wo
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("layout", ["model inside output_dir", "output_dir is the model", "output_dir inside the text"])
-def test_an_output_dir_that_overlaps_an_input_is_refused_and_nothing_changes(workspace, tmp_path, layout):  # noqa: F811
+@pytest.mark.parametrize("layout", ["model inside output_dir", "output_dir is the model", "output_dir/model links to it",
+                                    "text inside output_dir"])
+def test_an_input_that_the_conversion_would_write_over_is_refused_and_nothing_changes(workspace, tmp_path,  # noqa: F811
+                                                                                      layout):
     home = tmp_path / "home"
-    if layout == "output_dir inside the text":
-        (home / "text").mkdir(parents=True)
-        shutil.copy(workspace / "texts.txt", home / "text" / "train.txt")
-        args = dict(dataset=str(home / "text"), output_dir=home / "text" / "converted")
+    shutil.copytree(workspace / "bert", home / "model")  # named like the conversion's output: the save replaces it
+    args = dict(model=str(home / "model"), dataset=str(workspace / "texts.txt"), out=home)
+    option = "--model"
+    if layout == "output_dir is the model":
+        args["out"] = home / "model"
+    elif layout == "output_dir/model links to it":
+        shutil.move(home / "model", tmp_path / "teacher")
+        args.update(model=str(tmp_path / "teacher"), out=tmp_path / "out")
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "model").symlink_to(tmp_path / "teacher", target_is_directory=True)
+        home = tmp_path
+    elif layout == "text inside output_dir":
+        shutil.copy(workspace / "texts.txt", home / "texts.txt")
+        args.update(model=str(workspace / "bert"), dataset=str(home / "texts.txt"))
         option = "--dataset"
-    else:
-        # a folder that holds only the pretrained model, in a sub-folder named like the conversion's output:
-        # the final save would replace it with the student
-        shutil.copytree(workspace / "bert", home / "model")
-        model = home / "model"
-        args = dict(model=str(model), dataset=str(workspace / "texts.txt"),
-                    output_dir=home if layout == "model inside output_dir" else model)
-        option = "--model"
     before = _snapshot(home)
-    with pytest.raises(ValueError, match=f"{option} .*pass an --output_dir outside"):
-        convert_model(_args(workspace, **{"out": args.pop("output_dir")}, max_steps=4, **args))
+    with pytest.raises(ValueError, match=f"the {option} .* which this conversion writes .*pass an --output_dir "
+                                         "elsewhere"):
+        convert_model(_args(workspace, args.pop("out"), max_steps=4, **args))
     assert _snapshot(home) == before
 
 
@@ -137,12 +142,19 @@ def test_a_model_with_a_task_head_is_refused_unless_its_base_model_is_asked_for(
     AutoTokenizer.from_pretrained(workspace / "bert").save_pretrained(tmp_path / "classifier")
     args = _args(workspace, tmp_path / "out", max_steps=2, eval_every=2)
     args.model = str(tmp_path / "classifier")
-    with pytest.raises(ValueError, match="is a BertForSequenceClassification.*Pass --model_class base"):
+    with pytest.raises(ValueError, match=r"fine-tuned for a task \(BertForSequenceClassification\).*Pass --model_class base"):
         convert_model(args)
     assert not (tmp_path / "out").exists()
     args.model_class = "base"  # asked for: the encoder is converted, the head left behind
     result = convert_model(args)
     assert result["steps"] == 2 and (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    # a pretraining head (masked LM) is what fine-tuning drops anyway: converted as its base model
+    from transformers import BertForMaskedLM
+    BertForMaskedLM(config).save_pretrained(tmp_path / "mlm")
+    AutoTokenizer.from_pretrained(workspace / "bert").save_pretrained(tmp_path / "mlm")
+    args = _args(workspace, tmp_path / "mlm-out", max_steps=2, eval_every=2)
+    args.model = str(tmp_path / "mlm")
+    assert convert_model(args)["objective"] == "hidden"
 
 
 def test_a_blank_eval_dataset_is_named_as_the_blank_one(workspace, tmp_path):  # noqa: F811

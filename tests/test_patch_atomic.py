@@ -156,3 +156,15 @@ def test_a_fault_at_every_unpatch_step_leaves_the_model_patched_and_unchanged(mo
             assert model.lm_head.weight is model.get_input_embeddings().weight
             tried += 1
     assert tried >= 20
+
+
+def test_a_roll_back_step_that_fails_neither_stops_the_others_nor_hides_the_error():
+    from hf_adanorm.patch import _roll_back
+    done = []
+
+    def broken():
+        raise KeyError("gone")
+    err = ValueError("the original failure")
+    _roll_back([lambda: done.append("first"), broken, lambda: done.append("last")], err)
+    assert done == ["last", "first"]  # newest first, past the broken one
+    assert any("undoing a step failed too (KeyError" in note for note in getattr(err, "__notes__", []))

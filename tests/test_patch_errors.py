@@ -36,10 +36,12 @@ from hf_adanorm import (AdaNorm, DetachNorm, LayerNormSimple, get_patch_record, 
     ("adanorm", {"filter_fn": "embeddings"}, TypeError, r"filter_fn must be a callable"),
     # an exclude that keeps nothing: a search pattern where a full-name regex is expected, or a misspelt name
     ("adanorm", {"exclude": "embeddings"}, ValueError,
-     r"exclude='embeddings' matched no norm, so it would keep none; it is a regular expression that must match "
-     r"a module's full name .* The norms are named: embeddings.LayerNorm, "),
+     r"exclude='embeddings': 'embeddings' matched no norm, so it would keep none; patterns are a regular "
+     r"expression that must match a module's full name .* The norms are named: embeddings.LayerNorm, "),
     ("adanorm", {"exclude": ["embedding.LayerNorm"]}, ValueError,
-     r"exclude=\['embedding.LayerNorm'\] matched no norm.*module names, or their last parts"),
+     r"exclude=\['embedding.LayerNorm'\]: 'embedding.LayerNorm' matched no norm.*module names, or their last"),
+    ("adanorm", {"exclude": ["embeddings.LayerNorm", "attention.outptu.LayerNorm"]}, ValueError,
+     r"'attention.outptu.LayerNorm' matched no norm"),  # one typo among several
 ])
 def test_bad_options_raise_and_change_nothing(norm, options, error, message, state_of, assert_unchanged):
     model = tiny_bert()

@@ -96,6 +96,23 @@ def test_exact_unfold_sees_a_weight_only_change_to_a_tied_layer_after_a_narrowin
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_exact_unfold_sees_a_change_to_the_tied_original_after_a_narrowing_move(dtype):
+    # Training the input embeddings (the folded head's tied original) while patched: unpatching would
+    # tie the head back to the trained embeddings, a head the original model never had.
+    model = tiny_lm("gpt2")
+    hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True, exact_unfold=True)
+    model.to(dtype)
+    with torch.no_grad():
+        w = model.get_input_embeddings().weight
+        w[3, 0] = torch.nextafter(w[3, 0], torch.tensor(float("inf"), dtype=dtype))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"lm_head absorbed .* changed since"):
+        hf_adanorm.unpatch_model(model)
+    assert hf_adanorm.is_patched(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_exact_unfold_refuses_a_move_it_cannot_check_and_says_what_to_do():
     model = tiny_lm("gpt2")
     hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True, exact_unfold=True)

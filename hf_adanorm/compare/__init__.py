@@ -40,17 +40,18 @@ def compare(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
 
     folder = check_sweep(setup, list(norms), list(seeds), output_dir, overwrite, conversion)
     if conversion is not None:  # every option checked before the lock creates the folder
-        from .conversions import (CONVERSIONS_DIR, check_runs_fit, converted_model, plan_conversions,
-                                  run_conversions)
+        from .conversions import (CONVERSIONS_DIR, check_conversions_current, check_runs_fit, converted_model,
+                                  plan_conversions, run_conversions)
 
         plans = plan_conversions(setup, norms, output_dir, conversion)
         if not overwrite:
             check_runs_fit(plans, folder)
+            check_conversions_current(plans)
     with folder_lock(folder, LOCK_USER):
         models, results = None, {}
         if conversion is not None:
-            if overwrite:  # afresh means the conversions too: the model at --model may have changed
-                shutil.rmtree(folder / CONVERSIONS_DIR, ignore_errors=True)
+            if overwrite and (folder / CONVERSIONS_DIR).exists():  # afresh means the conversions too: the
+                shutil.rmtree(folder / CONVERSIONS_DIR)                # model at --model may have changed
             results = run_conversions(plans, progress=progress)
             models = {norm: converted_model(args) for norm, args in plans.items()}
         runs = run_sweep(setup, norms, seeds, output_dir, run_fn=run_fn, progress=progress, overwrite=overwrite,

@@ -77,22 +77,32 @@ def plan_conversions(setup: dict, norms, output_dir, conversion: dict) -> dict:
 def run_conversions(plans: dict, progress: bool = True) -> dict:
     """Convert each arm's model unless already done; returns {norm: conversion result}."""
     from ..convert import convert_model
-    from ..convert.fingerprint import check_same_teacher, model_fingerprint
     from ..convert.report import RESULT_FILE
 
     results = {}
-    fingerprint = None
     for norm, args in tqdm(plans.items(), desc="conversions", unit="norm", disable=not progress):
         done = Path(args.output_dir) / RESULT_FILE
-        if done.is_file():  # the teacher may have been saved again at its path since
+        if not done.is_file():
+            convert_model(args)  # resumes an interrupted conversion from its checkpoint
+        results[norm] = json.loads(done.read_text())
+    return results
+
+
+def check_conversions_current(plans: dict) -> None:
+    """Refuse, before anything runs, to reuse a finished conversion of another version of the teacher
+    (the model saved again at its path since): its arm would start from the old model while the
+    baseline fine-tunes the new one."""
+    from ..convert.fingerprint import check_same_teacher, model_fingerprint
+    from ..convert.report import RESULT_FILE
+
+    fingerprint = None
+    for norm, args in plans.items():
+        done = Path(args.output_dir) / RESULT_FILE
+        if done.is_file():
             fingerprint = fingerprint or model_fingerprint(args.model)
             check_same_teacher(json.loads(done.read_text()).get("teacher_fingerprint"), fingerprint, args.model,
                                f"the {norm} conversion in {done.parent}", "pass --overwrite_output_dir to "
                                "start the sweep afresh (its conversions too), or use another --output-dir")
-        else:
-            convert_model(args)  # resumes an interrupted conversion from its checkpoint
-        results[norm] = json.loads(done.read_text())
-    return results
 
 
 def check_runs_fit(plans: dict, output_dir) -> None:

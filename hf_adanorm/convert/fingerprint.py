@@ -1,37 +1,66 @@
-"""What identifies a local teacher beyond its path: a hash of its weights and config.
+"""What identifies a teacher beyond its name: a hash of its config and weights.
 
-A conversion is resumed, and ``compare --convert`` reuses a finished one, by its options, and a local
-``--model`` is a path. A model saved again at the same path (fine-tuned further, or replaced) would
-otherwise resume a student distilled from the old teacher under the new one, or start a sweep's
-arms from the old model while its baseline fine-tunes the new one. Checkpoints and conversion.json
-record this fingerprint, and both refuse a teacher whose files changed.
+A conversion is resumed, and ``compare --convert`` reuses a finished one, by its options, and
+``--model`` is a path or a hub id. A model saved again at the same path (fine-tuned further, or
+replaced) would otherwise resume a student distilled from the old teacher under the new one, or
+start a sweep's arms from the old model while its baseline fine-tunes the new one. Checkpoints and
+conversion.json record this fingerprint, and both refuse a teacher whose files changed (for a hub
+id: the files of the cached snapshot, so a newer revision counts as a change). The same weights
+saved again in other shards count as a change too: a refusal is the safe side of a doubt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from pathlib import Path
 
-# The files that decide the function: the config and every weight file (shards and their index).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+# The files that decide the function: the config and the weights as transformers saves them (shards
+# and their index). Not every *.bin or *.pt: a Trainer checkpoint folder also holds optimizer.pt and
+# training_args.bin, which are not the model and would only cost reading.
+WEIGHT_FILES = re.compile(r"(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)"
+                          r"(\.index\.json)?")
 CHUNK = 1 << 24
 
 
+def _config_bytes(path: Path) -> bytes:
+    """config.json without the version of transformers that wrote it (saving the same model with
+    another version changes nothing else)."""
+    config = json.loads(path.read_text())
+    config.pop("transformers_version", None)
+    return json.dumps(config, sort_keys=True).encode()
+
+
+def _local_folder(model: str) -> Path | None:
+    """The folder of a local model, or of a hub model's cached snapshot (its files for the revision the
+    cache holds now); None when neither is on disk."""
+    if Path(model).is_dir():
+        return Path(model)
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:  # not a hub id, or not cached: nothing to fingerprint
+        return None
+
+
 def model_fingerprint(model: str) -> str | None:
-    """sha256 of a local model folder's config and weight files (names and bytes); None for a hub id,
-    whose files the hub's cache already keeps by revision. Reads every weight byte once: about 1 s per
-    GB."""
-    folder = Path(model)
-    if not folder.is_dir():
+    """sha256 of a model's config (less its transformers version) and weight files (names and bytes);
+    None when its files are not on disk. Reads every weight byte once: about 1 s per GB."""
+    folder = _local_folder(model)
+    if folder is None:
         return None
     files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES)))
+                   if p.is_file() and (p.name == "config.json" or WEIGHT_FILES.fullmatch(p.name)))
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
+        if path.name == "config.json":
+            digest.update(_config_bytes(path))
+        else:
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
         digest.update(b"\0")
     return digest.hexdigest()
 

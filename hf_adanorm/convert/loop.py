@@ -47,18 +47,24 @@ EXACT = 1e-6  # below this relative error (or KL) the naive swap already is the 
 CAN_BE_EXACT = ("layernorm_simple", "detachnorm")
 
 
+# Heads fine-tuned for a task: loaded as the base model, that task's function would be dropped from what
+# is saved. (Pretraining heads, *ForMaskedLM / *ForPreTraining, are what fine-tuning discards anyway: such
+# a model is converted as its base model, as compare --convert and the recipes then use it.)
+TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+
+
 def _is_causal(args: ConvertArgs, config) -> bool:
     if args.model_class != "auto":
         return args.model_class == "causal_lm"
     architectures = config.architectures or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return True
-    heads = [a for a in architectures if "For" in a]
-    if heads:  # loaded as its base model, the head would be dropped from what is saved, unannounced
-        raise ValueError(f"{args.model!r} is a {heads[0]}: convert keeps the function of a causal LM or of a "
-                         "base model, not of that head. Pass --model_class base to convert its base model (the "
-                         "head is not kept: fine-tune a new one on the converted model), or --model_class "
-                         "causal_lm if it is a causal LM")
+    heads = [a for a in architectures if a.endswith(TASK_HEADS)]
+    if heads:
+        raise ValueError(f"{args.model!r} is a model fine-tuned for a task ({heads[0]}): convert keeps the "
+                         "function of a causal LM or of a base model, not of a task head. Pass --model_class "
+                         "base to convert its base model (the head is not kept: fine-tune a new one on the "
+                         "converted model)")
     return False
 
 
@@ -72,19 +78,22 @@ def _own_file(name: str) -> bool:
 
 
 def _check_apart(args: ConvertArgs) -> None:
-    """Refuse an --output_dir that is, holds or lies inside a local input: the save would replace a model
-    folder named ``model`` in it (the teacher itself), and a text folder would read the conversion's
-    own files as text on a resume."""
-    out = Path(args.output_dir).resolve()
+    """Refuse a local input that is, or lies inside, what the conversion writes: the output folder, its
+    ``model`` (the final save replaces it: the teacher itself, if it is there or linked there) or its
+    ``checkpoints``. Paths are compared resolved, links followed, as the writes follow them. (An output
+    folder *inside* an input folder is harmless: neither the text nor the model is read recursively.)"""
+    out = Path(args.output_dir)
+    targets = [out.resolve(), (out / MODEL_DIR).resolve(), (out / checkpoints.CHECKPOINT_DIR).resolve()]
     for name in PATH_OPTIONS:
         value = getattr(args, name)
         if not (isinstance(value, str) and value and Path(value).exists()):
             continue  # a hub id, or not given
         path = Path(value).resolve()
-        if path == out or out in path.parents or path in out.parents:
-            where = ("is" if path == out else "holds" if out in path.parents else "lies inside")
-            raise ValueError(f"output_dir {args.output_dir} {where} the --{name} {value}: the conversion would "
-                             f"write over or into its own input; pass an --output_dir outside {path}")
+        for target in targets:
+            if path == target or target in path.parents:
+                raise ValueError(f"the --{name} {value} is {'' if path == target else 'inside '}{target}, which "
+                                 f"this conversion writes (--output_dir {args.output_dir}): it would write over "
+                                 "its own input; pass an --output_dir elsewhere")
 
 
 def _check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | None = None) -> Path | None:
@@ -137,9 +146,6 @@ def _check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str |
         raise ValueError(f"cannot resume {path}: it was written by {run['world_size']} processes and this run "
                          f"has {world_size}, which would deal the batches differently; resume with "
                          f"{run['world_size']} processes, or pass --overwrite_output_dir to start afresh")
-    if run is not None:
-        check_same_teacher(run.get("teacher_fingerprint"), fingerprint, args.model, f"the checkpoint {path}",
-                           "pass --overwrite_output_dir to convert the model as it is now")
     saved = (run["args"] if run is not None
              else json.loads((out / ARGS_FILE).read_text()) if (out / ARGS_FILE).exists() else None)
     # options that do not change the result (checkpoints are saved at the end of a step, so a resume is
@@ -158,6 +164,9 @@ def _check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str |
         raise ValueError(f"cannot resume {path}: the conversion there was made with other options "
                          f"({'; '.join(changed) or 'unknown options'}); rerun with the same options, "
                          "or pass --overwrite_output_dir to start afresh")
+    if run is not None:  # the same options, so the same --model: is it still the same model?
+        check_same_teacher(run.get("teacher_fingerprint"), fingerprint, args.model, f"the checkpoint {path}",
+                           "pass --overwrite_output_dir to convert the model as it is now")
     return path
 
 
@@ -314,7 +323,8 @@ def convert_model(args: ConvertArgs) -> dict:
     # Everything that can fail on bad input fails here, before a file is written.
     if accelerator.is_main_process:  # first: a running conversion's folder is not an interrupted one
         check_not_in_use(out, "conversion")
-    fingerprint = model_fingerprint(args.model)
+    # read on the main process only (every weight byte), then shared
+    fingerprint = broadcast_object_list([model_fingerprint(args.model) if accelerator.is_main_process else None])[0]
     resume_path = _check_output_dir(args, accelerator.num_processes, fingerprint)
     norm_config = args.norm_config()
     tokenizer = load_tokenizer(args)
@@ -434,7 +444,7 @@ def convert_model(args: ConvertArgs) -> dict:
                   "world_size": accelerator.num_processes,
                   "resumed_from": str(resume_path) if resume_path else None,
                   "worse_than_naive": total_steps > 0 and _closer(loop["naive"], final)}
-        if result["worse_than_naive"]:
+        if result["worse_than_naive"] and accelerator.is_main_process:
             warnings.warn("the converted model is farther from the original than the naive swap: the "
                           "distillation diverged; convert again with a lower --learning_rate", UserWarning)
         state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
