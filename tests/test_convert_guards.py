@@ -127,8 +127,23 @@ def test_compare_does_not_reuse_a_conversion_of_an_older_teacher(workspace, tmp_
     old = json.loads(result.read_text())["teacher_fingerprint"]
     assert old == model_fingerprint(tmp_path / "bert")
     _save_again_changed(tmp_path / "bert")
+    before = _snapshot(tmp_path / "sweep")
+    # sweep.json records the model's fingerprint: no run of the old model is reused, baseline included
+    for others in ({}, {"norms": ["layernorm"]}, {"norms": ["layernorm", "layernorm_simple"]}):
+        with pytest.raises(ValueError, match=r"runs made from another version of .*bert.*overwrite_output_dir"):
+            compare(setup, **{**sweep, **others})
+    # a sweep from before it did: the conversion's own fingerprint still refuses the stale conversion
+    recorded = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert recorded.pop("model_fingerprint") == old
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(recorded))
+    before = _snapshot(tmp_path / "sweep")
     with pytest.raises(ValueError, match="adanorm conversion .*another version of .*overwrite_output_dir"):
         compare(setup, **sweep)
+    assert _snapshot(tmp_path / "sweep") == before
+    # a refused fresh start deletes nothing: convert checks its inputs before clearing its folder
+    with pytest.raises(ValueError, match="max_length"):
+        compare(dict(setup, max_length=100000), **sweep, overwrite=True)
+    assert result.is_file() and json.loads(result.read_text())["teacher_fingerprint"] == old
     # afresh means the conversions too: the arm then starts from the teacher as it is now
     compare(setup, **sweep, overwrite=True)
     new = json.loads(result.read_text())["teacher_fingerprint"]
@@ -185,3 +200,58 @@ def test_an_encoder_decoder_that_needs_decoder_inputs_is_refused_clearly(workspa
     with pytest.raises(ValueError, match="does not run on token ids alone .*T5 and other encoder-decoders"):
         convert_model(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_models_cached_snapshot_linked_into_the_output_is_refused(workspace, tmp_path, monkeypatch):  # noqa: F811
+    from hf_adanorm.convert import loop
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc"
+    shutil.copytree(workspace / "bert", snapshot)
+    monkeypatch.setattr(loop, "model_folder", lambda name: snapshot if name == "org/tiny" else None)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model").symlink_to(snapshot, target_is_directory=True)
+    before = _snapshot(snapshot)
+    args = _args(workspace, tmp_path / "out", max_steps=2)
+    args.model = "org/tiny"
+    with pytest.raises(ValueError, match="the --model org/tiny is .*abc, which this conversion writes"):
+        convert_model(args)
+    assert _snapshot(snapshot) == before
+
+
+def test_a_path_with_dotdot_after_a_link_is_refused_not_read_as_text(workspace, tmp_path):  # noqa: F811
+    from hf_adanorm.convert import ConvertArgs
+    (tmp_path / "far" / "sub").mkdir(parents=True)
+    shutil.copytree(workspace / "bert", tmp_path / "far" / "bert")   # what the kernel reaches
+    shutil.copytree(workspace / "bert", tmp_path / "bert")           # what 'link/..' reads as
+    (tmp_path / "link").symlink_to(tmp_path / "far" / "sub", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"leads to .*far/bert, but reads as .*(?<!far)/bert .*a '\.\.' after a link"):
+        ConvertArgs(model=str(tmp_path / "link" / ".." / "bert"), dataset="x", output_dir=str(tmp_path / "o"))
+
+
+def test_which_architectures_are_task_models():
+    from types import SimpleNamespace
+
+    from hf_adanorm.convert.loop import task_head
+    for name in ("BertForSequenceClassification", "XLMForQuestionAnsweringSimple", "GPT2DoubleHeadsModel",
+                 "RobertaForTokenClassification", "BertForMultipleChoice"):
+        assert task_head(SimpleNamespace(architectures=[name])) == name
+    for name in ("BertModel", "BertForMaskedLM", "ElectraForPreTraining", "BartForConditionalGeneration",
+                 "GPT2LMHeadModel", "LlamaForCausalLM"):
+        assert task_head(SimpleNamespace(architectures=[name])) is None
+    assert task_head(SimpleNamespace(architectures=None)) is None
+
+
+def test_compare_convert_refuses_a_model_fine_tuned_for_a_task(workspace, tmp_path):  # noqa: F811
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_adanorm.compare.conversions import plan_conversions
+    BertForSequenceClassification(BertConfig.from_pretrained(workspace / "bert")).save_pretrained(tmp_path / "clf")
+    with pytest.raises(ValueError, match=r"fine-tuned for a task \(BertForSequenceClassification\).*fresh head"):
+        plan_conversions({"model": str(tmp_path / "clf"), "dataset": "x"}, ["layernorm", "adanorm"], tmp_path, {})
+
+
+def test_noise_near_zero_is_not_called_farther_than_the_naive_swap():
+    from hf_adanorm.convert.loop import _clearly_farther
+    assert not _clearly_farther({"kl": 1.3e-8}, {"kl": 9.5e-9})
+    assert _clearly_farther({"kl": 0.5}, {"kl": 0.01})
+    assert not _clearly_farther({"embedding_cosine": 0.945}, {"embedding_cosine": 0.95})
+    assert _clearly_farther({"embedding_cosine": 0.9}, {"embedding_cosine": 0.95})

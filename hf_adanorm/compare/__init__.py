@@ -9,7 +9,6 @@ finished) and ``out/report/`` (report.md, runs.csv, runs.json, summary.json, PNG
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from ..training.args import BASELINE
@@ -40,8 +39,8 @@ def compare(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
 
     folder = check_sweep(setup, list(norms), list(seeds), output_dir, overwrite, conversion)
     if conversion is not None:  # every option checked before the lock creates the folder
-        from .conversions import (CONVERSIONS_DIR, check_conversions_current, check_runs_fit, converted_model,
-                                  plan_conversions, run_conversions)
+        from .conversions import (check_conversions_current, check_runs_fit, converted_model, plan_conversions,
+                                  run_conversions)
 
         plans = plan_conversions(setup, norms, output_dir, conversion)
         if not overwrite:
@@ -50,9 +49,9 @@ def compare(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
     with folder_lock(folder, LOCK_USER):
         models, results = None, {}
         if conversion is not None:
-            if overwrite and (folder / CONVERSIONS_DIR).exists():  # afresh means the conversions too: the
-                shutil.rmtree(folder / CONVERSIONS_DIR)                # model at --model may have changed
-            results = run_conversions(plans, progress=progress)
+            # afresh means the conversions too (the model at --model may have changed): each is redone,
+            # after convert has checked its inputs, so a refused rerun deletes nothing
+            results = run_conversions(plans, progress=progress, overwrite=overwrite)
             models = {norm: converted_model(args) for norm, args in plans.items()}
         runs = run_sweep(setup, norms, seeds, output_dir, run_fn=run_fn, progress=progress, overwrite=overwrite,
                          models=models, conversion=conversion)

@@ -58,8 +58,8 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                        "convert` options, e.g. '{\"max_steps\": 600, \"dataset\": \"texts/\"}' (default: the "
                        "sweep's model, dataset, norm options and max_length, and convert's defaults)")
     sweep.add_argument("--overwrite_output_dir", "--overwrite-output-dir", dest="overwrite_output_dir",
-                       action="store_true", help="start the sweep afresh: delete the runs/, report/, "
-                       "sweep.json (and with --convert the conversions/) already in --output-dir (without it "
+                       action="store_true", help="start the sweep afresh: delete the runs/, report/ and "
+                       "sweep.json already in --output-dir and, with --convert, convert again (without it "
                        "finished runs and conversions are kept and reused)")
     for single in ("--norm", "--seed"):  # hidden: only there to point to --norms / --seeds
         p.add_argument(single, dest=f"single_{single[2:]}", action="append", help=argparse.SUPPRESS)

@@ -64,6 +64,7 @@ def plan_conversions(setup: dict, norms, output_dir, conversion: dict) -> dict:
         raise ValueError(f"--convert-options cannot set {fixed}: the conversion takes them from the sweep (its "
                          "--model, --tokenizer and norm options), so that every run fine-tunes the model it was "
                          "converted for and the baseline starts from the same teacher; set them on the sweep")
+    _refuse_a_task_model(setup["model"])
     plans = {}
     for norm in norms:
         if norm == BASELINE:
@@ -74,15 +75,37 @@ def plan_conversions(setup: dict, norms, output_dir, conversion: dict) -> dict:
     return plans
 
 
-def run_conversions(plans: dict, progress: bool = True) -> dict:
-    """Convert each arm's model unless already done; returns {norm: conversion result}."""
+def _refuse_a_task_model(model: str) -> None:
+    """A model fine-tuned for a task keeps its trained head in the baseline, while the converted arms,
+    whose conversion keeps the base model, would start from a fresh one: not a fair comparison."""
+    from ..checkpoint import load_config
+    from ..convert.loop import task_head
+
+    try:
+        config = load_config(model)
+    except Exception:  # not loadable here: the conversion says why, before it writes anything
+        return
+    head = task_head(config)
+    if head:
+        raise ValueError(f"--convert: {model!r} is fine-tuned for a task ({head}); its converted arms would start "
+                         "from the base model with a fresh head while the baseline keeps the trained one. "
+                         "Compare from the base model it was fine-tuned from")
+
+
+def run_conversions(plans: dict, progress: bool = True, overwrite: bool = False) -> dict:
+    """Convert each arm's model unless already done (``overwrite``: again, whatever is there); returns
+    {norm: conversion result}."""
+    import dataclasses
+
     from ..convert import convert_model
     from ..convert.report import RESULT_FILE
 
     results = {}
     for norm, args in tqdm(plans.items(), desc="conversions", unit="norm", disable=not progress):
         done = Path(args.output_dir) / RESULT_FILE
-        if not done.is_file():
+        if overwrite:  # convert checks everything before it clears its folder
+            convert_model(dataclasses.replace(args, overwrite_output_dir=True))
+        elif not done.is_file():
             convert_model(args)  # resumes an interrupted conversion from its checkpoint
         results[norm] = json.loads(done.read_text())
     return results

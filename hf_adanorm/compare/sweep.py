@@ -18,11 +18,13 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from ..convert.fingerprint import model_fingerprint
 from ..registry import available_norms
 from ..training.args import BASELINE, MAX_SEED  # "layernorm": the unpatched model
 from ..training.checkpoints import METRICS_FILE
 from ..training.locks import check_not_in_use, folder_lock
 
+TEACHER_FINGERPRINT = "model_fingerprint"  # in sweep.json: convert/fingerprint.py
 SWEEP_FILE = "sweep.json"  # the shared training options the finished runs were made with
 SWEEP_OUTPUTS = ("runs", "report", SWEEP_FILE)  # what --overwrite_output_dir deletes (not the demo's data/)
 LOCK_USER = "hf-adanorm compare"
@@ -96,7 +98,13 @@ def check_same_setup(output_dir: Path, setup: dict) -> None:
         return
     before = json.loads(path.read_text())
     setup = json.loads(json.dumps(setup))  # as stored: tuples become lists, keys strings
-    changed = sorted(k for k in set(before) | set(setup) if before.get(k) != setup.get(k))
+    # (a sweep from before fingerprints were recorded has none to compare)
+    changed = sorted(k for k in set(before) | set(setup) if before.get(k) != setup.get(k)
+                     and not (k == TEACHER_FINGERPRINT and k not in before))
+    if changed == [TEACHER_FINGERPRINT]:
+        raise ValueError(f"{output_dir} holds runs made from another version of {setup.get('model')!r}: its config, "
+                         "weight or tokenizer files have changed since. Pass --overwrite_output_dir to start the "
+                         "sweep afresh, or use a new --output-dir")
     if changed:
         raise ValueError(
             f"{output_dir} holds runs made with other training options ({', '.join(changed)}: "
@@ -165,9 +173,13 @@ def check_sweep(setup: dict, norms, seeds, output_dir, overwrite: bool = False,
 
 
 def _recorded(setup: dict, conversion: dict | None) -> dict:
-    """What sweep.json holds: the shared options, and the conversion options under --convert, so
-    that a sweep folder never mixes runs started from other conversions."""
-    return setup if conversion is None else dict(setup, convert=conversion)
+    """What sweep.json holds: the shared options, the conversion options under --convert, so that a
+    sweep folder never mixes runs started from other conversions, and the model's fingerprint, so
+    that it never mixes runs from two versions of a model saved at one path."""
+    recorded = setup if conversion is None else dict(setup, convert=conversion)
+    fingerprint = (model_fingerprint(setup["model"], setup.get("tokenizer"))
+                   if isinstance(setup.get("model"), str) else None)
+    return recorded if fingerprint is None else dict(recorded, **{TEACHER_FINGERPRINT: fingerprint})
 
 
 def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,

@@ -42,7 +42,13 @@ def local_path(value):
     """A local file or folder as its absolute path (one spelling per folder: 'm', './m/' and /abs/m are the
     same teacher, 'm' from another working folder is not); anything else, such as a hub id, as it is."""
     if isinstance(value, str) and value and os.path.exists(value):
-        return os.path.abspath(value)
+        absolute = os.path.abspath(value)
+        # abspath drops 'link/..' as text, where the kernel goes up from the link's target: refuse a path
+        # whose two readings are two places, rather than record (and load) another one than was meant
+        if os.path.realpath(absolute) != os.path.realpath(value):
+            raise ValueError(f"the path {value!r} leads to {os.path.realpath(value)}, but reads as {absolute} "
+                             "(a '..' after a link): pass the folder's own path")
+        return absolute
     return value
 
 

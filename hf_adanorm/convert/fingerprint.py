@@ -1,4 +1,4 @@
-"""What identifies a teacher beyond its name: a hash of its config and weights.
+"""What identifies a teacher beyond its name: a hash of its config, weights and tokenizer.
 
 A conversion is resumed, and ``compare --convert`` reuses a finished one, by its options, and
 ``--model`` is a path or a hub id. A model saved again at the same path (fine-tuned further, or
@@ -11,16 +11,19 @@ saved again in other shards count as a change too: a refusal is the safe side of
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 from pathlib import Path
 
-# The files that decide the function: the config and the weights as transformers saves them (shards
-# and their index). Not every *.bin or *.pt: a Trainer checkpoint folder also holds optimizer.pt and
-# training_args.bin, which are not the model and would only cost reading.
+# The files that decide the function: the config, the weights as transformers saves them (shards and
+# their index) and the tokenizer's files (other token ids are other inputs). Not every *.bin or *.pt: a
+# Trainer checkpoint folder also holds optimizer.pt and training_args.bin, which only cost reading.
 WEIGHT_FILES = re.compile(r"(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)"
                           r"(\.index\.json)?")
+TOKENIZER_FILES = re.compile(r"tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|vocab\.(txt|json)"
+                             r"|merges\.txt|.*\.model|.*\.tiktoken")
 CHUNK = 1 << 24
 
 
@@ -32,7 +35,7 @@ def _config_bytes(path: Path) -> bytes:
     return json.dumps(config, sort_keys=True).encode()
 
 
-def _local_folder(model: str) -> Path | None:
+def model_folder(model: str) -> Path | None:
     """The folder of a local model, or of a hub model's cached snapshot (its files for the revision the
     cache holds now); None when neither is on disk."""
     if Path(model).is_dir():
@@ -40,20 +43,21 @@ def _local_folder(model: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(model, local_files_only=True))
-    except Exception:  # not a hub id, or not cached: nothing to fingerprint
+    except Exception:  # not a hub id, or not cached: nothing on disk
         return None
 
 
-def model_fingerprint(model: str) -> str | None:
-    """sha256 of a model's config (less its transformers version) and weight files (names and bytes);
-    None when its files are not on disk. Reads every weight byte once: about 1 s per GB."""
-    folder = _local_folder(model)
-    if folder is None:
-        return None
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and (p.name == "config.json" or WEIGHT_FILES.fullmatch(p.name)))
+def _identity_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and (
+        p.name == "config.json" or WEIGHT_FILES.fullmatch(p.name) or TOKENIZER_FILES.fullmatch(p.name)))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(files: tuple) -> str:
+    """sha256 of ``files`` ((path, size, mtime_ns) each: a file written again is read again)."""
     digest = hashlib.sha256()
-    for path in files:
+    for name, _, _ in files:
+        path = Path(name)
         digest.update(path.name.encode() + b"\0")
         if path.name == "config.json":
             digest.update(_config_bytes(path))
@@ -63,6 +67,20 @@ def model_fingerprint(model: str) -> str | None:
                     digest.update(chunk)
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def model_fingerprint(model: str, tokenizer: str | None = None) -> str | None:
+    """sha256 of a model's config (less its transformers version), weight and tokenizer files (names
+    and bytes), and of ``tokenizer``'s files when it is another folder; None when the model's files
+    are not on disk. Reads every weight byte once (about 1 s per GB; again only if a file changed)."""
+    folders = [model_folder(model)]
+    if folders[0] is None:
+        return None
+    if tokenizer is not None and model_folder(tokenizer) not in (None, folders[0]):
+        folders.append(model_folder(tokenizer))
+    files = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for folder in folders
+                  for p in _identity_files(folder))
+    return _digest(files)
 
 
 def check_same_teacher(recorded: str | None, current: str | None, model: str, what: str, remedy: str) -> None:

@@ -34,7 +34,7 @@ from .args import BEFORE_THE_OPTION, DEFAULTS, PATH_OPTIONS, ConvertArgs, local_
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import choose_objective, distill_loss, drift
 from .exact_grad import exact_backward
-from .fingerprint import check_same_teacher, model_fingerprint
+from .fingerprint import check_same_teacher, model_fingerprint, model_folder
 from .rescale import RESCALABLE, NormTargets, apply_sites, output_scale, restore, verified_sites
 from .report import ARGS_FILE, MODEL_DIR, OWN_FILES, PLOT_FILE, REPORT_FILE, RESULT_FILE, summarize, write_reports
 from .schedule import alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
@@ -50,7 +50,13 @@ CAN_BE_EXACT = ("layernorm_simple", "detachnorm")
 # Heads fine-tuned for a task: loaded as the base model, that task's function would be dropped from what
 # is saved. (Pretraining heads, *ForMaskedLM / *ForPreTraining, are what fine-tuning discards anyway: such
 # a model is converted as its base model, as compare --convert and the recipes then use it.)
-TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice",
+              "DoubleHeadsModel")
+
+
+def task_head(config) -> str | None:
+    """The first architecture of ``config`` with a head fine-tuned for a task, if any."""
+    return next((a for a in (config.architectures or []) if any(h in a for h in TASK_HEADS)), None)
 
 
 def _is_causal(args: ConvertArgs, config) -> bool:
@@ -59,12 +65,12 @@ def _is_causal(args: ConvertArgs, config) -> bool:
     architectures = config.architectures or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return True
-    heads = [a for a in architectures if a.endswith(TASK_HEADS)]
-    if heads:
-        raise ValueError(f"{args.model!r} is a model fine-tuned for a task ({heads[0]}): convert keeps the "
+    head = task_head(config)
+    if head:
+        raise ValueError(f"{args.model!r} is a model fine-tuned for a task ({head}): convert keeps the "
                          "function of a causal LM or of a base model, not of a task head. Pass --model_class "
                          "base to convert its base model (the head is not kept: fine-tune a new one on the "
-                         "converted model)")
+                         "converted model), or --model_class causal_lm to keep a language-model head it has")
     return False
 
 
@@ -86,9 +92,14 @@ def _check_apart(args: ConvertArgs) -> None:
     targets = [out.resolve(), (out / MODEL_DIR).resolve(), (out / checkpoints.CHECKPOINT_DIR).resolve()]
     for name in PATH_OPTIONS:
         value = getattr(args, name)
-        if not (isinstance(value, str) and value and Path(value).exists()):
-            continue  # a hub id, or not given
-        path = Path(value).resolve()
+        if not (isinstance(value, str) and value):
+            continue
+        # a hub id's files are its cached snapshot, which a link could also put in the way of the save
+        path = (Path(value) if Path(value).exists()
+                else model_folder(value) if name in ("model", "tokenizer") else None)
+        if path is None:
+            continue
+        path = path.resolve()
         for target in targets:
             if path == target or target in path.parents:
                 raise ValueError(f"the --{name} {value} is {'' if path == target else 'inside '}{target}, which "
@@ -266,6 +277,15 @@ def _closer(a: dict, b: dict) -> bool:
     return a["embedding_cosine"] > b["embedding_cosine"]
 
 
+def _clearly_farther(final: dict, naive: dict) -> bool:
+    """Whether a conversion ended clearly farther from the teacher than the naive swap: by more than
+    noise (a KL 1.5 times and 1e-4 nats above, or a cosine 0.01 below), not by the last digits of two
+    figures that are both about 0."""
+    if "kl" in final:
+        return final["kl"] > 1.5 * naive["kl"] and final["kl"] - naive["kl"] > 1e-4
+    return final["embedding_cosine"] < naive["embedding_cosine"] - 0.01
+
+
 def _recorded_rescale(resume_path: Path | None) -> list[str] | None:
     """The norms a checkpoint's conversion started rescaled (None: a fresh start, or a checkpoint from
     before the choice was recorded, which makes it again)."""
@@ -324,7 +344,8 @@ def convert_model(args: ConvertArgs) -> dict:
     if accelerator.is_main_process:  # first: a running conversion's folder is not an interrupted one
         check_not_in_use(out, "conversion")
     # read on the main process only (every weight byte), then shared
-    fingerprint = broadcast_object_list([model_fingerprint(args.model) if accelerator.is_main_process else None])[0]
+    fingerprint = broadcast_object_list([model_fingerprint(args.model, args.tokenizer)
+                                         if accelerator.is_main_process else None])[0]
     resume_path = _check_output_dir(args, accelerator.num_processes, fingerprint)
     norm_config = args.norm_config()
     tokenizer = load_tokenizer(args)
@@ -385,7 +406,8 @@ def convert_model(args: ConvertArgs) -> dict:
             if args.overwrite_output_dir and resume_path is None and out.exists():
                 for name in OWN_FILES:
                     target = out / name
-                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+                    shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(
+                        missing_ok=True)  # a link is removed, never what it points to
             out.mkdir(parents=True, exist_ok=True)
             checkpoints.remove_incomplete(out)
             checkpoints.write_json_atomic(out / ARGS_FILE, args.to_dict())
@@ -443,10 +465,11 @@ def convert_model(args: ConvertArgs) -> dict:
                   "seconds": time.time() - started, "args": args.to_dict(), "frozen_unreached": unused,
                   "world_size": accelerator.num_processes,
                   "resumed_from": str(resume_path) if resume_path else None,
-                  "worse_than_naive": total_steps > 0 and _closer(loop["naive"], final)}
+                  "worse_than_naive": total_steps > 0 and _clearly_farther(final, loop["naive"])}
         if result["worse_than_naive"] and accelerator.is_main_process:
             warnings.warn("the converted model is farther from the original than the naive swap: the "
-                          "distillation diverged; convert again with a lower --learning_rate", UserWarning)
+                          "distillation made it worse (a learning rate too high for this model?); do not use "
+                          "it, convert again with a lower --learning_rate", UserWarning)
         state_dict = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
         if accelerator.is_main_process:
             save_pretrained(unwrapped, out / MODEL_DIR, state_dict=state_dict, base_model=args.model,

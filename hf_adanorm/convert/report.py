@@ -61,7 +61,7 @@ def markdown(result: dict) -> str:
                   "so no training was needed.", ""]
     if result.get("worse_than_naive"):
         lines += ["**Warning: the converted model is farther from the original than the naive swap.** The "
-                  "distillation diverged (a learning rate too high for this model?): do not use it; convert "
+                  "distillation made it worse (a learning rate too high for this model?): do not use it; convert "
                   "again with a lower --learning_rate.", ""]
     start = result.get("start")
     columns = [("naive swap", naive)] + ([("rescaled start", start)] if start else []) + [("after conversion", conv)]
