@@ -184,7 +184,7 @@ def test_resume_with_other_options_is_refused(workspace, tmp_path):
 
 
 def test_an_interrupted_conversion_from_before_an_option_existed_resumes_with_its_default(workspace, tmp_path):
-    from hf_adanorm.convert.loop import _check_output_dir
+    from hf_adanorm.convert.inputs import check_output_dir as _check_output_dir
     from hf_adanorm.convert.report import ARGS_FILE
     from hf_adanorm.training.checkpoints import STATE_FILE
     out = tmp_path / "out"
@@ -275,7 +275,7 @@ def test_an_output_dir_linked_to_nothing_is_refused_before_the_teacher_loads(wor
     from hf_adanorm.convert import loop
     out = tmp_path / "out"
     out.symlink_to(tmp_path / "missing")
-    monkeypatch.setattr(loop, "_load_teacher", lambda args: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(loop, "load_teacher", lambda args: pytest.fail("the teacher was loaded"))
     with pytest.raises(FileNotFoundError, match="link to .*missing, which does not exist"):
         convert_model(_args(workspace, out, max_steps=2))
     assert not (tmp_path / "missing").exists()

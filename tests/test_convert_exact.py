@@ -101,7 +101,7 @@ def test_the_conversion_distils_through_the_exact_gradient_and_saves_the_papers_
 
 
 def test_a_resume_of_a_run_from_before_exact_backward_keeps_the_detached_gradient(workspace, tmp_path):  # noqa: F811
-    from hf_adanorm.convert.loop import _check_output_dir
+    from hf_adanorm.convert.inputs import check_output_dir as _check_output_dir
     from hf_adanorm.training.checkpoints import STATE_FILE
     out = tmp_path / "out"
     out.mkdir()
@@ -119,7 +119,7 @@ def test_a_resume_of_a_run_from_before_exact_backward_keeps_the_detached_gradien
 
 
 def test_a_local_path_is_one_folder_however_it_is_written(workspace, tmp_path, monkeypatch):  # noqa: F811
-    from hf_adanorm.convert.loop import _check_output_dir
+    from hf_adanorm.convert.inputs import check_output_dir as _check_output_dir
     from hf_adanorm.training.checkpoints import STATE_FILE
     monkeypatch.chdir(workspace)
     spellings = ["bert", "./bert/", str(workspace / "bert")]

@@ -203,10 +203,10 @@ def test_an_encoder_decoder_that_needs_decoder_inputs_is_refused_clearly(workspa
 
 
 def test_a_hub_models_cached_snapshot_linked_into_the_output_is_refused(workspace, tmp_path, monkeypatch):  # noqa: F811
-    from hf_adanorm.convert import loop
+    from hf_adanorm.convert import inputs
     snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc"
     shutil.copytree(workspace / "bert", snapshot)
-    monkeypatch.setattr(loop, "model_folder", lambda name: snapshot if name == "org/tiny" else None)
+    monkeypatch.setattr(inputs, "model_folder", lambda name: snapshot if name == "org/tiny" else None)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "model").symlink_to(snapshot, target_is_directory=True)
     before = _snapshot(snapshot)
@@ -230,7 +230,7 @@ def test_a_path_with_dotdot_after_a_link_is_refused_not_read_as_text(workspace, 
 def test_which_architectures_are_task_models():
     from types import SimpleNamespace
 
-    from hf_adanorm.convert.loop import task_head
+    from hf_adanorm.convert.inputs import task_head
     for name in ("BertForSequenceClassification", "XLMForQuestionAnsweringSimple", "GPT2DoubleHeadsModel",
                  "RobertaForTokenClassification", "BertForMultipleChoice"):
         assert task_head(SimpleNamespace(architectures=[name])) == name

@@ -79,7 +79,7 @@ def _refuse_a_task_model(model: str) -> None:
     """A model fine-tuned for a task keeps its trained head in the baseline, while the converted arms,
     whose conversion keeps the base model, would start from a fresh one: not a fair comparison."""
     from ..checkpoint import load_config
-    from ..convert.loop import task_head
+    from ..convert.inputs import task_head
 
     try:
         config = load_config(model)

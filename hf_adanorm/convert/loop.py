@@ -15,217 +15,34 @@ import shutil
 import time
 import warnings
 from contextlib import ExitStack
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoModelForCausalLM, get_scheduler
+from transformers import get_scheduler
 
-from ..atomic_folder import is_staging_leftover
-from ..checkpoint import load_config, save_pretrained
+from ..checkpoint import save_pretrained
 from ..patch import get_patch_record, patch_model
 from ..training import checkpoints
-from ..training.locks import LOCK_FILE, OWNER_FILE, check_not_in_use, folder_lock
+from ..training.locks import check_not_in_use, folder_lock
 from ..training.loop import backward_and_step, make_accelerator, resumed_batches
-from .args import BEFORE_THE_OPTION, DEFAULTS, PATH_OPTIONS, ConvertArgs, local_path
+from .args import ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import choose_objective, distill_loss, drift
 from .exact_grad import exact_backward
-from .fingerprint import check_same_teacher, model_fingerprint, model_folder
+from .fingerprint import model_fingerprint
+from .inputs import check_output_dir, load_teacher
 from .rescale import RESCALABLE, NormTargets, apply_sites, output_scale, restore, verified_sites
-from .report import ARGS_FILE, MODEL_DIR, OWN_FILES, PLOT_FILE, REPORT_FILE, RESULT_FILE, summarize, write_reports
+from .report import ARGS_FILE, MODEL_DIR, OWN_FILES, summarize, write_reports
 from .schedule import alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
 
-LOCK_FILES = (LOCK_FILE, OWNER_FILE)  # a conversion's own, kept when --overwrite_output_dir clears the rest
 EXACT = 1e-6  # below this relative error (or KL) the naive swap already is the original function
 # Only these compute the plain normalization y in forward, so only they can equal the original once its
 # gain and bias are folded away. A threshold alone is not enough: an LM with nearly flat predictions has
 # a KL under it after any swap, AdaNorm's too.
 CAN_BE_EXACT = ("layernorm_simple", "detachnorm")
-
-
-# Heads fine-tuned for a task: loaded as the base model, that task's function would be dropped from what
-# is saved. (Pretraining heads, *ForMaskedLM / *ForPreTraining, are what fine-tuning discards anyway: such
-# a model is converted as its base model, as compare --convert and the recipes then use it.)
-TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice",
-              "DoubleHeadsModel")
-
-
-def task_head(config) -> str | None:
-    """The first architecture of ``config`` with a head fine-tuned for a task, if any."""
-    return next((a for a in (config.architectures or []) if any(h in a for h in TASK_HEADS)), None)
-
-
-def _is_causal(args: ConvertArgs, config) -> bool:
-    if args.model_class != "auto":
-        return args.model_class == "causal_lm"
-    architectures = config.architectures or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        return True
-    head = task_head(config)
-    if head:
-        raise ValueError(f"{args.model!r} is a model fine-tuned for a task ({head}): convert keeps the "
-                         "function of a causal LM or of a base model, not of a task head. Pass --model_class "
-                         "base to convert its base model (the head is not kept: fine-tune a new one on the "
-                         "converted model), or --model_class causal_lm to keep a language-model head it has")
-    return False
-
-
-def _own_file(name: str) -> bool:
-    """A conversion's own file, or what a kill during one of its atomic writes left of it: the
-    temporary file of a report or of the lock's owner file (the next write replaces it), or a staging
-    folder of the model (the next save deletes it)."""
-    written_through_tmp = (RESULT_FILE, ARGS_FILE, REPORT_FILE, PLOT_FILE, OWNER_FILE)
-    return (name in OWN_FILES + LOCK_FILES or name.removeprefix(checkpoints.TMP_PREFIX) in written_through_tmp
-            or is_staging_leftover(name, MODEL_DIR))
-
-
-def _check_apart(args: ConvertArgs) -> None:
-    """Refuse a local input that is, or lies inside, what the conversion writes: the output folder, its
-    ``model`` (the final save replaces it: the teacher itself, if it is there or linked there) or its
-    ``checkpoints``. Paths are compared resolved, links followed, as the writes follow them. (An output
-    folder *inside* an input folder is harmless: neither the text nor the model is read recursively.)"""
-    out = Path(args.output_dir)
-    targets = [out.resolve(), (out / MODEL_DIR).resolve(), (out / checkpoints.CHECKPOINT_DIR).resolve()]
-    for name in PATH_OPTIONS:
-        value = getattr(args, name)
-        if not (isinstance(value, str) and value):
-            continue
-        # a hub id's files are its cached snapshot, which a link could also put in the way of the save
-        path = (Path(value) if Path(value).exists()
-                else model_folder(value) if name in ("model", "tokenizer") else None)
-        if path is None:
-            continue
-        path = path.resolve()
-        for target in targets:
-            if path == target or target in path.parents:
-                raise ValueError(f"the --{name} {value} is {'' if path == target else 'inside '}{target}, which "
-                                 f"this conversion writes (--output_dir {args.output_dir}): it would write over "
-                                 "its own input; pass an --output_dir elsewhere")
-
-
-def _check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | None = None) -> Path | None:
-    """The checkpoint to resume from, or None; refuses a folder that holds something else, and a
-    checkpoint of another conversion or of another version of the teacher (``fingerprint``)."""
-    _check_apart(args)
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output_dir {out} is a file: pass a folder")
-    if out.is_symlink() and not out.exists():  # mkdir would fail on it only after the teacher is loaded
-        raise FileNotFoundError(f"output_dir {out} is a link to {out.readlink()}, which does not exist: create "
-                                "that folder, or pass another --output_dir")
-    explicit = args.resume_from_checkpoint not in (None, "latest")
-    if explicit and not (out / ARGS_FILE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {out} holds no conversion to "
-                                f"resume ({ARGS_FILE} is missing); pass the --output_dir of the conversion that "
-                                "wrote that checkpoint")
-    if not out.exists():
-        return None
-    foreign = sorted(p.name for p in out.iterdir() if not _own_file(p.name))
-    if foreign:
-        raise FileExistsError(f"output_dir {out} holds files that are not a conversion's ({', '.join(foreign[:5])}): "
-                              "pass an empty or new folder")
-    if args.overwrite_output_dir:
-        return None
-    if (out / RESULT_FILE).exists():
-        raise FileExistsError(f"{out} already holds a finished conversion ({RESULT_FILE}): pass "
-                              "--overwrite_output_dir to redo it, or another --output_dir")
-    if args.resume_from_checkpoint is None:
-        if checkpoints.latest_checkpoint(out) is not None:
-            raise FileExistsError(f"{out} holds checkpoints of an interrupted conversion: resume it with "
-                                  "--resume_from_checkpoint latest, or pass --overwrite_output_dir")
-        return None
-    path = (checkpoints.latest_checkpoint(out) if args.resume_from_checkpoint == "latest"
-            else Path(args.resume_from_checkpoint))
-    if path is None:
-        return None
-    if not (path / checkpoints.STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint: pass a checkpoints/step_N folder or 'latest'")
-    # the options of the conversion that wrote the checkpoint: its own record (a checkpoint passed by path
-    # may come from another conversion's folder), else, for a checkpoint of this folder from before
-    # checkpoints kept one, the folder's
-    run = json.loads((path / checkpoints.STATE_FILE).read_text()).get("run")
-    own = path.resolve().parent == (out / checkpoints.CHECKPOINT_DIR).resolve()
-    if run is None and not own:
-        raise ValueError(f"cannot resume {path}: it records no options and is not a checkpoint of {out}, so "
-                         "which conversion wrote it cannot be checked; pass 'latest' or a checkpoint of "
-                         f"{out / checkpoints.CHECKPOINT_DIR}")
-    if run is not None and run.get("world_size", world_size) != world_size:
-        raise ValueError(f"cannot resume {path}: it was written by {run['world_size']} processes and this run "
-                         f"has {world_size}, which would deal the batches differently; resume with "
-                         f"{run['world_size']} processes, or pass --overwrite_output_dir to start afresh")
-    saved = (run["args"] if run is not None
-             else json.loads((out / ARGS_FILE).read_text()) if (out / ARGS_FILE).exists() else None)
-    # options that do not change the result (checkpoints are saved at the end of a step, so a resume is
-    # bitwise the same whatever their spacing)
-    ignore = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir", "checkpointing_steps"}
-    # an option the saved run predates had its default then (the defaults of options added later
-    # reproduce the behaviour before them, except those in BEFORE_THE_OPTION; those that now depend on the
-    # norm had the generic one). Runs from before local paths were made absolute saved them as given, which
-    # can only be read relative to the current folder.
-    defaults = {**{f.name: f.default for f in fields(ConvertArgs)}, **DEFAULTS, **BEFORE_THE_OPTION}
-    before = {k: local_path(saved.get(k, defaults[k])) if k in PATH_OPTIONS else saved.get(k, defaults[k])
-              for k in args.to_dict()} if saved else {}
-    changed = [f"{k}: {before[k]!r} -> {v!r}" for k, v in args.to_dict().items()
-               if saved is not None and k not in ignore and before[k] != v]
-    if saved is None or changed:
-        raise ValueError(f"cannot resume {path}: the conversion there was made with other options "
-                         f"({'; '.join(changed) or 'unknown options'}); rerun with the same options, "
-                         "or pass --overwrite_output_dir to start afresh")
-    if run is not None:  # the same options, so the same --model: is it still the same model?
-        check_same_teacher(run.get("teacher_fingerprint"), fingerprint, args.model, f"the checkpoint {path}",
-                           "pass --overwrite_output_dir to convert the model as it is now")
-    return path
-
-
-def _load_teacher(args: ConvertArgs):
-    try:
-        config = load_config(args.model)  # an hf_adanorm checkpoint's too (AutoConfig refuses it)
-    except Exception as err:  # not a model folder / hub id
-        raise ValueError(f"cannot load model {args.model!r} ({type(err).__name__}: {err}); pass a hub id or a "
-                         "local folder of a pretrained model") from err
-    if getattr(config, "hf_adanorm", None) is not None:
-        raise ValueError(f"{args.model!r} is already converted to {config.hf_adanorm['config']['norm']!r}: "
-                         "convert the original model")
-    causal = _is_causal(args, config)
-    if causal and args.max_length < 2:
-        raise ValueError(f"max_length={args.max_length} is too short for a causal LM: a block needs at least 2 "
-                         "tokens, one to read and one to predict")
-    positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(positions, int) and args.max_length > positions:
-        raise ValueError(f"max_length={args.max_length} is more than the {positions} positions {args.model!r} "
-                         f"has: pass --max_length {positions} or less")
-    auto = AutoModelForCausalLM if causal else AutoModel
-    try:
-        teacher = auto.from_pretrained(args.model)
-    except Exception as err:
-        raise ValueError(f"cannot load {args.model!r} as {auto.__name__} ({type(err).__name__}: {err}); "
-                         "set --model_class") from err
-    teacher.eval().requires_grad_(False)
-    _check_length_fits(teacher, args)
-    return teacher, causal
-
-
-def _check_length_fits(teacher, args: ConvertArgs) -> None:
-    """One forward of a single max_length-token sequence. Models count their positions in their own ways
-    (RoBERTa's 514 embeddings hold 512 tokens, past its padding offset), so ask the model rather than its
-    config: a length it cannot take fails here, before a file is written, not at the first long batch.
-    On the CPU, where the teacher is loaded: on a GPU an index out of range is a device-side assert,
-    which leaves the CUDA context unusable instead of raising an error that can be explained."""
-    token = 1 if teacher.config.pad_token_id == 0 else 0  # not padding: a padding run would not count positions
-    try:
-        with torch.no_grad():
-            teacher(input_ids=torch.full((1, args.max_length), token, dtype=torch.long))
-    except (IndexError, RuntimeError) as err:
-        raise ValueError(f"{args.model!r} cannot take a sequence of max_length={args.max_length} tokens "
-                         f"({type(err).__name__}: {err}); pass a smaller --max_length") from err
-    except ValueError as err:  # transformers' refusal of the inputs, e.g. T5 asks for decoder inputs
-        raise ValueError(f"{args.model!r} does not run on token ids alone ({err}): convert distils models "
-                         "that do, encoders and causal LMs (BART builds its decoder inputs itself; T5 and "
-                         "other encoder-decoders that need decoder inputs are not supported)") from err
 
 
 def _freeze_unreached(student, teacher, batch, objective, wrapped, device) -> list[str]:
@@ -346,10 +163,10 @@ def convert_model(args: ConvertArgs) -> dict:
     # read on the main process only (every weight byte), then shared
     fingerprint = broadcast_object_list([model_fingerprint(args.model, args.tokenizer)
                                          if accelerator.is_main_process else None])[0]
-    resume_path = _check_output_dir(args, accelerator.num_processes, fingerprint)
+    resume_path = check_output_dir(args, accelerator.num_processes, fingerprint)
     norm_config = args.norm_config()
     tokenizer = load_tokenizer(args)
-    teacher, causal = _load_teacher(args)
+    teacher, causal = load_teacher(args)
     texts = load_texts(args, causal)
     data = tokenize(texts, tokenizer, args, causal, teacher.get_input_embeddings().num_embeddings)
     # Dropout off (eval mode) while distilling: the function to keep is the teacher's eval-mode one, and
@@ -394,7 +211,7 @@ def convert_model(args: ConvertArgs) -> dict:
     with ExitStack() as lock:
         if accelerator.is_main_process:  # one conversion per folder; the kernel frees the lock if we are killed
             lock.enter_context(folder_lock(out, "conversion"))
-            if _check_output_dir(args, accelerator.num_processes, fingerprint) != resume_path:
+            if check_output_dir(args, accelerator.num_processes, fingerprint) != resume_path:
                 raise RuntimeError(f"{out} changed while this conversion was being set up: is another process "
                                    "writing there?")
         loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "history": [], "naive": naive,
@@ -457,7 +274,8 @@ def convert_model(args: ConvertArgs) -> dict:
         unwrapped = accelerator.unwrap_model(model)
         unwrap_norms(unwrapped, wrapped)  # only the target norms remain
         final = measure(unwrapped, teacher, eval_loader, accelerator.device, causal=causal)
-        result = {"teacher": args.model, "teacher_fingerprint": fingerprint, "norm": norm_config.to_dict(), "objective": objective,
+        result = {"teacher": args.model, "teacher_fingerprint": fingerprint, "norm": norm_config.to_dict(),
+                  "objective": objective,
                   "schedule": args.schedule, "steps": total_steps, "exact_without_training": exact,
                   "dataset": args.dataset, "eval_sequences": naive["sequences"], "naive": loop["naive"],
                   "rescaled": rescaled, "start": loop.get("start", start), "start_alpha": len(rescaled) / (len(wrapped) + len(rescaled)),
