@@ -151,13 +151,13 @@ def test_compare_does_not_reuse_a_conversion_of_an_older_teacher(workspace, tmp_
 
 
 def test_a_model_with_a_task_head_is_refused_unless_its_base_model_is_asked_for(workspace, tmp_path):  # noqa: F811
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForTokenClassification
     config = BertConfig.from_pretrained(workspace / "bert", num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(tmp_path / "classifier")
-    AutoTokenizer.from_pretrained(workspace / "bert").save_pretrained(tmp_path / "classifier")
+    BertForTokenClassification(config).save_pretrained(tmp_path / "tagger")
+    AutoTokenizer.from_pretrained(workspace / "bert").save_pretrained(tmp_path / "tagger")
     args = _args(workspace, tmp_path / "out", max_steps=2, eval_every=2)
-    args.model = str(tmp_path / "classifier")
-    with pytest.raises(ValueError, match=r"fine-tuned for a task \(BertForSequenceClassification\).*Pass --model_class base"):
+    args.model = str(tmp_path / "tagger")
+    with pytest.raises(ValueError, match=r"fine-tuned for a task \(BertForTokenClassification\).*Pass --model_class base"):
         convert_model(args)
     assert not (tmp_path / "out").exists()
     args.model_class = "base"  # asked for: the encoder is converted, the head left behind

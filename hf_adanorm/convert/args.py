@@ -20,7 +20,7 @@ from .distill import OBJECTIVES
 from .schedule import SCHEDULES
 
 PATH_OPTIONS = ("model", "tokenizer", "dataset", "eval_dataset")  # hub ids, or local paths made absolute
-MODEL_CLASSES = ("auto", "causal_lm", "base")
+MODEL_CLASSES = ("auto", "causal_lm", "base", "sequence_classification")
 DEFAULT_SCHEDULE = "blend"  # the measured winner: docs/conversion.md
 NORM_OPTIONS = ("k", "C", "detach", "eps_mode", "include_rmsnorm", "include", "exclude", "fold_affine")
 # The options whose default depends on the target norm, and their values. AdaNorm starts much farther
@@ -74,9 +74,11 @@ class ConvertArgs:
     model_class: str = field(default="auto", metadata=_help(
         "'causal_lm' (AutoModelForCausalLM: distil next-token distributions), 'base' (AutoModel: distil "
         "the last hidden state and the mean-pooled embedding) or 'auto' (causal_lm when the model's "
-        "config names a *ForCausalLM / *LMHeadModel architecture, base when it names a base model or none; "
-        "a model with another head, such as *ForSequenceClassification, is refused: pass 'base' to convert "
-        "its base model and drop the head)."))
+        "config names a *ForCausalLM / *LMHeadModel architecture, sequence_classification for a "
+        "*ForSequenceClassification (AutoModelForSequenceClassification: distil its class probabilities and "
+        "its encoder's last hidden state; the head is kept), base for a base model, a pretraining head or "
+        "none; a model with another task head (token classification, question answering ...) is refused: "
+        "pass 'base' to convert its base model and drop the head)."))
     dataset: Optional[str] = field(default=None, metadata=_help(
         "Unlabeled text to distil on: a hub dataset id, a csv/json/jsonl/txt file, or a folder of "
         "train.* / validation.* files or of .txt files (as the recipes take it). Labels are ignored."))
@@ -132,8 +134,9 @@ class ConvertArgs:
         "converted model."))
     objective: str = field(default="auto", metadata=_help(
         "'logits' (KL of the teacher's to the student's token distributions), 'hidden' (cosine of the "
-        "last hidden state per token and of the mean-pooled embedding) or 'auto' (logits when the "
-        "model has them, else hidden)."))
+        "last hidden state per token and of the mean-pooled embedding), 'classifier' (a sequence "
+        "classifier: KL of its class probabilities plus 'hidden' on its encoder's output) or 'auto' "
+        "(classifier for a sequence classifier, else logits when the model has them, else hidden)."))
     max_steps: int = field(default=600, metadata=_help("Optimizer steps of distillation."))
     per_device_batch_size: int = field(default=32, metadata=_help("Texts (or blocks) per step and process."))
     max_length: int = field(default=64, metadata=_help(

@@ -8,6 +8,9 @@ With T = teacher, S = student, m the attention mask and ``pool`` the masked mean
 - ``hidden`` (encoders): the mean over unmasked tokens of 1 − cos(S_t, T_t) on the last
   hidden state, plus 1 − cos(pool(S), pool(T)) on the mean-pooled embedding. Cosines make
   the loss blind to the per-token scale, which LayerNorm-simple and AdaNorm cannot keep.
+- ``classifier`` (a sequence classifier): the mean over sequences of KL(softmax(T) ‖ softmax(S))
+  of the class logits, plus ``hidden`` on the encoder's last hidden state: the predictions, and
+  the representation that further fine-tuning starts from.
 """
 
 from __future__ import annotations
@@ -15,13 +18,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("auto", "logits", "hidden")
+OBJECTIVES = ("auto", "logits", "hidden", "classifier")
+# What each objective needs from a forward pass beyond the default outputs.
+FORWARD_OPTIONS = {"classifier": {"output_hidden_states": True}}
 
 
-def choose_objective(objective: str, output) -> str:
+def choose_objective(objective: str, output, kind: str = "base") -> str:
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    classifier = kind == "sequence_classification"
+    if objective == "classifier" and not classifier or classifier and objective not in ("auto", "classifier"):
+        raise ValueError(f"objective {objective!r} does not fit a {kind} model: 'classifier' is the objective "
+                         "of a sequence classifier (--model_class sequence_classification), and its only one: "
+                         "it keeps both the predictions and the representation")
     if objective == "auto":
+        if kind == "sequence_classification":
+            return "classifier"
         return "logits" if getattr(output, "logits", None) is not None else "hidden"
     if objective == "logits" and getattr(output, "logits", None) is None:
         raise ValueError("objective 'logits' needs a model whose output has logits (a model with a head); "
@@ -59,6 +71,9 @@ def hidden_loss(teacher_hidden, student_hidden, mask) -> torch.Tensor:
 def distill_loss(objective: str, teacher_out, student_out, mask) -> torch.Tensor:
     if objective == "logits":
         return token_kl(teacher_out.logits, student_out.logits, mask)
+    if objective == "classifier":
+        return (token_kl(teacher_out.logits, student_out.logits, mask)
+                + hidden_loss(teacher_out.hidden_states[-1], student_out.hidden_states[-1], mask))
     return hidden_loss(teacher_out.last_hidden_state, student_out.last_hidden_state, mask)
 
 
@@ -85,10 +100,14 @@ def drift(teacher_out, student_out, mask, next_tokens=None) -> dict:
         kl = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1)
         out["kl"] = kl[mask].sum().item() if kl.dim() == 2 else kl.sum().item()
         out["kl_count"] = int(mask.sum()) if kl.dim() == 2 else kl.shape[0]
+        if kl.dim() == 1:  # a classifier: how many of its predictions the student keeps
+            out["agreement"] = int((t.argmax(-1) == s.argmax(-1)).sum())
     # Encoders only: an LM's last hidden state is not its output (and a fold changes it exactly
-    # where the logits stay the same).
+    # where the logits stay the same). A classifier's encoder output is its last hidden state.
     last_t = getattr(teacher_out, "last_hidden_state", None)
     last_s = getattr(student_out, "last_hidden_state", None)
+    if last_t is None and "agreement" in out and t_states is not None and s_states is not None:
+        last_t, last_s = t_states[-1], s_states[-1]
     if last_t is not None and last_s is not None:
         pooled = F.cosine_similarity(pool(last_s.float(), mask), pool(last_t.float(), mask), dim=-1)
         out["embedding_cosine"] = pooled.sum().item()

@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from ..atomic_folder import is_staging_leftover
 from ..checkpoint import load_config
@@ -21,9 +21,10 @@ from .report import ARGS_FILE, MODEL_DIR, OWN_FILES, PLOT_FILE, REPORT_FILE, RES
 LOCK_FILES = (LOCK_FILE, OWNER_FILE)  # a conversion's own, kept when --overwrite_output_dir clears the rest
 
 
-# Heads fine-tuned for a task: loaded as the base model, that task's function would be dropped from what
-# is saved. (Pretraining heads, *ForMaskedLM / *ForPreTraining, are what fine-tuning discards anyway: such
-# a model is converted as its base model, as compare --convert and the recipes then use it.)
+# Heads fine-tuned for a task. A sequence classifier's is distilled and kept (model_kind); loaded as the
+# base model, any other's function would be dropped from what is saved. (Pretraining heads, *ForMaskedLM /
+# *ForPreTraining, are what fine-tuning discards anyway: such a model is converted as its base model, as
+# compare --convert and the recipes then use it.)
 TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice",
               "DoubleHeadsModel")
 
@@ -33,19 +34,32 @@ def task_head(config) -> str | None:
     return next((a for a in (config.architectures or []) if any(h in a for h in TASK_HEADS)), None)
 
 
-def is_causal(args: ConvertArgs, config) -> bool:
+def model_kind(args: ConvertArgs, config) -> str:
+    """One of MODEL_CLASSES but 'auto': what the teacher is loaded as, and so what is distilled."""
     if args.model_class != "auto":
-        return args.model_class == "causal_lm"
+        return args.model_class
     architectures = config.architectures or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        return True
+        return "causal_lm"
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "sequence_classification"
     head = task_head(config)
     if head:
         raise ValueError(f"{args.model!r} is a model fine-tuned for a task ({head}): convert keeps the "
-                         "function of a causal LM or of a base model, not of a task head. Pass --model_class "
-                         "base to convert its base model (the head is not kept: fine-tune a new one on the "
-                         "converted model), or --model_class causal_lm to keep a language-model head it has")
-    return False
+                         "function of a causal LM, a sequence classifier or a base model, not of this head. "
+                         "Pass --model_class base to convert its base model (the head is not kept: fine-tune "
+                         "a new one on the converted model), or --model_class causal_lm to keep a "
+                         "language-model head it has")
+    return "base"
+
+
+def _check_classifier(args: ConvertArgs, config) -> None:
+    """The classifier objective distils a distribution over classes: one label of several."""
+    if config.num_labels < 2 or config.problem_type in ("regression", "multi_label_classification"):
+        what = config.problem_type or f"{config.num_labels} label"
+        raise ValueError(f"{args.model!r} is a {what} head: convert distils a single-label classifier's class "
+                         "probabilities, which a regression or multi-label head does not give. Pass "
+                         "--model_class base to convert its base model (the head is not kept)")
 
 
 def _own_file(name: str) -> bool:
@@ -156,6 +170,7 @@ def check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | 
 
 
 def load_teacher(args: ConvertArgs):
+    """The teacher, frozen and in eval mode, and what it was loaded as (:func:`model_kind`)."""
     try:
         config = load_config(args.model)  # an hf_adanorm checkpoint's too (AutoConfig refuses it)
     except Exception as err:  # not a model folder / hub id
@@ -164,15 +179,18 @@ def load_teacher(args: ConvertArgs):
     if getattr(config, "hf_adanorm", None) is not None:
         raise ValueError(f"{args.model!r} is already converted to {config.hf_adanorm['config']['norm']!r}: "
                          "convert the original model")
-    causal = is_causal(args, config)
-    if causal and args.max_length < 2:
+    kind = model_kind(args, config)
+    if kind == "sequence_classification":
+        _check_classifier(args, config)
+    if kind == "causal_lm" and args.max_length < 2:
         raise ValueError(f"max_length={args.max_length} is too short for a causal LM: a block needs at least 2 "
                          "tokens, one to read and one to predict")
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and args.max_length > positions:
         raise ValueError(f"max_length={args.max_length} is more than the {positions} positions {args.model!r} "
                          f"has: pass --max_length {positions} or less")
-    auto = AutoModelForCausalLM if causal else AutoModel
+    auto = {"causal_lm": AutoModelForCausalLM, "base": AutoModel,
+            "sequence_classification": AutoModelForSequenceClassification}[kind]
     try:
         teacher = auto.from_pretrained(args.model)
     except Exception as err:
@@ -180,7 +198,7 @@ def load_teacher(args: ConvertArgs):
                          "set --model_class") from err
     teacher.eval().requires_grad_(False)
     _check_length_fits(teacher, args)
-    return teacher, causal
+    return teacher, kind
 
 
 def _check_length_fits(teacher, args: ConvertArgs) -> None:

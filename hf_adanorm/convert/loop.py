@@ -30,7 +30,7 @@ from ..training.locks import check_not_in_use, folder_lock
 from ..training.loop import backward_and_step, make_accelerator, resumed_batches
 from .args import ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
-from .distill import choose_objective, distill_loss, drift
+from .distill import FORWARD_OPTIONS, choose_objective, distill_loss, drift
 from .exact_grad import exact_backward
 from .fingerprint import model_fingerprint
 from .inputs import check_output_dir, load_teacher
@@ -51,8 +51,9 @@ def _freeze_unreached(student, teacher, batch, objective, wrapped, device) -> li
     set_alphas(wrapped, [0.5] * len(wrapped))  # both paths of every blend are live
     batch = {k: v[:2].to(device) for k, v in batch.items()}
     with torch.no_grad():
-        target = teacher(**batch)
-    distill_loss(objective, target, student(**batch), batch["attention_mask"]).backward()
+        target = teacher(**batch, **FORWARD_OPTIONS.get(objective, {}))
+    distill_loss(objective, target, student(**batch, **FORWARD_OPTIONS.get(objective, {})),
+                 batch["attention_mask"]).backward()
     unused = [name for name, p in student.named_parameters() if p.requires_grad and p.grad is None]
     for name, p in student.named_parameters():
         p.grad = None
@@ -166,7 +167,8 @@ def convert_model(args: ConvertArgs) -> dict:
     resume_path = check_output_dir(args, accelerator.num_processes, fingerprint)
     norm_config = args.norm_config()
     tokenizer = load_tokenizer(args)
-    teacher, causal = load_teacher(args)
+    teacher, kind = load_teacher(args)
+    causal = kind == "causal_lm"
     texts = load_texts(args, causal)
     data = tokenize(texts, tokenizer, args, causal, teacher.get_input_embeddings().num_embeddings)
     # Dropout off (eval mode) while distilling: the function to keep is the teacher's eval-mode one, and
@@ -181,7 +183,8 @@ def convert_model(args: ConvertArgs) -> dict:
     probe = next(iter(eval_loader))
     with torch.no_grad():
         objective = choose_objective(args.objective, teacher(**{k: v[:1].to(accelerator.device)
-                                                                for k, v in probe.items()}))
+                                                                for k, v in probe.items()}), kind)
+    extra = FORWARD_OPTIONS.get(objective, {})  # what the objective reads beyond the default outputs
 
     student.to(accelerator.device)
     unused = _freeze_unreached(student, teacher, probe, objective, wrapped, accelerator.device)
@@ -238,10 +241,10 @@ def convert_model(args: ConvertArgs) -> dict:
                 set_alphas(wrapped, alphas(args.schedule, loop["step"], ramp_steps, len(wrapped)))
                 with accelerator.accumulate(model):
                     with torch.no_grad():
-                        target = teacher(**batch)
+                        target = teacher(**batch, **extra)
                     # the loss through each norm's exact gradient (exact_grad.py); measured as saved
                     with exact_backward(student, args.exact_backward):
-                        loss = distill_loss(objective, target, model(**batch), batch["attention_mask"])
+                        loss = distill_loss(objective, target, model(**batch, **extra), batch["attention_mask"])
                         if targets is not None:
                             loss = loss + args.layer_loss_weight * targets.loss(batch["attention_mask"])
                         backward_and_step(accelerator, model, loss, optimizer, scheduler, args.max_grad_norm)
@@ -305,7 +308,7 @@ def _card_facts(result: dict) -> dict:
              "schedule": result["schedule"], "distillation steps": result["steps"],
              "objective": result["objective"]}
     for when in ("naive", "converted"):
-        for key in ("embedding_cosine", "relative_error", "kl"):
+        for key in ("embedding_cosine", "relative_error", "kl", "agreement"):
             if key in result[when]:
                 facts[f"{key} ({'naive swap' if when == 'naive' else 'after conversion'})"] = result[when][key]
     return facts

@@ -31,6 +31,8 @@ def summarize(sums: dict) -> dict:
         out["relative_error"] = sums["relative_error"] / sums["tokens"]
     if "kl" in sums:
         out["kl"] = sums["kl"] / sums["kl_count"]
+    if "agreement" in sums:  # a classifier: the share of predictions the student keeps
+        out["agreement"] = sums["agreement"] / sums["kl_count"]
     if "lm_tokens" in sums:  # nats per predicted token on the held-out text itself
         out["teacher_lm_loss"] = sums["teacher_lm_loss"] / sums["lm_tokens"]
         out["student_lm_loss"] = sums["student_lm_loss"] / sums["lm_tokens"]
@@ -71,7 +73,8 @@ def markdown(result: dict) -> str:
     lines += ["| | " + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for key, label in (("embedding_cosine", "mean-pooled embedding cosine"),
                        ("relative_error", "relative error of the last hidden state"),
-                       ("kl", "KL(teacher ‖ student), nats/token"),
+                       ("kl", "KL(teacher ‖ student), nats per " + ("sequence" if "agreement" in conv else "token")),
+                       ("agreement", "share of the teacher's predicted classes kept"),
                        ("student_lm_loss", "held-out next-token loss, nats/token "
                                            "(the original's: {teacher_lm_loss:.4g})")):
         if key in conv:

@@ -1,0 +1,73 @@
+"""A sequence classifier is converted with its head: its class probabilities and its encoder's output
+are distilled (the ``classifier`` objective), and the saved model predicts with the head it kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+import hf_adanorm
+from hf_adanorm.convert import convert_model
+
+from test_convert import _args, _random_affine, workspace  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _classifier(workspace, folder, **config):  # noqa: F811
+    torch.manual_seed(1)
+    model = BertForSequenceClassification(BertConfig.from_pretrained(workspace / "bert", **config))
+    _random_affine(model)
+    with torch.no_grad():  # confident predictions, so that the swap visibly changes them
+        model.classifier.weight.mul_(30)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(workspace / "bert").save_pretrained(folder)
+    return model.eval()
+
+
+def test_a_classifier_keeps_its_head_and_its_predictions(workspace, tmp_path):  # noqa: F811
+    teacher = _classifier(workspace, tmp_path / "clf", num_labels=3)
+    args = _args(workspace, tmp_path / "out", max_steps=40, eval_every=20)
+    args.model = str(tmp_path / "clf")
+    result = convert_model(args)
+    assert result["objective"] == "classifier"
+    naive, converted = result["naive"], result["converted"]
+    assert converted["kl"] < 0.5 * naive["kl"], (naive, converted)
+    assert converted["agreement"] >= naive["agreement"] and converted["agreement"] > 0.8
+    assert converted["embedding_cosine"] > naive["embedding_cosine"]
+    # the head was trained with the encoder and saved with it: the reloaded model is the one measured
+    saved = load_file(tmp_path / "out" / "model" / "model.safetensors")
+    assert "classifier.weight" in saved and not torch.equal(saved["classifier.weight"], teacher.classifier.weight)
+    student = hf_adanorm.from_pretrained(AutoModelForSequenceClassification, tmp_path / "out" / "model").eval()
+    assert student.num_labels == 3 and torch.equal(student.classifier.weight, saved["classifier.weight"])
+    tokenizer = hf_adanorm.load_tokenizer(tmp_path / "out" / "model")
+    batch = tokenizer(["the film is dull", "a warm and funny story", "nothing works"], padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        t, s = teacher(**batch).logits, student(**batch).logits
+    kl = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1).mean()
+    assert kl < naive["kl"]
+    assert "share of the teacher's predicted classes kept" in (tmp_path / "out" / "conversion.md").read_text()
+
+
+@pytest.mark.parametrize("config", [{"num_labels": 1}, {"num_labels": 3, "problem_type": "multi_label_classification"}])
+def test_a_regression_or_multi_label_head_is_refused_with_what_to_do(workspace, tmp_path, config):  # noqa: F811
+    _classifier(workspace, tmp_path / "clf", **config)
+    args = _args(workspace, tmp_path / "out", max_steps=2)
+    args.model = str(tmp_path / "clf")
+    with pytest.raises(ValueError, match="single-label classifier's class probabilities.*--model_class base"):
+        convert_model(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_classifier_objective_fits_only_a_classifier(workspace, tmp_path):  # noqa: F811
+    _classifier(workspace, tmp_path / "clf", num_labels=2)
+    for model, objective in ((str(tmp_path / "clf"), "hidden"), (str(workspace / "bert"), "classifier")):
+        args = _args(workspace, tmp_path / "out", max_steps=2, objective=objective)
+        args.model = model
+        with pytest.raises(ValueError, match=f"objective '{objective}' does not fit"):
+            convert_model(args)
+        assert not (tmp_path / "out").exists()
