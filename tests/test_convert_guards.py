@@ -126,6 +126,14 @@ def test_compare_does_not_reuse_a_conversion_of_an_older_teacher(workspace, tmp_
     (result,) = (tmp_path / "sweep" / "conversions").glob("*/conversion.json")
     old = json.loads(result.read_text())["teacher_fingerprint"]
     assert old == model_fingerprint(tmp_path / "bert")
+    # a tokenizer of its own is part of what the conversion was made from: a rerun reuses it all
+    shutil.copytree(workspace / "bert", tmp_path / "tokenizer")
+    own_tokenizer = dict(sweep, output_dir=tmp_path / "sweep-tok")
+    compare(dict(setup, tokenizer=str(tmp_path / "tokenizer")), **own_tokenizer)
+    (converted,) = (tmp_path / "sweep-tok" / "conversions").glob("*/conversion.json")
+    stamp = converted.stat().st_mtime_ns
+    compare(dict(setup, tokenizer=str(tmp_path / "tokenizer")), **own_tokenizer)
+    assert converted.stat().st_mtime_ns == stamp
     _save_again_changed(tmp_path / "bert")
     before = _snapshot(tmp_path / "sweep")
     # sweep.json records the model's fingerprint: no run of the old model is reused, baseline included

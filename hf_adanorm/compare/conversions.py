@@ -122,7 +122,7 @@ def check_conversions_current(plans: dict) -> None:
     for norm, args in plans.items():
         done = Path(args.output_dir) / RESULT_FILE
         if done.is_file():
-            fingerprint = fingerprint or model_fingerprint(args.model)
+            fingerprint = fingerprint or model_fingerprint(args.model, args.tokenizer)  # as convert takes it
             check_same_teacher(json.loads(done.read_text()).get("teacher_fingerprint"), fingerprint, args.model,
                                f"the {norm} conversion in {done.parent}", "pass --overwrite_output_dir to "
                                "start the sweep afresh (its conversions too), or use another --output-dir")
