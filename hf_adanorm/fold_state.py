@@ -326,8 +326,8 @@ def _still_folded(model, layer, folded: FoldedLayer, affine) -> Optional[bool]:
         # the fold's inputs are lost (e.g. .half() of a tied LM head): the bias alone would miss a
         # change to the weight only, so the folded weight's bits are compared in its dtype now, and so
         # are the tied original's (an edit to it, e.g. to the input embeddings, would be tied back in)
-        expected = getattr(folded, "fingerprints", {}).get(now.dtype)
-        expected_original = getattr(folded, "original_fingerprints", {}).get(original.dtype)
+        expected = folded.fingerprints.get(now.dtype)
+        expected_original = folded.original_fingerprints.get(original.dtype)
         if expected is None or expected_original is None:
             return None
         return _digest(now, now.dtype) == expected and _digest(original, original.dtype) == expected_original

@@ -10,6 +10,7 @@ baseline fine-tunes the original. Conversions live in ``<sweep>/conversions/<nor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -95,8 +96,6 @@ def _refuse_a_task_model(model: str) -> None:
 def run_conversions(plans: dict, progress: bool = True, overwrite: bool = False) -> dict:
     """Convert each arm's model unless already done (``overwrite``: again, whatever is there); returns
     {norm: conversion result}."""
-    import dataclasses
-
     from ..convert import convert_model
     from ..convert.report import RESULT_FILE
 

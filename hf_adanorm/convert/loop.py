@@ -45,15 +45,14 @@ EXACT = 1e-6  # below this relative error (or KL) the naive swap already is the 
 CAN_BE_EXACT = ("layernorm_simple", "detachnorm")
 
 
-def _freeze_unreached(student, teacher, batch, objective, wrapped, device) -> list[str]:
+def _freeze_unreached(student, teacher, batch, objective, extra, wrapped, device) -> list[str]:
     """Freeze the parameters the objective cannot reach (e.g. BERT's pooler under the hidden-state
     objective): they stay the teacher's, and DDP needs every trained parameter to get a gradient."""
     set_alphas(wrapped, [0.5] * len(wrapped))  # both paths of every blend are live
     batch = {k: v[:2].to(device) for k, v in batch.items()}
     with torch.no_grad():
-        target = teacher(**batch, **FORWARD_OPTIONS.get(objective, {}))
-    distill_loss(objective, target, student(**batch, **FORWARD_OPTIONS.get(objective, {})),
-                 batch["attention_mask"]).backward()
+        target = teacher(**batch, **extra)
+    distill_loss(objective, target, student(**batch, **extra), batch["attention_mask"]).backward()
     unused = [name for name, p in student.named_parameters() if p.requires_grad and p.grad is None]
     for name, p in student.named_parameters():
         p.grad = None
@@ -187,7 +186,7 @@ def convert_model(args: ConvertArgs) -> dict:
     extra = FORWARD_OPTIONS.get(objective, {})  # what the objective reads beyond the default outputs
 
     student.to(accelerator.device)
-    unused = _freeze_unreached(student, teacher, probe, objective, wrapped, accelerator.device)
+    unused = _freeze_unreached(student, teacher, probe, objective, extra, wrapped, accelerator.device)
     naive = measure(student, teacher, eval_loader, accelerator.device, wrapped, causal)  # the swap with no training
     # Logits are the function of an LM (a fold moves the last norm's gain into the head, so its
     # hidden states differ while its predictions do not); for an encoder the hidden state is.
