@@ -126,6 +126,45 @@ def clear_gain(norm, seed):
                 eval_loss=0.5 + float(rng.normal(0, 0.01)))
 
 
+def five_more_right_of_500(norm, seed):
+    """Every seed gets exactly 5 more test sentences right with adanorm: the same Δ of 0.01, which floats
+    give as 0.010000000000000009 or 0.009999999999999898 depending on the accuracies."""
+    right = {0: 350, 1: 405, 2: 356}[seed] + (5 if norm == "adanorm" else 0)
+    return dict(test_accuracy=right / 500)
+
+
+def test_the_same_difference_in_every_seed_is_not_a_spread_of_round_off(tmp_path):
+    diffs = [five_more_right_of_500("adanorm", s)["test_accuracy"] - five_more_right_of_500("layernorm", s)[
+        "test_accuracy"] for s in range(3)]
+    assert np.ptp(diffs) > 0, "the fixture should give float differences that are not equal"
+    report = compare(SETUP, ["layernorm", "adanorm"], [0, 1, 2], tmp_path, run_fn=FixedRun(five_more_right_of_500),
+                     progress=False)
+    row = next(r for r in json.loads((report.parent / "summary.json").read_text())["rows"] if r["norm"] == "adanorm")
+    assert row["t_pvalue"] is None and row["mde"] is None and row["diff_std"] == 0.0
+    assert row["mean_diff"] == pytest.approx(0.01)
+    assert row["wilcoxon_pvalue"] == pytest.approx(stats.wilcoxon([0.01] * 3).pvalue)
+    verdict = report.read_text().split("**Read with care.**")[0]
+    assert "every seed gave the same Δ test_accuracy = +0.01: with no spread" in verdict and "differs" not in verdict
+
+
+def one_seed_diverged(norm, seed):
+    loss = math.nan if (norm, seed) == ("adanorm", 1) else 2.0 + 0.01 * seed + (0.05 if norm == "adanorm" else 0)
+    return dict(eval_loss=loss, eval_bpc=loss / math.log(2))
+
+
+def test_a_diverged_run_is_named_not_read_as_no_spread(tmp_path):
+    report = compare(SETUP, ["layernorm", "adanorm"], [0, 1, 2], tmp_path, run_fn=FixedRun(one_seed_diverged),
+                     progress=False)
+    rows = {(r["metric"], r["norm"]): r for r in json.loads((report.parent / "summary.json").read_text())["rows"]}
+    assert rows[("eval_bpc", "adanorm")]["nonfinite_seeds"] == [1] and rows[("eval_bpc", "layernorm")][
+        "nonfinite_seeds"] == []
+    assert rows[("eval_bpc", "adanorm")]["t_pvalue"] is None and rows[("eval_bpc", "adanorm")]["mean"] is None
+    verdict = report.read_text().split("**Read with care.**")[0]
+    assert "**⚠ 1 of 6 runs ended with a metric that is not a number** (adanorm seed 1: eval_loss, eval_bpc)" in verdict
+    assert "adanorm seed 1 diverged (eval_bpc is not a number)" in verdict
+    assert "same Δ" not in verdict
+
+
 def test_the_verdict_follows_from_the_numbers(tmp_path):
     report = compare(SETUP, ["layernorm", "layernorm_simple", "adanorm"], [0, 1, 2, 3], tmp_path,
                      run_fn=FixedRun(clear_gain), progress=False)
@@ -183,7 +222,7 @@ def test_cli_passes_overwrite_output_dir_on(tmp_path, monkeypatch):
         return tmp_path / "report.md"
 
     monkeypatch.setattr(compare_module, "compare", fake_compare)
-    argv = ["compare", "--model", "m", "--dataset", str(tmp_path), "--output-dir", str(tmp_path / "o")]
+    argv = ["compare", "--model", str(tmp_path), "--dataset", str(tmp_path), "--output-dir", str(tmp_path / "o")]
     assert main(argv) == 0 and seen == {"overwrite": False}
     assert main([*argv, "--overwrite_output_dir"]) == 0 and seen == {"overwrite": True}
 
@@ -203,7 +242,7 @@ def test_cli_reruns_a_convert_sweep_in_its_folder(tmp_path, monkeypatch, capsys)
         return tmp_path / "report.md"
 
     monkeypatch.setattr(compare_module, "compare", fake_compare)
-    argv = ["compare", "--model", "m", "--dataset", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+    argv = ["compare", "--model", str(tmp_path), "--dataset", str(tmp_path), "--output-dir", str(tmp_path / "o"),
             "--norms", "layernorm", "adanorm", "--convert", "--convert-options", '{"max_steps": 5}']
     assert main([*argv, "--seeds", "0"]) == 0
     assert json.loads((tmp_path / "o" / "sweep.json").read_text())["convert"] == {"max_steps": 5}

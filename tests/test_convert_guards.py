@@ -211,10 +211,12 @@ def test_an_encoder_decoder_that_needs_decoder_inputs_is_refused_clearly(workspa
 
 
 def test_a_hub_models_cached_snapshot_linked_into_the_output_is_refused(workspace, tmp_path, monkeypatch):  # noqa: F811
-    from hf_adanorm.convert import inputs
+    from huggingface_hub import constants
     snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc"
     shutil.copytree(workspace / "bert", snapshot)
-    monkeypatch.setattr(inputs, "model_folder", lambda name: snapshot if name == "org/tiny" else None)
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # a hub cache that holds org/tiny
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "model").symlink_to(snapshot, target_is_directory=True)
     before = _snapshot(snapshot)

@@ -59,7 +59,8 @@ def test_blocks_are_cut_from_groups_of_a_thousand_examples():
     ({"dataset": "missing/train.csv"}, FileNotFoundError, "does not exist"),
     ({"text_column": "sentence"}, ValueError, r"no column \['sentence'\].*columns are \['text', 'label'\]"),
     ({"label_column": "stars"}, ValueError, r"no column \['stars'\]"),
-    ({"model": "no/such-model-folder"}, ValueError, "cannot load model"),
+    ({"model": "no/such-model-folder"}, FileNotFoundError, "no such local folder, and the hub id .* is not in the "
+                                                           "local cache"),
     ({"model": "config:not_an_architecture"}, ValueError, "cannot load model"),
 ])
 def test_bad_input_fails_before_training(tmp_path, change, error, message):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_recipes import REPO, TINY_BERT, tiny_args
@@ -196,14 +197,39 @@ def test_bad_data_is_named_with_its_file_row_and_column(tmp_path, train, message
     assert not Path(args.output_dir).exists(), "something was written before the error"
 
 
-def test_an_unlabelled_test_split_is_dropped_not_refused(tmp_path):
+@pytest.mark.parametrize("hidden", [b"", b"-1"])  # empty cells, or GLUE's -1
+def test_an_unlabelled_test_split_is_dropped_not_refused(tmp_path, hidden):
     from hf_adanorm.training import classification
     data = tmp_path / "mine"
     write_csv(data, "train.csv", GOOD_ROWS)
     write_csv(data, "validation.csv", GOOD_ROWS)
-    write_csv(data, "test.csv", b"text,label\nnice film,\nawful plot,\n")
+    write_csv(data, "test.csv", b"text,label\nnice film,%s\nawful plot,%s\n" % (hidden, hidden))
     task = classification.build_task(TrainingArgs(**tiny_args(tmp_path, dataset=str(data))))
     assert sorted(task.splits) == ["train", "validation"]
+
+
+def test_a_test_split_with_one_unknown_label_is_refused_not_dropped(tmp_path):
+    data = tmp_path / "mine"
+    write_csv(data, "train.csv", GOOD_ROWS)
+    write_csv(data, "validation.csv", GOOD_ROWS)
+    write_csv(data, "test.csv", b"text,label\nnice film,1\nawful plot,0\nfine,2\n")  # a typo: 2
+    args = TrainingArgs(**tiny_args(tmp_path, dataset=str(data)))
+    with pytest.raises(ValueError, match=r"test labels \[2\] never occur in train"):
+        run_training(args)
+    assert not Path(args.output_dir).exists()
+
+
+def test_macro_f1_averages_over_the_same_classes_in_every_run():
+    from hf_adanorm.training.classification import compute_metrics
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])  # a 3-class task whose split holds no class 2
+    one_error_as_0 = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 0])
+    one_error_as_2 = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 0])  # the same error, called a class absent here
+    f1 = [compute_metrics({"label": y, "prediction": p, "loss": np.ones(10)}, 0)["f1"]
+          for p in (one_error_as_0, one_error_as_2)]
+    from sklearn.metrics import precision_recall_fscore_support
+    for p, value in zip((one_error_as_0, one_error_as_2), f1):  # by hand: the mean F1 of classes 0 and 1
+        per_class = precision_recall_fscore_support(y, p, labels=[0, 1], zero_division=0)[2]
+        assert value == pytest.approx(per_class.mean())  # the stray 2 is a missed 1, not a third class at F1 0
 
 
 def test_a_built_vocabulary_covers_the_pair_column(tmp_path):

@@ -48,9 +48,9 @@ def test_fold_affine_is_a_recipe_and_compare_option(monkeypatch, tmp_path):
         return report
 
     monkeypatch.setattr("hf_adanorm.compare.compare", fake_compare)
-    assert main(["compare", "--model", "m", "--dataset", "d.csv", "--fold_affine",
+    assert main(["compare", "--model", str(tmp_path), "--dataset", "d.csv", "--fold_affine",
                  "--norms", "layernorm", "layernorm_simple", "--output-dir", str(tmp_path / "o")]) == 0
-    assert given == {"model": "m", "dataset": "d.csv", "fold_affine": True}
+    assert given == {"model": str(tmp_path), "dataset": "d.csv", "fold_affine": True}
 
 
 def test_pre_ln_gpt2_is_folded_and_trains(tmp_path):

@@ -254,6 +254,32 @@ def test_resume_from_an_explicit_checkpoint_and_refuse_to_mix_runs(tmp_path):
     assert again["history"] == first["history"] and again["final"] == first["final"]
 
 
+def test_a_run_killed_after_its_last_checkpoint_resumes_without_an_extra_step(tmp_path, monkeypatch):
+    # 6 steps per epoch; max_steps=8 ends mid-epoch 2, and the kill comes after checkpoints/step_8, in the
+    # final evaluation: the resume has nothing left to train (it used to train the rest of the epoch's batches)
+    common = dict(num_epochs=2, max_steps=8, checkpointing_steps=4, lr_scheduler="constant")
+    reference = run_training(TrainingArgs(**tiny_args(tmp_path, output_dir=str(tmp_path / "reference"), **common)))
+    from hf_adanorm.training import loop
+
+    evaluate, calls = loop.evaluate, []
+
+    def killed_in_the_final_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 1's evaluation, then the final one
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    args = tiny_args(tmp_path, output_dir=str(tmp_path / "killed"), **common)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "evaluate", killed_in_the_final_evaluation)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(TrainingArgs(**args))
+    assert latest_checkpoint(args["output_dir"]) == Path(args["output_dir"]) / CHECKPOINT_DIR / "step_8"
+    resumed = run_training(TrainingArgs(**args, resume_from_checkpoint="latest"))
+    assert [e["step"] for e in resumed["history"]] == [e["step"] for e in reference["history"]] == [6, 8]
+    assert resumed["history"] == reference["history"] and resumed["final"] == reference["final"]
+
+
 def test_a_finished_run_is_refused_unless_overwrite_output_dir(tmp_path):
     args = tiny_args(tmp_path, num_epochs=1, checkpointing_steps=2, save_model=True)
     run_training(TrainingArgs(**args))

@@ -79,12 +79,16 @@ def run_compare(args) -> int:
 
     from . import compare
     from .default import default_setup, write_digits_csv
+    from ..sources import expand_home
+    from ..training.args import check_sources
     from .sweep import accelerate_runner, check_plan, check_sweep
 
     for single in ("norm", "seed"):
         if getattr(args, f"single_{single}"):
             return fail(f"--{single} sets a single run; compare takes --{single}s A B ...")
-    given = {k: getattr(args, k) for k in sorted(args.shared_options) if hasattr(args, k)}
+    # '~/m' expanded here, so that the sweep records, fingerprints and checks the folder the runs load
+    given = {k: expand_home(getattr(args, k)) for k in sorted(args.shared_options) if hasattr(args, k)}
+    args.output_dir = expand_home(args.output_dir)
     try:
         check_plan(args.norms, args.seeds)
         if args.accelerate_config and args.launcher != "accelerate":
@@ -94,6 +98,8 @@ def run_compare(args) -> int:
         demo = "model" not in given and "dataset" not in given
         setup = dict(default_setup(args.output_dir), **given) if demo else given
         conversion = _conversion_options(args)
+        if setup.get("model"):  # named before the sweep folder is made
+            check_sources(setup["model"], setup.get("tokenizer"))
         # writes nothing; with the conversion options, which sweep.json records beside the setup
         check_sweep(setup, args.norms, args.seeds, args.output_dir, args.overwrite_output_dir, conversion)
         run_fn = accelerate_runner(args.accelerate_config) if args.launcher == "accelerate" else None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .plots import plot_final_metrics, plot_learning_curves
-from .stats import ALPHA, BASELINE, CONFIDENCE, MAX_SEEDS, POWER, SPLIT_ORDER, bounds_of, summarize
+from .stats import ALPHA, BASELINE, CONFIDENCE, MAX_SEEDS, POWER, SPLIT_ORDER, bounds_of, is_diagnostic, summarize
 
 
 def _is_nan(x) -> bool:
@@ -121,6 +121,12 @@ def verdict(runs: list[dict], summary: list[dict], norms: list[str], baseline: s
             lines.append(f"- **⚠ {flagged} of {len(runs)} runs predicted a single class on the "
                          f"{split.rstrip('_')} split** ({_seed_list(runs, norms, split)}): their accuracy is at best "
                          f"the majority-class baseline ({fmt(majority)}), so they show nothing about the norms.")
+    diverged = _diverged(runs)
+    if diverged:
+        lines.append(f"- **⚠ {len(diverged)} of {len(runs)} runs ended with a metric that is not a number** ("
+                     + "; ".join(f"{norm} seed {seed}: {', '.join(metrics)}" for (norm, seed), metrics in diverged.items())
+                     + "): they diverged, so the mean, CI and tests of those metrics are undefined (–) for "
+                     "their norm.")
     if not any(r["norm"] == baseline for r in runs):
         return lines + [f"- No `{baseline}` runs: the norms are described below, not tested against the baseline."]
     headline = headline_metric(summary)
@@ -145,9 +151,26 @@ def verdict(runs: list[dict], summary: list[dict], norms: list[str], baseline: s
     return lines
 
 
+def _diverged(runs: list[dict]) -> dict[tuple[str, int], list[str]]:
+    """{(norm, seed): the final metrics that are NaN or infinite} of each run that has one."""
+    found = {}
+    for r in runs:
+        bad = [k for k, v in r["final"].items()
+               if isinstance(v, float) and not math.isfinite(v) and not is_diagnostic(k)]
+        if bad:
+            found[(r["norm"], r["seed"])] = bad
+    return found
+
+
 def _detectable(row: dict, found_here: bool) -> str:
     """What this number of seeds could detect in ``row``'s metric."""
     m, metric = row["n_pairs"], row["metric"]
+    lost = [f"{row['norm']} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+            for seeds in [row.get("nonfinite_seeds", [])] if seeds]
+    lost += [f"the baseline's seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+             for seeds in [row.get("baseline_nonfinite_seeds", [])] if seeds]
+    if lost:
+        return f"{' and '.join(lost)} diverged ({metric} is not a number): nothing about {metric} can be tested"
     if m < 2:
         return f"with {m} seed pair{'s' if m != 1 else ''} nothing can be tested"
     if math.isnan(row["mde"]):

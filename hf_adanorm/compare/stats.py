@@ -15,7 +15,9 @@ the m seeds both have,
     wilcoxon_pvalue = scipy.stats.wilcoxon (signed-rank test, no normality assumption; with
                       m <= 5 pairs its two-sided p-value can never fall below 0.05).
 
-Everything is NaN where it is undefined (n < 2, m < 2, or all d_i equal).
+Everything is NaN where it is undefined (n < 2, m < 2, all d_i equal, or a value that is not finite:
+a diverged run). d_i within 64 ulps of the values' magnitude count as equal (and as 0 near 0): the
+accuracies 0.71 and 0.81 each 0.01 above their baseline give float differences that are not equal.
 
 Bounded metrics (accuracy and F1 in [0, 1], losses >= 0, perplexity >= 1): where the t
 interval leaves the bounds (few seeds, large spread), it is no interval of anything, so it
@@ -71,6 +73,11 @@ def final_values(runs: list[dict], norm: str, metric: str) -> dict[int, float]:
             if r["norm"] == norm and metric in r["final"]}
 
 
+def nonfinite_seeds(values: dict[int, float]) -> list[int]:
+    """The seeds whose value is NaN or infinite: runs that diverged."""
+    return sorted(seed for seed, value in values.items() if not math.isfinite(value))
+
+
 def describe(values, bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict:
     """n, mean, sample std and the t-based confidence interval of the mean (undefined, and
     flagged ``ci_outside_bounds``, where it would leave ``bounds``)."""
@@ -101,10 +108,18 @@ def paired_vs_baseline(values: dict[int, float], baseline: dict[int, float],
                wilcoxon_pvalue=math.nan, diff_std=math.nan, diff_ci_outside_bounds=False,
                mde=math.nan, seeds_needed=math.nan)
     diffs = x - b
+    if not np.all(np.isfinite(diffs)):  # a diverged run: no statistic of it means anything
+        return out
+    # Round-off: 0.71 - 0.70 and 0.81 - 0.80 differ in their last bits, so "every seed gave the same
+    # difference" (or none) must not read as a spread of 1e-17, which would make p tiny and the
+    # detectable difference 2e-16. Differences within a few ulps of the values are the same difference.
+    tolerance = 64 * np.finfo(float).eps * max(1.0, float(np.abs(x).max(initial=0)), float(np.abs(b).max(initial=0)))
+    diffs = np.where(np.abs(diffs) <= tolerance, 0.0, diffs)
+    spread = np.ptp(diffs) > tolerance if len(seeds) else False
     width = bounds[1] - bounds[0]
     with warnings.catch_warnings():  # scipy warns about small samples; the report says so
         warnings.simplefilter("ignore")
-        if len(seeds) >= 2 and np.ptp(diffs) > 0:  # the t statistic needs spread in d_i
+        if len(seeds) >= 2 and spread:  # the t statistic needs spread in d_i
             ttest = stats.ttest_rel(x, b)
             ci = ttest.confidence_interval(CONFIDENCE)
             out["t_pvalue"] = float(ttest.pvalue)
@@ -113,12 +128,12 @@ def paired_vs_baseline(values: dict[int, float], baseline: dict[int, float],
             else:
                 out["diff_ci_outside_bounds"] = True
         if len(seeds) >= 2:
-            out["diff_std"] = float(diffs.std(ddof=1))
-            if out["diff_std"] > 0:
+            out["diff_std"] = float(diffs.std(ddof=1)) if spread else 0.0
+            if spread:
                 out["mde"] = min_detectable_effect(out["diff_std"], len(seeds))
                 out["seeds_needed"] = seeds_needed(abs(out["mean_diff"]), out["diff_std"])
         if len(seeds) >= 2 and np.any(diffs != 0):  # signed ranks need a non-zero d_i
-            out["wilcoxon_pvalue"] = float(stats.wilcoxon(x, b).pvalue)
+            out["wilcoxon_pvalue"] = float(stats.wilcoxon(diffs).pvalue)
     return out
 
 
@@ -194,9 +209,11 @@ def summarize(runs: list[dict], norms: list[str], baseline: str = BASELINE) -> l
         base = final_values(runs, baseline, metric) if has_baseline else {}
         for norm in norms:
             values = final_values(runs, norm, metric)
-            row = dict(metric=metric, norm=norm, **describe(values.values(), bounds_of(metric)))
+            row = dict(metric=metric, norm=norm, **describe(values.values(), bounds_of(metric)),
+                       nonfinite_seeds=nonfinite_seeds(values))
             if has_baseline and norm != baseline:
-                row.update(paired_vs_baseline(values, base, bounds_of(metric)))
+                row.update(paired_vs_baseline(values, base, bounds_of(metric)),
+                           baseline_nonfinite_seeds=nonfinite_seeds(base))
             rows.append(row)
     paired = [row for row in rows if "n_pairs" in row]
     for test in ("t_pvalue", "wilcoxon_pvalue"):

@@ -16,6 +16,7 @@ from transformers import HfArgumentParser
 from ..config import NormConfig
 from ..norms import _is_int, _is_real
 from ..registry import available_norms
+from ..sources import expand_home
 from .distill import OBJECTIVES
 from .schedule import SCHEDULES
 
@@ -41,6 +42,7 @@ BEFORE_THE_OPTION = {"exact_backward": False}
 def local_path(value):
     """A local file or folder as its absolute path (one spelling per folder: 'm', './m/' and /abs/m are the
     same teacher, 'm' from another working folder is not); anything else, such as a hub id, as it is."""
+    value = expand_home(value)
     if isinstance(value, str) and value and os.path.exists(value):
         absolute = os.path.abspath(value)
         # abspath drops 'link/..' as text, where the kernel goes up from the link's target: refuse a path
@@ -222,6 +224,7 @@ class ConvertArgs:
                              f"{self.resume_from_checkpoint}: pass one or the other")
         for name in PATH_OPTIONS:  # a resume then compares the folder, not how it was written
             setattr(self, name, local_path(getattr(self, name)))
+        self.output_dir, self.resume_from_checkpoint = map(expand_home, (self.output_dir, self.resume_from_checkpoint))
 
     def norm_config(self) -> NormConfig:
         return NormConfig(norm=self.norm, **{name: getattr(self, name) for name in NORM_OPTIONS})

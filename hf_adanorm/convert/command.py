@@ -34,7 +34,7 @@ def run_convert(namespace) -> int:
     values = {f.name: getattr(namespace, f.name) for f in fields(ConvertArgs)}
     try:
         args = ConvertArgs(**values)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # an option out of range, a --model that is nowhere
         print(f"hf-adanorm convert: error: {err}", file=sys.stderr)
         return 2
     from . import convert_model

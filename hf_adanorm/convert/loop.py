@@ -25,6 +25,7 @@ from transformers import get_scheduler
 
 from ..checkpoint import save_pretrained
 from ..patch import get_patch_record, patch_model
+from ..sources import check_model_source
 from ..training import checkpoints
 from ..training.locks import check_not_in_use, folder_lock
 from ..training.loop import backward_and_step, make_accelerator, resumed_batches
@@ -158,6 +159,9 @@ def convert_model(args: ConvertArgs) -> dict:
     out = Path(args.output_dir)
 
     # Everything that can fail on bad input fails here, before a file is written.
+    for name in ("model", "tokenizer"):
+        if getattr(args, name) is not None:
+            check_model_source(name, getattr(args, name))
     if accelerator.is_main_process:  # first: a running conversion's folder is not an interrupted one
         check_not_in_use(out, "conversion")
     # read on the main process only (every weight byte), then shared

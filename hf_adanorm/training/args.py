@@ -18,6 +18,7 @@ from transformers import HfArgumentParser
 from ..config import NormConfig
 from ..norms import _is_int, _is_real
 from ..registry import available_norms
+from ..sources import check_model_source, expand_home
 
 BASELINE = "layernorm"  # the unpatched model
 TASKS = ("classification", "causal_lm")
@@ -44,6 +45,15 @@ def _norm_option(name: str):
     """A field that goes straight to NormConfig: same default, same help (one source of truth)."""
     spec = next(f for f in fields(NormConfig) if f.name == name)
     return field(default=spec.default, metadata=spec.metadata)
+
+
+def check_sources(model: str, tokenizer: str | None = None) -> None:
+    """Refuse a --model or --tokenizer that names nothing this machine can load (a path that does not
+    exist; offline, an uncached hub id), naming it, before anything is loaded or written."""
+    if not model.startswith("config:"):
+        check_model_source("model", model)
+    if tokenizer is not None and tokenizer not in BUILT_TOKENIZERS:
+        check_model_source("tokenizer", tokenizer)
 
 
 @dataclass
@@ -138,6 +148,7 @@ class TrainingArgs:
         for name in ("model", "tokenizer", "dataset", "output_dir", "resume_from_checkpoint"):
             if isinstance(getattr(self, name), PathLike):  # pathlib paths from Python callers
                 setattr(self, name, fspath(getattr(self, name)))
+            setattr(self, name, expand_home(getattr(self, name)))
         if isinstance(self.model_config, str):
             try:
                 self.model_config = json.loads(self.model_config)
@@ -199,6 +210,9 @@ class TrainingArgs:
                              "zero every step)")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; choose one of {SCHEDULERS}")
+
+    def check_sources(self) -> None:
+        check_sources(self.model, self.tokenizer)
 
     def norm_config(self) -> Optional[NormConfig]:
         """The patch to apply, or None for the LayerNorm baseline."""

@@ -43,8 +43,13 @@ def build_task(args: TrainingArgs) -> Task:
     is_class_label = hasattr(raw["train"].features[args.label_column], "names")
     label_ids = {(i if is_class_label else label): i for i, label in enumerate(labels)}
     majority = label_ids[Counter(raw["train"][args.label_column]).most_common(1)[0][0]]
-    if "test" in raw and any(y not in label_ids for y in raw["test"][args.label_column]):
-        raw.pop("test")  # hidden test labels (e.g. GLUE's -1): nothing to score against
+    if "test" in raw:
+        unknown = sorted({y for y in raw["test"][args.label_column] if y not in label_ids}, key=str)
+        if unknown and all(y not in label_ids for y in raw["test"][args.label_column]):
+            raw.pop("test")  # hidden test labels (e.g. GLUE's -1): nothing to score against
+        elif unknown:  # a typo or a class train lacks: scoring the rest would be another test set
+            raise ValueError(f"test labels {unknown[:5]} never occur in train ({labels[:10]}); an unlabelled test "
+                             "split (every label hidden) is dropped, a partly unknown one is refused")
     unknown = set(raw["validation"][args.label_column]) - set(label_ids)
     if unknown:
         raise ValueError(f"validation labels {sorted(unknown)[:5]} never occur in train ({labels[:10]})")
@@ -79,7 +84,9 @@ def eval_step(model, batch) -> dict:
 def compute_metrics(arrays: dict, majority_class: int, eval_metrics: dict | None = None) -> dict:
     y, p = arrays["label"].astype(np.int64), arrays["prediction"].astype(np.int64)
     metrics = {"loss": float(arrays["loss"].mean()), "accuracy": float(accuracy_score(y, p)),
-               "f1": float(f1_score(y, p, average="macro")),
+               # over the classes of the labels, the same for every run: scikit-learn's default adds the
+               # classes a run predicts, so one stray prediction of an absent class would change the average
+               "f1": float(f1_score(y, p, average="macro", labels=np.unique(y))),
                "majority_accuracy": float(np.mean(y == majority_class)),
                "predicted_classes": int(len(np.unique(p)))}
     return {**metrics, **compute_eval_metrics(eval_metrics or {}, y, p, taken=metrics)}

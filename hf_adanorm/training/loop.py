@@ -223,6 +223,7 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
 
     # Everything that can fail on bad input fails here, before a file is written. A folder in use
     # first: a running run's checkpoints would otherwise read as an interrupted run's.
+    args.check_sources()
     if accelerator.is_main_process:
         check_not_in_use(output_dir, "training run")
     resume_path = _check_start(args, accelerator)
@@ -324,6 +325,8 @@ def _train(args: TrainingArgs, accelerator, task: Task, resume_path: Optional[Pa
     model.train()
     for epoch in range(loop["epoch"], num_epochs):
         for batch in resumed_batches(accelerator, train_dataloader, loop, epoch):
+            if loop["step"] >= total_steps:  # resumed from the last step's checkpoint: nothing left to train
+                break
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 backward_and_step(accelerator, model, loss, optimizer, lr_scheduler, args.max_grad_norm)

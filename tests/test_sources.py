@@ -1,0 +1,79 @@
+"""A --model or --tokenizer that names nothing loadable is named as such, before anything is written, by
+convert, the recipes and compare; '~' in a path is the home folder everywhere."""
+
+from __future__ import annotations
+
+import pytest
+from huggingface_hub import constants
+
+from hf_adanorm.cli import main
+from hf_adanorm.convert import ConvertArgs, convert_model
+from hf_adanorm.sources import check_model_source
+from hf_adanorm.training import TrainingArgs, run_training
+
+from test_convert import _args, workspace  # noqa: F401
+from test_recipes import tiny_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MISSING_PATH = "no such file or folder"
+NOT_CACHED = "is not in the local cache"
+
+
+@pytest.mark.parametrize("value", ["./missing", "../missing/model", "/abs/missing", "a/b/c"])
+def test_a_path_that_does_not_exist_is_named_as_one(value):
+    with pytest.raises(FileNotFoundError, match=f"--model {value}: {MISSING_PATH}"):
+        check_model_source("model", value)
+
+
+def test_a_hub_id_is_refused_offline_only_when_it_is_not_cached(monkeypatch, tmp_path):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=f"'nobody/no-model' {NOT_CACHED} .HF_HUB_OFFLINE"):
+        check_model_source("tokenizer", "nobody/no-model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    check_model_source("tokenizer", "nobody/no-model")  # online: left to the download, which says why
+    check_model_source("model", str(tmp_path))  # an existing folder
+
+
+@pytest.mark.parametrize("option", ["model", "tokenizer"])
+def test_convert_names_a_missing_model_or_tokenizer_and_writes_nothing(workspace, tmp_path, option):  # noqa: F811
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match=f"--{option} .*missing: {MISSING_PATH}"):
+        convert_model(_args(workspace, out, **{option: str(tmp_path / "missing")}))
+    assert not out.exists()
+
+
+def test_convert_command_reports_it_as_an_error(tmp_path, capsys):
+    code = main(["convert", "--model", str(tmp_path / "missing"), "--norm", "adanorm", "--dataset",
+                 str(tmp_path / "t.txt"), "--output_dir", str(tmp_path / "out")])
+    assert code == 2 and MISSING_PATH in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["model", "tokenizer"])
+def test_a_recipe_names_a_missing_model_or_tokenizer_and_writes_nothing(tmp_path, option):
+    overrides = {"model": str(tmp_path / "missing"), "tokenizer": None} if option == "model" else {
+        "tokenizer": str(tmp_path / "missing")}
+    args = TrainingArgs(**tiny_args(tmp_path, **overrides))
+    with pytest.raises(FileNotFoundError, match=f"--{option} .*missing: {MISSING_PATH}"):
+        run_training(args)
+    assert not (tmp_path / "run").exists()
+
+
+def test_compare_names_a_missing_model_before_its_sweep_folder_exists(tmp_path, capsys):
+    code = main(["compare", "--model", "./missing-model", "--dataset", str(tmp_path / "d.csv"), "--output-dir",
+                 str(tmp_path / "sweep"), "--norms", "layernorm", "adanorm", "--seeds", "0", "1", "--no-progress"])
+    assert code == 2 and f"--model ./missing-model: {MISSING_PATH}" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_home_path_is_expanded_where_the_shell_did_not(workspace, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("HOME", str(workspace))
+    args = _args(workspace, "~/out", model="bert", tokenizer="~/bert", dataset="~/texts.txt")
+    assert (args.model, args.tokenizer, args.dataset) == (str(workspace / "bert"), str(workspace / "bert"),
+                                                          str(workspace / "texts.txt"))
+    assert args.output_dir == str(workspace / "out")
+    assert ConvertArgs(model="~/bert", dataset="t", output_dir="o").model == str(workspace / "bert")
+    training = TrainingArgs(model="~/bert", dataset="~/d.csv", output_dir="~/run", tokenizer="~/tok")
+    assert (training.model, training.dataset, training.output_dir, training.tokenizer) == (
+        str(workspace / "bert"), str(workspace / "d.csv"), str(workspace / "run"), str(workspace / "tok"))
