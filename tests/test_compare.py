@@ -64,6 +64,47 @@ def test_sweep_refuses_to_mix_other_training_options(tmp_path):
                   progress=False)
 
 
+def test_sweep_refuses_to_mix_runs_on_other_data(tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\ngood,1\nbad,0\n")
+    setup = dict(SETUP, dataset=str(data))
+    run_sweep(setup, ["layernorm"], [0], tmp_path / "sweep", run_fn=FakeRun(), progress=False)
+    run_sweep(setup, ["layernorm"], [0, 1], tmp_path / "sweep", run_fn=FakeRun(), progress=False)  # the same data
+    data.write_text("text,label\ngood,0\nbad,1\n")  # the labels flipped, at the same path
+    fake = FakeRun()
+    with pytest.raises(ValueError, match="trained and tested on other data: the files of --dataset .*data.csv have "
+                                         "changed since.*--overwrite_output_dir"):
+        run_sweep(setup, ["layernorm"], [0, 1, 2], tmp_path / "sweep", run_fn=fake, progress=False)
+    assert fake.calls == []
+    run_sweep(setup, ["layernorm"], [0], tmp_path / "sweep", run_fn=fake, progress=False, overwrite=True)
+    assert fake.calls == [("layernorm", 0)]
+
+
+class LaunchedRun(FakeRun):
+    """A FakeRun that also writes run_config.json as launched with ``world_size`` processes."""
+
+    def __init__(self, world_size):
+        super().__init__()
+        self.world_size = world_size
+
+    def __call__(self, options):
+        final = super().__call__(options)
+        with open(f"{options['output_dir']}/run_config.json", "w") as f:
+            json.dump(dict(args=options, world_size=self.world_size, distributed_type="DistributedType.MULTI_CPU",
+                           mixed_precision="no"), f)
+        return final
+
+
+def test_sweep_refuses_to_mix_runs_launched_differently(tmp_path):
+    run_sweep(SETUP, ["layernorm", "adanorm"], [0], tmp_path, run_fn=LaunchedRun(1), progress=False)
+    two = LaunchedRun(2)  # the rerun under another accelerate config: the same options, twice the global batch
+    with pytest.raises(ValueError, match=r"launched differently \(layernorm seed 0, adanorm seed 0: world_size=1.*; "
+                                         r"layernorm seed 1: world_size=2"):
+        run_sweep(SETUP, ["layernorm", "adanorm"], [0, 1, 2], tmp_path, run_fn=two, progress=False)
+    assert two.calls == [("layernorm", 1)], "the sweep should stop at the first run launched the other way"
+    run_sweep(SETUP, ["layernorm", "adanorm"], [0, 1], tmp_path / "alike", run_fn=LaunchedRun(2), progress=False)
+
+
 def test_failed_run_stops_the_sweep_and_keeps_finished_runs(tmp_path):
     fake = FakeRun()
 

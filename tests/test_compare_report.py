@@ -165,6 +165,15 @@ def test_a_diverged_run_is_named_not_read_as_no_spread(tmp_path):
     assert "same Δ" not in verdict
 
 
+def test_runs_that_saw_different_data_are_flagged_not_averaged(tmp_path):
+    def majority_differs(norm, seed):
+        return dict(test_accuracy=0.6, test_majority_accuracy=0.44 if seed == 0 else 0.56, test_predicted_classes=1)
+
+    text = compare(SETUP, ["layernorm"], [0, 1], tmp_path, run_fn=FixedRun(majority_differs), progress=False).read_text()
+    assert "baseline (⚠ 0.44 / 0.56: the runs did not all see the same test data)" in text
+    assert "0.5)" not in text and "0.5." not in text
+
+
 def test_the_verdict_follows_from_the_numbers(tmp_path):
     report = compare(SETUP, ["layernorm", "layernorm_simple", "adanorm"], [0, 1, 2, 3], tmp_path,
                      run_fn=FixedRun(clear_gain), progress=False)

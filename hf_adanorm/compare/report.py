@@ -41,10 +41,14 @@ def single_class_seeds(runs: list[dict], norm: str, split: str) -> list[int]:
     return sorted(r["seed"] for r in runs if r["norm"] == norm and r["final"].get(f"{split}predicted_classes") == 1)
 
 
-def majority_baseline(runs: list[dict], split: str):
-    """Accuracy on ``split`` of always predicting train's most frequent class (None if not recorded)."""
-    values = {r["final"][f"{split}majority_accuracy"] for r in runs if f"{split}majority_accuracy" in r["final"]}
-    return sum(values) / len(values) if values else None  # one value: every run sees the same split
+def majority_baseline(runs: list[dict], split: str) -> str | None:
+    """Accuracy on ``split`` of always predicting train's most frequent class, as the report prints it
+    (None if not recorded). Every run of a sweep sees the same split, so there is one value; several
+    mean the runs saw different data, which is said rather than averaged away."""
+    values = sorted({r["final"][f"{split}majority_accuracy"] for r in runs if f"{split}majority_accuracy" in r["final"]})
+    if len(values) > 1:
+        return f"⚠ {' / '.join(fmt(v) for v in values)}: the runs did not all see the same {split.rstrip('_')} data"
+    return fmt(values[0]) if values else None
 
 
 def runs_table(runs: list[dict]) -> pd.DataFrame:
@@ -120,7 +124,7 @@ def verdict(runs: list[dict], summary: list[dict], norms: list[str], baseline: s
             majority = majority_baseline(runs, split)
             lines.append(f"- **⚠ {flagged} of {len(runs)} runs predicted a single class on the "
                          f"{split.rstrip('_')} split** ({_seed_list(runs, norms, split)}): their accuracy is at best "
-                         f"the majority-class baseline ({fmt(majority)}), so they show nothing about the norms.")
+                         f"the majority-class baseline ({majority}), so they show nothing about the norms.")
     diverged = _diverged(runs)
     if diverged:
         lines.append(f"- **⚠ {len(diverged)} of {len(runs)} runs ended with a metric that is not a number** ("
@@ -257,7 +261,7 @@ def write_report(runs: list[dict], norms: list[str], folder: str | Path, setup: 
         md += [f"## {metric}", ""]
         majority = majority_baseline(runs, split_of(metric)) if metric.endswith("accuracy") else None
         if majority is not None:
-            md += [f"Majority-class baseline (always predicting train's most frequent class): {fmt(majority)}.", ""]
+            md += [f"Majority-class baseline (always predicting train's most frequent class): {majority}.", ""]
         md += [*metric_table([r for r in summary if r["metric"] == metric], with_paired, baseline, runs), ""]
     md += ["## Plots", "", *(f"![{p.stem}]({p.name})" for p in finals + curves), "",
            "Every run's final metrics: `runs.csv`, `runs.json`; the numbers above at full "

@@ -18,13 +18,15 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from ..convert.fingerprint import model_fingerprint
+from ..convert.fingerprint import files_fingerprint, model_fingerprint
 from ..registry import available_norms
 from ..training.args import BASELINE, MAX_SEED  # "layernorm": the unpatched model
-from ..training.checkpoints import METRICS_FILE
+from ..training.checkpoints import METRICS_FILE, RUN_CONFIG_FILE
+from ..training.data import local_data_files
 from ..training.locks import check_not_in_use, folder_lock
 
 TEACHER_FINGERPRINT = "model_fingerprint"  # in sweep.json: convert/fingerprint.py
+DATA_FINGERPRINT = "dataset_fingerprint"  # the local --dataset's files: the same split, the same labels
 SWEEP_FILE = "sweep.json"  # the shared training options the finished runs were made with
 SWEEP_OUTPUTS = ("runs", "report", SWEEP_FILE)  # what --overwrite_output_dir deletes (not the demo's data/)
 LOCK_USER = "hf-adanorm compare"
@@ -98,13 +100,17 @@ def check_same_setup(output_dir: Path, setup: dict) -> None:
         return
     before = json.loads(path.read_text())
     setup = json.loads(json.dumps(setup))  # as stored: tuples become lists, keys strings
+    changed = sorted(k for k in set(before) | set(setup) if before.get(k) != setup.get(k))
     # (a sweep from before fingerprints were recorded has none to compare)
-    changed = sorted(k for k in set(before) | set(setup) if before.get(k) != setup.get(k)
-                     and not (k == TEACHER_FINGERPRINT and k not in before))
+    changed = [k for k in changed if not (k in (TEACHER_FINGERPRINT, DATA_FINGERPRINT) and k not in before)]
     if changed == [TEACHER_FINGERPRINT]:
         raise ValueError(f"{output_dir} holds runs made from another version of {setup.get('model')!r}: its config, "
                          "weight or tokenizer files have changed since. Pass --overwrite_output_dir to start the "
                          "sweep afresh, or use a new --output-dir")
+    if changed == [DATA_FINGERPRINT]:
+        raise ValueError(f"{output_dir} holds runs trained and tested on other data: the files of --dataset "
+                         f"{setup.get('dataset')} have changed since. Pass --overwrite_output_dir to start the sweep "
+                         "afresh, or use a new --output-dir")
     if changed:
         raise ValueError(
             f"{output_dir} holds runs made with other training options ({', '.join(changed)}: "
@@ -153,8 +159,11 @@ def accelerate_runner(config_file: str | Path | None = None) -> RunFn:
 def load_run(folder: Path, norm: str, seed: int) -> dict:
     """A finished run as the report uses it: norm, seed, folder, final metrics, history."""
     metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
+    run_config = Path(folder) / RUN_CONFIG_FILE
+    launch = json.loads(run_config.read_text()) if run_config.is_file() else {}
     return dict(norm=norm, seed=seed, run_dir=str(folder), final=metrics["final"],
-                history=metrics.get("history", []), config=metrics.get("config", {}))
+                history=metrics.get("history", []), config=metrics.get("config", {}),
+                launch={k: launch[k] for k in LAUNCH_KEYS if k in launch})
 
 
 def check_sweep(setup: dict, norms, seeds, output_dir, overwrite: bool = False,
@@ -172,14 +181,27 @@ def check_sweep(setup: dict, norms, seeds, output_dir, overwrite: bool = False,
     return output_dir
 
 
+def data_fingerprint(dataset) -> str | None:
+    """The fingerprint of the files a local ``--dataset`` is read from (not of other files beside them);
+    None for a hub dataset, or a path that holds no data (the run then says why)."""
+    if not (isinstance(dataset, str) and Path(dataset).exists()):
+        return None
+    try:
+        by_split = local_data_files(Path(dataset))
+    except FileNotFoundError:
+        return None
+    return files_fingerprint([f for split in sorted(by_split) for f in by_split[split]])
+
+
 def _recorded(setup: dict, conversion: dict | None) -> dict:
     """What sweep.json holds: the shared options, the conversion options under --convert, so that a
-    sweep folder never mixes runs started from other conversions, and the model's fingerprint, so
-    that it never mixes runs from two versions of a model saved at one path."""
+    sweep folder never mixes runs started from other conversions, and the fingerprints of the model and
+    of a local dataset, so that it never mixes runs from two versions of either saved at one path."""
     recorded = setup if conversion is None else dict(setup, convert=conversion)
-    fingerprint = (model_fingerprint(setup["model"], setup.get("tokenizer"))
-                   if isinstance(setup.get("model"), str) else None)
-    return recorded if fingerprint is None else dict(recorded, **{TEACHER_FINGERPRINT: fingerprint})
+    fingerprints = {TEACHER_FINGERPRINT: model_fingerprint(setup["model"], setup.get("tokenizer"))
+                    if isinstance(setup.get("model"), str) else None,
+                    DATA_FINGERPRINT: data_fingerprint(setup.get("dataset"))}
+    return dict(recorded, **{k: v for k, v in fingerprints.items() if v is not None})
 
 
 def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None,
@@ -215,6 +237,8 @@ def _run_all(setup: dict, norms: list, seeds: list, output_dir: Path, run_fn: Ru
     if len(todo) < len(plan):
         tqdm.write(f"hf-adanorm compare: {len(plan) - len(todo)} of {len(plan)} runs already "
                    f"finished in {output_dir}; running the other {len(todo)}")
+    done = [load_run(folder, norm, seed) for norm, seed, folder in plan if is_finished(folder)]
+    check_runs_alike(done)
     bar = tqdm(todo, desc="runs", unit="run", disable=not progress)
     for norm, seed, folder in bar:
         bar.set_postfix_str(f"{norm} seed {seed}")
@@ -233,4 +257,28 @@ def _run_all(setup: dict, norms: list, seeds: list, output_dir: Path, run_fn: Ru
         if not is_finished(folder):
             raise RuntimeError(f"the run {norm} seed {seed} returned without writing "
                                f"{folder / METRICS_FILE}; the sweep cannot report it")
-    return [load_run(folder, norm, seed) for norm, seed, folder in plan]
+        done.append(load_run(folder, norm, seed))
+        check_runs_alike(done)  # at once: not after the rest of the sweep has run the other way too
+    runs = [load_run(folder, norm, seed) for norm, seed, folder in plan]
+    check_runs_alike(runs)
+    return runs
+
+
+# What a run's run_config.json records of how it was launched, beyond its options: runs of one report
+# must share it (2 processes double the global batch; mixed precision changes the numbers).
+LAUNCH_KEYS = ("world_size", "distributed_type", "mixed_precision")
+
+
+def check_runs_alike(runs: list[dict]) -> None:
+    """Refuse to report runs launched differently: another launcher or accelerate config in a rerun of
+    the sweep (the options, which sweep.json compares, can be the same)."""
+    kinds: dict[tuple, list[str]] = {}
+    for r in runs:
+        if r.get("launch"):
+            kinds.setdefault(tuple(r["launch"].get(k) for k in LAUNCH_KEYS), []).append(f"{r['norm']} seed {r['seed']}")
+    if len(kinds) > 1:
+        described = "; ".join(f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: "
+                              + ", ".join(f"{k}={v}" for k, v in zip(LAUNCH_KEYS, kind)) for kind, names in kinds.items())
+        raise ValueError(f"the runs of this sweep were launched differently ({described}), so they cannot be paired "
+                         "in one report: rerun with the launcher and accelerate config of the first runs, or start "
+                         "afresh with --overwrite_output_dir")

@@ -43,10 +43,10 @@ def eval_text(path: str, causal: bool):
     """The local file, or the test (else validation, else every) split of a folder, as one Dataset."""
     import datasets
 
-    from ..training.data import _builder, _local_data_files
+    from ..training.data import _builder, local_data_files
     if not Path(path).expanduser().exists():
         raise FileNotFoundError(f"eval_dataset {path!r} does not exist: pass a local text/csv/json file or folder")
-    by_split = _local_data_files(Path(path).expanduser())
+    by_split = local_data_files(Path(path).expanduser())
     files = next(by_split[s] for s in ("test", "validation", "train") if s in by_split)
     builder = _builder([Path(f) for f in files])
     kwargs = {"sample_by": "paragraph" if causal else "line"} if builder == "text" else {}

@@ -53,13 +53,13 @@ def _identity_files(folder: Path) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=8)
-def _digest(files: tuple) -> str:
+def _digest(files: tuple, model_files: bool = True) -> str:
     """sha256 of ``files`` ((path, size, mtime_ns) each: a file written again is read again)."""
     digest = hashlib.sha256()
     for name, _, _ in files:
         path = Path(name)
         digest.update(path.name.encode() + b"\0")
-        if path.name == "config.json":
+        if model_files and path.name == "config.json":
             digest.update(_config_bytes(path))
         else:
             with open(path, "rb") as f:
@@ -81,6 +81,12 @@ def model_fingerprint(model: str, tokenizer: str | None = None) -> str | None:
     files = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for folder in folders
                   for p in _identity_files(folder))
     return _digest(files)
+
+
+def files_fingerprint(paths) -> str:
+    """sha256 of the names and bytes of ``paths`` (data files, say), in the order given."""
+    return _digest(tuple((str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths),
+                   model_files=False)
 
 
 def check_same_teacher(recorded: str | None, current: str | None, model: str, what: str, remedy: str) -> None:

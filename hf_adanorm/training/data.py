@@ -25,7 +25,7 @@ def _builder(files: list[Path]) -> str:
     return kinds.pop()
 
 
-def _local_data_files(path: Path) -> dict[str, list[str]]:
+def local_data_files(path: Path) -> dict[str, list[str]]:
     """Split name -> files, for one file (all 'train') or a folder of train.*/validation.*/test.*."""
     if path.is_file():
         return {"train": [str(path)]}
@@ -56,7 +56,7 @@ def load_raw_datasets(args, text_sample_by: str = "line", columns=(), label_colu
     path = Path(args.dataset).expanduser()
     where = {}  # split -> how to name it in an error
     if path.exists():
-        data_files = _local_data_files(path)
+        data_files = local_data_files(path)
         builder = _builder([Path(f) for files in data_files.values() for f in files])
         kwargs = {"sample_by": text_sample_by} if builder == "text" else {}
         try:
