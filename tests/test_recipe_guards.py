@@ -248,6 +248,17 @@ def test_a_built_vocabulary_covers_the_pair_column(tmp_path):
     assert all(unk not in example["input_ids"] for example in task.splits["train"])
 
 
+@pytest.mark.parametrize("level", ["word", "char"])
+def test_a_built_tokenizer_marks_where_the_first_text_of_a_pair_ends(level):
+    from hf_adanorm.training.modeling import build_vocab_tokenizer
+    tokenizer = build_vocab_tokenizer(["a b c d e"], level)
+    first, second = (tokenizer(*pair)["input_ids"] for pair in (("a b", "c d e"), ("a b c", "d e")))
+    assert first != second
+    assert tokenizer.convert_ids_to_tokens(first) == [*tokenizer.tokenize("a b"), "[EOS]", *tokenizer.tokenize("c d e")]
+    assert tokenizer("a b c")["input_ids"] == tokenizer("a b c", add_special_tokens=False)["input_ids"]  # single: as before
+    assert len(tokenizer("a b c", "d e", truncation=True, max_length=4)["input_ids"]) == 4
+
+
 def test_classification_metrics_report_the_majority_baseline_and_the_classes_predicted():
     import numpy as np
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from ..checkpoint import load_tokenizer as load_checkpoint_tokenizer
@@ -34,6 +34,11 @@ def build_vocab_tokenizer(texts, level: str) -> PreTrainedTokenizerFast:
         vocab.setdefault(symbol, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     backend.pre_tokenizer = split
+    # A pair (--text_pair_column) gets [EOS] between its texts: without it ('a b', 'c d e') and
+    # ('a b c', 'd e') are one and the same input. A single text is left as it is.
+    eos = SPECIAL_TOKENS["eos_token"]
+    backend.post_processor = processors.TemplateProcessing(single="$A", pair=f"$A {eos} $B:1",
+                                                           special_tokens=[(eos, vocab[eos])])
     return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
 
 
