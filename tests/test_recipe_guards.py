@@ -63,6 +63,26 @@ def test_the_recipe_command_line_refuses_gradient_ascent(capsys):
     assert exit_.value.code == 2 and "max_grad_norm must be a finite number > 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["none", "None", "null"])
+def test_clipping_can_be_turned_off_on_every_command_line(text, tmp_path, monkeypatch):
+    from hf_adanorm.convert.args import parse_args as parse_convert_args
+    assert parse_args("classification", ["--model", "m", "--dataset", "d.csv", "--max_grad_norm", text]).max_grad_norm is None
+    assert parse_convert_args(["--model", "m", "--dataset", "d", "--max_grad_norm", text]).max_grad_norm is None
+    seen = {}
+
+    def fake_compare(setup, *args, **kwargs):
+        seen.update(setup)
+        (tmp_path / "report.md").write_text("")
+        return tmp_path / "report.md"
+
+    monkeypatch.setattr("hf_adanorm.compare.compare", fake_compare)
+    from hf_adanorm.cli import main
+    assert main(["compare", "--model", str(tmp_path), "--dataset", "d.csv", "--max_grad_norm", text,
+                 "--output-dir", str(tmp_path / "o")]) == 0
+    assert "max_grad_norm" in seen and seen["max_grad_norm"] is None
+    assert parse_args("classification", ["--model", "m", "--dataset", "d.csv", "--max_grad_norm", "0.5"]).max_grad_norm == 0.5
+
+
 def test_every_accepted_scheduler_builds_and_steps():
     from transformers import get_scheduler
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)

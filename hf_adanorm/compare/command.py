@@ -20,7 +20,7 @@ Every other option below is a training option shared by all runs (see TrainingAr
 
 def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``compare`` to the ``hf-adanorm`` subcommands."""
-    from transformers import HfArgumentParser
+    from ..training.args import options_parser
 
     from ..training.args import TrainingArgs
     from .default import DEFAULT_NORMS, DEFAULT_SEEDS
@@ -28,7 +28,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 
     # The training options come from TrainingArgs itself, through HfArgumentParser, so the
     # two never drift apart; our own options replace the per-run ones ("resolve").
-    training = HfArgumentParser(TrainingArgs, add_help=False)
+    training = options_parser(TrainingArgs, add_help=False)
     p = subparsers.add_parser("compare", parents=[training], conflict_handler="resolve",
                               help="train norms x seeds and report how they compare",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass, field, fields
 from os import PathLike, fspath
 from typing import Optional, Sequence
 
-from transformers import HfArgumentParser
 
 from ..config import NormConfig
 from ..norms import _is_int, _is_real
 from ..registry import available_norms
 from ..sources import expand_home
+from ..training.args import options_parser
 from .distill import OBJECTIVES
 from .schedule import SCHEDULES
 
@@ -148,8 +148,8 @@ class ConvertArgs:
         f"{DEFAULTS['learning_rate']:g} for the other norms (measured on MiniLM: docs/conversion.md)."))
     warmup_steps: int = field(default=20, metadata=_help("Linear warm-up steps; then linear decay to 0."))
     max_grad_norm: Optional[float] = field(default=1.0, metadata=_help(
-        "Clip the global gradient norm to this (> 0); None (from Python, or null in JSON options) turns "
-        "clipping off."))
+        "Clip the global gradient norm to this (> 0); 'none' on the command line (None from Python, null in "
+        "JSON options) turns clipping off."))
     eval_every: int = field(default=50, metadata=_help("Measure the drift every N steps (and at the end)."))
     seed: int = field(default=0, metadata=_help("Seed of the data order and dropout."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
@@ -234,7 +234,7 @@ class ConvertArgs:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> ConvertArgs:
-    parser = HfArgumentParser(ConvertArgs)
+    parser = options_parser(ConvertArgs)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:

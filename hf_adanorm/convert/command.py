@@ -15,11 +15,11 @@ An interrupted conversion resumes from its last checkpoint when rerun."""
 
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
-    from transformers import HfArgumentParser
+    from ..training.args import options_parser
 
     from .args import ConvertArgs
 
-    options = HfArgumentParser(ConvertArgs, add_help=False)
+    options = options_parser(ConvertArgs, add_help=False)
     p = subparsers.add_parser("convert", parents=[options], help="convert a pretrained model to another norm",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=run_convert)

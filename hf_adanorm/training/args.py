@@ -47,6 +47,24 @@ def _norm_option(name: str):
     return field(default=spec.default, metadata=spec.metadata)
 
 
+def float_or_none(text: str) -> float | None:
+    """A command-line number, or 'none' / 'None' / 'null' for None (an option whose None means 'off')."""
+    return None if text.strip().lower() in ("none", "null") else float(text)
+
+
+NONE_MEANS_OFF = ("max_grad_norm",)  # numbers whose None turns something off
+
+
+def options_parser(dataclass_type, **kwargs) -> HfArgumentParser:
+    """HfArgumentParser of ``dataclass_type``, where NONE_MEANS_OFF options also take 'none' (it parses an
+    Optional[float] as a float, so None could be given from Python and JSON only)."""
+    parser = HfArgumentParser(dataclass_type, **kwargs)
+    for action in parser._actions:
+        if action.dest in NONE_MEANS_OFF:
+            action.type = float_or_none
+    return parser
+
+
 def check_sources(model: str, tokenizer: str | None = None) -> None:
     """Refuse a --model or --tokenizer that names nothing this machine can load (a path that does not
     exist; offline, an uncached hub id), naming it, before anything is loaded or written."""
@@ -118,7 +136,8 @@ class TrainingArgs:
         f"transformers scheduler name, one of {', '.join(SCHEDULERS)}."))
     warmup_steps: int = field(default=0, metadata=_help("Learning-rate warm-up steps."))
     max_grad_norm: Optional[float] = field(default=1.0, metadata=_help(
-        "Clip the global gradient norm to this, > 0 (None from Python, or null in JSON options: no clipping)."))
+        "Clip the global gradient norm to this, > 0; 'none' on the command line (None from Python, null in "
+        "JSON options): no clipping."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help(
         "Micro-batches per optimizer step."))
     mixed_precision: Optional[str] = field(default=None, metadata=_help(
@@ -233,7 +252,7 @@ def parse_args(task: str, argv: Optional[Sequence[str]] = None) -> TrainingArgs:
     ``--task`` defaults to ``task``; ``--help`` lists every option; a bad option exits
     with the usage and the reason (status 2), before anything runs.
     """
-    parser = HfArgumentParser(TrainingArgs)
+    parser = options_parser(TrainingArgs)
     parser.set_defaults(task=task)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
