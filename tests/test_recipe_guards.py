@@ -175,6 +175,20 @@ def test_a_running_run_is_named_as_the_holder_not_as_another_runs_results(tmp_pa
         holder.wait()
 
 
+@pytest.mark.parametrize("target", ["loop", "another folder's lock"])
+def test_a_lock_file_that_is_a_link_is_refused_clearly(tmp_path, target):
+    from hf_adanorm.training.locks import check_not_in_use
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".lock").write_text("")
+    (folder / ".lock").symlink_to(folder / ".lock" if target == "loop" else tmp_path / "other" / ".lock")
+    for check in (lambda: check_not_in_use(folder, "training run"), lambda: folder_lock(folder, "training run").__enter__()):
+        with pytest.raises(FileExistsError, match=r"\.lock is a link \(to .*\), not a lock file: delete it and rerun"):
+            check()
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"] and (folder / ".lock").is_symlink()
+
+
 def test_folder_lock_is_exclusive_between_processes_and_nests_within_one(tmp_path):
     holder = hold_lock(tmp_path)
     try:

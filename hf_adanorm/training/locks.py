@@ -69,9 +69,18 @@ def _refusal(folder: Path, what: str) -> FolderInUseError:
                             "to finish (or stop it), or use another folder")
 
 
+def _check_plain(path: Path) -> None:
+    """A lock file that is a link would lock its target (another folder's lock, or a loop that fails
+    with 'Too many levels of symbolic links'): refuse it, saying what to do."""
+    if path.is_symlink():
+        raise FileExistsError(f"{path} is a link (to {os.readlink(path)}), not a lock file: delete it and rerun; "
+                              "nothing else was changed")
+
+
 def check_not_in_use(folder, what: str) -> None:
     """Refuse early, writing nothing new, when a live process holds ``folder``'s lock."""
     path = Path(folder) / LOCK_FILE
+    _check_plain(path)
     if not path.is_file() or Path(folder).resolve() in _held:
         return  # never locked: nothing to ask (and no file to create before the real checks)
     lock = FileLock(str(path))
@@ -98,6 +107,7 @@ def folder_lock(folder, what: str):
         finally:
             _held[key] -= 1
         return
+    _check_plain(folder / LOCK_FILE)
     folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder / LOCK_FILE))
     try:
