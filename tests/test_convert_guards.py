@@ -265,3 +265,23 @@ def test_noise_near_zero_is_not_called_farther_than_the_naive_swap():
     assert _clearly_farther({"kl": 0.5}, {"kl": 0.01})
     assert not _clearly_farther({"embedding_cosine": 0.945}, {"embedding_cosine": 0.95})
     assert _clearly_farther({"embedding_cosine": 0.9}, {"embedding_cosine": 0.95})
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_checkpoint_with_a_damaged_random_state_is_refused_before_anything_changes(workspace, tmp_path,  # noqa: F811
+                                                                                    monkeypatch, damage):
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_checkpoint(patch)
+        with pytest.raises(KeyboardInterrupt):
+            convert_model(_args(workspace, tmp_path / "out", max_steps=12, checkpointing_steps=5))
+    states = tmp_path / "out" / "checkpoints" / "step_5" / "random_states_0.pkl"
+    if damage == "truncated":
+        states.write_bytes(states.read_bytes()[:40])
+    else:
+        states.unlink()
+    before = _snapshot(tmp_path / "out")
+    with pytest.raises(ValueError, match="cannot resume .*step_5 exactly: the random state random_states_0.pkl lacks "
+                                         "a readable file"):
+        convert_model(_args(workspace, tmp_path / "out", max_steps=12, checkpointing_steps=5,
+                            resume_from_checkpoint="latest"))
+    assert _snapshot(tmp_path / "out") == before

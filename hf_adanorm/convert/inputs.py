@@ -166,6 +166,7 @@ def check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | 
     if run is not None:  # the same options, so the same --model: is it still the same model?
         check_same_teacher(run.get("teacher_fingerprint"), fingerprint, args.model, f"the checkpoint {path}",
                            "pass --overwrite_output_dir to convert the model as it is now")
+    checkpoints.check_random_states(path, world_size)
     return path
 
 

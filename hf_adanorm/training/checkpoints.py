@@ -132,9 +132,6 @@ def _defaults(args) -> dict:
 def check_resume(path: Path, args, num_processes: int) -> None:
     """Refuse a resume that would not continue the checkpoint's run exactly: other options
     (each difference named), another number of processes, or a missing or corrupt random state."""
-    from accelerate.utils import load as accelerate_load  # what accelerator.load_state reads them with
-    from accelerate.utils.constants import RNG_STATE_NAME
-
     start_afresh = ("Resume with the run's own options, or start afresh with --overwrite_output_dir "
                     "(or another --output_dir)")
     recorded = _recorded_run(path)
@@ -151,6 +148,15 @@ def check_resume(path: Path, args, num_processes: int) -> None:
     if differences:
         raise ValueError(f"cannot resume {path} exactly: its run was trained with {', '.join(differences)}. "
                          f"{start_afresh}")
+    check_random_states(path, num_processes)
+
+
+def check_random_states(path: Path, num_processes: int) -> None:
+    """Refuse a checkpoint whose saved random state of some rank is missing or unreadable: its run would
+    go on with other dropout masks and another data order than the uninterrupted one."""
+    from accelerate.utils import load as accelerate_load  # what accelerator.load_state reads them with
+    from accelerate.utils.constants import RNG_STATE_NAME
+
     for rank in range(num_processes):
         states = path / f"{RNG_STATE_NAME}_{rank}.pkl"
         try:
