@@ -175,15 +175,20 @@ class GradientProbe:
         ]).double()
         self._sums[name] = self._sums[name] + sums if name in self._sums else sums
 
-    def collect(self) -> dict[str, dict[str, float]]:
-        """``{norm name: {statistic: value}}`` for everything since the last collect; then reset."""
+    def collect(self, loss_scale: float = 1.0) -> dict[str, dict[str, float]]:
+        """``{norm name: {statistic: value}}`` for everything since the last collect; then reset.
+
+        ``loss_scale``: the factor the backward pass was multiplied by (fp16's GradScaler), which the
+        four absolute statistics are divided back by (means by it, variances by its square); the
+        two ratios do not depend on it."""
         results = {}
         for name, sums in self._sums.items():
             rows, out_mean, out_var, in_mean, in_var, in_mean_scaled, in_var_scaled = sums.tolist()
             if rows == 0:
                 continue
-            stats = {"grad_out_mean": out_mean / rows, "grad_out_var": out_var / rows,
-                     "grad_in_mean": in_mean / rows, "grad_in_var": in_var / rows}
+            mean_unit, var_unit = rows * loss_scale, rows * loss_scale ** 2
+            stats = {"grad_out_mean": out_mean / mean_unit, "grad_out_var": out_var / var_unit,
+                     "grad_in_mean": in_mean / mean_unit, "grad_in_var": in_var / var_unit}
             for key, num, den in (("recentring", in_mean_scaled, out_mean), ("rescaling", in_var_scaled, out_var)):
                 ratio = _ratio(num, den)
                 if ratio is not None:

@@ -101,6 +101,13 @@ def _mean_over_layers(per_layer: dict[str, dict[str, float]], keys) -> dict[str,
     return out
 
 
+def _loss_scale(optimizer) -> float:
+    """The loss scale of fp16 training (accelerate's optimizer wrapper holds the GradScaler), else 1.
+    The hooks see the gradients of the scaled loss: 65536 times the real ones at the usual scale."""
+    scaler = getattr(optimizer, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
 class NormGradientStatsCallback(_PeriodicMonitor):
     """How every norm re-centres and re-scales the gradient, measured on the live backward pass.
 
@@ -111,7 +118,8 @@ class NormGradientStatsCallback(_PeriodicMonitor):
     (``recentring`` 0 and ``rescaling <= 1``: the paper's Theorem 1).  Hooks are
     attached in ``on_step_begin`` of a measuring step only and removed in
     ``on_pre_optimizer_step``, once every micro-batch's backward is done; other
-    steps run with no hook at all.
+    steps run with no hook at all. Under fp16 with a GradScaler the statistics are
+    of the unscaled gradients (the step's loss scale is divided out).
     """
 
     prefix = "norm_grad"
@@ -119,6 +127,7 @@ class NormGradientStatsCallback(_PeriodicMonitor):
     def __init__(self, every_n_steps: int = 50, per_layer: bool = True):
         super().__init__(every_n_steps, per_layer)
         self.probe: Optional[GradientProbe] = None
+        self.loss_scale = 1.0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
@@ -128,14 +137,15 @@ class NormGradientStatsCallback(_PeriodicMonitor):
                              "(original or patched by hf_adanorm); there is nothing to measure.")
         self.probe = GradientProbe(sites)
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if self.is_measuring_step(state.global_step + 1):
+            self.loss_scale = _loss_scale(optimizer)  # the one this step's backward passes are scaled by
             self.probe.attach()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.probe.num_hooks:
             self.probe.detach()
-            per_layer = self.probe.collect()
+            per_layer = self.probe.collect(self.loss_scale)
             self._publish(per_layer, _mean_over_layers(per_layer, STATISTICS))
 
     def on_train_end(self, args, state, control, **kwargs):

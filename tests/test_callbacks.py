@@ -142,6 +142,34 @@ def test_probe_matches_an_autograd_reference(kind, by_keyword):
         assert measured["rescaling"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_the_statistics_are_of_the_unscaled_gradients_under_a_grad_scaler():
+    """fp16 training backpropagates the loss times the GradScaler's scale (accelerate's optimizer wrapper
+    holds the scaler, and Trainer hands callbacks that wrapper): the logged means and variances are the
+    real gradient's, not 1024 or 65536 times them."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+    torch.manual_seed(0)
+    block = ResidualBlock(24)
+    x, w = torch.randn(3, 5, 24), torch.randn(3, 5, 24) + 0.5
+
+    def measure(scaler):
+        monitor = NormGradientStatsCallback(every_n_steps=1)
+        state, control = TrainerState(), TrainerControl()
+        monitor.on_train_begin(None, state, control, model=block)
+        monitor.on_step_begin(None, state, control, optimizer=SimpleNamespace(scaler=scaler))
+        loss = (w * block(x)).sum()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        monitor.on_pre_optimizer_step(None, state, control)
+        return monitor._pending
+
+    plain, scaled = measure(None), measure(torch.amp.GradScaler("cpu", init_scale=1024.0))
+    assert plain["norm_grad/norm/grad_out_var"] > 0
+    assert scaled.keys() == plain.keys()
+    for key, value in plain.items():
+        assert scaled[key] == pytest.approx(value, rel=1e-5), key
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_adanorm_monitor_on_a_hand_computed_case(dtype):
     # In bf16 too: y is measured in float32 (a bf16 y = 1.734 would put factor_min 3% off).
