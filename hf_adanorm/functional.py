@@ -44,7 +44,8 @@ tests/test_triton.py check each against plain autograd):
 * eager: everything else (float64, GPUs without Triton, other devices, a kernel call that
   failed): torch's native LayerNorm kernels plus in-place element-wise ops;
 * :mod:`hf_adanorm.norm_math`: plain differentiable ops, where autograd must see inside the
-  norm: double backward, forward-mode AD, and TorchScript / ONNX traces.
+  norm: double backward, forward-mode AD, torch.func transforms traced by torch.compile, and
+  TorchScript / ONNX traces.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ def _compiled_as_math(x: torch.Tensor, k: float) -> bool:
     """Whether torch.compile, now tracing a norm of ``x`` (AdaNorm's ``k``, 0 for the others),
     should see its plain formulas. torch.export (which compiles too) keeps the op unless "math":
     its graph is a program to save and load."""
+    if torch._C._are_functorch_transforms_active():
+        # jvp, grad of grad, jacfwd/hessian traced by dynamo: it traces the Function without its
+        # rules for them (which it refuses), and the op has none, so the derivative would be 0
+        return True
     if COMPILED_NORMS != "auto" or torch.compiler.is_exporting():
         return COMPILED_NORMS == "math"
     return x.device.type == "cpu" and k == 0

@@ -322,3 +322,27 @@ def test_derivatives_taken_outside_a_vmap_of_one_norm(variant, eps_mode):
     loss(module)(x).backward()
     loss(ref)(x_ref).backward()
     assert_same(x.grad, x_ref.grad, 1e-12)
+
+
+@pytest.mark.parametrize("compiled_norms", ["auto", "kernels"])
+@by_id([v for v in NORMALIZING if v.id in ("adanorm", "layernorm_simple", "detach_mean")])
+def test_forward_mode_and_second_derivatives_inside_torch_compile(variant, compiled_norms, monkeypatch):
+    """torch.compile of torch.func.jvp and of a gradient of a gradient: dynamo traces the Function without
+    its forward-mode and double-backward rules, and the kernel op has none of its own, so both came out
+    as zeros (AdaNorm with "auto"; every norm with "kernels"). They must equal the reference's."""
+    from hf_adanorm import functional
+    monkeypatch.setattr(functional, "COMPILED_NORMS", compiled_norms)
+    module = variant.make(8, 1e-3, "torch")
+    ref = (lambda t: reference(variant, t, 1e-3, "torch"))  # noqa: E731
+    x, tangent, w = rows(4, 8, seed=13), rows(4, 8, seed=14, offset=False), rows(4, 8, seed=15, offset=False)
+    func = torch.func
+
+    def directional(f):
+        return lambda a: func.jvp(f, (a,), (tangent,))[1]
+
+    def gradient_of_gradient(f):
+        return lambda a: func.grad(lambda b: (func.grad(lambda c: (f(c) ** 2 * w).sum())(b) * w).sum())(a)
+
+    for derivative in (directional, gradient_of_gradient):
+        torch._dynamo.reset()
+        assert_same(torch.compile(derivative(module))(x), derivative(ref)(x), 1e-10)
