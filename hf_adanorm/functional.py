@@ -214,6 +214,8 @@ def _eager_forward(x, eps, centre, fairseq, k, C):
         y, mean, rstd = torch.ops.aten.native_layer_norm(x32, [d], gain, None, eps)
     else:
         mean = x32.mean(-1, keepdim=True) if centre else x32.new_zeros(x32.shape[0], 1)
+        if centre:  # fairseq: take out the mean's rounding error, as norm_math._statistics does (why there)
+            mean += (x32 - mean).mean(-1, keepdim=True)
         xc = x32 - mean if centre else x32
         u = 1 if (centre and fairseq) else 0
         v = torch.linalg.vector_norm(xc, dim=-1, keepdim=True).square_() / max(d - u, 1)

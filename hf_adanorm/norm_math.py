@@ -40,6 +40,12 @@ def _statistics(x, dims, eps: float, centre: bool, fairseq: bool):
 
     The last is ``D - u`` when ``u = 1`` (centred fairseq mode), else None (it is ``D``)."""
     mean = x.mean(dims, keepdim=True) if centre else None
+    if centre and fairseq:
+        # The rounding error d of the mean is what x - mean holds in a constant row, and fairseq's sigma
+        # (std + eps, about eps there) would make y = d / (|d| + eps) of order 1, where it is 0. One more
+        # pass takes the error out (the C++ kernels shift by a pivot for the same reason); the mean's
+        # derivative is unchanged. (torch's eps inside the root keeps d / sqrt(eps) small, as nn.LayerNorm.)
+        mean = mean + (x - mean).mean(dims, keepdim=True)
     xc = x - mean if centre else x
     v = (xc * xc).mean(dims, keepdim=True)
     dof = None

@@ -149,6 +149,28 @@ def test_a_non_finite_row_stays_non_finite_and_alone(dtype, cpu_kernels_mode):
     torch.testing.assert_close(AdaNorm(40)(x)[[1, 3]], z[[1, 3]])
 
 
+@pytest.mark.parametrize("path", ["cpu_kernels", "eager", "compiled_math"])
+@pytest.mark.parametrize("value", [0.1, 3.7, 1000.3])
+def test_a_constant_row_in_fairseq_mode_is_zero_on_every_path(path, value, cpu_kernels_mode, monkeypatch):
+    """A constant row's exact output is 0 and its input gradient (g - mean g) / eps (sigma = 0 + eps). The
+    mean's float32 rounding error d, left in x - mean, made fairseq's y = d / (|d| + eps) of order 1 on
+    the eager and compiled paths (up to 0.98 at 1000.3)."""
+    from hf_adanorm import functional
+    cpu_kernels_mode("off" if path == "eager" else "auto")
+    monkeypatch.setattr(functional, "COMPILED_NORMS", "math")
+    norm = LayerNormSimple(768, eps_mode="fairseq")
+    x = torch.full((2, 768), value, requires_grad=True)
+    g = torch.randn(2, 768, generator=torch.Generator().manual_seed(0))
+    if path == "compiled_math":
+        torch._dynamo.reset()
+        norm = torch.compile(norm)
+    z = norm(x)
+    z.backward(g)
+    assert z.abs().max() < 1e-6
+    exact = (g - g.mean(-1, keepdim=True)) / 1e-5
+    assert ((x.grad - exact).abs().max() / exact.abs().max()) < 1e-5
+
+
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd keeps for backward of ``module(x)``."""
     storages = {}

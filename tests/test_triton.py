@@ -71,6 +71,20 @@ def test_kernels_match_the_equations(variant, eps_mode, shape, dtype, triton_cal
     assert triton_calls == {"forward": 1, "input_grad": 1}
 
 
+@pytest.mark.parametrize("value", [0.1, 3.7, 1000.3])
+def test_a_constant_row_in_fairseq_mode_is_zero(value, triton_calls):
+    """The exact output of a constant row is 0, its input gradient (g - mean g) / eps; the mean's float32
+    rounding error, left in x - mean, made fairseq's y = d / (|d| + eps) of order 1."""
+    from hf_adanorm import LayerNormSimple
+    x = torch.full((2, 768), value, device=DEVICE, requires_grad=True)
+    g = rows(2, 768, seed=9, offset=False).float().to(DEVICE)
+    z = LayerNormSimple(768, eps_mode="fairseq")(x)
+    z.backward(g)
+    assert z.abs().max() < 1e-6 and triton_calls == {"forward": 1, "input_grad": 1}
+    exact = (g - g.mean(-1, keepdim=True)) / 1e-5
+    assert ((x.grad - exact).abs().max() / exact.abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("hidden", [1, 2, 4096])
 def test_edge_sizes(hidden, triton_calls):
     adanorm = next(v for v in VARIANTS if v.id == "adanorm_k0.4_C2")
