@@ -228,3 +228,25 @@ def test_the_guard_is_refused_by_the_stock_config_class_and_undone_exactly(gener
         config_class.from_dict(guarded)
     assert generated.unguard_config_dict(guarded) == data
     assert config_class.from_dict(generated.unguard_config_dict(guarded)).to_dict() == data
+
+
+@pytest.mark.parametrize("model_type,auto_class", [("vit", "AutoModel"), ("gpt_neox", "AutoModelForCausalLM")])
+def test_remote_code_loads_the_weights_transformers_renames(tmp_path, monkeypatch, model_type, auto_class):
+    """transformers 5 saves these under legacy key names and renames them back when loading, by
+    model_type, a conversion it skips for custom code: the remote classes must still get every weight
+    (before, they got fresh random ones, with a warning only)."""
+    import transformers
+    from arch_zoo import ARCHS, make_inputs, run
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    arch = next(a for a in ARCHS if a.id == model_type)
+    auto = getattr(transformers, auto_class)
+    torch.manual_seed(0)
+    model = auto.from_config(transformers.AutoConfig.for_model(model_type, **arch.config)).eval()
+    hf_adanorm.patch_model(model, "adanorm")
+    inputs = make_inputs(arch, model)
+    save_pretrained(model, tmp_path / "ckpt")
+    loaded, info = auto.from_pretrained(tmp_path / "ckpt", trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(loaded).__name__ == type(model).__name__
+    for got, expected in zip(run(loaded.eval(), inputs), run(model, inputs), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
