@@ -68,17 +68,15 @@ from transformers import {config} as _BaseConfig  # noqa: E402
 
 BASE_MODEL_TYPE, GUARDED_FIELD = "{model_type}", {field!r}
 
-# transformers >= 5 renames legacy checkpoint keys on load (and back on save) by model_type, but
-# skips custom code: without this, save_pretrained's legacy names (ViT, GPT-NeoX, MoE experts ...)
-# would not match these classes and load as fresh random weights (a warning only). The stock
-# mapping ([] if none) under this checkpoint's own model_type makes them load as the stock class does.
+# transformers >= 5 renames legacy keys (ViT, GPT-NeoX, MoE ...) by model_type, but not for custom code
+# unless registered: else those weights load as random ones. (Older transformers: no renaming.)
 try:
-    from transformers.conversion_mapping import (get_checkpoint_conversion_mapping as _get_conversion,
-                                                 register_checkpoint_conversion_mapping as _register_conversion)
-except ImportError:  # older transformers: no key conversion, checkpoints keep the class's own names
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping as _conversion
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping as _register
+except ImportError:
     pass
 else:
-    _register_conversion("{own_type}", _get_conversion(BASE_MODEL_TYPE) or [], overwrite=True)
+    _register("{own_type}", _conversion(BASE_MODEL_TYPE) or [], overwrite=True)
 
 
 class {config_class}(_BaseConfig):
