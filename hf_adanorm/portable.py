@@ -449,21 +449,24 @@ def record_for(model, record, saved_class):
     """``record`` as it applies to ``model``, a class other than ``saved_class`` (the name of the
     class that was saved) built from the same config: as transformers does with the weights, the
     base-model prefix (``transformer.``) is added or removed, and the parts of the saved head that
-    ``model`` lacks are dropped (its own new head is initialised as transformers initialises it)."""
+    ``model`` lacks are dropped (its own new head is initialised as transformers initialises it);
+    a part it has at the same path (``cls.predictions`` of BertForMaskedLM in BertForPreTraining)
+    gets that head's other weights from transformers, so its norm stays patched too."""
     if saved_class is None or type(model).__name__ == saved_class:
         return record
     prefix = getattr(model, "base_model_prefix", "") or ""
     saved_with_prefix = bool(prefix) and any(n.startswith(prefix + ".") for n in record["modules"])
     has_prefix = bool(prefix) and hasattr(model, prefix) and getattr(model, prefix) is not model
+    present = {name for name, _ in model.named_modules()}
 
     def rename(name):
+        if saved_with_prefix and not name.startswith(prefix + "."):  # a part of the saved head:
+            return name if name in present else None  # kept where this class has it too
         if saved_with_prefix and not has_prefix:
-            return name[len(prefix) + 1:] if name.startswith(prefix + ".") else None  # a head part: dropped
+            return name[len(prefix) + 1:]
         if has_prefix and not saved_with_prefix:
-            name = f"{prefix}.{name}"
-        if not has_prefix or name.startswith(prefix + "."):
-            return name
-        return None  # the saved head's own modules: this class has its own head
+            return f"{prefix}.{name}"
+        return name
 
     modules = {rename(n): e for n, e in record["modules"].items() if rename(n) is not None}
     fold = dict(record.get("fold") or {})

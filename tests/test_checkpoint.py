@@ -306,3 +306,36 @@ def test_a_checkpoint_saved_before_the_guard_still_loads(tmp_path):
     config["auto_map"] = {k: v for k, v in config["auto_map"].items() if k != "AutoConfig"}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert torch.equal(logits(from_pretrained(AutoModelForCausalLM, tmp_path).eval()), logits(model))
+
+
+@pytest.mark.parametrize("model_type,loaded_class", [("bert", "BertForPreTraining"), ("roberta", "RobertaForCausalLM")])
+@pytest.mark.parametrize("reader", ["hf_adanorm", "remote code"])
+def test_a_head_shared_with_another_class_keeps_its_patched_norm(tmp_path, monkeypatch, model_type, loaded_class,
+                                                                  reader):
+    """transformers loads a saved head's weights into another class that has the same head at the same
+    path (BertForMaskedLM -> BertForPreTraining): its norm must come back patched too, not as a stock
+    norm of gain 1 and bias 0 beside the loaded weights."""
+    import transformers
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=100, num_hidden_layers=2, hidden_size=32,
+                                               intermediate_size=64, num_attention_heads=2,
+                                               max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForMaskedLM.from_config(config).eval()
+    hf_adanorm.patch_model(model, "adanorm")
+    with torch.no_grad():  # the head norm's gain and bias are dropped by the patch: what it computes counts
+        for name, param in model.named_parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    save_pretrained(model, tmp_path / "ckpt")
+    cls = getattr(transformers, loaded_class)
+    if reader == "hf_adanorm":
+        loaded = from_pretrained(cls, tmp_path / "ckpt")
+    else:
+        auto = transformers.AutoModelForPreTraining if model_type == "bert" else AutoModelForCausalLM
+        loaded = auto.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
+        assert type(loaded).__name__ == loaded_class
+    with torch.no_grad():
+        out = loaded.eval()(input_ids=IDS)
+        expected = model(input_ids=IDS).logits
+    torch.testing.assert_close(getattr(out, "prediction_logits", None) if model_type == "bert" else out.logits,
+                               expected, rtol=1e-5, atol=1e-5)
