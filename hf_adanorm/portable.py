@@ -250,7 +250,8 @@ def _probe_copy(module: nn.Module, tensors: dict) -> nn.Module:
         (n, None if p is None else nn.Parameter(tensors[n], requires_grad=False))
         for n, p in module._parameters.items())
     clone._buffers = OrderedDict(
-        (n, None if b is None else (torch.zeros(b.shape) if b.is_meta else b.detach().float().cpu().clone()))
+        (n, None if b is None else (torch.zeros(b.shape, dtype=torch.float32) if b.is_meta
+                                    else b.detach().float().cpu().clone()))
         for n, b in module._buffers.items()
     )
     for name in HOOK_DICTS:
@@ -328,16 +329,18 @@ def classify(module: nn.Module) -> tuple[Optional[NormInfo], Optional[str]]:
 
 
 def _probe(module, params, size, named) -> tuple[Optional[NormInfo], Optional[str]]:
-    gen = torch.Generator().manual_seed(1234)
-    values = {n: torch.randn(size, generator=gen) * 0.5 + (0.0 if _BIAS_NAMES.search(n) else 1.0)
+    # float32 whatever the default dtype (bfloat16 while transformers builds a bfloat16 model)
+    gen, f32 = torch.Generator().manual_seed(1234), torch.float32
+    values = {n: torch.randn(size, generator=gen, dtype=f32) * 0.5 + (0.0 if _BIAS_NAMES.search(n) else 1.0)
               for n, _ in params}
     gains = [n for n in values if not _BIAS_NAMES.search(n)]
     biases = [n for n in values if _BIAS_NAMES.search(n)]
     if len(gains) > 1 or len(biases) > 1:
         return None, ("two gain-like or bias-like parameters" if named else None)
     rows = 7 if size != 7 else 5  # a middle dim unequal to size catches channels-first norms
-    x = torch.randn(3, rows, size, generator=gen) * (1 + 3 * torch.rand(3, rows, 1, generator=gen))
-    x = x + 4 * torch.rand(3, rows, 1, generator=gen) + 1  # non-zero means separate LN from RMS
+    x = torch.randn(3, rows, size, generator=gen, dtype=f32)
+    x = x * (1 + 3 * torch.rand(3, rows, 1, generator=gen, dtype=f32))
+    x = x + 4 * torch.rand(3, rows, 1, generator=gen, dtype=f32) + 1  # non-zero means separate LN from RMS
     clone = _probe_copy(module, values)
     try:
         with torch.no_grad():

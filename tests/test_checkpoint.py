@@ -339,3 +339,25 @@ def test_a_head_shared_with_another_class_keeps_its_patched_norm(tmp_path, monke
         expected = model(input_ids=IDS).logits
     torch.testing.assert_close(getattr(out, "prediction_logits", None) if model_type == "bert" else out.logits,
                                expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reader", ["hf_adanorm", "remote code"])
+@pytest.mark.parametrize("how", ["dtype=bfloat16", "saved in bfloat16"])
+def test_bfloat16_loads(tmp_path, monkeypatch, reader, how):
+    """transformers builds a bfloat16 model under torch's default dtype bfloat16: the record check's
+    norm probe must still run in float32 (it refused every norm as 'not a norm' before)."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    model = patched("gpt2", "adanorm")
+    if how == "saved in bfloat16":
+        save_pretrained(model.to(torch.bfloat16), tmp_path / "ckpt")
+        kwargs = {}
+    else:
+        save_pretrained(model, tmp_path / "ckpt")
+        model.to(torch.bfloat16)
+        kwargs = {"dtype": torch.bfloat16}
+    if reader == "hf_adanorm":
+        loaded = from_pretrained(AutoModelForCausalLM, tmp_path / "ckpt", **kwargs)
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True, **kwargs)
+    assert loaded.dtype == torch.bfloat16 and torch.get_default_dtype() == torch.float32
+    torch.testing.assert_close(logits(loaded.eval()), logits(model), rtol=0.02, atol=0.02)  # logits ~0.1
