@@ -45,6 +45,16 @@ from .remote_code import (MODELING_FILE, auto_map, base_model_class, guarded_fie
                           stock_class)
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+# Options of the model's from_pretrained, not config values: load_config would set some of them on the
+# config (dtype="auto" there raises: torch has no dtype "auto"). Besides these, every named parameter of
+# PreTrainedModel.from_pretrained (see _model_kwargs); the list is what transformers 4.x and 5 pop.
+_MODEL_KWARGS = ("dtype", "torch_dtype", "device_map", "max_memory", "offload_folder", "offload_buffers",
+                 "offload_state_dict", "attn_implementation", "experts_implementation", "quantization_config",
+                 "low_cpu_mem_usage", "output_loading_info", "state_dict", "proxies", "tqdm_class", "variant",
+                 "adapter_kwargs", "adapter_name", "generation_config", "gguf_file", "distributed_config",
+                 "device_mesh", "tp_plan", "tp_size", "allow_all_kernels", "use_kernels", "kernel_config",
+                 "key_mapping", "mirror", "_fast_init", "from_tf", "from_flax", "_from_pipeline", "_from_auto",
+                 "use_flash_attention_2", "ignore_mismatched_sizes", "use_safetensors", "weights_only")
 # What a save writes (or must not leave behind from an earlier save) in its folder; any other
 # entry there (a tokenizer, a Trainer's checkpoint-N folders ...) is carried over.
 _WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
@@ -172,9 +182,10 @@ def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **k
     if config is None or isinstance(config, (str, Path)):
         # config attributes among kwargs (num_labels=...) go to the config, as in transformers
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        loading = _model_kwargs(kwargs)
         config, kwargs = load_config(config or pretrained_model_name_or_path, model_class,
                                      return_unused_kwargs=True, **kwargs)
-        kwargs.update(hub)
+        kwargs.update(hub, **loading)
     else:
         config = copy.deepcopy(config)  # loading moves the record from the config to the model
     record = record_from_config(config)
@@ -188,6 +199,17 @@ def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **k
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
     model.__class__ = base  # the subclass only adds __init__: hand back a plain transformers object
     return loaded
+
+
+def _model_kwargs(kwargs: dict) -> dict:
+    """Pop from ``kwargs`` (and return) the options of the model's ``from_pretrained``, as transformers
+    does before it reads the config from the rest."""
+    import inspect
+
+    from transformers import PreTrainedModel
+    named = [p.name for p in inspect.signature(PreTrainedModel.from_pretrained).parameters.values()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY or p.default is not inspect.Parameter.empty]
+    return {k: kwargs.pop(k) for k in {*_MODEL_KWARGS, *named} - {"config", *_HUB_KWARGS} if k in kwargs}
 
 
 def _unwrap(model) -> nn.Module:

@@ -361,3 +361,17 @@ def test_bfloat16_loads(tmp_path, monkeypatch, reader, how):
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True, **kwargs)
     assert loaded.dtype == torch.bfloat16 and torch.get_default_dtype() == torch.float32
     torch.testing.assert_close(logits(loaded.eval()), logits(model), rtol=0.02, atol=0.02)  # logits ~0.1
+
+
+@pytest.mark.parametrize("saved_dtype", [torch.float32, torch.bfloat16])
+def test_dtype_auto_and_other_loading_options_reach_the_model_not_the_config(tmp_path, saved_dtype):
+    """dtype="auto" (the checkpoint's dtype), device_map and attn_implementation are options of the model's
+    from_pretrained: read as config values they failed (torch has no dtype "auto")."""
+    model = patched("gpt2", "adanorm").to(saved_dtype)
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(AutoModelForCausalLM, tmp_path, dtype="auto", device_map="cpu",
+                             attn_implementation="eager", num_labels=3)
+    assert loaded.dtype == saved_dtype and loaded.config.num_labels == 3  # (a config value still is one)
+    assert loaded.config._attn_implementation == "eager"  # (the saved model: sdpa, equal to round-off)
+    tolerance = 1e-5 if saved_dtype == torch.float32 else 0.02
+    torch.testing.assert_close(logits(loaded.eval()), logits(model), rtol=tolerance, atol=tolerance)
