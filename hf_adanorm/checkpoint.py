@@ -214,7 +214,12 @@ def _model_kwargs(kwargs: dict) -> dict:
 
 def _unwrap(model) -> nn.Module:
     """The model inside DDP / accelerate / DeepSpeed / torch.compile wrappers."""
+    import inspect
+
     from accelerate.utils import extract_model_from_parallel
+    # accelerate >= 1.2 keeps a torch.compile wrapper unless told not to (before, it always unwrapped)
+    if "keep_torch_compile" in inspect.signature(extract_model_from_parallel).parameters:
+        return extract_model_from_parallel(model, keep_torch_compile=False)
     return extract_model_from_parallel(model)
 
 

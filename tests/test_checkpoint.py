@@ -270,6 +270,14 @@ def test_ddp_wrapped_model_is_unwrapped_and_only_main_process_writes(tmp_path):
     assert not any(k.startswith("module.") for k in load_file(tmp_path / "main" / "model.safetensors"))
 
 
+def test_a_torch_compile_wrapper_is_unwrapped(tmp_path):
+    model = patched("gpt2", "adanorm")
+    compiled = torch.compile(model)  # an OptimizedModule around it; nothing is compiled before a call
+    assert save_pretrained(compiled, tmp_path) == tmp_path
+    assert not any(k.startswith("_orig_mod.") for k in load_file(tmp_path / "model.safetensors"))
+    assert torch.equal(logits(from_pretrained(AutoModelForCausalLM, tmp_path).eval()), logits(model))
+
+
 def test_minilm_round_trip(tmp_path, minilm, minilm_inputs):
     hf_adanorm.patch_model(minilm, "adanorm")
     save_pretrained(minilm, tmp_path, remote_code=True)
