@@ -323,6 +323,7 @@ def save_pretrained(model, save_directory, *, remote_code: Optional[bool] = None
     model = _unwrap(model)
     sharded = sharding(model) if kwargs.get("state_dict") is None else None
     with agree_before_collective(sharded):  # a rank that fails here fails them all, before gathering
+        _refuse_peft_layers(model)
         record = get_record(model)
         if record is None:
             raise ValueError("the model is not patched by hf_adanorm; use model.save_pretrained")
@@ -359,6 +360,21 @@ def save_pretrained(model, save_directory, *, remote_code: Optional[bool] = None
             (staging / MODELING_FILE).write_text(source)
         card.save(staging / "README.md")
     return Path(save_directory)
+
+
+def _refuse_peft_layers(model) -> None:
+    """Refuse a model with PEFT layers injected (LoRA ...): its state dict holds ``base_layer`` /
+    ``lora_A`` keys that the saved stock architecture lacks, so its weights would load as random ones."""
+    import sys
+    if sys.modules.get("peft") is None:  # peft never imported: nothing can have been injected
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if layers:
+        shown = ", ".join(layers[:3]) + (" ..." if len(layers) > 3 else "")
+        raise ValueError(f"the model has PEFT adapter layers ({shown}), which the saved architecture has no "
+                         "place for: merge them into the weights first "
+                         "(peft_model.merge_and_unload()) or remove them (peft_model.unload()), then save")
 
 
 def _can_generate(model) -> bool:
