@@ -113,7 +113,10 @@ def _resolve_class(model_class, config) -> type:
         raise TypeError(f"model_class must be a transformers model or AutoModel class, got {model_class!r}")
     if type(config) not in mapping:
         raise ValueError(f"{model_class.__name__} cannot build a model from {type(config).__name__}")
-    return mapping[type(config)]
+    built = mapping[type(config)]
+    if isinstance(built, (tuple, list)):  # several classes (DeiT, Funnel): the saved one, as transformers picks
+        return next((cls for cls in built if cls.__name__ in (config.architectures or [])), built[0])
+    return built
 
 
 def load_tokenizer(path, **kwargs):

@@ -112,8 +112,9 @@ def modeling_source(base: type) -> str:
     """The modeling file for a checkpoint of ``base`` (a transformers model class): the config
     class and a subclass of every class an Auto class builds from ``base``'s config."""
     config = base.config_class
-    classes = sorted(set(auto_classes(config).values()), key=lambda cls: cls.__name__)
-    auto = min((n for n, cls in auto_classes(config).items() if cls is base),
+    built = auto_classes(config, prefer=base)
+    classes = sorted(set(built.values()), key=lambda cls: cls.__name__)
+    auto = min((n for n, cls in built.items() if cls is base),
                key=lambda n: (not n.startswith("AutoModelFor"), n), default="AutoModel")
     models = "".join(_MODEL.format(name=cls.__name__, config_class=CONFIG_CLASS) for cls in classes)
     return (_HEADER.format(base=base.__name__, auto=auto) + "\n" + _portable_source()
@@ -161,18 +162,22 @@ def base_model_class(model) -> type:
     return cls
 
 
-def auto_classes(config_class: type) -> dict:
-    """{Auto class name: the transformers class it builds from ``config_class``}."""
+def auto_classes(config_class: type, prefer: Optional[type] = None) -> dict:
+    """{Auto class name: the transformers class it builds from ``config_class``}. Where an Auto class
+    may build several (DeiT's image classifiers, FunnelModel / FunnelBaseModel), transformers picks the
+    one in ``config.architectures``: here ``prefer`` (the saved class) if among them, else the first."""
     found = {}
     for name in sorted(dir(transformers)):
         auto = getattr(transformers, name) if name.startswith("AutoModel") else None
         mapping = getattr(auto, "_model_mapping", None)
         try:
-            cls = mapping[config_class] if mapping is not None and config_class in mapping else None
+            built = mapping[config_class] if mapping is not None and config_class in mapping else None
         except (ImportError, AttributeError, KeyError):  # lazily imported model families may be absent
             continue
-        if cls is not None and getattr(transformers, cls.__name__, None) is cls:
-            found[name] = cls
+        candidates = [cls for cls in (built if isinstance(built, (tuple, list)) else [built])
+                      if cls is not None and getattr(transformers, cls.__name__, None) is cls]
+        if candidates:
+            found[name] = prefer if prefer in candidates else candidates[0]
     return found
 
 
@@ -180,7 +185,7 @@ def auto_map(model) -> dict:
     """config.json's ``auto_map``: ``AutoConfig`` and every Auto class that builds a model from this
     config, each pointing at the generated subclass of the class it builds."""
     base = base_model_class(model)
-    built = auto_classes(base.config_class)
+    built = auto_classes(base.config_class, prefer=base)
     if base not in built.values():
         raise ValueError(f"no transformers AutoModel class builds {base.__name__} from "
                          f"{base.config_class.__name__}; save with remote_code=False")

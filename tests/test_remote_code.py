@@ -250,3 +250,31 @@ def test_remote_code_loads_the_weights_transformers_renames(tmp_path, monkeypatc
     assert type(loaded).__name__ == type(model).__name__
     for got, expected in zip(run(loaded.eval(), inputs), run(model, inputs), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch_id,auto_class,saved_class", [
+    ("deit", "AutoModelForImageClassification", "DeiTForImageClassificationWithTeacher"),
+    ("deit", "AutoModel", "DeiTModel"),
+    ("funnel", "AutoModel", "FunnelBaseModel"),
+])
+def test_an_auto_class_that_builds_several_classes_loads_the_saved_one(tmp_path, monkeypatch, arch_id, auto_class,
+                                                                       saved_class):
+    """transformers' Auto mapping can give a tuple of classes (chosen by config.architectures): saving
+    raised an AttributeError on it; both readers must build the saved class, with its outputs."""
+    import transformers
+    from arch_zoo import ARCHS, make_inputs, run
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    arch = next(a for a in ARCHS if a.id == arch_id)
+    auto, cls = getattr(transformers, auto_class), getattr(transformers, saved_class)
+    mappings = [transformers.AutoModel._model_mapping, transformers.AutoModelForImageClassification._model_mapping]
+    assert any(cls.config_class in m and isinstance(m[cls.config_class], tuple) for m in mappings)  # the case
+    torch.manual_seed(0)
+    model = cls(transformers.AutoConfig.for_model(arch.model_type, **arch.config)).eval()
+    hf_adanorm.patch_model(model, "adanorm")
+    inputs = make_inputs(arch, model)
+    save_pretrained(model, tmp_path / "ckpt")
+    for loaded in (from_pretrained(auto, tmp_path / "ckpt"),
+                   auto.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)):
+        assert type(loaded).__name__ == saved_class
+        for got, expected in zip(run(loaded.eval(), inputs), run(model, inputs), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
