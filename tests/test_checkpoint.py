@@ -383,3 +383,19 @@ def test_dtype_auto_and_other_loading_options_reach_the_model_not_the_config(tmp
     assert loaded.config._attn_implementation == "eager"  # (the saved model: sdpa, equal to round-off)
     tolerance = 1e-5 if saved_dtype == torch.float32 else 0.02
     torch.testing.assert_close(logits(loaded.eval()), logits(model), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("options", [{}, {"fold_affine": True}])
+def test_a_gemma_with_layernorm_simple_loads(tmp_path, monkeypatch, options):
+    """Gemma's _init_weights zeroes the weight of every module with "RMSNorm" in its class name, which
+    RMSNormSimple has and no weight: loading raised an AttributeError."""
+    import test_fold
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setitem(test_fold.TINY, "gemma", dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    model = patched("gemma", "layernorm_simple", include_rmsnorm=True, **options)
+    assert any(type(m).__name__ == "RMSNormSimple" for m in model.modules())
+    save_pretrained(model, tmp_path / "ckpt")
+    for loaded in (from_pretrained(AutoModelForCausalLM, tmp_path / "ckpt"),
+                   AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)):
+        torch.testing.assert_close(logits(loaded.eval()), logits(model), rtol=1e-5, atol=1e-5)
