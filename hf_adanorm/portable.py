@@ -487,7 +487,8 @@ def record_for(model, record, saved_class):
 def apply_patch(model, record, saved_class=None):
     """Check ``record`` against ``model``, then swap the recorded norms in (and give folded layers
     the bias the checkpoint holds).  Nothing changes if a check fails.  ``saved_class``: the name
-    of the class that was saved (config.architectures[0]), see :func:`record_for`."""
+    of the class that was saved (config.architectures[0]), see :func:`record_for`.  Returns the
+    record as applied (under ``model``'s module names)."""
     check_record(record)
     record = record_for(model, record, saved_class)
     options = record["config"]
@@ -504,3 +505,4 @@ def apply_patch(model, record, saved_class=None):
         layer = model.get_submodule(name)
         layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
                                               device=layer.weight.device))
+    return record

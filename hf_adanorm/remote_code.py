@@ -56,7 +56,10 @@ class {name}(_transformers.{name}):
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        apply_patch(self, getattr(config, "hf_adanorm", None), (config.architectures or [None])[0])
+        saved = (config.architectures or [None])[0]
+        applied = apply_patch(self, getattr(config, "hf_adanorm", None), saved)
+        if saved not in (None, type(self).__name__):  # built as another class: a re-save must describe this one
+            self.config.hf_adanorm, self.config.architectures = applied, [type(self).__name__]
 '''
 
 _CLASSES = '''

@@ -278,3 +278,24 @@ def test_an_auto_class_that_builds_several_classes_loads_the_saved_one(tmp_path,
         assert type(loaded).__name__ == saved_class
         for got, expected in zip(run(loaded.eval(), inputs), run(model, inputs), strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_remote_load_as_another_class_saves_a_checkpoint_of_that_class(tmp_path, monkeypatch):
+    """A causal-LM checkpoint loaded through the remote code as AutoModel, then saved by transformers: the
+    record must name that class's modules (the file says architectures=["GPT2Model"]); it kept the saved
+    class's ("transformer.h.0.ln_1") and neither reader could load the folder."""
+    from transformers import AutoModel
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    model = tiny_lm("gpt2")
+    hf_adanorm.patch_model(model, "adanorm")
+    save_pretrained(model, tmp_path / "a")
+    AutoModel.from_pretrained(tmp_path / "a", trust_remote_code=True).save_pretrained(tmp_path / "b")
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["architectures"] == ["GPT2Model"] and "h.0.ln_1" in config["hf_adanorm"]["modules"]
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.eval().transformer(input_ids=ids).last_hidden_state
+        for loaded in (from_pretrained(AutoModel, tmp_path / "b"),
+                       AutoModel.from_pretrained(tmp_path / "b", trust_remote_code=True)):
+            torch.testing.assert_close(loaded.eval()(input_ids=ids).last_hidden_state, expected,
+                                       rtol=1e-5, atol=1e-5)
