@@ -45,6 +45,16 @@ from .remote_code import (MODELING_FILE, auto_map, base_model_class, guarded_fie
                           stock_class)
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+# Options of the model's from_pretrained, not config values: load_config would set some of them on the
+# config (dtype="auto" there raises: torch has no dtype "auto"). Besides these, every named parameter of
+# PreTrainedModel.from_pretrained (see _model_kwargs); the list is what transformers 4.x and 5 pop.
+_MODEL_KWARGS = ("dtype", "torch_dtype", "device_map", "max_memory", "offload_folder", "offload_buffers",
+                 "offload_state_dict", "attn_implementation", "experts_implementation", "quantization_config",
+                 "low_cpu_mem_usage", "output_loading_info", "state_dict", "proxies", "tqdm_class", "variant",
+                 "adapter_kwargs", "adapter_name", "generation_config", "gguf_file", "distributed_config",
+                 "device_mesh", "tp_plan", "tp_size", "allow_all_kernels", "use_kernels", "kernel_config",
+                 "key_mapping", "mirror", "_fast_init", "from_tf", "from_flax", "_from_pipeline", "_from_auto",
+                 "use_flash_attention_2", "ignore_mismatched_sizes", "use_safetensors", "weights_only")
 # What a save writes (or must not leave behind from an earlier save) in its folder; any other
 # entry there (a tokenizer, a Trainer's checkpoint-N folders ...) is carried over.
 _WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
@@ -103,7 +113,10 @@ def _resolve_class(model_class, config) -> type:
         raise TypeError(f"model_class must be a transformers model or AutoModel class, got {model_class!r}")
     if type(config) not in mapping:
         raise ValueError(f"{model_class.__name__} cannot build a model from {type(config).__name__}")
-    return mapping[type(config)]
+    built = mapping[type(config)]
+    if isinstance(built, (tuple, list)):  # several classes (DeiT, Funnel): the saved one, as transformers picks
+        return next((cls for cls in built if cls.__name__ in (config.architectures or [])), built[0])
+    return built
 
 
 def load_tokenizer(path, **kwargs):
@@ -172,9 +185,10 @@ def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **k
     if config is None or isinstance(config, (str, Path)):
         # config attributes among kwargs (num_labels=...) go to the config, as in transformers
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        loading = _model_kwargs(kwargs)
         config, kwargs = load_config(config or pretrained_model_name_or_path, model_class,
                                      return_unused_kwargs=True, **kwargs)
-        kwargs.update(hub)
+        kwargs.update(hub, **loading)
     else:
         config = copy.deepcopy(config)  # loading moves the record from the config to the model
     record = record_from_config(config)
@@ -190,9 +204,25 @@ def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **k
     return loaded
 
 
+def _model_kwargs(kwargs: dict) -> dict:
+    """Pop from ``kwargs`` (and return) the options of the model's ``from_pretrained``, as transformers
+    does before it reads the config from the rest."""
+    import inspect
+
+    from transformers import PreTrainedModel
+    named = [p.name for p in inspect.signature(PreTrainedModel.from_pretrained).parameters.values()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY or p.default is not inspect.Parameter.empty]
+    return {k: kwargs.pop(k) for k in {*_MODEL_KWARGS, *named} - {"config", *_HUB_KWARGS} if k in kwargs}
+
+
 def _unwrap(model) -> nn.Module:
     """The model inside DDP / accelerate / DeepSpeed / torch.compile wrappers."""
+    import inspect
+
     from accelerate.utils import extract_model_from_parallel
+    # accelerate >= 1.2 keeps a torch.compile wrapper unless told not to (before, it always unwrapped)
+    if "keep_torch_compile" in inspect.signature(extract_model_from_parallel).parameters:
+        return extract_model_from_parallel(model, keep_torch_compile=False)
     return extract_model_from_parallel(model)
 
 
@@ -296,6 +326,7 @@ def save_pretrained(model, save_directory, *, remote_code: Optional[bool] = None
     model = _unwrap(model)
     sharded = sharding(model) if kwargs.get("state_dict") is None else None
     with agree_before_collective(sharded):  # a rank that fails here fails them all, before gathering
+        _refuse_peft_layers(model)
         record = get_record(model)
         if record is None:
             raise ValueError("the model is not patched by hf_adanorm; use model.save_pretrained")
@@ -332,6 +363,21 @@ def save_pretrained(model, save_directory, *, remote_code: Optional[bool] = None
             (staging / MODELING_FILE).write_text(source)
         card.save(staging / "README.md")
     return Path(save_directory)
+
+
+def _refuse_peft_layers(model) -> None:
+    """Refuse a model with PEFT layers injected (LoRA ...): its state dict holds ``base_layer`` /
+    ``lora_A`` keys that the saved stock architecture lacks, so its weights would load as random ones."""
+    import sys
+    if sys.modules.get("peft") is None:  # peft never imported: nothing can have been injected
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if layers:
+        shown = ", ".join(layers[:3]) + (" ..." if len(layers) > 3 else "")
+        raise ValueError(f"the model has PEFT adapter layers ({shown}), which the saved architecture has no "
+                         "place for: merge them into the weights first "
+                         "(peft_model.merge_and_unload()) or remove them (peft_model.unload()), then save")
 
 
 def _can_generate(model) -> bool:

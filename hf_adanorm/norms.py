@@ -99,6 +99,9 @@ class _ParameterFreeNorm(nn.Module):
     """Shared state of all norms here: the shape, eps and eps mode, no parameters."""
 
     centre = True  # LayerNorm family subtracts the mean; RMS family does not.
+    # Nothing to initialise: transformers skips a module so marked. Otherwise an _init_weights that goes
+    # by class name (Gemma's: "RMSNorm" in it -> zeros_(module.weight)) fails on RMSNormSimple when loading.
+    _is_hf_initialized = True
 
     def __init__(self, normalized_shape: ShapeLike, eps: float = 1e-5, eps_mode: str = "torch"):
         super().__init__()

@@ -250,7 +250,8 @@ def _probe_copy(module: nn.Module, tensors: dict) -> nn.Module:
         (n, None if p is None else nn.Parameter(tensors[n], requires_grad=False))
         for n, p in module._parameters.items())
     clone._buffers = OrderedDict(
-        (n, None if b is None else (torch.zeros(b.shape) if b.is_meta else b.detach().float().cpu().clone()))
+        (n, None if b is None else (torch.zeros(b.shape, dtype=torch.float32) if b.is_meta
+                                    else b.detach().float().cpu().clone()))
         for n, b in module._buffers.items()
     )
     for name in HOOK_DICTS:
@@ -328,16 +329,18 @@ def classify(module: nn.Module) -> tuple[Optional[NormInfo], Optional[str]]:
 
 
 def _probe(module, params, size, named) -> tuple[Optional[NormInfo], Optional[str]]:
-    gen = torch.Generator().manual_seed(1234)
-    values = {n: torch.randn(size, generator=gen) * 0.5 + (0.0 if _BIAS_NAMES.search(n) else 1.0)
+    # float32 whatever the default dtype (bfloat16 while transformers builds a bfloat16 model)
+    gen, f32 = torch.Generator().manual_seed(1234), torch.float32
+    values = {n: torch.randn(size, generator=gen, dtype=f32) * 0.5 + (0.0 if _BIAS_NAMES.search(n) else 1.0)
               for n, _ in params}
     gains = [n for n in values if not _BIAS_NAMES.search(n)]
     biases = [n for n in values if _BIAS_NAMES.search(n)]
     if len(gains) > 1 or len(biases) > 1:
         return None, ("two gain-like or bias-like parameters" if named else None)
     rows = 7 if size != 7 else 5  # a middle dim unequal to size catches channels-first norms
-    x = torch.randn(3, rows, size, generator=gen) * (1 + 3 * torch.rand(3, rows, 1, generator=gen))
-    x = x + 4 * torch.rand(3, rows, 1, generator=gen) + 1  # non-zero means separate LN from RMS
+    x = torch.randn(3, rows, size, generator=gen, dtype=f32)
+    x = x * (1 + 3 * torch.rand(3, rows, 1, generator=gen, dtype=f32))
+    x = x + 4 * torch.rand(3, rows, 1, generator=gen, dtype=f32) + 1  # non-zero means separate LN from RMS
     clone = _probe_copy(module, values)
     try:
         with torch.no_grad():
@@ -449,21 +452,24 @@ def record_for(model, record, saved_class):
     """``record`` as it applies to ``model``, a class other than ``saved_class`` (the name of the
     class that was saved) built from the same config: as transformers does with the weights, the
     base-model prefix (``transformer.``) is added or removed, and the parts of the saved head that
-    ``model`` lacks are dropped (its own new head is initialised as transformers initialises it)."""
+    ``model`` lacks are dropped (its own new head is initialised as transformers initialises it);
+    a part it has at the same path (``cls.predictions`` of BertForMaskedLM in BertForPreTraining)
+    gets that head's other weights from transformers, so its norm stays patched too."""
     if saved_class is None or type(model).__name__ == saved_class:
         return record
     prefix = getattr(model, "base_model_prefix", "") or ""
     saved_with_prefix = bool(prefix) and any(n.startswith(prefix + ".") for n in record["modules"])
     has_prefix = bool(prefix) and hasattr(model, prefix) and getattr(model, prefix) is not model
+    present = {name for name, _ in model.named_modules()}
 
     def rename(name):
+        if saved_with_prefix and not name.startswith(prefix + "."):  # a part of the saved head:
+            return name if name in present else None  # kept where this class has it too
         if saved_with_prefix and not has_prefix:
-            return name[len(prefix) + 1:] if name.startswith(prefix + ".") else None  # a head part: dropped
+            return name[len(prefix) + 1:]
         if has_prefix and not saved_with_prefix:
-            name = f"{prefix}.{name}"
-        if not has_prefix or name.startswith(prefix + "."):
-            return name
-        return None  # the saved head's own modules: this class has its own head
+            return f"{prefix}.{name}"
+        return name
 
     modules = {rename(n): e for n, e in record["modules"].items() if rename(n) is not None}
     fold = dict(record.get("fold") or {})
@@ -481,7 +487,8 @@ def record_for(model, record, saved_class):
 def apply_patch(model, record, saved_class=None):
     """Check ``record`` against ``model``, then swap the recorded norms in (and give folded layers
     the bias the checkpoint holds).  Nothing changes if a check fails.  ``saved_class``: the name
-    of the class that was saved (config.architectures[0]), see :func:`record_for`."""
+    of the class that was saved (config.architectures[0]), see :func:`record_for`.  Returns the
+    record as applied (under ``model``'s module names)."""
     check_record(record)
     record = record_for(model, record, saved_class)
     options = record["config"]
@@ -498,3 +505,4 @@ def apply_patch(model, record, saved_class=None):
         layer = model.get_submodule(name)
         layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
                                               device=layer.weight.device))
+    return record

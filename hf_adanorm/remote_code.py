@@ -56,7 +56,10 @@ class {name}(_transformers.{name}):
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        apply_patch(self, getattr(config, "hf_adanorm", None), (config.architectures or [None])[0])
+        saved = (config.architectures or [None])[0]
+        applied = apply_patch(self, getattr(config, "hf_adanorm", None), saved)
+        if saved not in (None, type(self).__name__):  # built as another class: a re-save must describe this one
+            self.config.hf_adanorm, self.config.architectures = applied, [type(self).__name__]
 '''
 
 _CLASSES = '''
@@ -67,6 +70,16 @@ import transformers as _transformers  # noqa: E402
 from transformers import {config} as _BaseConfig  # noqa: E402
 
 BASE_MODEL_TYPE, GUARDED_FIELD = "{model_type}", {field!r}
+
+# transformers >= 5 renames legacy keys (ViT, GPT-NeoX, MoE ...) by model_type, but not for custom code
+# unless registered: else those weights load as random ones. (Older transformers: no renaming.)
+try:
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping as _conversion
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping as _register
+except ImportError:
+    pass
+else:
+    _register("{own_type}", _conversion(BASE_MODEL_TYPE) or [], overwrite=True)
 
 
 class {config_class}(_BaseConfig):
@@ -102,8 +115,9 @@ def modeling_source(base: type) -> str:
     """The modeling file for a checkpoint of ``base`` (a transformers model class): the config
     class and a subclass of every class an Auto class builds from ``base``'s config."""
     config = base.config_class
-    classes = sorted(set(auto_classes(config).values()), key=lambda cls: cls.__name__)
-    auto = min((n for n, cls in auto_classes(config).items() if cls is base),
+    built = auto_classes(config, prefer=base)
+    classes = sorted(set(built.values()), key=lambda cls: cls.__name__)
+    auto = min((n for n, cls in built.items() if cls is base),
                key=lambda n: (not n.startswith("AutoModelFor"), n), default="AutoModel")
     models = "".join(_MODEL.format(name=cls.__name__, config_class=CONFIG_CLASS) for cls in classes)
     return (_HEADER.format(base=base.__name__, auto=auto) + "\n" + _portable_source()
@@ -151,18 +165,22 @@ def base_model_class(model) -> type:
     return cls
 
 
-def auto_classes(config_class: type) -> dict:
-    """{Auto class name: the transformers class it builds from ``config_class``}."""
+def auto_classes(config_class: type, prefer: Optional[type] = None) -> dict:
+    """{Auto class name: the transformers class it builds from ``config_class``}. Where an Auto class
+    may build several (DeiT's image classifiers, FunnelModel / FunnelBaseModel), transformers picks the
+    one in ``config.architectures``: here ``prefer`` (the saved class) if among them, else the first."""
     found = {}
     for name in sorted(dir(transformers)):
         auto = getattr(transformers, name) if name.startswith("AutoModel") else None
         mapping = getattr(auto, "_model_mapping", None)
         try:
-            cls = mapping[config_class] if mapping is not None and config_class in mapping else None
+            built = mapping[config_class] if mapping is not None and config_class in mapping else None
         except (ImportError, AttributeError, KeyError):  # lazily imported model families may be absent
             continue
-        if cls is not None and getattr(transformers, cls.__name__, None) is cls:
-            found[name] = cls
+        candidates = [cls for cls in (built if isinstance(built, (tuple, list)) else [built])
+                      if cls is not None and getattr(transformers, cls.__name__, None) is cls]
+        if candidates:
+            found[name] = prefer if prefer in candidates else candidates[0]
     return found
 
 
@@ -170,7 +188,7 @@ def auto_map(model) -> dict:
     """config.json's ``auto_map``: ``AutoConfig`` and every Auto class that builds a model from this
     config, each pointing at the generated subclass of the class it builds."""
     base = base_model_class(model)
-    built = auto_classes(base.config_class)
+    built = auto_classes(base.config_class, prefer=base)
     if base not in built.values():
         raise ValueError(f"no transformers AutoModel class builds {base.__name__} from "
                          f"{base.config_class.__name__}; save with remote_code=False")

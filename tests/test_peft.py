@@ -74,3 +74,25 @@ def test_unpatch_under_lora_on_folded_layers_says_what_to_do_and_changes_nothing
     plain = lora.unload()  # what the message says to do
     hf_adanorm.unpatch_model(plain)
     assert torch.equal(logits(plain), logits(reference))
+
+
+def test_saving_with_lora_layers_injected_is_refused_before_writing(tmp_path):
+    """The injected layers' base_layer / lora_A keys do not fit the saved stock architecture: reloading
+    gave random weights in their place. Merged (merge_and_unload) it saves and reloads."""
+    from transformers import AutoModelForCausalLM
+    model = tiny_lm("gpt2")
+    hf_adanorm.patch_model(model, "adanorm")
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(target_modules=["c_attn"], r=4, init_lora_weights=False))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")
+    for save in (lambda: hf_adanorm.save_pretrained(peft_model.get_base_model(), tmp_path / "ckpt"),
+                 lambda: peft_model.get_base_model().save_pretrained(tmp_path / "ckpt")):
+        with pytest.raises(ValueError, match=r"PEFT adapter layers \(transformer\.h\.0\.attn\.c_attn, .*"
+                                             r"merge_and_unload\(\).*unload\(\)"):
+            save()
+        assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["tokenizer.json"]
+    expected = logits(peft_model)
+    merged = peft_model.merge_and_unload()
+    hf_adanorm.save_pretrained(merged, tmp_path / "ckpt")
+    loaded = hf_adanorm.from_pretrained(AutoModelForCausalLM, tmp_path / "ckpt").eval()
+    torch.testing.assert_close(logits(loaded), expected, rtol=1e-5, atol=1e-5)

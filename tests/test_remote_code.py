@@ -228,3 +228,74 @@ def test_the_guard_is_refused_by_the_stock_config_class_and_undone_exactly(gener
         config_class.from_dict(guarded)
     assert generated.unguard_config_dict(guarded) == data
     assert config_class.from_dict(generated.unguard_config_dict(guarded)).to_dict() == data
+
+
+@pytest.mark.parametrize("model_type,auto_class", [("vit", "AutoModel"), ("gpt_neox", "AutoModelForCausalLM")])
+def test_remote_code_loads_the_weights_transformers_renames(tmp_path, monkeypatch, model_type, auto_class):
+    """transformers 5 saves these under legacy key names and renames them back when loading, by
+    model_type, a conversion it skips for custom code: the remote classes must still get every weight
+    (before, they got fresh random ones, with a warning only)."""
+    import transformers
+    from arch_zoo import ARCHS, make_inputs, run
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    arch = next(a for a in ARCHS if a.id == model_type)
+    auto = getattr(transformers, auto_class)
+    torch.manual_seed(0)
+    model = auto.from_config(transformers.AutoConfig.for_model(model_type, **arch.config)).eval()
+    hf_adanorm.patch_model(model, "adanorm")
+    inputs = make_inputs(arch, model)
+    save_pretrained(model, tmp_path / "ckpt")
+    loaded, info = auto.from_pretrained(tmp_path / "ckpt", trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(loaded).__name__ == type(model).__name__
+    for got, expected in zip(run(loaded.eval(), inputs), run(model, inputs), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch_id,auto_class,saved_class", [
+    ("deit", "AutoModelForImageClassification", "DeiTForImageClassificationWithTeacher"),
+    ("deit", "AutoModel", "DeiTModel"),
+    ("funnel", "AutoModel", "FunnelBaseModel"),
+])
+def test_an_auto_class_that_builds_several_classes_loads_the_saved_one(tmp_path, monkeypatch, arch_id, auto_class,
+                                                                       saved_class):
+    """transformers' Auto mapping can give a tuple of classes (chosen by config.architectures): saving
+    raised an AttributeError on it; both readers must build the saved class, with its outputs."""
+    import transformers
+    from arch_zoo import ARCHS, make_inputs, run
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    arch = next(a for a in ARCHS if a.id == arch_id)
+    auto, cls = getattr(transformers, auto_class), getattr(transformers, saved_class)
+    mappings = [transformers.AutoModel._model_mapping, transformers.AutoModelForImageClassification._model_mapping]
+    assert any(cls.config_class in m and isinstance(m[cls.config_class], tuple) for m in mappings)  # the case
+    torch.manual_seed(0)
+    model = cls(transformers.AutoConfig.for_model(arch.model_type, **arch.config)).eval()
+    hf_adanorm.patch_model(model, "adanorm")
+    inputs = make_inputs(arch, model)
+    save_pretrained(model, tmp_path / "ckpt")
+    for loaded in (from_pretrained(auto, tmp_path / "ckpt"),
+                   auto.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)):
+        assert type(loaded).__name__ == saved_class
+        for got, expected in zip(run(loaded.eval(), inputs), run(model, inputs), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_remote_load_as_another_class_saves_a_checkpoint_of_that_class(tmp_path, monkeypatch):
+    """A causal-LM checkpoint loaded through the remote code as AutoModel, then saved by transformers: the
+    record must name that class's modules (the file says architectures=["GPT2Model"]); it kept the saved
+    class's ("transformer.h.0.ln_1") and neither reader could load the folder."""
+    from transformers import AutoModel
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    model = tiny_lm("gpt2")
+    hf_adanorm.patch_model(model, "adanorm")
+    save_pretrained(model, tmp_path / "a")
+    AutoModel.from_pretrained(tmp_path / "a", trust_remote_code=True).save_pretrained(tmp_path / "b")
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["architectures"] == ["GPT2Model"] and "h.0.ln_1" in config["hf_adanorm"]["modules"]
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.eval().transformer(input_ids=ids).last_hidden_state
+        for loaded in (from_pretrained(AutoModel, tmp_path / "b"),
+                       AutoModel.from_pretrained(tmp_path / "b", trust_remote_code=True)):
+            torch.testing.assert_close(loaded.eval()(input_ids=ids).last_hidden_state, expected,
+                                       rtol=1e-5, atol=1e-5)
