@@ -183,6 +183,16 @@ def test_resume_with_other_options_is_refused(workspace, tmp_path):
         convert_model(_args(workspace, out, max_steps=12, checkpointing_steps=5, learning_rate=1e-3))
 
 
+def write_random_states(checkpoint: Path) -> None:
+    """The random states accelerate's save_state writes for one process, as a resume reads them."""
+    import random
+
+    import numpy as np
+    from accelerate.utils import save
+    save({"random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+          "torch_manual_seed": torch.get_rng_state()}, checkpoint / "random_states_0.pkl")
+
+
 def test_an_interrupted_conversion_from_before_an_option_existed_resumes_with_its_default(workspace, tmp_path):
     from hf_adanorm.convert.inputs import check_output_dir as _check_output_dir
     from hf_adanorm.convert.report import ARGS_FILE
@@ -196,6 +206,7 @@ def test_an_interrupted_conversion_from_before_an_option_existed_resumes_with_it
     (out / ARGS_FILE).write_text(json.dumps(saved))
     (out / "checkpoints" / "step_5").mkdir(parents=True)
     (out / "checkpoints" / "step_5" / STATE_FILE).write_text("{}")
+    write_random_states(out / "checkpoints" / "step_5")
     assert _check_output_dir(args) == out / "checkpoints" / "step_5"
     with pytest.raises(ValueError, match="rescale_post_ln: True -> False"):
         _check_output_dir(_args(workspace, out, max_steps=12, checkpointing_steps=5, norm="layernorm_simple",

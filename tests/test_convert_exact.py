@@ -16,7 +16,7 @@ from hf_adanorm.convert.exact_grad import exact_backward
 from hf_adanorm.convert.report import ARGS_FILE, RESULT_FILE
 from hf_adanorm.norms import AdaNorm, DetachNorm, LayerNormSimple, RMSAdaNorm, RMSDetachNorm
 
-from test_convert import _args, _snapshot, workspace  # noqa: F401 - the tiny 'pretrained' models and text
+from test_convert import _args, _snapshot, workspace, write_random_states  # noqa: F401 - the tiny 'pretrained' models and text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,6 +110,7 @@ def test_a_resume_of_a_run_from_before_exact_backward_keeps_the_detached_gradien
     (out / ARGS_FILE).write_text(json.dumps(saved))
     (out / "checkpoints" / "step_5").mkdir(parents=True)
     (out / "checkpoints" / "step_5" / STATE_FILE).write_text("{}")
+    write_random_states(out / "checkpoints" / "step_5")
     with pytest.raises(ValueError, match="exact_backward: False -> True"):
         _check_output_dir(_args(workspace, out, max_steps=12, checkpointing_steps=5))
     step = out / "checkpoints" / "step_5"
@@ -134,6 +135,7 @@ def test_a_local_path_is_one_folder_however_it_is_written(workspace, tmp_path, m
     (out / ARGS_FILE).write_text(json.dumps(saved))
     (out / "checkpoints" / "step_5").mkdir(parents=True)
     (out / "checkpoints" / "step_5" / STATE_FILE).write_text("{}")
+    write_random_states(out / "checkpoints" / "step_5")
     spelled = lambda model: ConvertArgs(**dict(_args(workspace, out, checkpointing_steps=5).to_dict(), model=model))
     assert _check_output_dir(spelled("./bert/")) == out / "checkpoints" / "step_5"
     # runs now record the absolute folder: 'bert' from another working folder is another model
