@@ -224,7 +224,11 @@ def fold_summary(model: nn.Module, plan: FoldPlan, report, applied=None) -> dict
     """
     by_name = {e.name: e for e in report.entries}
     for name, cnames in plan.folds.items():
-        by_name[name].reason = f"affine folded into {', '.join(cnames)} (exact)"
+        # exact for what the model computes from it; an output read off this norm itself (a hidden state
+        # returned by the model, BART's encoder_last_hidden_state) is y, without the gain and bias
+        by_name[name].reason = (f"affine folded into {', '.join(cnames)} (exact at the model's output; a "
+                                "hidden state the model returns from this norm's output is now y, without its "
+                                "gain and bias)")
     for name, why in plan.refused.items():
         by_name[name].reason = (f"not foldable: {why}; {by_name[name].reason}; drift of its "
                                 f"output on the probe batch: {plan.drift[name]:.3g}")

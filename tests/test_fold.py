@@ -57,6 +57,8 @@ def test_layernorm_simple_with_fold_keeps_logits(model_type):
     assert fold["not_foldable"] == {}
     assert report.output_drift < 1e-5 and fold["output_drift"] == report.output_drift
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # float32 round-off
+    # what the report says of the rest: the last hidden state is the last norm's output, now y
+    assert all("a hidden state the model returns from this norm's output is now y" in e.reason for e in report.replaced)
     # ... while dropping the same gains and biases without folding changes the model.
     plain = tiny_lm(model_type)
     hf_adanorm.patch_model(plain, "layernorm_simple", include_rmsnorm=model_type in RMS)
