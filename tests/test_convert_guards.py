@@ -285,3 +285,15 @@ def test_a_checkpoint_with_a_damaged_random_state_is_refused_before_anything_cha
         convert_model(_args(workspace, tmp_path / "out", max_steps=12, checkpointing_steps=5,
                             resume_from_checkpoint="latest"))
     assert _snapshot(tmp_path / "out") == before
+
+
+def test_under_mixed_precision_the_figures_are_of_the_float32_model_that_is_saved(workspace, tmp_path):  # noqa: F811
+    """accelerate's autocast wrapper stays on the prepared student: measured through it, an exact fold to
+    LayerNorm-simple read as KL 1e-7 (bf16 rounding), as large as a good conversion's own KL."""
+    result = convert_model(_args(workspace, tmp_path / "out", model="gpt2", norm="layernorm_simple",
+                                 mixed_precision="bf16", max_steps=4))
+    assert result["exact_without_training"]
+    assert abs(result["naive"]["kl"]) < 1e-8  # float32 round-off of the fold
+    # nothing was trained: the saved model is the naive swap, measured the same way
+    assert result["converted"]["kl"] == pytest.approx(result["naive"]["kl"], abs=1e-12)
+    assert result["converted"]["student_lm_loss"] == pytest.approx(result["converted"]["teacher_lm_loss"], abs=1e-6)

@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -63,15 +63,33 @@ def _freeze_unreached(student, teacher, batch, objective, extra, wrapped, device
     return unused
 
 
+@contextmanager
+def full_precision(model):
+    """``model``'s forward without the autocast wrapper that ``accelerator.prepare`` puts on it under
+    --mixed_precision: the figures describe the float32 weights that are saved, measured like the naive
+    swap's (before prepare), not their bf16 or fp16 rounding (as large as a good conversion's own KL)."""
+    inner = getattr(model, "module", model)  # under DDP the wrapper is on the module inside
+    original = inner.__dict__.get("_original_forward")
+    if original is None:
+        yield
+        return
+    patched = inner.__dict__["forward"]
+    inner.forward = original
+    try:
+        yield
+    finally:
+        inner.forward = patched
+
+
 def measure(model, teacher, loader, device, wrapped=None, causal: bool = False) -> dict:
-    """Drift of ``model`` (norms fully swapped) from ``teacher`` over ``loader``."""
+    """Drift of ``model`` (norms fully swapped) from ``teacher`` over ``loader``, in float32."""
     saved = [b.alpha for b in (wrapped or {}).values()]
     if wrapped:
         set_alphas(wrapped, [1.0] * len(wrapped))
     was_training = model.training
     model.eval()
     sums = None
-    with torch.no_grad():
+    with torch.no_grad(), full_precision(model):
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             part = drift(teacher(**batch, output_hidden_states=True), model(**batch, output_hidden_states=True),
