@@ -297,3 +297,23 @@ def test_under_mixed_precision_the_figures_are_of_the_float32_model_that_is_save
     # nothing was trained: the saved model is the naive swap, measured the same way
     assert result["converted"]["kl"] == pytest.approx(result["naive"]["kl"], abs=1e-12)
     assert result["converted"]["student_lm_loss"] == pytest.approx(result["converted"]["teacher_lm_loss"], abs=1e-6)
+
+
+def test_a_char_level_model_is_distilled_on_text_joined_as_the_recipe_joined_it(tmp_path):
+    """The recipe joins a char-level model's paragraphs with a blank line; convert joined them with [EOS],
+    a token the model never saw, which inflated its measured loss and was distilled on."""
+    from types import SimpleNamespace
+
+    from hf_adanorm.checkpoint import load_tokenizer
+    from hf_adanorm.convert.data import tokenize
+    from hf_adanorm.training.modeling import build_vocab_tokenizer, text_separator
+    paragraphs = ["It is a truth universally acknowledged.", "However little known the feelings."] * 40
+    built = build_vocab_tokenizer(paragraphs, "char")
+    built.save_pretrained(tmp_path / "tok")
+    saved = load_tokenizer(tmp_path / "tok")
+    assert text_separator(built) == text_separator(saved) == "\n\n"
+    assert text_separator(build_vocab_tokenizer(paragraphs, "word")) == "[EOS]"  # as the recipe: EOS for words
+    data = tokenize({"train": paragraphs}, saved, SimpleNamespace(max_length=16, max_eval_samples=None), True,
+                    len(saved))
+    ids = {i for block in data["train"]["input_ids"] for i in block}
+    assert saved.eos_token_id not in ids and saved.convert_tokens_to_ids("\n") in ids

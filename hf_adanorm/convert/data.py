@@ -16,6 +16,7 @@ from transformers import DataCollatorWithPadding, default_data_collator
 from ..checkpoint import load_tokenizer as load_checkpoint_tokenizer
 from ..training.causal_lm import group_texts
 from ..training.data import check_columns, load_raw_datasets
+from ..training.modeling import text_separator
 
 
 class _DataOptions:
@@ -92,7 +93,7 @@ def tokenize(texts: dict, tokenizer, args, causal: bool, vocab_size: int) -> dic
     for split, found in texts.items():
         data = Dataset.from_dict({"text": found})
         if causal:
-            sep = _separator(tokenizer)
+            sep = text_separator(tokenizer)  # as the recipe that trained it
             data = data.map(lambda b: tokenizer([t + sep for t in b["text"]], add_special_tokens=False),
                             batched=True, remove_columns=["text"])
             data = group_texts(data, args.max_length)
@@ -111,14 +112,6 @@ def tokenize(texts: dict, tokenizer, args, causal: bool, vocab_size: int) -> dic
     if "validation" in out and args.max_eval_samples:
         out["validation"] = out["validation"].select(range(min(args.max_eval_samples, len(out["validation"]))))
     return out
-
-
-def _separator(tokenizer) -> str:
-    """Between two texts: the EOS token where the tokenizer has one as a single token, else a blank line."""
-    eos = tokenizer.eos_token
-    if eos and len(tokenizer(eos, add_special_tokens=False)["input_ids"]) == 1:
-        return eos
-    return "\n\n"
 
 
 def collator(tokenizer, causal: bool):

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, default_data_collator
 from .args import TrainingArgs
 from .data import load_raw_datasets
 from .loop import Task, train
-from .modeling import apply_norm, load_model, load_tokenizer
+from .modeling import apply_norm, load_model, load_tokenizer, text_separator
 
 GROUP_SIZE = 1000  # examples concatenated at a time; blocks may straddle examples within a group
 
@@ -45,7 +45,7 @@ def build_task(args: TrainingArgs) -> Task:
     # paragraphs keep a novel's sentences together when a hold-out split is cut
     raw = load_raw_datasets(args, text_sample_by="paragraph", columns=[args.text_column])
     tokenizer = load_tokenizer(args, raw["train"][args.text_column])
-    separator = "\n\n" if args.tokenizer == "char" else tokenizer.eos_token or "\n\n"
+    separator = text_separator(tokenizer)
 
     def tokenize(batch):
         return tokenizer([text + separator for text in batch[args.text_column]], add_special_tokens=False)
