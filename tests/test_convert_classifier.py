@@ -71,3 +71,18 @@ def test_the_classifier_objective_fits_only_a_classifier(workspace, tmp_path):  
         with pytest.raises(ValueError, match=f"objective '{objective}' does not fit"):
             convert_model(args)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_classifier_with_flat_predictions_is_not_called_exact(workspace, tmp_path):  # noqa: F811
+    """A nearly flat head gives a tiny KL after any swap: the encoder output must be unchanged too before
+    a post-LN swap is called exact (and then saved untrained)."""
+    folder = tmp_path / "flat"
+    model = _classifier(workspace, folder)
+    with torch.no_grad():
+        model.classifier.weight.mul_(1e-3)  # 0.03 of the random head
+    model.save_pretrained(folder)
+    result = convert_model(_args(workspace, tmp_path / "out", model=str(folder), norm="layernorm_simple", max_steps=6))
+    assert result["naive"]["kl"] < 1e-6, "the fixture should make the naive KL tiny"
+    assert result["naive"]["relative_error"] > 0.01
+    assert not result["exact_without_training"] and result["steps"] == 6
+    assert result["converted"]["relative_error"] < result["naive"]["relative_error"]

@@ -106,6 +106,18 @@ def measure(model, teacher, loader, device, wrapped=None, causal: bool = False) 
     return summarize(sums)
 
 
+def _unchanged(naive: dict) -> bool:
+    """Whether the naive swap measures as the teacher: its predictions (KL) and its representation. A
+    classifier or an LM with nearly flat predictions has a tiny KL however its hidden states moved, so an
+    encoder's output (relative error) must be unchanged too, and an LM's hidden states but the last (a
+    fold changes the last norm's output exactly where the logits stay the same)."""
+    if "kl" in naive and not naive["kl"] < EXACT:
+        return False
+    if "relative_error" in naive:
+        return naive["relative_error"] < EXACT
+    return min(naive["layer_cosine"][:-1], default=1.0) > 1 - EXACT
+
+
 def _closer(a: dict, b: dict) -> bool:
     """Whether drift figures ``a`` are closer to the teacher than ``b``."""
     if "kl" in a:
@@ -212,8 +224,7 @@ def convert_model(args: ConvertArgs) -> dict:
     naive = measure(student, teacher, eval_loader, accelerator.device, wrapped, causal)  # the swap with no training
     # Logits are the function of an LM (a fold moves the last norm's gain into the head, so its
     # hidden states differ while its predictions do not); for an encoder the hidden state is.
-    exact = (norm_config.norm in CAN_BE_EXACT and norm_config.eps_mode == "torch"
-             and (naive["kl"] if "kl" in naive else naive["relative_error"]) < EXACT)
+    exact = norm_config.norm in CAN_BE_EXACT and norm_config.eps_mode == "torch" and _unchanged(naive)
     rescaled, start = {}, None
     if args.rescale_post_ln and not exact:
         rescaled, start = _rescale_post_ln(student, teacher, record, probe, wrapped, naive, norm_config,
