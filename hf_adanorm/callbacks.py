@@ -20,6 +20,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .blend import SWAP_IN_PROGRESS, mark_swap_in_progress
 from .config import NormConfig
 from .monitors import AdaNormMonitorCallback, AffineDriftCallback, NormGradientStatsCallback
 from .patch import get_patch_record, is_patched, patch_model
@@ -83,6 +84,8 @@ class PatchCallback(TrainerCallback):
     (:data:`PATCH_RECORD_FILE` and ``config.json["hf_adanorm"]``).
     """
 
+    resumes_a_swap = False  # a checkpoint inside GradualSwapCallback's ramp is resumed by that callback only
+
     def __init__(self, norm="adanorm", *, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
                  **options):
         self.config = NormConfig.from_options(norm, options)
@@ -131,7 +134,12 @@ class PatchCallback(TrainerCallback):
         config_file = checkpoint_folder(args, state) / "config.json"
         if state.global_step == 0 or not config_file.is_file():
             return
-        saved = (json.loads(config_file.read_text()).get(_CONFIG_KEY) or {}).get("config")
+        record = json.loads(config_file.read_text()).get(_CONFIG_KEY) or {}
+        if SWAP_IN_PROGRESS in record and not self.resumes_a_swap:
+            raise RuntimeError(f"PatchCallback: the run resumed from {config_file.parent} was inside "
+                               "GradualSwapCallback's ramp (its original norms still blended in); resume it with "
+                               "the same GradualSwapCallback")
+        saved = record.get("config")
         if saved != self.config.to_dict():
             saved_as = f"patched with {saved}" if saved else "not patched by hf_adanorm"
             raise RuntimeError(
@@ -146,4 +154,5 @@ class PatchCallback(TrainerCallback):
         if not folder.is_dir():
             logger.warning("hf_adanorm: checkpoint folder %s not found; patch record not written", folder)
             return
-        write_patch_record(folder, get_patch_record(extract_model_from_parallel(model)))
+        unwrapped = extract_model_from_parallel(model)
+        write_patch_record(folder, mark_swap_in_progress(unwrapped, get_patch_record(unwrapped)))

@@ -35,6 +35,7 @@ from torch import nn
 
 from . import portable
 from .atomic_folder import check_target, staged_folder
+from .blend import SWAP_IN_PROGRESS, mark_swap_in_progress
 from .config import NormConfig
 from .gather import agree_before_collective, full_state_dict, sharding
 from .portable import CheckpointError
@@ -245,6 +246,8 @@ def _plain_problems(record, config: NormConfig) -> list:
         problems.append(f"folding gave {', '.join(added)} a bias the stock class does not have")
     if any("gain" not in e for e in modules.values()):
         problems.append("the record lacks the original norms' parameter names")
+    if SWAP_IN_PROGRESS in record:
+        problems.append("its norms are still being blended in (a gradual swap in progress)")
     return problems
 
 
@@ -331,6 +334,7 @@ def save_pretrained(model, save_directory, *, remote_code: Optional[bool] = None
         if record is None:
             raise ValueError("the model is not patched by hf_adanorm; use model.save_pretrained")
         config = check_record(record)
+        record = mark_swap_in_progress(model, record)  # a checkpoint inside GradualSwapCallback's ramp
         if kwargs.pop("safe_serialization", True) is False or kwargs.get("push_to_hub"):
             raise ValueError("hf_adanorm saves safetensors only, and pushes with hf_adanorm.push_to_hub")
         if plain and (problems := _plain_problems(record, config)):

@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .blend import blends_of, inside
 from .detect import classify
 from .norms import NoNorm
 from .patch import get_patch_record
@@ -58,11 +59,16 @@ class NormSite:
 
 
 def find_norm_sites(model: nn.Module) -> list[NormSite]:
-    """Every norm of ``model``: the hf_adanorm replacements and the original norms left in place."""
+    """Every norm of ``model``: the hf_adanorm replacements and the original norms left in place. Of a
+    norm being blended in, the new one (the module that stays once the ramp ends; not the frozen original)."""
     record = get_patch_record(model)
     patched = set(record["modules"]) if record else set()
+    blends = blends_of(model)
     sites = []
     for name, module in model.named_modules():
+        if inside(name, blends):
+            continue
+        module = blends[name].target if name in blends else module
         if name in patched:
             if isinstance(module, NoNorm):
                 sites.append(NormSite(name, module, False, 0.0, False, identity=True))

@@ -19,6 +19,7 @@ from transformers.utils import logging
 
 from .detect import classify
 from .functional import normalize
+from .blend import blends_of, inside
 from .grad_stats import STATISTICS, GradientProbe, find_norm_sites
 from .norms import AdaNorm, _is_int
 from .patch import get_patch_record
@@ -174,7 +175,9 @@ class AdaNormMonitorCallback(_PeriodicMonitor):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
-        self._modules = {name: m for name, m in model.named_modules() if isinstance(m, AdaNorm)}
+        blends = blends_of(model)  # a norm being blended in is logged under its own name, not '<name>.target'
+        self._modules = {name: m for name, m in model.named_modules() if isinstance(m, AdaNorm) and not inside(name, blends)}
+        self._modules.update({name: blend.target for name, blend in blends.items() if isinstance(blend.target, AdaNorm)})
         if not self._modules:
             raise ValueError("AdaNormMonitorCallback: the model has no AdaNorm module; patch it with "
                              "'adanorm' first (e.g. Trainer(..., callbacks=[PatchCallback('adanorm'), ...])).")
@@ -242,9 +245,10 @@ class AffineDriftCallback(_PeriodicMonitor):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
         patched = set((get_patch_record(model) or {}).get("modules", {}))
+        blends = blends_of(model)  # a norm being blended in: its original is a frozen copy, dropped at the end
         self._norms = {}
         for name, module in model.named_modules():
-            if not name or name in patched:
+            if not name or name in patched or inside(name, blends):
                 continue
             info, _ = classify(module)
             if info is not None and (info.gain or info.bias):

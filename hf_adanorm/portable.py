@@ -122,6 +122,12 @@ def check_record(record, norms=BUILTIN_NORMS):
         raise _corrupted("config.eps_mode", f"is {options.get('eps_mode')!r}; expected 'torch' or 'fairseq'")
     if options.get("eps") is not None and not (_is_number(options["eps"]) and options["eps"] > 0):
         raise _corrupted("config.eps", f"is {options['eps']!r}; expected null or a finite number > 0")
+    if record.get("swap_in_progress") is not None:  # hf_adanorm.blend.SWAP_IN_PROGRESS (this file ships alone)
+        raise CheckpointError(
+            "this folder was saved while its norms were still being blended in (a Trainer checkpoint inside "
+            "GradualSwapCallback's ramp): it computes neither the original model nor the patched one. It resumes "
+            "that training (the same Trainer and GradualSwapCallback, resume_from_checkpoint=...); to load a "
+            "model, take a checkpoint written after the ramp, or the final one")
     modules = record.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise _corrupted("modules", "is missing or empty")

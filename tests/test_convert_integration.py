@@ -260,7 +260,7 @@ def test_gradual_swap_resumes_inside_the_ramp_exactly(tmp_path, token_dataset, p
     run(tmp_path / "resumed", 0, [StopAt(2)])
     checkpoint = str(tmp_path / "resumed" / "checkpoint-2")
     other = _probe() if probe is None else None  # a resume that forgets the probe, or adds one: refused
-    with pytest.raises(RuntimeError, match="Resume with the same rescale_probe"):
+    with pytest.raises(RuntimeError, match="rescaled: .* then.*Resume with the same ramp_steps, schedule and rescale_probe"):
         run(tmp_path / "resumed", 1, [], resume=checkpoint, probe=other)
     resumed = run(tmp_path / "resumed", 1, [], resume=checkpoint)
     want, got = straight.state_dict(), resumed.state_dict()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -35,7 +36,8 @@ from .rescale import RESCALABLE, apply_sites, output_scale, verified_sites
 from .schedule import SCHEDULES, alphas, blend_sources, set_alphas, unwrap_norms, wrap_norms
 
 
-SWAP_FILE = "hf_adanorm_swap.json"  # in each checkpoint: which norms started rescaled
+SWAP_FILE = "hf_adanorm_swap.json"  # in each checkpoint: which norms started rescaled, the ramp and schedule
+logger = logging.getLogger(__name__)
 
 
 class GradualSwapCallback(PatchCallback):
@@ -48,6 +50,8 @@ class GradualSwapCallback(PatchCallback):
     checkpoint, so that the model gets the same structure (checkpoints record it; another probe, or
     none, is refused). Other arguments are those of :func:`hf_adanorm.patch_model`.
     """
+
+    resumes_a_swap = True
 
     def __init__(self, norm="adanorm", *, ramp_steps: int, schedule: str = "blend", rescale_probe=None,
                  filter_fn=None, **options):
@@ -96,22 +100,51 @@ class GradualSwapCallback(PatchCallback):
         set_alphas(self.wrapped, [0.0] * len(self.wrapped))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # After step t the model is at alpha = (t - 1) / ramp_steps: only from step ramp_steps + 1 on does a
+        # step train, or an evaluation see, the model that is returned and saved.
+        if state.max_steps and state.max_steps <= self.ramp_steps:
+            raise ValueError(f"GradualSwapCallback: ramp_steps={self.ramp_steps} is not below the run's "
+                             f"{state.max_steps} steps, so no step would train the fully swapped model, and the "
+                             "model returned would not be the one trained and evaluated: pass ramp_steps < the "
+                             "number of steps")
+        first_eval = state.eval_steps if args.eval_strategy == "steps" else None
+        if args.load_best_model_at_end and first_eval and first_eval <= self.ramp_steps:
+            raise ValueError(self._best_model_refusal(first_eval))
         super().on_train_begin(args, state, control, model=model, **kwargs)
         swap_file = checkpoint_folder(args, state) / SWAP_FILE
         if state.global_step == 0 or not (swap_file.parent / "config.json").is_file():
             return  # a fresh start (or a checkpoint elsewhere, which the Trainer found by path)
-        saved = json.loads(swap_file.read_text())["rescaled"] if swap_file.is_file() else []
-        if saved != self.rescaled:  # the weights fit only the structure they were saved with
-            raise RuntimeError(f"GradualSwapCallback: the run resumed from {swap_file.parent} started "
-                               f"{len(saved)} norms rescaled ({', '.join(saved) or 'none'}), but this callback "
-                               f"starts {len(self.rescaled)} rescaled ({', '.join(self.rescaled) or 'none'}). "
-                               "Resume with the same rescale_probe (or none, as before).")
+        if not swap_file.is_file():  # its weights lack the blended originals (or hold another structure)
+            raise RuntimeError(f"GradualSwapCallback: the run resumed from {swap_file.parent} was not trained with "
+                               f"GradualSwapCallback (no {SWAP_FILE}); resume it with the callback it was trained "
+                               "with (PatchCallback)")
+        saved = json.loads(swap_file.read_text())
+        now = self._swap_record()
+        differ = [f"{key}: {saved[key]!r} then, {now[key]!r} now" for key in now
+                  if key in saved and saved[key] != now[key]]  # (files from before a key existed lack it)
+        if differ:  # the weights fit only the structure they were saved with, and alpha follows the schedule
+            raise RuntimeError(f"GradualSwapCallback: the run resumed from {swap_file.parent} was made with another "
+                               f"swap ({'; '.join(differ)}). Resume with the same ramp_steps, schedule and "
+                               "rescale_probe (or none, as before).")
+
+    def _swap_record(self) -> dict:
+        return {"rescaled": self.rescaled, "ramp_steps": self.ramp_steps, "schedule": self.schedule}
+
+    def _best_model_refusal(self, step) -> str:
+        return (f"GradualSwapCallback with load_best_model_at_end: the evaluation at step {step} sees the norms "
+                f"still blended in (until step {self.ramp_steps + 1}), so the 'best' checkpoint could be a model "
+                "that is neither the original nor the swapped one. Evaluate and save from step "
+                f"{self.ramp_steps + 1} on (eval_steps > ramp_steps), or set load_best_model_at_end=False")
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if args.load_best_model_at_end and self.wrapped is not None:  # an epoch end inside the ramp, say
+            raise RuntimeError(self._best_model_refusal(state.global_step))
 
     def on_save(self, args, state, control, model=None, **kwargs):
         super().on_save(args, state, control, model=model, **kwargs)
         folder = checkpoint_folder(args, state)
         if args.should_save and folder.is_dir():
-            write_json_atomic(folder / SWAP_FILE, {"rescaled": self.rescaled})
+            write_json_atomic(folder / SWAP_FILE, self._swap_record())
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.wrapped is None:
@@ -124,6 +157,9 @@ class GradualSwapCallback(PatchCallback):
         set_alphas(self.wrapped, values)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.wrapped is not None:  # training stopped inside the ramp: finish the swap
+        if self.wrapped is not None:  # training stopped inside the ramp (early stopping ...): finish the swap
+            logger.warning("GradualSwapCallback: training ended inside the ramp (step %d of %d); the norms are "
+                           "now swapped fully, so the model returned was never trained or evaluated as it is",
+                           state.global_step, self.ramp_steps)
             unwrap_norms(extract_model_from_parallel(self._model), self.wrapped)
             self.wrapped = None

@@ -30,27 +30,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..blend import BlendedNorm  # noqa: F401 - here too: the wrapper this module's functions put in
+
 SCHEDULES = ("blend", "layerwise", "swap")
-
-
-class BlendedNorm(nn.Module):
-    """``(1 − alpha) · source(x) + alpha · target(x)``; only ``target`` is trained."""
-
-    def __init__(self, source: nn.Module, target: nn.Module):
-        super().__init__()
-        self.source = source.requires_grad_(False)
-        self.target = target
-        self.alpha = 0.0
-
-    def forward(self, x):
-        if self.alpha >= 1.0:
-            return self.target(x)
-        if self.alpha <= 0.0:
-            return self.source(x)
-        return torch.lerp(self.source(x), self.target(x), self.alpha)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha:.3f}"
 
 
 def alphas(schedule: str, step: int, ramp_steps: int, count: int) -> list[float]:
