@@ -126,6 +126,21 @@ def test_compare_convert_refuses_a_model_built_from_a_config(tmp_path):
     assert plan.max_length == TrainingArgs(model="m", dataset="x").max_length == 128
     (plan,) = plan_conversions({"model": "m", "dataset": "x", "max_length": 48}, ["adanorm"], tmp_path, {}).values()
     assert plan.max_length == 48
+    # and holds out the runs' validation split, so that it never distils on a sentence the runs evaluate on
+    runs = TrainingArgs(model="m", dataset="x")
+    (plan,) = plan_conversions({"model": "m", "dataset": "x"}, ["adanorm"], tmp_path, {}).values()
+    assert (plan.validation_fraction, plan.split_seed) == (runs.validation_fraction, runs.split_seed) == (0.1, 0)
+    (plan,) = plan_conversions({"model": "m", "dataset": "x", "validation_fraction": 0.2, "split_seed": 3},
+                               ["adanorm"], tmp_path, {}).values()
+    assert (plan.validation_fraction, plan.split_seed) == (0.2, 3)
+    # a --model_config that changes the function after the conversion would make its drift describe another model
+    with pytest.raises(ValueError, match=r"--model_config \['hidden_act'\].*dropout settings are allowed"):
+        plan_conversions({"model": "m", "dataset": "x", "model_config": {"hidden_act": "relu",
+                                                                         "hidden_dropout_prob": 0.2}},
+                         ["adanorm"], tmp_path, {})
+    plan_conversions({"model": "m", "dataset": "x", "model_config": {"hidden_dropout_prob": 0.2}}, ["adanorm"],
+                     tmp_path, {})
+    assert not any(tmp_path.iterdir())
 
 
 class _Alphas(TrainerCallback):

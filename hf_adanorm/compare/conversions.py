@@ -22,7 +22,8 @@ from ..training.args import BASELINE, TrainingArgs
 CONVERSIONS_DIR = "conversions"
 # Options of a training run that a conversion of the same model takes as they are.
 SHARED_WITH_TRAINING = ("model", "tokenizer", "dataset", "dataset_config", "text_column", "k", "C", "detach",
-                        "eps_mode", "include_rmsnorm", "max_length", "cpu", "mixed_precision")
+                        "eps_mode", "include_rmsnorm", "max_length", "cpu", "mixed_precision", "validation_fraction",
+                        "split_seed")
 # Of those, the ones a conversion must share with the runs: the teacher, and the options of the norm.
 SET_BY_THE_SWEEP = ("model", "tokenizer", "k", "C", "detach", "eps_mode", "include_rmsnorm")
 
@@ -33,8 +34,10 @@ def conversion_args(setup: dict, norm: str, conversion: dict, folder: Path):
     from ..convert import ConvertArgs
 
     options = {k: setup[k] for k in SHARED_WITH_TRAINING if k in setup}
-    # the runs' length when the sweep leaves it at its default (convert's own default is shorter)
-    options.setdefault("max_length", TrainingArgs.max_length)
+    # the runs' values when the sweep leaves them at their defaults (convert's own differ): the same length,
+    # and the same held-out split, so that no sentence the runs evaluate on was distilled on for some arms
+    for name in ("max_length", "validation_fraction", "split_seed"):
+        options.setdefault(name, getattr(TrainingArgs, name))
     if setup.get("task") == "causal_lm":
         options["model_class"] = "causal_lm"
     elif setup.get("task", "classification") == "classification":
@@ -66,6 +69,11 @@ def plan_conversions(setup: dict, norms, output_dir, conversion: dict) -> dict:
                          "--model, --tokenizer and norm options), so that every run fine-tunes the model it was "
                          "converted for and the baseline starts from the same teacher; set them on the sweep")
     _refuse_a_task_model(setup["model"])
+    changed = sorted(k for k in (setup.get("model_config") or {}) if "dropout" not in k)
+    if changed:  # dropout changes training only; anything else, the function the conversion kept
+        raise ValueError(f"--convert with --model_config {changed}: the conversion keeps the model's function as "
+                         "saved, which these options change after it, so the reported starting drift would "
+                         "describe another model; leave them out (dropout settings are allowed)")
     plans = {}
     for norm in norms:
         if norm == BASELINE:
