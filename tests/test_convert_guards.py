@@ -14,6 +14,7 @@ from hf_adanorm.convert import convert_model
 
 from test_recipes import write_sentiment_csvs
 from test_convert import _args, _interrupt_after_first_checkpoint, _snapshot, workspace  # noqa: F401
+from test_mixed_precision import fresh_accelerate_state  # noqa: F401 - accelerate keeps one state per process
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -287,7 +288,8 @@ def test_a_checkpoint_with_a_damaged_random_state_is_refused_before_anything_cha
     assert _snapshot(tmp_path / "out") == before
 
 
-def test_under_mixed_precision_the_figures_are_of_the_float32_model_that_is_saved(workspace, tmp_path):  # noqa: F811
+def test_under_mixed_precision_the_figures_are_of_the_float32_model_that_is_saved(workspace, tmp_path,  # noqa: F811
+                                                                                  fresh_accelerate_state):  # noqa: F811
     """accelerate's autocast wrapper stays on the prepared student: measured through it, an exact fold to
     LayerNorm-simple read as KL 1e-7 (bf16 rounding), as large as a good conversion's own KL."""
     result = convert_model(_args(workspace, tmp_path / "out", model="gpt2", norm="layernorm_simple",
