@@ -86,3 +86,20 @@ def test_a_classifier_with_flat_predictions_is_not_called_exact(workspace, tmp_p
     assert result["naive"]["relative_error"] > 0.01
     assert not result["exact_without_training"] and result["steps"] == 6
     assert result["converted"]["relative_error"] < result["naive"]["relative_error"]
+
+
+def test_a_pre_ln_classifier_whose_fold_is_exact_is_called_exact(workspace, tmp_path):  # noqa: F811
+    """The fold moves GPT-2's last gain into its score head: the last hidden state changes where the class
+    probabilities stay the same, so it must not count against exactness (that trained the model worse)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from test_convert import _random_affine
+    torch.manual_seed(2)
+    model = GPT2ForSequenceClassification(GPT2Config.from_pretrained(workspace / "gpt2", num_labels=3))
+    _random_affine(model)
+    model.save_pretrained(tmp_path / "clf")
+    AutoTokenizer.from_pretrained(workspace / "gpt2").save_pretrained(tmp_path / "clf")
+    result = convert_model(_args(workspace, tmp_path / "out", model=str(tmp_path / "clf"), norm="layernorm_simple",
+                                 dataset=str(workspace / "texts.txt"), max_steps=6))
+    assert result["naive"]["relative_error"] > 0.01  # the last hidden state did change
+    assert result["exact_without_training"] and result["steps"] == 0
+    assert result["converted"]["agreement"] == 1.0 and abs(result["converted"]["kl"]) < 1e-6
