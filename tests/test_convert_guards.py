@@ -309,12 +309,16 @@ def test_a_char_level_model_is_distilled_on_text_joined_as_the_recipe_joined_it(
     from hf_adanorm.checkpoint import load_tokenizer
     from hf_adanorm.convert.data import tokenize
     from hf_adanorm.training.modeling import build_vocab_tokenizer, text_separator
-    paragraphs = ["It is a truth universally acknowledged.", "However little known the feelings."] * 40
+    paragraphs = ["It is a truth\nuniversally acknowledged.", "However little known\nthe feelings."] * 40
     built = build_vocab_tokenizer(paragraphs, "char")
     built.save_pretrained(tmp_path / "tok")
     saved = load_tokenizer(tmp_path / "tok")
     assert text_separator(built) == text_separator(saved) == "\n\n"
+    assert "\n" in saved.get_vocab()
     assert text_separator(build_vocab_tokenizer(paragraphs, "word")) == "[EOS]"  # as the recipe: EOS for words
+    assert text_separator(build_vocab_tokenizer(["a c g t", "t g"], "word")) == "[EOS]"  # one-letter words too
+    # a character vocabulary without the newline would read a blank line as two unknown tokens: EOS then
+    assert text_separator(build_vocab_tokenizer(["one line", "another"], "char")) == "[EOS]"
     data = tokenize({"train": paragraphs}, saved, SimpleNamespace(max_length=16, max_eval_samples=None), True,
                     len(saved))
     ids = {i for block in data["train"]["input_ids"] for i in block}

@@ -138,8 +138,8 @@ def test_compare_convert_refuses_a_model_built_from_a_config(tmp_path):
         plan_conversions({"model": "m", "dataset": "x", "model_config": {"hidden_act": "relu",
                                                                          "hidden_dropout_prob": 0.2}},
                          ["adanorm"], tmp_path, {})
-    plan_conversions({"model": "m", "dataset": "x", "model_config": {"hidden_dropout_prob": 0.2}}, ["adanorm"],
-                     tmp_path, {})
+    for dropout in ({"hidden_dropout_prob": 0.2}, {"resid_pdrop": 0.0, "embd_pdrop": 0.0}, {"layerdrop": 0.1}):
+        plan_conversions({"model": "m", "dataset": "x", "model_config": dropout}, ["adanorm"], tmp_path, {})
     assert not any(tmp_path.iterdir())
 
 

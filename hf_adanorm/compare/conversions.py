@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -20,6 +21,8 @@ from tqdm.auto import tqdm
 from ..training.args import BASELINE, TrainingArgs
 
 CONVERSIONS_DIR = "conversions"
+# model_config options that change training only (BERT's *_dropout_prob, GPT-2's *_pdrop, layer drop ...)
+DROPOUT_OPTIONS = re.compile(r"dropout|pdrop|layerdrop|drop_path")
 # Options of a training run that a conversion of the same model takes as they are.
 SHARED_WITH_TRAINING = ("model", "tokenizer", "dataset", "dataset_config", "text_column", "k", "C", "detach",
                         "eps_mode", "include_rmsnorm", "max_length", "cpu", "mixed_precision", "validation_fraction",
@@ -69,7 +72,7 @@ def plan_conversions(setup: dict, norms, output_dir, conversion: dict) -> dict:
                          "--model, --tokenizer and norm options), so that every run fine-tunes the model it was "
                          "converted for and the baseline starts from the same teacher; set them on the sweep")
     _refuse_a_task_model(setup["model"])
-    changed = sorted(k for k in (setup.get("model_config") or {}) if "dropout" not in k)
+    changed = sorted(k for k in (setup.get("model_config") or {}) if not DROPOUT_OPTIONS.search(k))
     if changed:  # dropout changes training only; anything else, the function the conversion kept
         raise ValueError(f"--convert with --model_config {changed}: the conversion keeps the model's function as "
                          "saved, which these options change after it, so the reported starting drift would "

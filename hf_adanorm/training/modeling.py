@@ -44,13 +44,14 @@ def build_vocab_tokenizer(texts, level: str) -> PreTrainedTokenizerFast:
 
 def text_separator(tokenizer) -> str:
     """What joins two texts (paragraphs of a novel) into one stream of tokens for a causal LM: a blank line
-    for a character-level vocabulary (every token but the special ones one character long: the recipe's
-    'char' tokenizer, built or saved), so that the model reads the text as written; else the EOS token
-    where the tokenizer has one as a single token (GPT-2's convention); else a blank line. The recipe and
-    hf-adanorm convert both take it from here: a model must be trained, distilled and evaluated on the
-    same kind of stream, or its loss counts a token it never saw."""
-    special = set(tokenizer.all_special_tokens)
-    if all(len(token) == 1 for token in tokenizer.get_vocab() if token not in special):
+    for a character-level vocabulary that has the newline (every token but the special ones one character
+    long: the recipe's 'char' tokenizer, built or saved), so that the model reads the text as written; else
+    the EOS token where the tokenizer has one as a single token (GPT-2's convention; a word vocabulary, which
+    has no newline); else a blank line. The recipe and hf-adanorm convert both take it from here: a model
+    must be trained, distilled and evaluated on the same kind of stream, or its loss counts a token it never
+    saw."""
+    special, vocab = set(tokenizer.all_special_tokens), tokenizer.get_vocab()
+    if "\n" in vocab and all(len(token) == 1 for token in vocab if token not in special):
         return "\n\n"
     eos = tokenizer.eos_token
     if eos and len(tokenizer(eos, add_special_tokens=False)["input_ids"]) == 1:
