@@ -53,6 +53,13 @@ def test_a_checkpoint_inside_the_ramp_is_refused_by_both_readers_and_by_patch_ca
         train(tmp_path, token_dataset, [hf_adanorm.PatchCallback("adanorm")], resume=str(inside))
 
 
+def test_a_checkpoint_from_before_the_swap_file_still_resumes(tmp_path, token_dataset):
+    train(tmp_path, token_dataset, [hf_adanorm.GradualSwapCallback("adanorm", ramp_steps=RAMP)])
+    (tmp_path / "checkpoint-2" / "hf_adanorm_swap.json").unlink()  # as written before every checkpoint had it
+    train(tmp_path, token_dataset, [hf_adanorm.GradualSwapCallback("adanorm", ramp_steps=RAMP)],
+          resume=str(tmp_path / "checkpoint-2"))  # its weights hold the blended originals: a swap's checkpoint
+
+
 def test_a_resume_must_continue_the_same_swap(tmp_path, token_dataset):
     train(tmp_path / "patched", token_dataset, [hf_adanorm.PatchCallback("adanorm")])
     with pytest.raises(RuntimeError, match="was not trained with GradualSwapCallback"):
@@ -68,12 +75,23 @@ def test_a_resume_must_continue_the_same_swap(tmp_path, token_dataset):
     (dict(max_steps=RAMP), "ramp_steps=3 is not below the run's 3 steps"),
     (dict(load_best_model_at_end=True, eval_strategy="steps", eval_steps=2, save_steps=2),
      "load_best_model_at_end: the evaluation at step 2 sees the norms still blended in"),
+    (dict(load_best_model_at_end=True, eval_strategy="epoch", save_strategy="epoch", max_steps=-1,
+          num_train_epochs=2, per_device_train_batch_size=8),  # 3 steps an epoch: the first evaluation at step 3
+     "load_best_model_at_end: the evaluation at step 3 sees the norms still blended in"),
 ])
 def test_a_run_whose_results_would_not_describe_the_returned_model_is_refused_before_training(
         tmp_path, token_dataset, settings, message):
     with pytest.raises(ValueError, match=message):
         train(tmp_path, token_dataset, [hf_adanorm.GradualSwapCallback("adanorm", ramp_steps=RAMP)], **settings)
     assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_an_evaluation_outside_training_is_not_refused(tmp_path, token_dataset):
+    swap = hf_adanorm.GradualSwapCallback("adanorm", ramp_steps=RAMP)
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=8, report_to=[], use_cpu=True,
+                             load_best_model_at_end=True, eval_strategy="steps", eval_steps=4, save_steps=4)
+    trainer = Trainer(tiny_bert(), args, train_dataset=token_dataset, eval_dataset=token_dataset, callbacks=[swap])
+    assert "eval_loss" in trainer.evaluate()  # before train(): at alpha 0, the original model; it picks nothing
 
 
 def test_best_model_selection_after_the_ramp_is_allowed(tmp_path, token_dataset):

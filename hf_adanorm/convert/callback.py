@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from collections.abc import Mapping
 
 import torch
@@ -38,6 +39,16 @@ from .schedule import SCHEDULES, alphas, blend_sources, set_alphas, unwrap_norms
 
 SWAP_FILE = "hf_adanorm_swap.json"  # in each checkpoint: which norms started rescaled, the ramp and schedule
 logger = logging.getLogger(__name__)
+
+
+def _holds_blends(checkpoint) -> bool:
+    """Whether a checkpoint's weights hold the frozen originals of blended norms (``<norm>.source.*``)."""
+    from safetensors import safe_open
+    for weights in sorted(checkpoint.glob("model*.safetensors")):
+        with safe_open(str(weights), "pt") as f:
+            if any(".source." in key for key in f.keys()):
+                return True
+    return False
 
 
 class GradualSwapCallback(PatchCallback):
@@ -75,6 +86,7 @@ class GradualSwapCallback(PatchCallback):
         self.rescale_probe = dict(rescale_probe) if rescale_probe is not None else None
         self.rescaled: list[str] = []
         self.wrapped = None
+        self.training = False  # inside train(): between on_train_begin and on_train_end
 
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if is_patched(model):
@@ -107,18 +119,22 @@ class GradualSwapCallback(PatchCallback):
                              f"{state.max_steps} steps, so no step would train the fully swapped model, and the "
                              "model returned would not be the one trained and evaluated: pass ramp_steps < the "
                              "number of steps")
-        first_eval = state.eval_steps if args.eval_strategy == "steps" else None
+        first_eval = (state.eval_steps if args.eval_strategy == "steps"
+                      else math.ceil(state.max_steps / max(state.num_train_epochs, 1)) if args.eval_strategy == "epoch"
+                      else None)
         if args.load_best_model_at_end and first_eval and first_eval <= self.ramp_steps:
             raise ValueError(self._best_model_refusal(first_eval))
+        self.training = True
         super().on_train_begin(args, state, control, model=model, **kwargs)
         swap_file = checkpoint_folder(args, state) / SWAP_FILE
         if state.global_step == 0 or not (swap_file.parent / "config.json").is_file():
             return  # a fresh start (or a checkpoint elsewhere, which the Trainer found by path)
-        if not swap_file.is_file():  # its weights lack the blended originals (or hold another structure)
+        if not swap_file.is_file() and not _holds_blends(swap_file.parent):
             raise RuntimeError(f"GradualSwapCallback: the run resumed from {swap_file.parent} was not trained with "
-                               f"GradualSwapCallback (no {SWAP_FILE}); resume it with the callback it was trained "
-                               "with (PatchCallback)")
-        saved = json.loads(swap_file.read_text())
+                               f"GradualSwapCallback (no {SWAP_FILE}, no blended norms in its weights); resume it "
+                               "with the callback it was trained with (PatchCallback)")
+        # (a checkpoint written inside the ramp before the file was written in every one: nothing to compare)
+        saved = json.loads(swap_file.read_text()) if swap_file.is_file() else {}
         now = self._swap_record()
         differ = [f"{key}: {saved[key]!r} then, {now[key]!r} now" for key in now
                   if key in saved and saved[key] != now[key]]  # (files from before a key existed lack it)
@@ -137,7 +153,9 @@ class GradualSwapCallback(PatchCallback):
                 f"{self.ramp_steps + 1} on (eval_steps > ramp_steps), or set load_best_model_at_end=False")
 
     def on_evaluate(self, args, state, control, **kwargs):
-        if args.load_best_model_at_end and self.wrapped is not None:  # an epoch end inside the ramp, say
+        # a backstop for what on_train_begin could not foresee (an evaluation called from another callback);
+        # an evaluation outside train() picks no checkpoint
+        if args.load_best_model_at_end and self.training and self.wrapped is not None:
             raise RuntimeError(self._best_model_refusal(state.global_step))
 
     def on_save(self, args, state, control, model=None, **kwargs):
@@ -157,6 +175,7 @@ class GradualSwapCallback(PatchCallback):
         set_alphas(self.wrapped, values)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.training = False
         if self.wrapped is not None:  # training stopped inside the ramp (early stopping ...): finish the swap
             logger.warning("GradualSwapCallback: training ended inside the ramp (step %d of %d); the norms are "
                            "now swapped fully, so the model returned was never trained or evaluated as it is",
