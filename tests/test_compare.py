@@ -78,6 +78,8 @@ def test_sweep_refuses_to_mix_runs_on_other_data(tmp_path):
     assert fake.calls == []
     run_sweep(setup, ["layernorm"], [0], tmp_path / "sweep", run_fn=fake, progress=False, overwrite=True)
     assert fake.calls == [("layernorm", 0)]
+    data.unlink()  # data that is gone is not other data (the demo writes its own again before its runs)
+    run_sweep(setup, ["layernorm"], [0], tmp_path / "sweep", run_fn=fake, progress=False)
 
 
 class LaunchedRun(FakeRun):

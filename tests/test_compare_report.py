@@ -147,6 +147,16 @@ def test_the_same_difference_in_every_seed_is_not_a_spread_of_round_off(tmp_path
     assert "every seed gave the same Δ test_accuracy = +0.01: with no spread" in verdict and "differs" not in verdict
 
 
+def test_one_seed_of_huge_values_does_not_swallow_the_others_differences():
+    from hf_adanorm.compare.stats import paired_vs_baseline
+    values = {0: 10.0, 1: 10.3, 2: 9.8, 3: 1.6e15}  # seed 3 nearly diverged: a perplexity of 1.6e15 in both
+    baseline = {0: 10.2, 1: 10.2, 2: 10.1, 3: 1.6e15 + 0.25}  # (one ulp apart there)
+    row = paired_vs_baseline(values, baseline)
+    diffs = [-0.2, 0.1, -0.3, 0.0]  # seed 3's difference is round-off of its own magnitude
+    assert row["t_pvalue"] == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue, rel=1e-6)
+    assert row["diff_std"] == pytest.approx(np.std(diffs, ddof=1), rel=1e-6)
+
+
 def one_seed_diverged(norm, seed):
     loss = math.nan if (norm, seed) == ("adanorm", 1) else 2.0 + 0.01 * seed + (0.05 if norm == "adanorm" else 0)
     return dict(eval_loss=loss, eval_bpc=loss / math.log(2))

@@ -87,7 +87,8 @@ def run_compare(args) -> int:
         if getattr(args, f"single_{single}"):
             return fail(f"--{single} sets a single run; compare takes --{single}s A B ...")
     # '~/m' expanded here, so that the sweep records, fingerprints and checks the folder the runs load
-    given = {k: expand_home(getattr(args, k)) for k in sorted(args.shared_options) if hasattr(args, k)}
+    given = {k: expand_home(getattr(args, k)) if k in ("model", "tokenizer", "dataset") else getattr(args, k)
+             for k in sorted(args.shared_options) if hasattr(args, k)}
     args.output_dir = expand_home(args.output_dir)
     try:
         check_plan(args.norms, args.seeds)

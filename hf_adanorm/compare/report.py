@@ -41,7 +41,7 @@ def single_class_seeds(runs: list[dict], norm: str, split: str) -> list[int]:
     return sorted(r["seed"] for r in runs if r["norm"] == norm and r["final"].get(f"{split}predicted_classes") == 1)
 
 
-def majority_baseline(runs: list[dict], split: str) -> str | None:
+def majority_baseline_text(runs: list[dict], split: str) -> str | None:
     """Accuracy on ``split`` of always predicting train's most frequent class, as the report prints it
     (None if not recorded). Every run of a sweep sees the same split, so there is one value; several
     mean the runs saw different data, which is said rather than averaged away."""
@@ -121,10 +121,10 @@ def verdict(runs: list[dict], summary: list[dict], norms: list[str], baseline: s
     for split in SPLIT_ORDER:
         flagged = sum(r["final"].get(f"{split}predicted_classes") == 1 for r in runs)
         if flagged:
-            majority = majority_baseline(runs, split)
+            majority = majority_baseline_text(runs, split)
             lines.append(f"- **⚠ {flagged} of {len(runs)} runs predicted a single class on the "
                          f"{split.rstrip('_')} split** ({_seed_list(runs, norms, split)}): their accuracy is at best "
-                         f"the majority-class baseline ({majority}), so they show nothing about the norms.")
+                         f"the majority-class baseline ({majority or '–'}), so they show nothing about the norms.")
     diverged = _diverged(runs)
     if diverged:
         lines.append(f"- **⚠ {len(diverged)} of {len(runs)} runs ended with a metric that is not a number** ("
@@ -259,7 +259,7 @@ def write_report(runs: list[dict], norms: list[str], folder: str | Path, setup: 
     md += ["**Read with care.**", *caveats(runs, summary, norms, baseline), ""]
     for metric in dict.fromkeys(row["metric"] for row in summary):
         md += [f"## {metric}", ""]
-        majority = majority_baseline(runs, split_of(metric)) if metric.endswith("accuracy") else None
+        majority = majority_baseline_text(runs, split_of(metric)) if metric.endswith("accuracy") else None
         if majority is not None:
             md += [f"Majority-class baseline (always predicting train's most frequent class): {majority}.", ""]
         md += [*metric_table([r for r in summary if r["metric"] == metric], with_paired, baseline, runs), ""]

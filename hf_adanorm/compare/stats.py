@@ -112,15 +112,17 @@ def paired_vs_baseline(values: dict[int, float], baseline: dict[int, float],
         return out
     # Round-off: 0.71 - 0.70 and 0.81 - 0.80 differ in their last bits, so "every seed gave the same
     # difference" (or none) must not read as a spread of 1e-17, which would make p tiny and the
-    # detectable difference 2e-16. Differences within a few ulps of the values are the same difference.
-    tolerance = 64 * np.finfo(float).eps * max(1.0, float(np.abs(x).max(initial=0)), float(np.abs(b).max(initial=0)))
+    # detectable difference 2e-16. Differences within a few ulps of their own pair's values are the same
+    # difference (per pair: one seed's large values must not swallow the others' real differences).
+    tolerance = 64 * np.finfo(float).eps * np.maximum(1.0, np.maximum(np.abs(x), np.abs(b)))
     diffs = np.where(np.abs(diffs) <= tolerance, 0.0, diffs)
-    spread = np.ptp(diffs) > tolerance if len(seeds) else False
+    high, low = (int(np.argmax(diffs)), int(np.argmin(diffs))) if len(seeds) else (0, 0)
+    spread = bool(len(seeds)) and diffs[high] - diffs[low] > tolerance[high] + tolerance[low]
     width = bounds[1] - bounds[0]
     with warnings.catch_warnings():  # scipy warns about small samples; the report says so
         warnings.simplefilter("ignore")
         if len(seeds) >= 2 and spread:  # the t statistic needs spread in d_i
-            ttest = stats.ttest_rel(x, b)
+            ttest = stats.ttest_1samp(diffs, 0.0)  # = ttest_rel(x, b), on the differences as judged above
             ci = ttest.confidence_interval(CONFIDENCE)
             out["t_pvalue"] = float(ttest.pvalue)
             if _within(ci.low, ci.high, (-width, width)):
