@@ -133,8 +133,9 @@ class GradualSwapCallback(PatchCallback):
             raise RuntimeError(f"GradualSwapCallback: the run resumed from {swap_file.parent} was not trained with "
                                f"GradualSwapCallback (no {SWAP_FILE}, no blended norms in its weights); resume it "
                                "with the callback it was trained with (PatchCallback)")
-        # (a checkpoint written inside the ramp before the file was written in every one: nothing to compare)
-        saved = json.loads(swap_file.read_text()) if swap_file.is_file() else {}
+        # (a checkpoint written inside the ramp before the file was written in every one: one from before
+        # rescale_probe existed, so none of its norms started rescaled)
+        saved = json.loads(swap_file.read_text()) if swap_file.is_file() else {"rescaled": []}
         now = self._swap_record()
         differ = [f"{key}: {saved[key]!r} then, {now[key]!r} now" for key in now
                   if key in saved and saved[key] != now[key]]  # (files from before a key existed lack it)
