@@ -411,3 +411,16 @@ def test_an_option_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
         check_resume(checkpoint, TrainingArgs(**tiny_args(tmp_path, eval_metrics=["m"])), 1)
     with pytest.raises(ValueError, match=r"world_size=1 processes \(now 2\)"):
         check_resume(checkpoint, args, 2)
+
+
+def test_a_model_that_sees_later_tokens_is_refused_as_a_language_model(tmp_path):
+    text = tmp_path / "lm.txt"
+    text.write_text("\n\n".join(["a b c d e f g h i j k l m n o p"] * 30))
+    common = dict(task="causal_lm", model="config:bert", tokenizer="char", dataset=str(text), max_length=16,
+                  num_epochs=1, output_dir=str(tmp_path / "run"), save_model=False)
+    with pytest.raises(ValueError, match="not a causal language model: its predictions depend on later tokens.*"
+                                         "is_decoder"):
+        run_training(TrainingArgs(**common, model_config=TINY_BERT))
+    assert not (tmp_path / "run").exists()
+    result = run_training(TrainingArgs(**common, model_config={**TINY_BERT, "is_decoder": True}))
+    assert result["final"]["eval_bpc"] > 1.0  # no longer reading the answer

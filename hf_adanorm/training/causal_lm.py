@@ -16,6 +16,7 @@ import math
 from itertools import chain
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, default_data_collator
@@ -61,12 +62,32 @@ def build_task(args: TrainingArgs) -> Task:
                              "lower --max_length or give more text")
 
     model = load_model(args, AutoModelForCausalLM, tokenizer)
+    check_causal(model, args.model)
     report = apply_norm(model, args)
     char_level = args.tokenizer == "char"
     return Task(model=model, tokenizer=tokenizer, splits=splits, collate_fn=default_data_collator,
                 eval_step=eval_step, compute_metrics=lambda arrays: compute_metrics(arrays, char_level),
                 patch_report=report, info={"vocab_size": len(tokenizer), "char_level": char_level,
                                            "train_tokens": len(splits["train"]) * args.max_length})
+
+
+def check_causal(model, name: str, length: int = 8) -> None:
+    """Refuse a model whose prediction at a position changes with a later token: trained as a language
+    model it would read the answer (an encoder such as BERT built by AutoModelForCausalLM without
+    is_decoder=True: its loss falls to nothing, and any comparison of norms on it is meaningless)."""
+    generator = torch.Generator().manual_seed(0)  # not the global RNG: the run's own draws stay as they were
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, length), generator=generator)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % model.get_input_embeddings().num_embeddings
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        before, after = (model(input_ids=x).logits[0, :-1].float() for x in (ids, changed))
+    model.train(was_training)
+    if not torch.allclose(before, after, rtol=1e-4, atol=1e-4 * float(before.abs().max())):
+        raise ValueError(f"{name!r} is not a causal language model: its predictions depend on later tokens, so "
+                         "trained on next-token prediction it would read the answer. For an encoder such as BERT "
+                         "pass --model_config '{\"is_decoder\": true}' (causal attention), or use a decoder model")
 
 
 def eval_step(model, batch) -> dict:
