@@ -57,6 +57,17 @@ def test_sweep_sets_the_per_run_options_itself(tmp_path, per_run):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_sweep_whose_first_run_failed_takes_the_corrected_options(tmp_path):
+    def fails(options):
+        raise ValueError("no column ['text']")
+
+    with pytest.raises(ValueError, match="no column"):  # found only once the run reads the data
+        run_sweep(SETUP, ["layernorm"], [0], tmp_path, run_fn=fails, progress=False)
+    fixed = FakeRun()
+    run_sweep(dict(SETUP, text_column="sentence"), ["layernorm"], [0], tmp_path, run_fn=fixed, progress=False)
+    assert fixed.calls == [("layernorm", 0)]
+
+
 def test_sweep_refuses_to_mix_other_training_options(tmp_path):
     run_sweep(SETUP, ["layernorm"], [0], tmp_path, run_fn=FakeRun(), progress=False)
     with pytest.raises(ValueError, match="learning_rate.*new --output-dir"):

@@ -96,8 +96,8 @@ def finished_runs(output_dir: Path, norm: str) -> list[Path]:
 def check_same_setup(output_dir: Path, setup: dict) -> None:
     """Refuse to mix finished runs made with other training options into one report."""
     path = Path(output_dir) / SWEEP_FILE
-    if not path.is_file():
-        return
+    if not path.is_file() or not any(run_dir(output_dir, "*", "*").parent.glob(f"*/{METRICS_FILE}")):
+        return  # no finished run to mix with (a sweep whose first run failed on a bad option starts again)
     before = json.loads(path.read_text())
     setup = json.loads(json.dumps(setup))  # as stored: tuples become lists, keys strings
     changed = sorted(k for k in set(before) | set(setup) if before.get(k) != setup.get(k))
@@ -114,9 +114,9 @@ def check_same_setup(output_dir: Path, setup: dict) -> None:
                          "afresh, or use a new --output-dir")
     if changed:
         raise ValueError(
-            f"{output_dir} holds runs made with other training options ({', '.join(changed)}: "
-            f"{ {k: before.get(k) for k in changed} } then, { {k: setup.get(k) for k in changed} } now). "
-            "Use a new --output-dir, or delete that folder to start over.")
+            f"{output_dir} holds runs made with other training options ("
+            + "; ".join(f"{k}: {before.get(k)!r} then, {setup.get(k)!r} now" for k in changed) + "). "
+            "Use a new --output-dir, or --overwrite_output_dir to start the sweep afresh.")
 
 
 def run_in_process(options: dict):
