@@ -184,6 +184,31 @@ def test_runs_that_saw_different_data_are_flagged_not_averaged(tmp_path):
     assert "0.5)" not in text and "0.5." not in text
 
 
+def nominal_only(norm, seed):
+    """adanorm 0.01 above in every seed but with some spread: p < 0.05 alone, not after Holm over 4 tests."""
+    rng = np.random.default_rng([seed, len(norm)])
+    gain = {"adanorm": 0.012 + float(rng.normal(0, 0.0025))}.get(norm, 0.0)
+    return dict(eval_accuracy=0.7 + gain + (0.02 * seed), eval_loss=0.5 + float(rng.normal(0, 0.05)),
+                eval_f1=0.6 + float(rng.normal(0, 0.05)), eval_other=float(rng.normal(0, 0.05)))
+
+
+def test_a_nominal_difference_that_holm_takes_back_is_said_in_the_verdict(tmp_path):
+    report = compare(SETUP, ["layernorm", "adanorm"], [0, 1, 2], tmp_path, run_fn=FixedRun(nominal_only),
+                     progress=False)
+    rows = {(r["metric"], r["norm"]): r for r in json.loads((report.parent / "summary.json").read_text())["rows"]}
+    row = rows[("eval_accuracy", "adanorm")]
+    assert row["t_pvalue"] < 0.05 <= row["t_pvalue_holm"], "the fixture should be nominal only"
+    verdict = report.read_text().split("**Read with care.**")[0]
+    assert "**adanorm**: no difference from layernorm detected" in verdict
+    assert (f"nominally eval_accuracy Δ = {row['mean_diff']:+.3g} (unadjusted p = {row['t_pvalue']:.2g}, its 95% CI "
+            "excludes 0), not significant once adjusted for the tests made") in verdict
+
+
+def test_a_sweep_of_the_baseline_alone_says_there_is_nothing_to_compare(tmp_path):
+    report = compare(SETUP, ["layernorm"], [0, 1], tmp_path, run_fn=FakeRun(), progress=False)
+    assert "- Only `layernorm` ran: there is nothing to compare it with." in report.read_text().split("**Read")[0]
+
+
 def test_the_verdict_follows_from_the_numbers(tmp_path):
     report = compare(SETUP, ["layernorm", "layernorm_simple", "adanorm"], [0, 1, 2, 3], tmp_path,
                      run_fn=FixedRun(clear_gain), progress=False)

@@ -133,6 +133,8 @@ def verdict(runs: list[dict], summary: list[dict], norms: list[str], baseline: s
                      "their norm.")
     if not any(r["norm"] == baseline for r in runs):
         return lines + [f"- No `{baseline}` runs: the norms are described below, not tested against the baseline."]
+    if all(r["norm"] == baseline for r in runs):
+        return lines + [f"- Only `{baseline}` ran: there is nothing to compare it with. Add norms to --norms."]
     headline = headline_metric(summary)
     paired = [row for row in summary if "n_pairs" in row]
     tests = sum(not math.isnan(row["t_pvalue"]) for row in paired)
@@ -146,6 +148,13 @@ def verdict(runs: list[dict], summary: list[dict], norms: list[str], baseline: s
         elif tests:
             text = (f"- **{norm}**: no difference from {baseline} detected (Holm-adjusted paired t p ≥ {ALPHA:g} "
                     f"over the {tests} test{'s' if tests > 1 else ''} of this report)")
+            # a nominal difference that Holm's adjustment takes back: said, not left for the table to contradict
+            nominal = [row for row in mine if row["t_pvalue"] < ALPHA]
+            if nominal:
+                text += ("; nominally " + ", ".join(
+                    f"{row['metric']} Δ = {row['mean_diff']:+.3g} (unadjusted p = {fmt(row['t_pvalue'], 2)}, its "
+                    f"{CONFIDENCE:.0%} CI excludes 0)" for row in nominal)
+                    + ", not significant once adjusted for the tests made")
         else:
             text = f"- **{norm}**: no test against {baseline} was possible"
         head = next((row for row in mine if row["metric"] == headline), None)
@@ -217,7 +226,8 @@ def caveats(runs: list[dict], summary: list[dict], norms: list[str], baseline: s
         notes.append(f"- With {m} pairs the smallest "
                      f"two-sided Wilcoxon p attainable is {2 / 2 ** m:.3g}; the t-test assumes normal "
                      "differences. Holm: p-values adjusted over every norm × metric tested in this report "
-                     "(the chance of any false difference stays below the level).")
+                     "(the chance of any false difference stays below the level). The CIs and the detectable |Δ| are per "
+                     "test, unadjusted: a CI can exclude 0 where the adjusted test finds no difference.")
         notes.append(f"- Detectable |Δ|: the smallest true difference the paired t-test (α = {ALPHA:g}) finds "
                      f"with {POWER:.0%} power at this number of seeds, if the paired std is the one observed.")
     notes.append("- A difference is evidence only when its CI excludes 0 over enough seeds; "
