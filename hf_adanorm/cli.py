@@ -15,6 +15,9 @@ def _load_model(model_name: str | None, arch: str):
     from transformers import AutoConfig, AutoModel
 
     if model_name:
+        from .sources import check_model_source, expand_home
+        model_name = expand_home(model_name)
+        check_model_source("model", model_name)  # a missing folder is named as one, not as a bad repo id
         return AutoModel.from_pretrained(model_name)
     torch.manual_seed(0)
     config = AutoConfig.for_model(arch, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

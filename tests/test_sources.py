@@ -77,3 +77,18 @@ def test_a_home_path_is_expanded_where_the_shell_did_not(workspace, tmp_path, mo
     training = TrainingArgs(model="~/bert", dataset="~/d.csv", output_dir="~/run", tokenizer="~/tok")
     assert (training.model, training.dataset, training.output_dir, training.tokenizer) == (
         str(workspace / "bert"), str(workspace / "d.csv"), str(workspace / "run"), str(workspace / "tok"))
+
+
+def test_inspect_names_a_missing_model_too(capsys):
+    assert main(["inspect", "--model", "/no/such/model"]) == 2
+    assert f"--model /no/such/model: {MISSING_PATH}" in capsys.readouterr().err
+
+
+def test_the_command_lines_help_says_what_each_no_flag_does(capsys):
+    for command in (["compare", "--help"], ["convert", "--help"]):
+        with pytest.raises(SystemExit):
+            main(command)
+        text = " ".join(capsys.readouterr().out.split())
+        assert "95%%" not in text
+        flag = "save_model" if command[0] == "compare" else "fold_affine"
+        assert f"--no_{flag}, --no-{flag.replace('_', '-')} Turn --{flag} off" in text

@@ -11,7 +11,7 @@ PER_RUN = ("norm", "seed", "output_dir", "overwrite_output_dir")  # set by the s
 
 DESCRIPTION = """\
 Train the same model once per norm and seed, then write a report comparing them
-(mean ± std, 95%% CI, paired tests against the unpatched layernorm baseline, plots).
+(mean ± std, 95% CI, paired tests against the unpatched layernorm baseline, plots).
 Finished runs are skipped, so rerunning an interrupted command resumes it.
 With neither --model nor --dataset: the built-in demo (scikit-learn's handwritten digits,
 a 2-layer BERT from a config; no network, a few minutes on 2 CPU cores).

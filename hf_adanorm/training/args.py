@@ -57,11 +57,14 @@ NONE_MEANS_OFF = ("max_grad_norm",)  # numbers whose None turns something off
 
 def options_parser(dataclass_type, **kwargs) -> HfArgumentParser:
     """HfArgumentParser of ``dataclass_type``, where NONE_MEANS_OFF options also take 'none' (it parses an
-    Optional[float] as a float, so None could be given from Python and JSON only)."""
+    Optional[float] as a float, so None could be given from Python and JSON only), and each --no_X flag
+    says what it does (it repeated the help of --X)."""
     parser = HfArgumentParser(dataclass_type, **kwargs)
     for action in parser._actions:
         if action.dest in NONE_MEANS_OFF:
             action.type = float_or_none
+        if any(option.startswith("--no_") for option in action.option_strings):  # it copies the option's help
+            action.help = f"Turn --{action.dest} off (the last of the two on the command line wins)."
     return parser
 
 
