@@ -411,6 +411,13 @@ def test_an_option_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
         check_resume(checkpoint, TrainingArgs(**tiny_args(tmp_path, eval_metrics=["m"])), 1)
     with pytest.raises(ValueError, match=r"world_size=1 processes \(now 2\)"):
         check_resume(checkpoint, args, 2)
+    # the launcher's mixed precision (--mixed_precision left out): a resume under another one is refused
+    run = {"args": recorded, "world_size": 1, "mixed_precision": "bf16"}
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 1, "run": run}))
+    with pytest.raises(ValueError, match=r"mixed_precision='bf16', from its launcher \(now 'no'\)"):
+        check_resume(checkpoint, args, 1, "no")
+    with pytest.raises(ValueError, match="random_states_0.pkl"):  # the same one: on to the random states
+        check_resume(checkpoint, args, 1, "bf16")
 
 
 def test_a_model_that_sees_later_tokens_is_refused_as_a_language_model(tmp_path):

@@ -241,6 +241,29 @@ def test_sigkill_during_checkpoint_then_resume_equals_uninterrupted(tmp_path):
     assert [e["step"] for e in want["history"]] == [6, 12]
 
 
+def test_two_processes_resumed_mid_epoch_log_the_uninterrupted_train_loss(tmp_path):
+    # Each rank sums its own training losses; a checkpoint kept only the main process's sum, and a resume
+    # gave it to every rank, so the train_loss of the epoch it resumed in was off (the weights were exact).
+    import shutil
+    args = tiny_args(tmp_path, per_device_batch_size=4, num_epochs=2, checkpointing_steps=2, cpu=True,
+                     model_config={**TINY_BERT, **NO_DROPOUT}, output_dir=str(tmp_path / "straight"))
+    config = REPO / "recipes" / "configs" / "cpu_2proc.yaml"
+    launch = lambda: [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),  # noqa: E731
+                      "--main_process_port", str(free_port())]
+    run_driver(args, tmp_path / "dump_straight", launcher=launch())
+    straight = metrics_of(args)
+    resumed_dir = tmp_path / "resumed"  # the straight run as a kill after its step_2 checkpoint left it
+    shutil.copytree(tmp_path / "straight", resumed_dir, ignore=shutil.ignore_patterns("metrics.json", "model"))
+    for later in (resumed_dir / CHECKPOINT_DIR).iterdir():
+        if later.name != "step_2":
+            shutil.rmtree(later)
+    resumed_args = {**args, "output_dir": str(resumed_dir), "resume_from_checkpoint": "latest"}
+    run_driver(resumed_args, tmp_path / "dump_resumed", launcher=launch())
+    resumed = metrics_of(resumed_args)
+    assert [e["step"] for e in straight["history"]] == [6, 12]  # step_2 lies inside the first epoch
+    assert resumed["history"] == straight["history"] and resumed["final"] == straight["final"]
+
+
 def test_resume_from_an_explicit_checkpoint_and_refuse_to_mix_runs(tmp_path):
     args = TrainingArgs(**tiny_args(tmp_path, num_epochs=1, checkpointing_steps=2, checkpoints_total_limit=2))
     first = run_training(args)

@@ -59,9 +59,13 @@ def remove_incomplete(output_dir) -> None:
             shutil.rmtree(p)
 
 
-def run_record(args, num_processes: int) -> dict:
-    """What a checkpoint records of its run, for :func:`check_resume` (JSON values)."""
-    return json.loads(json.dumps({"args": args.to_dict(), "world_size": num_processes}))
+def run_record(args, num_processes: int, mixed_precision: Optional[str] = None) -> dict:
+    """What a checkpoint records of its run, for :func:`check_resume` (JSON values). ``mixed_precision`` is
+    the accelerator's own (the launcher's config sets it where --mixed_precision is left out)."""
+    record = {"args": args.to_dict(), "world_size": num_processes}
+    if mixed_precision is not None:
+        record["mixed_precision"] = mixed_precision
+    return json.loads(json.dumps(record))
 
 
 def save_checkpoint(accelerator, output_dir, step: int, loop_state: dict, total_limit: Optional[int],
@@ -129,7 +133,7 @@ def _defaults(args) -> dict:
     return json.loads(json.dumps(defaults))
 
 
-def check_resume(path: Path, args, num_processes: int) -> None:
+def check_resume(path: Path, args, num_processes: int, mixed_precision: Optional[str] = None) -> None:
     """Refuse a resume that would not continue the checkpoint's run exactly: other options
     (each difference named), another number of processes, or a missing or corrupt random state."""
     start_afresh = ("Resume with the run's own options, or start afresh with --overwrite_output_dir "
@@ -145,6 +149,9 @@ def check_resume(path: Path, args, num_processes: int) -> None:
                    if name not in RESUME_MAY_CHANGE and before.get(name) != value]
     if recorded.get("world_size") not in (None, num_processes):
         differences.append(f"world_size={recorded['world_size']} processes (now {num_processes})")
+    if mixed_precision is not None and recorded.get("mixed_precision") not in (None, mixed_precision):
+        differences.append(f"mixed_precision={recorded['mixed_precision']!r}, from its launcher "
+                           f"(now {mixed_precision!r})")
     if differences:
         raise ValueError(f"cannot resume {path} exactly: its run was trained with {', '.join(differences)}. "
                          f"{start_afresh}")

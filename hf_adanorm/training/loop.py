@@ -244,7 +244,7 @@ def _check_start(args: TrainingArgs, accelerator) -> Optional[Path]:
     a fresh start over another run's results."""
     resume_path = checkpoints.resolve_resume(args)
     if resume_path is not None:
-        checkpoints.check_resume(resume_path, args, accelerator.num_processes)
+        checkpoints.check_resume(resume_path, args, accelerator.num_processes, accelerator.mixed_precision)
     _check_output_dir(args, resume_path)
     return resume_path
 
@@ -308,7 +308,9 @@ def _train(args: TrainingArgs, accelerator, task: Task, resume_path: Optional[Pa
     # The running loss stays on the device: loss.item() per micro-batch would make the host wait
     # for the device every time. It is read at checkpoints and evaluations only, and summed in
     # float64 in the same order as before, so the numbers do not depend on when it is read.
-    loss_sum = torch.tensor(loop["loss_sum"], dtype=torch.float64, device=accelerator.device)
+    # (a checkpoint from before the per-rank sums were kept has the main process's alone)
+    own_sum = loop["loss_sums"][accelerator.process_index] if "loss_sums" in loop else loop["loss_sum"]
+    loss_sum = torch.tensor(own_sum, dtype=torch.float64, device=accelerator.device)
 
     def evaluate_now(epoch):
         totals = accelerator.reduce(torch.stack([loss_sum, loss_sum.new_tensor(loop["loss_count"])]), "sum")
@@ -318,6 +320,7 @@ def _train(args: TrainingArgs, accelerator, task: Task, resume_path: Optional[Pa
         loop["history"].append(entry)
         loss_sum.zero_()
         loop["loss_sum"], loop["loss_count"] = 0.0, 0
+        loop.pop("loss_sums", None)
         accelerator.print(entry)
 
     progress = tqdm(total=total_steps, initial=loop["step"], disable=not accelerator.is_local_main_process,
@@ -339,9 +342,12 @@ def _train(args: TrainingArgs, accelerator, task: Task, resume_path: Optional[Pa
             progress.update(1)
             if args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0:
                 loop["loss_sum"] = loss_sum.item()
+                # every rank's own sum (the main process writes the file): a resume gives each its own back
+                loop["loss_sums"] = accelerator.gather(loss_sum.reshape(1)).tolist()
                 checkpoints.save_checkpoint(accelerator, output_dir, loop["step"], loop,
                                             args.checkpoints_total_limit,
-                                            run=checkpoints.run_record(args, accelerator.num_processes))
+                                            run=checkpoints.run_record(args, accelerator.num_processes,
+                                                                       accelerator.mixed_precision))
             if loop["step"] >= total_steps:
                 break
         last_epoch = epoch == num_epochs - 1
