@@ -24,6 +24,8 @@ and gathers FSDP2 / ZeRO-3 shards (:mod:`.gather`).
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 import tempfile
 from contextlib import contextmanager
@@ -205,26 +207,33 @@ def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **k
     return loaded
 
 
-def _model_kwargs(kwargs: dict) -> dict:
-    """Pop from ``kwargs`` (and return) the options of the model's ``from_pretrained``, as transformers
-    does before it reads the config from the rest."""
-    import inspect
-
+@functools.lru_cache(maxsize=1)
+def _model_option_names() -> frozenset:
+    """The options of the model's ``from_pretrained`` (read once: its signature does not change)."""
     from transformers import PreTrainedModel
     named = [p.name for p in inspect.signature(PreTrainedModel.from_pretrained).parameters.values()
              if p.kind is inspect.Parameter.KEYWORD_ONLY or p.default is not inspect.Parameter.empty]
-    return {k: kwargs.pop(k) for k in {*_MODEL_KWARGS, *named} - {"config", *_HUB_KWARGS} if k in kwargs}
+    return frozenset({*_MODEL_KWARGS, *named} - {"config", *_HUB_KWARGS})
+
+
+def _model_kwargs(kwargs: dict) -> dict:
+    """Pop from ``kwargs`` (and return) the options of the model's ``from_pretrained``, as transformers
+    does before it reads the config from the rest."""
+    return {k: kwargs.pop(k) for k in _model_option_names() if k in kwargs}
+
+
+@functools.lru_cache(maxsize=1)
+def _unwrap_options() -> dict:
+    from accelerate.utils import extract_model_from_parallel
+    # accelerate >= 1.2 keeps a torch.compile wrapper unless told not to (before, it always unwrapped)
+    supported = "keep_torch_compile" in inspect.signature(extract_model_from_parallel).parameters
+    return {"keep_torch_compile": False} if supported else {}
 
 
 def _unwrap(model) -> nn.Module:
     """The model inside DDP / accelerate / DeepSpeed / torch.compile wrappers."""
-    import inspect
-
     from accelerate.utils import extract_model_from_parallel
-    # accelerate >= 1.2 keeps a torch.compile wrapper unless told not to (before, it always unwrapped)
-    if "keep_torch_compile" in inspect.signature(extract_model_from_parallel).parameters:
-        return extract_model_from_parallel(model, keep_torch_compile=False)
-    return extract_model_from_parallel(model)
+    return extract_model_from_parallel(model, **_unwrap_options())
 
 
 def _is_main_process() -> bool:

@@ -80,14 +80,14 @@ def run_compare(args) -> int:
     from . import compare
     from .default import default_setup, write_digits_csv
     from ..sources import expand_home
-    from ..training.args import check_sources
+    from ..training.args import PATH_OPTIONS, check_sources
     from .sweep import accelerate_runner, check_plan, check_sweep
 
     for single in ("norm", "seed"):
         if getattr(args, f"single_{single}"):
             return fail(f"--{single} sets a single run; compare takes --{single}s A B ...")
     # '~/m' expanded here, so that the sweep records, fingerprints and checks the folder the runs load
-    given = {k: expand_home(getattr(args, k)) if k in ("model", "tokenizer", "dataset") else getattr(args, k)
+    given = {k: expand_home(getattr(args, k)) if k in PATH_OPTIONS else getattr(args, k)
              for k in sorted(args.shared_options) if hasattr(args, k)}
     args.output_dir = expand_home(args.output_dir)
     try:

@@ -23,6 +23,7 @@ from ..sources import check_model_source, expand_home
 BASELINE = "layernorm"  # the unpatched model
 TASKS = ("classification", "causal_lm")
 BUILT_TOKENIZERS = ("char", "word")
+PATH_OPTIONS = ("model", "tokenizer", "dataset", "output_dir", "resume_from_checkpoint")  # '~' is expanded
 # accelerate 1.x has no fp16 autocast on CPU: it would train in fp32 and still report fp16
 FP16_ON_CPU = ("fp16 mixed precision needs a GPU (on CPU accelerate trains in fp32 while reporting fp16); "
                "on CPU use --mixed_precision bf16 (CPU autocast) or no")
@@ -167,7 +168,7 @@ class TrainingArgs:
         "Train on CPU even if a GPU is present (multi-process CPU runs use gloo)."))
 
     def __post_init__(self):
-        for name in ("model", "tokenizer", "dataset", "output_dir", "resume_from_checkpoint"):
+        for name in PATH_OPTIONS:
             if isinstance(getattr(self, name), PathLike):  # pathlib paths from Python callers
                 setattr(self, name, fspath(getattr(self, name)))
             setattr(self, name, expand_home(getattr(self, name)))
