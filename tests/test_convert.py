@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import os
 import random
 import signal
@@ -220,6 +221,34 @@ def test_an_interrupted_conversion_from_before_an_option_existed_resumes_with_it
         _check_output_dir(_args(workspace, out, max_steps=12, checkpointing_steps=5, learning_rate=2e-4))
     assert _check_output_dir(_args(workspace, out, max_steps=12, checkpointing_steps=5, learning_rate=2e-4,
                                    layer_loss_weight=1.0)) == out / "checkpoints" / "step_5"
+
+
+
+def test_a_resume_under_another_launch_is_refused_by_name(workspace, tmp_path):
+    """An FSDP checkpoint resumed under DDP (or by another number of processes, or under another mixed
+    precision from the launcher's config) would fail in accelerate's loader or deal other batches."""
+    from hf_adanorm.convert.inputs import check_output_dir as _check_output_dir
+    from hf_adanorm.convert.report import ARGS_FILE
+    from hf_adanorm.training.checkpoints import STATE_FILE, run_record
+    out = tmp_path / "out"
+    args = _args(workspace, out, max_steps=12, checkpointing_steps=5, norm="layernorm_simple")
+    step = out / "checkpoints" / "step_5"
+    step.mkdir(parents=True)
+    (out / ARGS_FILE).write_text(json.dumps(args.to_dict()))
+    (step / STATE_FILE).write_text(json.dumps({"step": 5, "run": run_record(args, 2, "bf16", "FSDP")}))
+    write_random_states(step)
+    shutil.copy(step / "random_states_0.pkl", step / "random_states_1.pkl")  # the second process's
+    with pytest.raises(ValueError, match=r"another launch \(world_size=2 processes \(now 1\), "
+                                         r"mixed_precision='bf16', from its launcher \(now 'no'\), "
+                                         r"distributed_type='FSDP', from its launcher \(now 'NO'\)\)"):
+        _check_output_dir(args, 1, None, "no", "NO")
+    with pytest.raises(ValueError, match=r"another launch \(distributed_type='FSDP', from its launcher "
+                                         r"\(now 'MULTI_CPU'\)\)"):
+        _check_output_dir(args, 2, None, "bf16", "MULTI_CPU")
+    assert _check_output_dir(args, 2, None, "bf16", "FSDP") == step
+    # a checkpoint from before the launch was recorded is checked for what it records
+    (step / STATE_FILE).write_text(json.dumps({"step": 5, "run": run_record(args, 1)}))
+    assert _check_output_dir(args, 1, None, "no", "NO") == step
 
 
 def _snapshot(folder: Path):

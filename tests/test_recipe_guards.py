@@ -418,6 +418,12 @@ def test_an_option_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
         check_resume(checkpoint, args, 1, "no")
     with pytest.raises(ValueError, match="random_states_0.pkl"):  # the same one: on to the random states
         check_resume(checkpoint, args, 1, "bf16")
+    # an FSDP checkpoint resumed under DDP: named, not accelerate's FileNotFoundError half-way through loading
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 1, "run": {**run, "distributed_type": "FSDP"}}))
+    with pytest.raises(ValueError, match=r"distributed_type='FSDP', from its launcher \(now 'MULTI_CPU'\)"):
+        check_resume(checkpoint, args, 1, "bf16", "MULTI_CPU")
+    with pytest.raises(ValueError, match="random_states_0.pkl"):
+        check_resume(checkpoint, args, 1, "bf16", "FSDP")
 
 
 def test_a_model_that_sees_later_tokens_is_refused_as_a_language_model(tmp_path):

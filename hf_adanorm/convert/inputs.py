@@ -95,7 +95,8 @@ def _check_apart(args: ConvertArgs) -> None:
                                  "its own input; pass an --output_dir elsewhere")
 
 
-def check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | None = None) -> Path | None:
+def check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | None = None,
+                     mixed_precision: str | None = None, distributed_type: str | None = None) -> Path | None:
     """The checkpoint to resume from, or None; refuses a folder that holds something else, and a
     checkpoint of another conversion or of another version of the teacher (``fingerprint``)."""
     _check_apart(args)
@@ -141,10 +142,11 @@ def check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | 
         raise ValueError(f"cannot resume {path}: it records no options and is not a checkpoint of {out}, so "
                          "which conversion wrote it cannot be checked; pass 'latest' or a checkpoint of "
                          f"{out / checkpoints.CHECKPOINT_DIR}")
-    if run is not None and run.get("world_size", world_size) != world_size:
-        raise ValueError(f"cannot resume {path}: it was written by {run['world_size']} processes and this run "
-                         f"has {world_size}, which would deal the batches differently; resume with "
-                         f"{run['world_size']} processes, or pass --overwrite_output_dir to start afresh")
+    launch = checkpoints.launch_differences(run or {}, world_size, mixed_precision, distributed_type)
+    if launch:
+        raise ValueError(f"cannot resume {path}: it was written by another launch ({', '.join(launch)}), which "
+                         "would deal, compute or store the batches differently; resume it as it was launched, "
+                         "or pass --overwrite_output_dir to start afresh")
     saved = (run["args"] if run is not None
              else json.loads((out / ARGS_FILE).read_text()) if (out / ARGS_FILE).exists() else None)
     # options that do not change the result (checkpoints are saved at the end of a step, so a resume is

@@ -195,7 +195,8 @@ def convert_model(args: ConvertArgs) -> dict:
     # read on the main process only (every weight byte), then shared
     fingerprint = broadcast_object_list([model_fingerprint(args.model, args.tokenizer)
                                          if accelerator.is_main_process else None])[0]
-    resume_path = check_output_dir(args, accelerator.num_processes, fingerprint)
+    resume_path = check_output_dir(args, accelerator.num_processes, fingerprint, accelerator.mixed_precision,
+                                   accelerator.distributed_type.value)
     norm_config = args.norm_config()
     tokenizer = load_tokenizer(args)
     teacher, kind = load_teacher(args)
@@ -244,7 +245,8 @@ def convert_model(args: ConvertArgs) -> dict:
     with ExitStack() as lock:
         if accelerator.is_main_process:  # one conversion per folder; the kernel frees the lock if we are killed
             lock.enter_context(folder_lock(out, "conversion"))
-            if check_output_dir(args, accelerator.num_processes, fingerprint) != resume_path:
+            if check_output_dir(args, accelerator.num_processes, fingerprint, accelerator.mixed_precision,
+                                accelerator.distributed_type.value) != resume_path:
                 raise RuntimeError(f"{out} changed while this conversion was being set up: is another process "
                                    "writing there?")
         loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "history": [], "naive": naive,
@@ -294,7 +296,8 @@ def convert_model(args: ConvertArgs) -> dict:
                 if (args.checkpointing_steps and loop["step"] % args.checkpointing_steps == 0
                         and loop["step"] < total_steps):
                     checkpoints.save_checkpoint(accelerator, out, loop["step"], loop, total_limit=1,
-                                                run={**checkpoints.run_record(args, accelerator.num_processes),
+                                                run={**checkpoints.run_record(args, accelerator.num_processes, accelerator.mixed_precision,
+                                                                                   accelerator.distributed_type.value),
                                                      "teacher_fingerprint": fingerprint})
                 if loop["step"] >= total_steps:
                     break

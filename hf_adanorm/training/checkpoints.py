@@ -59,13 +59,33 @@ def remove_incomplete(output_dir) -> None:
             shutil.rmtree(p)
 
 
-def run_record(args, num_processes: int, mixed_precision: Optional[str] = None) -> dict:
-    """What a checkpoint records of its run, for :func:`check_resume` (JSON values). ``mixed_precision`` is
-    the accelerator's own (the launcher's config sets it where --mixed_precision is left out)."""
+def run_record(args, num_processes: int, mixed_precision: Optional[str] = None,
+               distributed_type: Optional[str] = None) -> dict:
+    """What a checkpoint records of its run, for :func:`check_resume` (JSON values). ``mixed_precision`` and
+    ``distributed_type`` are the accelerator's own (a launcher's config sets them where no option does)."""
     record = {"args": args.to_dict(), "world_size": num_processes}
     if mixed_precision is not None:
         record["mixed_precision"] = mixed_precision
+    if distributed_type is not None:
+        record["distributed_type"] = distributed_type
     return json.loads(json.dumps(record))
+
+
+def launch_differences(recorded: dict, num_processes: int, mixed_precision: Optional[str] = None,
+                       distributed_type: Optional[str] = None) -> list[str]:
+    """How this launch differs from the one a checkpoint's ``recorded`` run names (what it does not record
+    goes unchecked): the number of processes deals the batches, the mixed precision computes them, and
+    the distributed type (DDP, FSDP, DeepSpeed) decides the format of the saved model and optimizer."""
+    differences = []
+    if recorded.get("world_size") not in (None, num_processes):
+        differences.append(f"world_size={recorded['world_size']} processes (now {num_processes})")
+    if mixed_precision is not None and recorded.get("mixed_precision") not in (None, mixed_precision):
+        differences.append(f"mixed_precision={recorded['mixed_precision']!r}, from its launcher "
+                           f"(now {mixed_precision!r})")
+    if distributed_type is not None and recorded.get("distributed_type") not in (None, distributed_type):
+        differences.append(f"distributed_type={recorded['distributed_type']!r}, from its launcher "
+                           f"(now {distributed_type!r})")
+    return differences
 
 
 def save_checkpoint(accelerator, output_dir, step: int, loop_state: dict, total_limit: Optional[int],
@@ -133,9 +153,10 @@ def _defaults(args) -> dict:
     return json.loads(json.dumps(defaults))
 
 
-def check_resume(path: Path, args, num_processes: int, mixed_precision: Optional[str] = None) -> None:
-    """Refuse a resume that would not continue the checkpoint's run exactly: other options
-    (each difference named), another number of processes, or a missing or corrupt random state."""
+def check_resume(path: Path, args, num_processes: int, mixed_precision: Optional[str] = None,
+                 distributed_type: Optional[str] = None) -> None:
+    """Refuse a resume that would not continue the checkpoint's run exactly: other options (each
+    difference named), another launch (:func:`launch_differences`), or a missing or corrupt random state."""
     start_afresh = ("Resume with the run's own options, or start afresh with --overwrite_output_dir "
                     "(or another --output_dir)")
     recorded = _recorded_run(path)
@@ -147,11 +168,7 @@ def check_resume(path: Path, args, num_processes: int, mixed_precision: Optional
     before = {**_defaults(args), **recorded["args"]}
     differences = [f"{name}={before.get(name)!r} (now {value!r})" for name, value in now["args"].items()
                    if name not in RESUME_MAY_CHANGE and before.get(name) != value]
-    if recorded.get("world_size") not in (None, num_processes):
-        differences.append(f"world_size={recorded['world_size']} processes (now {num_processes})")
-    if mixed_precision is not None and recorded.get("mixed_precision") not in (None, mixed_precision):
-        differences.append(f"mixed_precision={recorded['mixed_precision']!r}, from its launcher "
-                           f"(now {mixed_precision!r})")
+    differences += launch_differences(recorded, num_processes, mixed_precision, distributed_type)
     if differences:
         raise ValueError(f"cannot resume {path} exactly: its run was trained with {', '.join(differences)}. "
                          f"{start_afresh}")

@@ -244,7 +244,8 @@ def _check_start(args: TrainingArgs, accelerator) -> Optional[Path]:
     a fresh start over another run's results."""
     resume_path = checkpoints.resolve_resume(args)
     if resume_path is not None:
-        checkpoints.check_resume(resume_path, args, accelerator.num_processes, accelerator.mixed_precision)
+        checkpoints.check_resume(resume_path, args, accelerator.num_processes, accelerator.mixed_precision,
+                                  accelerator.distributed_type.value)
     _check_output_dir(args, resume_path)
     return resume_path
 
@@ -347,7 +348,8 @@ def _train(args: TrainingArgs, accelerator, task: Task, resume_path: Optional[Pa
                 checkpoints.save_checkpoint(accelerator, output_dir, loop["step"], loop,
                                             args.checkpoints_total_limit,
                                             run=checkpoints.run_record(args, accelerator.num_processes,
-                                                                       accelerator.mixed_precision))
+                                                                       accelerator.mixed_precision,
+                                                                       accelerator.distributed_type.value))
             if loop["step"] >= total_steps:
                 break
         last_epoch = epoch == num_epochs - 1
