@@ -10,6 +10,7 @@ from scipy import stats
 
 from hf_adanorm.cli import main
 from hf_adanorm.compare import compare, run_sweep
+from hf_adanorm.compare.report import launch_text
 from hf_adanorm.compare.sweep import METRICS_FILE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -115,7 +116,10 @@ def test_sweep_refuses_to_mix_runs_launched_differently(tmp_path):
                                          r"layernorm seed 1: world_size=2"):
         run_sweep(SETUP, ["layernorm", "adanorm"], [0, 1, 2], tmp_path, run_fn=two, progress=False)
     assert two.calls == [("layernorm", 1)], "the sweep should stop at the first run launched the other way"
-    run_sweep(SETUP, ["layernorm", "adanorm"], [0, 1], tmp_path / "alike", run_fn=LaunchedRun(2), progress=False)
+    runs = run_sweep(SETUP, ["layernorm", "adanorm"], [0, 1], tmp_path / "alike", run_fn=LaunchedRun(2),
+                     progress=False)
+    assert launch_text(runs) == "Every run was launched with 2 processes, distributed type `MULTI_CPU`, mixed precision `no`."
+    assert launch_text([{**r, "launch": {}} for r in runs]) is None  # runs from before run_config.json said it
 
 
 def test_failed_run_stops_the_sweep_and_keeps_finished_runs(tmp_path):
@@ -338,4 +342,7 @@ def test_accelerate_launcher_with_two_cpu_processes_per_run(tmp_path):
         metrics = json.loads((folder / METRICS_FILE).read_text())
         assert metrics["world_size"] == 2 and metrics["history"][-1]["step"] == 2
         assert r["final"] == metrics["final"]  # the report was made from these runs
-    assert "## eval_accuracy" in (out / "report" / "report.md").read_text()
+    report = (out / "report" / "report.md").read_text()
+    assert "## eval_accuracy" in report
+    assert ("Every run was launched with 2 processes, distributed type `MULTI_CPU`, mixed precision `no`, a global "
+            "batch of 8 examples per optimizer step") in report

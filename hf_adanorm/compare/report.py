@@ -241,6 +241,22 @@ def _t_quantile(n: int) -> float:
     return float(stats.t.ppf(0.5 + CONFIDENCE / 2, df=n - 1))
 
 
+def launch_text(runs: list[dict]) -> str | None:
+    """How the runs were launched (they are checked alike): processes, distributed type, mixed precision
+    and the global batch, which decides the optimizer's steps as much as any option does."""
+    launch = next((r["launch"] for r in runs if r.get("launch")), None)
+    if not launch:
+        return None
+    processes = launch.get("world_size")
+    parts = [f"{processes} process{'es' if processes != 1 else ''}" if processes else None,
+             f"distributed type `{str(launch['distributed_type']).removeprefix('DistributedType.')}`"
+             if launch.get("distributed_type") else None,
+             f"mixed precision `{launch['mixed_precision']}`" if launch.get("mixed_precision") else None,
+             f"a global batch of {launch['global_batch_size']} examples per optimizer step "
+             "(per-device batch × processes × accumulation)" if launch.get("global_batch_size") else None]
+    return "Every run was launched with " + ", ".join(p for p in parts if p) + "."
+
+
 def write_report(runs: list[dict], norms: list[str], folder: str | Path, setup: dict | None = None,
                  baseline: str = BASELINE) -> Path:
     """Write the report folder for ``runs`` (dicts with norm, seed, run_dir, final, history).
@@ -266,6 +282,9 @@ def write_report(runs: list[dict], norms: list[str], folder: str | Path, setup: 
     if setup:
         md += ["Shared training options: " + ", ".join(f"`{k}={v}`" for k, v in setup.items()
                                                        if v is not None), ""]
+    launched = launch_text(runs)
+    if launched:
+        md += [launched, ""]
     md += ["**Read with care.**", *caveats(runs, summary, norms, baseline), ""]
     for metric in dict.fromkeys(row["metric"] for row in summary):
         md += [f"## {metric}", ""]

@@ -164,7 +164,7 @@ def load_run(folder: Path, norm: str, seed: int) -> dict:
     launch = json.loads(run_config.read_text()) if run_config.is_file() else {}
     return dict(norm=norm, seed=seed, run_dir=str(folder), final=metrics["final"],
                 history=metrics.get("history", []), config=metrics.get("config", {}),
-                launch={k: launch[k] for k in LAUNCH_KEYS if k in launch})
+                launch={k: launch[k] for k in (*LAUNCH_KEYS, "global_batch_size") if k in launch})
 
 
 def check_sweep(setup: dict, norms, seeds, output_dir, overwrite: bool = False,
