@@ -320,3 +320,39 @@ def test_cli_refuses_an_output_dir_that_is_a_file(tmp_path, capsys):
     assert main(["compare", "--output-dir", str(tmp_path / "notes.txt")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_the_paired_plot_shows_each_seeds_difference_and_the_paired_interval(tmp_path, monkeypatch):
+    """paired_*.png draws what the tests are made on: per seed norm − baseline, and the mean Δ with its
+    paired CI (the final_*.png intervals are each norm's own and can overlap where this one excludes 0)."""
+    from matplotlib.collections import LineCollection, PathCollection
+
+    from hf_adanorm.compare import plots
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return path
+    monkeypatch.setattr(plots, "_save", keep)
+    report = compare(SETUP, ["layernorm", "layernorm_simple", "adanorm"], [0, 1, 2, 3], tmp_path,
+                     run_fn=FixedRun(clear_gain), progress=False)
+    assert "![paired_eval_accuracy](paired_eval_accuracy.png)" in report.read_text()
+    rows = {(r["metric"], r["norm"]): r for r in json.loads((report.parent / "summary.json").read_text())["rows"]}
+    ax = figures["paired_eval_accuracy.png"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["layernorm_simple", "adanorm"]
+    scatters = [c for c in ax.collections if isinstance(c, PathCollection)]
+    whiskers = [c for c in ax.collections if isinstance(c, LineCollection)]
+    for i, norm in enumerate(["layernorm_simple", "adanorm"]):
+        expected = sorted(clear_gain(norm, s)["eval_accuracy"] - clear_gain("layernorm", s)["eval_accuracy"]
+                          for s in range(4))
+        dots = sorted(float(y) for x, y in scatters[i].get_offsets())
+        assert dots == pytest.approx(expected, abs=1e-12)
+        row = rows[("eval_accuracy", norm)]
+        assert row["diff_ci_low"] < row["mean_diff"] < row["diff_ci_high"]
+        ends = sorted(float(y) for seg in whiskers[i].get_segments() for _, y in seg)
+        assert ends[0] == pytest.approx(row["diff_ci_low"]) and ends[-1] == pytest.approx(row["diff_ci_high"])
+    assert "paired_eval_accuracy.png" in figures and "final_eval_accuracy.png" in figures
+    # without the baseline there are no pairs, so no paired plot
+    figures.clear()
+    compare(SETUP, ["adanorm"], [0, 1], tmp_path / "alone", run_fn=FixedRun(clear_gain), progress=False)
+    assert not [name for name in figures if name.startswith("paired_")] and "final_eval_accuracy.png" in figures

@@ -1,4 +1,5 @@
-"""PNG plots of a sweep: learning curves with seed bands, final metrics with 95% CIs."""
+"""PNG plots of a sweep: learning curves with seed bands, final metrics with 95% CIs, and the seed-paired
+differences from the baseline that the report's tests are made on."""
 
 from __future__ import annotations
 
@@ -72,8 +73,8 @@ def plot_final_metrics(runs: list[dict], summary: list[dict], norms: list[str], 
             seeds = [r["final"][metric] for r in runs if r["norm"] == norm and metric in r["final"]]
             ax.scatter([i + 0.15] * len(seeds), seeds, color="gray", s=14, zorder=3,
                        label="one seed" if i == 0 else None)
-            if math.isnan(row["ci_low"]):  # n = 1: no interval to draw
-                ax.plot(i, row["mean"], "o", color="C0")
+            if math.isnan(row["ci_low"]):  # n = 1 (or a bounded interval too wide to give): no whisker
+                ax.plot(i, row["mean"], "o", color="C0", mfc="white", label="mean, no CI" if i == 0 else None)
                 continue
             ax.errorbar(i, row["mean"], yerr=[[row["mean"] - row["ci_low"]], [row["ci_high"] - row["mean"]]],
                         fmt="o", color="C0", capsize=6, label="mean, 95% CI" if i == 0 else None)
@@ -83,6 +84,56 @@ def plot_final_metrics(runs: list[dict], summary: list[dict], norms: list[str], 
         ax.legend(fontsize="small")
         ax.grid(axis="y", alpha=0.3)
         written.append(_save(fig, folder / _file_name("final", metric)))
+    return written
+
+
+def plot_paired_differences(runs: list[dict], summary: list[dict], norms: list[str], baseline: str,
+                            folder: Path) -> list[Path]:
+    """One figure per final metric: per norm its difference from ``baseline`` in every seed (a dot) and
+    the mean difference with the paired 95% CI, beside a line at 0.
+
+    This is what the report's tests are made on. The final_*.png intervals are each norm's own, and two of
+    them can overlap where the paired interval of the difference excludes 0, because the seeds' common
+    part (the same data order, the same initial weights) cancels in the pairs.
+    """
+    written = []
+    for metric in dict.fromkeys(row["metric"] for row in summary):
+        rows = {row["norm"]: row for row in summary if row["metric"] == metric and row.get("n_pairs", 0) > 0}
+        shown = [n for n in norms if n != baseline and n in rows]
+        if not shown:
+            continue
+        base = {r["seed"]: r["final"][metric] for r in runs if r["norm"] == baseline and metric in r["final"]}
+        fig, ax = plt.subplots(figsize=(1.5 * len(shown) + 2.5, 4))
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        labelled = set()
+
+        def label(text):  # each legend entry once
+            if text in labelled:
+                return None
+            labelled.add(text)
+            return text
+
+        for i, norm in enumerate(shown):
+            row = rows[norm]
+            diffs = [r["final"][metric] - base[r["seed"]] for r in runs
+                     if r["norm"] == norm and metric in r["final"] and r["seed"] in base]
+            ax.scatter([i + 0.15] * len(diffs), diffs, color="gray", s=14, zorder=3, label=label("one seed"))
+            if math.isnan(row["diff_ci_low"]):  # one pair, no spread, a diverged run, or too wide to give
+                ax.plot(i, row["mean_diff"], "o", color="C1", mfc="white", label=label("mean Δ, no CI"))
+            else:
+                ax.errorbar(i, row["mean_diff"], yerr=[[row["mean_diff"] - row["diff_ci_low"]],
+                                                       [row["diff_ci_high"] - row["mean_diff"]]],
+                            fmt="o", color="C1", capsize=6, label=label("mean Δ, paired 95% CI"))
+            adjusted = row.get("t_pvalue_holm", math.nan)
+            if math.isfinite(adjusted):
+                ax.annotate(f"Holm p = {adjusted:.2g}", (i, row["mean_diff"]), xytext=(-12, 0),
+                            textcoords="offset points", ha="right", va="center", fontsize="small")
+        ax.set_xticks(range(len(shown)), shown)
+        ax.set_xlim(-0.9, len(shown) - 0.4)
+        ax.set(ylabel=f"Δ {metric} (norm − {baseline})", title=f"final {metric}: paired difference from {baseline}")
+        ax.legend(fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+        written.append(_save(fig, folder / _file_name("paired", metric)))
     return written
 
 

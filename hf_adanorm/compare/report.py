@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .plots import plot_final_metrics, plot_learning_curves
+from .plots import plot_final_metrics, plot_learning_curves, plot_paired_differences
 from .stats import ALPHA, BASELINE, CONFIDENCE, MAX_SEEDS, POWER, SPLIT_ORDER, bounds_of, is_diagnostic, summarize
 
 
@@ -277,6 +277,7 @@ def write_report(runs: list[dict], norms: list[str], folder: str | Path, setup: 
         indent=2))
     curves = plot_learning_curves(runs, norms, folder)
     finals = plot_final_metrics(runs, summary, norms, folder)
+    paired = plot_paired_differences(runs, summary, norms, baseline, folder) if with_paired else []
 
     md = ["# hf-adanorm comparison", "", "**Verdict.**", *verdict(runs, summary, norms, baseline), ""]
     if setup:
@@ -292,7 +293,12 @@ def write_report(runs: list[dict], norms: list[str], folder: str | Path, setup: 
         if majority is not None:
             md += [f"Majority-class baseline (always predicting train's most frequent class): {majority}.", ""]
         md += [*metric_table([r for r in summary if r["metric"] == metric], with_paired, baseline, runs), ""]
-    md += ["## Plots", "", *(f"![{p.stem}]({p.name})" for p in finals + curves), "",
+    md += ["## Plots", ""]
+    if paired:
+        md += [f"`paired_*`: each norm's difference from {baseline}, seed by seed, with the paired 95% CI that the "
+               "tests above use. `final_*`: each norm's own mean and CI; two of these can overlap where the paired "
+               "interval excludes 0, because what the seeds share cancels in the pairs.", ""]
+    md += [*(f"![{p.stem}]({p.name})" for p in paired + finals + curves), "",
            "Every run's final metrics: `runs.csv`, `runs.json`; the numbers above at full "
            "precision: `summary.json`.", ""]
     path = folder / "report.md"
