@@ -3,6 +3,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from scipy import stats
 from hf_adanorm.cli import main
 from hf_adanorm.compare import compare, run_sweep
 from hf_adanorm.compare.report import launch_text
-from hf_adanorm.compare.sweep import METRICS_FILE
+from hf_adanorm.compare.sweep import METRICS_FILE, RESULTS_VERSION
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -107,6 +108,36 @@ class LaunchedRun(FakeRun):
             json.dump(dict(args=options, world_size=self.world_size, distributed_type="DistributedType.MULTI_CPU",
                            mixed_precision="no"), f)
         return final
+
+
+class VersionedRun(FakeRun):
+    """A FakeRun whose metrics.json says which RESULTS_VERSION scored it."""
+
+    def __init__(self, version):
+        super().__init__()
+        self.version = version
+
+    def __call__(self, options):
+        final = super().__call__(options)
+        path = Path(options["output_dir"]) / METRICS_FILE
+        path.write_text(json.dumps({**json.loads(path.read_text()), "results_version": self.version}))
+        return final
+
+
+def test_sweep_refuses_to_pair_runs_scored_by_another_version(tmp_path):
+    """A sweep started by an older hf_adanorm (macro-F1 over the predicted classes, unrecorded: version 1) and
+    continued by this one would pair runs scored two ways."""
+    run_sweep(SETUP, ["layernorm", "adanorm"], [0], tmp_path, run_fn=FakeRun(), progress=False)
+    now = VersionedRun(RESULTS_VERSION)
+    with pytest.raises(ValueError, match=rf"versions of hf_adanorm that compute or score a run differently \(version 1: "
+                                         rf"layernorm seed 0, adanorm seed 0; version {RESULTS_VERSION}: layernorm "
+                                         rf"seed 1; this one makes version {RESULTS_VERSION}\)"):
+        run_sweep(SETUP, ["layernorm", "adanorm"], [0, 1], tmp_path, run_fn=now, progress=False)
+    assert now.calls == [("layernorm", 1)], "the sweep should stop at the first run scored the other way"
+    # an old sweep on its own is still reported, and so is one made wholly by this version
+    assert len(run_sweep(SETUP, ["layernorm", "adanorm"], [0], tmp_path, run_fn=FakeRun(), progress=False)) == 2
+    runs = run_sweep(SETUP, ["layernorm", "adanorm"], [0, 1], tmp_path / "new", run_fn=now, progress=False)
+    assert {r["results_version"] for r in runs} == {RESULTS_VERSION}
 
 
 def test_sweep_refuses_to_mix_runs_launched_differently(tmp_path):
@@ -341,6 +372,7 @@ def test_accelerate_launcher_with_two_cpu_processes_per_run(tmp_path):
         assert run_config["global_batch_size"] == 8 and run_config["args"]["norm"] == r["norm"]
         metrics = json.loads((folder / METRICS_FILE).read_text())
         assert metrics["world_size"] == 2 and metrics["history"][-1]["step"] == 2
+        assert metrics["results_version"] == RESULTS_VERSION
         assert r["final"] == metrics["final"]  # the report was made from these runs
     report = (out / "report" / "report.md").read_text()
     assert "## eval_accuracy" in report

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..convert.fingerprint import files_fingerprint, model_fingerprint
 from ..registry import available_norms
 from ..training.args import BASELINE, MAX_SEED  # "layernorm": the unpatched model
-from ..training.checkpoints import METRICS_FILE, RUN_CONFIG_FILE
+from ..training.checkpoints import METRICS_FILE, RESULTS_VERSION, RUN_CONFIG_FILE
 from ..training.data import local_data_files
 from ..training.locks import check_not_in_use, folder_lock
 
@@ -164,7 +164,8 @@ def load_run(folder: Path, norm: str, seed: int) -> dict:
     launch = json.loads(run_config.read_text()) if run_config.is_file() else {}
     return dict(norm=norm, seed=seed, run_dir=str(folder), final=metrics["final"],
                 history=metrics.get("history", []), config=metrics.get("config", {}),
-                launch={k: launch[k] for k in (*LAUNCH_KEYS, "global_batch_size") if k in launch})
+                launch={k: launch[k] for k in (*LAUNCH_KEYS, "global_batch_size") if k in launch},
+                results_version=metrics.get("results_version", 1))
 
 
 def check_sweep(setup: dict, norms, seeds, output_dir, overwrite: bool = False,
@@ -272,7 +273,18 @@ LAUNCH_KEYS = ("world_size", "distributed_type", "mixed_precision")
 
 def check_runs_alike(runs: list[dict]) -> None:
     """Refuse to report runs launched differently: another launcher or accelerate config in a rerun of
-    the sweep (the options, which sweep.json compares, can be the same)."""
+    the sweep (the options, which sweep.json compares, can be the same); or made by versions of
+    hf_adanorm that compute or score a run differently (``RESULTS_VERSION``)."""
+    versions: dict[int, list[str]] = {}
+    for r in runs:
+        versions.setdefault(r.get("results_version", 1), []).append(f"{r['norm']} seed {r['seed']}")
+    if len(versions) > 1:
+        described = "; ".join(f"version {v}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                              for v, names in sorted(versions.items()))
+        raise ValueError(f"the runs of this sweep were made by versions of hf_adanorm that compute or score a run "
+                         f"differently ({described}; this one makes version {RESULTS_VERSION}), so they cannot be "
+                         "paired in one report: start the sweep afresh with --overwrite_output_dir, or use a new "
+                         "--output-dir")
     kinds: dict[tuple, list[str]] = {}
     for r in runs:
         if r.get("launch"):

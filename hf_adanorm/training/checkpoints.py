@@ -20,6 +20,10 @@ from typing import Optional
 
 RUN_CONFIG_FILE = "run_config.json"  # the run's options and setup, written when it (re)starts
 METRICS_FILE = "metrics.json"  # written last and atomically: its presence means the run finished
+# In metrics.json. Raise it whenever a run with the same options would compute or score differently, so that
+# hf-adanorm compare never pairs runs made both ways. 1 (unrecorded): before macro-F1 was averaged over the
+# split's classes and a built tokenizer put [EOS] between a pair's texts.
+RESULTS_VERSION = 2
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "training_state.json"
 TMP_PREFIX = ".tmp-"

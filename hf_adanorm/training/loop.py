@@ -365,7 +365,8 @@ def _train(args: TrainingArgs, accelerator, task: Task, resume_path: Optional[Pa
     if args.save_model:
         model_format = _save_final_model(accelerator, model, task, output_dir / MODEL_DIR, args, final)
     metrics = {"config": args.to_dict(), "history": loop["history"], "final": final,
-               "world_size": accelerator.num_processes, "model_format": model_format, "fold": fold}
+               "world_size": accelerator.num_processes, "model_format": model_format, "fold": fold,
+               "results_version": checkpoints.RESULTS_VERSION}
     if accelerator.is_main_process:
         checkpoints.write_json_atomic(output_dir / METRICS_FILE, metrics)  # last: the run is complete
     accelerator.print(f"final: {final}  (written to {output_dir / METRICS_FILE})")
