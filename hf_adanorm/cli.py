@@ -65,9 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a Ctrl-C leaves, per command, and how to go on (a traceback said none of it).
+INTERRUPTED = {
+    "compare": "Finished runs are kept (and each run's checkpoints, with --checkpointing_steps): the same "
+               "command resumes the sweep.",
+    "convert": "Its last checkpoint is kept (every --checkpointing_steps): the same command continues it "
+               "exactly.",
+}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"\nhf-adanorm {args.command}: interrupted. {INTERRUPTED.get(args.command, '')}".rstrip(),
+              file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
 
 
 if __name__ == "__main__":

@@ -356,3 +356,24 @@ def test_the_paired_plot_shows_each_seeds_difference_and_the_paired_interval(tmp
     figures.clear()
     compare(SETUP, ["adanorm"], [0, 1], tmp_path / "alone", run_fn=FixedRun(clear_gain), progress=False)
     assert not [name for name in figures if name.startswith("paired_")] and "final_eval_accuracy.png" in figures
+
+
+def test_ctrl_c_says_what_is_kept_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C printed a traceback: it now says what was kept and how to go on, and exits 130."""
+    import hf_adanorm.compare.sweep as sweep_module
+    fake = FakeRun()
+
+    def interrupted_at_the_second_run(options):
+        if len(fake.calls) == 1:
+            raise KeyboardInterrupt
+        return fake(options)
+
+    monkeypatch.setattr(sweep_module, "run_in_process", interrupted_at_the_second_run)
+    argv = ["compare", "--model", str(tmp_path), "--dataset", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+            "--norms", "layernorm", "adanorm", "--seeds", "0", "--no-progress"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "hf-adanorm compare: interrupted. Finished runs are kept" in err and "Traceback" not in err
+    monkeypatch.setattr(sweep_module, "run_in_process", fake)
+    assert main(argv) == 0
+    assert fake.calls == [("layernorm", 0), ("adanorm", 0)], "the rerun should train only the interrupted run"
