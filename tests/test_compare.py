@@ -240,8 +240,8 @@ def test_plots_are_valid_pngs(tmp_path):
 
     report = compare(SETUP, ["layernorm", "adanorm"], [0, 1], tmp_path, run_fn=FakeRun(), progress=False)
     names = sorted(p.name for p in report.parent.glob("*.png"))
-    assert names == ["curve_eval_accuracy.png", "curve_train_loss.png",
-                     "final_eval_accuracy.png", "final_eval_loss.png"]
+    assert names == ["curve_eval_accuracy.png", "curve_train_loss.png", "final_eval_accuracy.png",
+                     "final_eval_loss.png", "paired_eval_accuracy.png", "paired_eval_loss.png"]
     for name in names:
         path = report.parent / name
         assert path.read_bytes()[:8] == PNG_SIGNATURE
