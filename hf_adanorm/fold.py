@@ -18,17 +18,22 @@ alone.
 
 Which norms qualify is decided on the model itself, not from architecture names:
 
-1. one probe forward pass (:mod:`.fold_trace`) finds who reads each norm's output;
-   a norm folds only if all reads are Linear/Conv1D inputs (no residual add, no
-   dropout, not the model output) and those layers read no other norm;
+1. one probe forward pass (:mod:`.fold_trace`) finds who reads each norm's output,
+   in the graphs of all the model's outputs but its hidden states (a second head
+   counts); a norm folds only if all reads are Linear/Conv1D inputs (no residual
+   add, no dropout, functional or not, no in-place change, not a model output) and
+   those layers read no other norm; a module registered under several names, and a
+   norm with no gain or bias, is never folded;
 2. the folds are then checked numerically with ``torch.func.functional_call`` (the
-   model is not touched): with random gains and biases in the norms, the output
-   with the affine in place must equal the output with it folded.
+   model is not touched): with random gains and biases in the norms, every checked
+   output with the affine in place must equal the output with it folded, to the
+   round-off of the model's dtype.
 
 A norm that fails (post-LN: BERT, BART, OPT-350m) is reported "not foldable" with
 its *drift*, ``||z' - z|| / ||z||`` of its own output on the probe batch; the
-report and record also give the whole model's output drift (logits, else the last
-hidden state) after patching.
+report and record also give the whole model's output drift after patching (the
+largest over the checked outputs: the logits, else the last hidden state, and
+every other head's output).
 
 Memory: by default nothing of the folded layers' originals is kept, so the fold costs
 no memory, and ``unpatch_model`` of a folded model refuses (reload the original
@@ -48,8 +53,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .fold_trace import (PROBE_SHAPE, eval_no_grad, is_conv1d, is_linear, probe_inputs,
-                         relative_drift, run, trace)
+from .fold_trace import (PROBE_SHAPE, eval_no_grad, is_conv1d, is_linear, outputs_drift, probe_inputs,
+                         run, trace)
 
 
 _CHUNK_ELEMENTS = 1 << 22  # float64 work in row blocks: no full float64 copy of a huge LM head
@@ -108,7 +113,7 @@ class FoldPlan:
     refused: dict = field(default_factory=dict)  # {norm name: why not foldable}
     drift: dict = field(default_factory=dict)  # {norm name: relative change of its output}
     inputs: dict = field(default_factory=dict)
-    reference: Optional[torch.Tensor] = None  # the unpatched model's output on ``inputs``
+    reference: Optional[tuple] = None  # the unpatched model's checked outputs on ``inputs`` (fold_trace)
 
     def affine(self, name: str):
         """The norm's effective ``(s, b)`` (b None without a bias parameter), detached."""
@@ -123,9 +128,12 @@ class FoldPlan:
 def _trial_params(plan, model, names, folded) -> dict:
     """functional_call parameters: random affine in every norm of ``names``; those in ``folded``
     get the neutral affine and their random affine moved into their consumers."""
-    params = {}
+    params, done = {}, set()
     for name in names:
         info, module = plan.chosen[name]
+        if id(module) in done:  # an alias: one module under two names gets one affine (functional_call
+            continue  # with both names, untied, left one of the trial values in the module)
+        done.add(id(module))
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()))  # same draw in every trial
         s = 0.25 + 2.5 * torch.rand(info.size, generator=g, dtype=torch.float64)
         b = torch.randn(info.size, generator=g, dtype=torch.float64) if info.bias else None
@@ -149,8 +157,10 @@ def _trial_params(plan, model, names, folded) -> dict:
 
 
 def _tolerance(model) -> float:
+    """Round-off of the folded weights and of the model's own arithmetic, not more: a fold that is off by
+    1e-4 (a read the graph analysis cannot see, at a small weight) is not exact."""
     dtype = next(model.parameters()).dtype
-    return 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+    return {torch.float16: 5e-2, torch.bfloat16: 5e-2, torch.float64: 1e-9}.get(dtype, 1e-4)
 
 
 def plan_fold(model: nn.Module, chosen: dict, built: dict) -> FoldPlan:
@@ -162,21 +172,45 @@ def plan_fold(model: nn.Module, chosen: dict, built: dict) -> FoldPlan:
         raise ValueError("fold_affine=True needs the model's weights, but some are on the meta "
                          "device; load the weights first (or patch without fold_affine)")
     plan = FoldPlan(chosen, inputs=probe_inputs(model))
+    names = {}  # every name of each chosen module, chosen or not
+    for path, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(path)
     with eval_no_grad(model):
-        traced = trace(model, chosen, built, plan.inputs)
+        try:
+            traced = trace(model, chosen, built, plan.inputs)
+        except (TypeError, AttributeError, RuntimeError, IndexError, KeyError) as err:
+            raise ValueError(f"fold_affine=True needs a probe batch, and {type(model).__name__} cannot run the "
+                             f"one built for it ({sorted(plan.inputs)}: {type(err).__name__}: {err}). Patch "
+                             "without fold_affine instead.") from err
         plan.reference, plan.drift = traced.reference, traced.drift
         owners = {}
         for name, found in traced.consumers.items():
             for cname in found:
                 owners.setdefault(cname, []).append(name)
         for name, found in traced.consumers.items():
-            why = _refusal(name, found, owners, traced.foreign.get(name, []))
+            info, module = chosen[name]
+            why = (_alias_refusal(names[id(module)]) or _nothing_to_fold(info)
+                   or _refusal(name, found, owners, traced.foreign.get(name, [])))
             if why:
                 plan.refused[name] = why
             else:
                 plan.folds[name] = sorted(found)
         _verify_numerically(plan, model)
     return plan
+
+
+def _alias_refusal(paths: list) -> Optional[str]:
+    """One module registered under several names: its readers at every site are traced as one, though a
+    site left out of the patch (``exclude``) keeps the original norm and its affine."""
+    if len(paths) > 1:
+        return f"it is one module registered under several names ({', '.join(paths)}), which is never folded"
+    return None
+
+
+def _nothing_to_fold(info) -> Optional[str]:
+    if not info.gain and not info.bias:
+        return "it has no gain or bias, so there is nothing to fold (the swap alone keeps y)"
+    return None
 
 
 def _refusal(name, found, owners, foreign) -> Optional[str]:
@@ -207,11 +241,11 @@ def _verify_numerically(plan: FoldPlan, model) -> None:
     names, tol = list(plan.chosen), _tolerance(model)
     ref = run(model, plan.inputs, _trial_params(plan, model, names, set()))
     everything = run(model, plan.inputs, _trial_params(plan, model, names, set(plan.folds)))
-    if relative_drift(everything, ref) <= tol:
+    if outputs_drift(everything, ref) <= tol:
         return
     for name in list(plan.folds):
         out = run(model, plan.inputs, _trial_params(plan, model, names, {name}))
-        if relative_drift(out, ref) > tol:
+        if outputs_drift(out, ref) > tol:
             del plan.folds[name]
             plan.refused[name] = "folding it changes the model's output (numerical check)"
 
@@ -226,9 +260,10 @@ def fold_summary(model: nn.Module, plan: FoldPlan, report, applied=None) -> dict
     for name, cnames in plan.folds.items():
         # exact for what the model computes from it; an output read off this norm itself (a hidden state
         # returned by the model, BART's encoder_last_hidden_state) is y, without the gain and bias
-        by_name[name].reason = (f"affine folded into {', '.join(cnames)} (exact at the model's output; a "
-                                "hidden state the model returns from this norm's output is now y, without its "
-                                "gain and bias)")
+        by_name[name].reason = (f"affine folded into {', '.join(cnames)} (an exact fold: the model's outputs "
+                                "change only where the new norm differs from the plain normalization y; a hidden "
+                                "state the model returns from this norm's output is now y, without its gain and "
+                                "bias)")
     for name, why in plan.refused.items():
         by_name[name].reason = (f"not foldable: {why}; {by_name[name].reason}; drift of its "
                                 f"output on the probe batch: {plan.drift[name]:.3g}")
@@ -239,7 +274,7 @@ def fold_summary(model: nn.Module, plan: FoldPlan, report, applied=None) -> dict
     }
     if applied is not None:
         with eval_no_grad(model):
-            summary["output_drift"] = relative_drift(run(model, plan.inputs), plan.reference)
+            summary["output_drift"] = outputs_drift(run(model, plan.inputs), plan.reference)
         summary["untied"], summary["added_bias"] = applied.untied, applied.added_bias
         report.output_drift = summary["output_drift"]
     return summary

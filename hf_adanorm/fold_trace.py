@@ -17,8 +17,10 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 PROBE_SHAPE = (2, 8)  # batch x tokens of the probe batch
 
@@ -48,10 +50,36 @@ def primary_output(out) -> torch.Tensor:
     return out[0]
 
 
+# What a model returns that is a hidden state, not a result: a folded norm's own output returned as one is y,
+# without the gain and bias (documented), so these are not checked. Every other floating tensor it returns
+# (the logits, a second head's logits, a pooled output) must come out of a fold unchanged.
+HIDDEN_STATE_OUTPUTS = frozenset({
+    "last_hidden_state", "hidden_states", "attentions", "cross_attentions", "past_key_values", "mems",
+    "encoder_last_hidden_state", "encoder_hidden_states", "encoder_attentions", "decoder_hidden_states",
+    "decoder_attentions"})
+
+
+def checked_outputs(out) -> tuple:
+    """What a fold must leave unchanged: :func:`primary_output` first, then every other floating tensor of a
+    dict-like output but the hidden states (BertForPreTraining's ``seq_relationship_logits``, GPT-2's
+    ``mc_logits``: heads that read a norm the primary head reads too)."""
+    primary = primary_output(out)
+    if not isinstance(out, dict):
+        return (primary,)
+    return (primary, *(value for key, value in out.items()
+                       if key not in HIDDEN_STATE_OUTPUTS and value is not primary
+                       and isinstance(value, torch.Tensor) and value.is_floating_point()))
+
+
 def relative_drift(new: torch.Tensor, ref: torch.Tensor) -> float:
     """``||new - ref|| / ||ref||`` (Frobenius), in float64."""
     ref64 = ref.detach().double()
     return float((new.detach().double() - ref64).norm() / ref64.norm().clamp_min(1e-30))
+
+
+def outputs_drift(new: tuple, ref: tuple) -> float:
+    """The largest :func:`relative_drift` over the outputs of :func:`checked_outputs`."""
+    return max(relative_drift(n, r) for n, r in zip(new, ref, strict=True))
 
 
 def probe_inputs(model: nn.Module) -> dict:
@@ -74,7 +102,9 @@ def probe_inputs(model: nn.Module) -> dict:
             f"fold_affine=True needs a probe batch and cannot build one for {type(model).__name__} "
             f"(main input {name!r}); it supports transformers models taking input_ids or "
             "pixel_values. Patch without fold_affine instead.")
-    return {k: v.to(device) for k, v in inputs.items()}
+    # images in the weights' dtype: a bf16 Swin does not cast its pixels itself
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
 
 @contextlib.contextmanager
@@ -90,12 +120,13 @@ def eval_no_grad(model: nn.Module):
             module.training = mode
 
 
-def run(model, inputs, params=None) -> torch.Tensor:
+def run(model, inputs, params=None) -> tuple:
+    """The model's :func:`checked_outputs` on ``inputs`` (with ``params`` swapped in, if given)."""
     if params:
         out = functional_call(model, params, args=(), kwargs=inputs, tie_weights=False, strict=False)
     else:
         out = model(**inputs)
-    return primary_output(out)
+    return checked_outputs(out)
 
 
 def _signature(t: torch.Tensor):
@@ -109,13 +140,35 @@ class Trace:
     consumers: dict  # {norm: {leaf module name: module}} receiving the norm's output
     foreign: dict  # {norm: [autograd node names]} reads of the output that are no Linear input
     drift: dict  # {norm: ||replacement(x) - norm(x)|| / ||norm(x)||} on the probe batch
-    reference: torch.Tensor
+    reference: tuple  # the checked outputs (checked_outputs)
+
+
+# Functional dropout leaves no autograd node in eval mode, where the probe runs, but in training it masks
+# the norm's bias too, which a fold moves into the Linear after it: a read like any other non-Linear one.
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+             torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout}
+
+
+class _SeeFunctionalDropout(TorchFunctionMode):
+    """Record which norm outputs (by :func:`_signature`) go through a functional dropout."""
+
+    def __init__(self, leaves: dict, foreign: dict):
+        super().__init__()
+        self.leaves, self.foreign = leaves, foreign
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _DROPOUTS and args and isinstance(args[0], torch.Tensor):
+            found = self.leaves.get(_signature(args[0]))
+            if found is not None:
+                self.foreign.setdefault(found[0], []).append(f"{func.__name__} (in training)")
+        return func(*args, **(kwargs or {}))
 
 
 def trace(model, chosen: dict, built: dict, inputs: dict) -> Trace:
     """One forward pass recording who reads each norm's output (see the module docstring)."""
     leaves, consumers, handles = {}, {name: {} for name in chosen}, []
     linear_reads = []  # the view_as nodes made for Linear inputs that are norm outputs
+    seen_foreign = {}  # {norm: [what]} reads the autograd graph does not show
     sq = {name: [0.0, 0.0] for name in chosen}  # ||z' - z||^2, ||z||^2
     norm_ids = {id(module) for _, module in chosen.values()}
 
@@ -130,7 +183,7 @@ def trace(model, chosen: dict, built: dict, inputs: dict) -> Trace:
             # ``out + 0`` (exactly ``out``) gives this output its own autograd node, which every
             # read points at, while keeping the graph connected to earlier norms.
             marked = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
-            leaves[_signature(marked)] = (name, marked, marked.grad_fn)
+            leaves[_signature(marked)] = (name, marked, marked.grad_fn, marked._version)
             return marked
         return hook
 
@@ -139,35 +192,46 @@ def trace(model, chosen: dict, built: dict, inputs: dict) -> Trace:
             hit = None
             for value in (*args, *kwargs.values()):
                 found = leaves.get(_signature(value)) if isinstance(value, torch.Tensor) else None
+                if found is not None and value._version != found[3]:
+                    # changed in place since the norm (a masked_fill_ of the padding): not the norm's
+                    # output any more, and the change need not show on the probe batch
+                    seen_foreign.setdefault(found[0], []).append("an in-place change")
+                    found = None
                 if found is not None:
                     consumers[found[0]][name] = module
                     hit = hit or found
-            if hit is None or not is_linear(module) or not args or _signature(args[0]) not in leaves:
+            if hit is None or not is_linear(module) or not args or leaves.get(_signature(args[0])) is not hit:
                 return None
             wrapped = args[0].view_as(args[0])
             linear_reads.append(wrapped.grad_fn)
             return (wrapped, *args[1:]), kwargs
         return hook
 
+    hooked = set()
     for name, (_, module) in chosen.items():
-        handles.append(module.register_forward_hook(on_norm_output(name)))
+        if id(module) not in hooked:  # an alias (one module under two names) is hooked once
+            hooked.add(id(module))
+            handles.append(module.register_forward_hook(on_norm_output(name)))
     for name, module in model.named_modules():
         if id(module) not in norm_ids and not any(True for _ in module.children()):
             handles.append(module.register_forward_pre_hook(on_leaf_input(name, module), with_kwargs=True))
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _SeeFunctionalDropout(leaves, seen_foreign):
             reference = run(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
     foreign = _foreign_reads(reference, leaves, linear_reads)
+    for name, what in seen_foreign.items():
+        foreign.setdefault(name, []).extend(what)
     drift = {n: (d / z) ** 0.5 if z > 0 else 0.0 for n, (d, z) in sq.items()}
-    return Trace(consumers, foreign, drift, reference.detach())
+    return Trace(consumers, foreign, drift, tuple(t.detach() for t in reference))
 
 
-def _foreign_reads(reference, leaves: dict, linear_reads: list) -> dict:
-    """``{norm: [names of autograd nodes reading its output other than Linear inputs]}``."""
-    users, stack, seen = {}, [reference.grad_fn], set()
+def _foreign_reads(references: tuple, leaves: dict, linear_reads: list) -> dict:
+    """``{norm: [names of autograd nodes reading its output other than Linear inputs]}``, over the
+    graphs of every checked output."""
+    users, stack, seen = {}, [t.grad_fn for t in references], set()
     while stack:  # reverse the graph: node -> the nodes that read its result
         node = stack.pop()
         if node is None or node in seen:
@@ -177,16 +241,16 @@ def _foreign_reads(reference, leaves: dict, linear_reads: list) -> dict:
             if child is not None:
                 users.setdefault(child, []).append(node)
                 stack.append(child)
-    marks = {node: name for name, _, node in leaves.values()}
+    marks = {node: name for name, _, node, _ in leaves.values()}
     reads, views = set(linear_reads), set()  # Linear inputs; no-op views between them and a mark
     for node in linear_reads:
         chain = [node]
         while chain[-1] not in marks and chain[-1].next_functions and len(chain) < 8:
             chain.append(chain[-1].next_functions[0][0])
         views.update(chain[1:-1])
-    foreign = {name: [] for name, _, _ in leaves.values()}
-    for name, leaf, _ in leaves.values():
-        if _signature(reference) == _signature(leaf):
+    foreign = {name: [] for name, _, _, _ in leaves.values()}
+    for name, leaf, _, _ in leaves.values():
+        if any(_signature(output) == _signature(leaf) for output in references):
             foreign[name].append("the model output")
     for mark, name in marks.items():
         frontier = [mark]
