@@ -83,6 +83,7 @@ def rebuild_patch(model: nn.Module, record: dict) -> None:
         layer = model.get_submodule(name)
         layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
                                               device=layer.weight.device))
+    portable.keep_ties(model, (record.get("fold") or {}).get("kept_ties", {}))
     set_state(model, PatchState(record))  # no originals: unpatch_model refuses
     # The record lives on the model only (see record.py): the loaded config object forgets it.
     if getattr(model, "config", None) is not None and hasattr(model.config, CONFIG_KEY):

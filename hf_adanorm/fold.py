@@ -276,5 +276,7 @@ def fold_summary(model: nn.Module, plan: FoldPlan, report, applied=None) -> dict
         with eval_no_grad(model):
             summary["output_drift"] = outputs_drift(run(model, plan.inputs), plan.reference)
         summary["untied"], summary["added_bias"] = applied.untied, applied.added_bias
+        if applied.kept_ties:  # (a key only where there are some: records without it load as before)
+            summary["kept_ties"] = applied.kept_ties
         report.output_drift = summary["output_drift"]
     return summary

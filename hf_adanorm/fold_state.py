@@ -66,6 +66,8 @@ class FoldState:
     added_bias: list  # consumers that had no bias and got one
     exact: bool  # the originals are kept: unfold restores them bitwise
     own_config: list = field(default_factory=list)  # (module, attr, shared config) swapped for a copy
+    kept_ties: dict = field(default_factory=dict)  # {target: source} ties the untying flag drops too (BART)
+    tied_keys: Optional[dict] = None  # the model's all_tied_weights_keys before, given back by unfold
 
 
 def _shared_params(model) -> dict:
@@ -154,8 +156,26 @@ def apply_fold(model: nn.Module, plan: FoldPlan, built: dict, undo: list, exact:
     state = FoldState(layers, affine, untied, added_bias, exact)
     if untied and getattr(model, "config", None) is not None:
         # The consumer has its own weight now: keep save/load from tying it back.
+        before = _ties(model)
         state.own_config = _give_own_config(model, undo)
+        after = _ties(model)
+        # The flag also unties what the fold left tied (BART's encoder and decoder embeddings to model.shared):
+        # the save writes them once, so a load would initialise them at random. They are recorded, and the
+        # loaders tie them again (portable.keep_ties); transformers' own list of ties says so meanwhile.
+        state.kept_ties = {target: source for target, source in before.items()
+                           if target not in after and target.rpartition(".")[0] not in untied}
+        if isinstance(getattr(model, "all_tied_weights_keys", None), dict):
+            state.tied_keys = model.all_tied_weights_keys
+            model.all_tied_weights_keys = {**after, **state.kept_ties}
+            undo.append(lambda: setattr(model, "all_tied_weights_keys", state.tied_keys))
     return state
+
+
+def _ties(model) -> dict:
+    """transformers' ``{target: source}`` parameter ties of ``model`` as its config now asks (none for a
+    model that is not a transformers one)."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    return dict(expand(all_submodels=True)) if callable(expand) else {}
 
 
 def converted(param: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -296,6 +316,9 @@ def unfold(model: nn.Module, state: FoldState) -> list:
         now = [(module, attr, module.__dict__[attr]) for module, attr, _ in state.own_config]
         undo.append(lambda: _put_back_configs(now))
         _put_back_configs(state.own_config)
+        if state.tied_keys is not None:
+            undo.append(lambda keys=model.all_tied_weights_keys: setattr(model, "all_tied_weights_keys", keys))
+            model.all_tied_weights_keys = state.tied_keys
     return [restore]
 
 

@@ -151,6 +151,9 @@ def check_record(record, norms=BUILTIN_NORMS):
     added = fold.get("added_bias", []) if isinstance(fold, dict) else None
     if fold is not None and not (isinstance(added, list) and all(isinstance(n, str) and n for n in added)):
         raise _corrupted("fold", "is malformed (fold.added_bias must be a list of layer names)")
+    ties = fold.get("kept_ties", {}) if isinstance(fold, dict) else {}
+    if not (isinstance(ties, dict) and all(isinstance(n, str) and "." in n for n in (*ties, *ties.values()))):
+        raise _corrupted("fold", "is malformed (fold.kept_ties must map parameter names to parameter names)")
     return options
 
 
@@ -190,6 +193,21 @@ def check_against_model(model, record):
         if not isinstance(layer, nn.Linear):
             raise CheckpointError(f"the hf_adanorm record's fold.added_bias names {name!r}, a "
                                   f"{type(layer).__name__}, not an nn.Linear: the record is corrupted")
+    for name in (n for tie in (record.get("fold") or {}).get("kept_ties", {}).items() for n in tie):
+        module_name, _, attr = name.rpartition(".")
+        if not isinstance(getattr(_submodule(model, module_name, "fold.kept_ties"), attr, None), nn.Parameter):
+            raise CheckpointError(f"the hf_adanorm record's fold.kept_ties names {name!r}, which is not a parameter "
+                                  f"of {type(model).__name__}: load the checkpoint with the class it was saved from")
+
+
+def keep_ties(model, ties: dict) -> None:
+    """Tie again what a fold's ``tie_word_embeddings = False`` untied beside its layer (BART's embeddings), so
+    that transformers loads the one saved tensor into each instead of initialising the others at random."""
+    for target, source in ties.items():
+        module_name, _, attr = target.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, model.get_parameter(source))
+    if ties and isinstance(getattr(model, "all_tied_weights_keys", None), dict):
+        model.all_tied_weights_keys = {**model.all_tied_weights_keys, **ties}
 
 
 # ---------------------------------------------------------------- which modules are norms (hf_adanorm.detect)
@@ -399,6 +417,8 @@ class _Normalize(torch.autograd.Function):
             y, mean, rstd = torch.ops.aten.native_layer_norm(x, [d], None, None, eps)
         else:
             mean = x.mean(-1, keepdim=True) if centre else x.new_zeros(x.shape[0], 1)
+            if centre:  # fairseq: the mean's rounding error over sigma = eps made a constant row O(1)
+                mean = mean + (x - mean).mean(-1, keepdim=True)
             xc = x - mean if centre else x
             v = torch.linalg.vector_norm(xc, dim=-1, keepdim=True).square() / max(d - int(centre and fairseq), 1)
             rstd = (v.sqrt() + eps if fairseq else (v + eps).sqrt()).reciprocal()
@@ -481,6 +501,12 @@ def record_for(model, record, saved_class):
     fold = dict(record.get("fold") or {})
     if fold:
         fold["added_bias"] = [rename(n) for n in fold.get("added_bias", []) if rename(n) is not None]
+        if "kept_ties" in fold:  # parameter names: their modules renamed
+            def param(name):
+                module = rename(name.rpartition(".")[0])
+                return None if module is None else f"{module}.{name.rpartition('.')[2]}"
+            fold["kept_ties"] = {param(t): param(s) for t, s in fold["kept_ties"].items()
+                                 if param(t) is not None and param(s) is not None}
         for key in ("folded", "not_foldable"):  # what the fold reported, under this model's names
             if isinstance(fold.get(key), dict):
                 fold[key] = {rename(n): v for n, v in fold[key].items() if rename(n) is not None}
@@ -511,4 +537,5 @@ def apply_patch(model, record, saved_class=None):
         layer = model.get_submodule(name)
         layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
                                               device=layer.weight.device))
+    keep_ties(model, (record.get("fold") or {}).get("kept_ties", {}))
     return record

@@ -202,3 +202,37 @@ def test_a_model_the_probe_cannot_run_gets_the_probe_error():
     with pytest.raises(ValueError, match="fold_affine=True needs a probe batch, and CLIPModel cannot run"):
         hf_adanorm.patch_model(clip, "layernorm_simple", fold_affine=True)
     assert not hf_adanorm.is_patched(clip)
+
+
+def test_a_folded_bart_reloads_with_its_embeddings_tied_by_both_loaders(tmp_path):
+    """The fold unties BART's LM head with tie_word_embeddings=False, which in transformers 5 also unties the
+    encoder and decoder embeddings from model.shared. The save writes them once (they are one tensor in
+    memory), so both loaders initialised them at random: logits off by 0.65 on every load."""
+    from transformers import AutoModelForSeq2SeqLM
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("bart", vocab_size=60, d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=32)
+    model = randomize_affine(AutoModelForSeq2SeqLM.from_config(config).eval())
+    hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True, exact_unfold=True)
+    fold = hf_adanorm.get_patch_record(model)["fold"]
+    assert fold["untied"] == ["lm_head"]
+    assert fold["kept_ties"] == {"model.encoder.embed_tokens.weight": "model.shared.weight",
+                                 "model.decoder.embed_tokens.weight": "model.shared.weight"}
+    ids = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids, decoder_input_ids=ids[:, :3]).logits
+    hf_adanorm.save_pretrained(model, tmp_path / "bart")
+    ours, info = hf_adanorm.from_pretrained(AutoModelForSeq2SeqLM, tmp_path / "bart", output_loading_info=True)
+    remote = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "bart", trust_remote_code=True)
+    assert info["missing_keys"] == set()
+    for loaded, tolerance in ((ours, 0.0), (remote, 1e-6)):
+        shared = loaded.model.shared.weight
+        assert loaded.model.encoder.embed_tokens.weight is shared and loaded.model.decoder.embed_tokens.weight is shared
+        assert loaded.lm_head.weight is not shared
+        with torch.no_grad():
+            got = loaded.eval()(input_ids=ids, decoder_input_ids=ids[:, :3]).logits
+        torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
+    # unpatching the folded model gives transformers' own list of ties back with the config
+    hf_adanorm.unpatch_model(model)
+    assert model.config.tie_word_embeddings and "lm_head.weight" in model.all_tied_weights_keys

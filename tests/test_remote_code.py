@@ -106,6 +106,22 @@ def test_constant_rows_in_fairseq_mode_have_finite_gradients(generated):
     torch.testing.assert_close(x.grad, expected - expected.mean(-1, keepdim=True))
 
 
+@pytest.mark.parametrize("value", [0.1, 3.7, 1000.3])
+@pytest.mark.parametrize("eps", [1e-5, 1e-12])
+def test_a_constant_row_in_fairseq_mode_is_zero_in_the_remote_code_too(generated, value, eps):
+    """hf_adanorm's own paths take the mean's float32 rounding error out before fairseq's sigma = sqrt(v) + eps;
+    the remote code's copy did not, so a constant row came out of order 1 (0.98) through trust_remote_code
+    and 0 through hf_adanorm.from_pretrained."""
+    norm = generated.HFAdaNorm(768, eps, True, NormConfig(norm="layernorm_simple", eps_mode="fairseq").to_dict())
+    x = torch.full((2, 768), value, requires_grad=True)
+    g = torch.randn(2, 768, generator=torch.Generator().manual_seed(0))
+    z = norm(x)
+    z.backward(g)
+    assert z.abs().max() < 1e-6
+    exact = (g - g.mean(-1, keepdim=True)) / eps
+    assert ((x.grad - exact).abs().max() / exact.abs().max()) < 1e-5
+
+
 # ---------------------------------------------------------------- the record, checked by both readers
 
 def _set_module(name, **fields):
