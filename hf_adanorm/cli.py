@@ -29,23 +29,29 @@ def inspect(args) -> int:
     """Show what patch_model would do, do it, and check that unpatch_model undoes it."""
     import torch
 
-    from .fold_trace import primary_output, relative_drift
+    from .fold_trace import primary_output, probe_inputs, relative_drift
     from .patch import patch_model, unpatch_model
 
     try:
         model = _load_model(args.model, args.arch).eval()
         print(patch_model(model, args.norm, include_rmsnorm=args.include_rmsnorm, dry_run=True))
-    except (OSError, ValueError) as err:  # unloadable model, nothing to patch ...
+        inputs = probe_inputs(model)  # token ids (and decoder ids), or images, as fold_affine's probe
+    except (OSError, ValueError) as err:  # unloadable model, nothing to patch, no random batch for it
         print(f"hf-adanorm inspect: {err}", file=sys.stderr)
         return 2
-    ids = torch.randint(0, min(getattr(model.config, "vocab_size", 100), 1000), (2, 16),
-                        generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            before = primary_output(model(**inputs))
+    except (TypeError, AttributeError, RuntimeError, ValueError) as err:  # it needs more inputs (CLIP)
+        print(f"hf-adanorm inspect: the list above stands, but {type(model).__name__} cannot run a random batch of "
+              f"{', '.join(sorted(inputs))} alone ({type(err).__name__}: {err}), so the patched output and the "
+              "unpatch were not checked", file=sys.stderr)
+        return 2
     with torch.no_grad():
-        before = primary_output(model(input_ids=ids))
         patch_model(model, args.norm, include_rmsnorm=args.include_rmsnorm)
-        patched = primary_output(model(input_ids=ids))
+        patched = primary_output(model(**inputs))
         unpatch_model(model)
-        after = primary_output(model(input_ids=ids))
+        after = primary_output(model(**inputs))
     print(f"relative change of the output when patched: {relative_drift(patched, before):.3f}")
     print(f"unpatch restores the output bitwise: {torch.equal(before, after)}")
     return 0
@@ -58,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="hub id or local folder (default: a tiny random model)")
     p.add_argument("--arch", default="bert", help="architecture of the tiny default model")
     p.add_argument("--norm", default="adanorm", choices=available_norms())
-    p.add_argument("--include-rmsnorm", action="store_true")
+    p.add_argument("--include-rmsnorm", "--include_rmsnorm", dest="include_rmsnorm", action="store_true",
+                   help="also swap RMSNorms (Llama, T5 ...)")
     p.set_defaults(func=inspect)
     add_convert_parser(sub)
     add_compare_parser(sub)

@@ -49,7 +49,7 @@ class NormConfig:
         "The epsilon of the new norms. None keeps each replaced module's own eps.")})
     eps_mode: str = field(default="torch", metadata={"help": (
         "'torch': sigma = sqrt(population var + eps), as nn.LayerNorm. 'fairseq': "
-        "sigma = unbiased std + eps, exactly as the paper's released code.")})
+        "sigma = unbiased std + eps, exactly as the paper's released code (RMS norms: rms + eps).")})
     include_rmsnorm: bool = field(default=False, metadata={"help": (
         "Also replace RMSNorm modules (Llama, Qwen, Mistral, Gemma, T5 ...) by the RMS "
         "counterpart (y = x / rms(x)). Off by default: the paper studies LayerNorm.")})

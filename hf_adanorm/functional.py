@@ -87,7 +87,7 @@ TRITON = _switch("HF_ADANORM_TRITON", ("auto", "off", "always"))
 # code); "math", the plain formulas of norm_math, which inductor fuses with the ops around them;
 # or "auto", whichever was measured faster (benchmarks/bench_compiled_norms.py, BENCHMARKS.md
 # "Inside torch.compile"): on CPU the math for LayerNorm-simple and the DetachNorms (0.50-0.90x
-# the kernels' time at 8192x768, 0.68-0.99x at 4096x384) and the kernels for AdaNorm (the math
+# the kernels' time at 8192x768, 0.68-1.05x at 4096x384) and the kernels for AdaNorm (the math
 # takes 1.00-1.16x); on CUDA the choice is unmeasured, so the Triton kernels stay. Read from
 # $HF_ADANORM_COMPILED_NORMS when this module is imported (dynamo guards on its value).
 COMPILED_NORMS = _switch("HF_ADANORM_COMPILED_NORMS", ("auto", "kernels", "math"))

@@ -116,7 +116,8 @@ class NormGradientStatsCallback(_PeriodicMonitor):
     the mean over norms ``norm_grad/all/<statistic>`` for the statistics
     ``grad_out_mean``, ``grad_out_var``, ``grad_in_mean``, ``grad_in_var``,
     ``recentring`` and ``rescaling`` defined in :mod:`hf_adanorm.grad_stats`
-    (``recentring`` 0 and ``rescaling <= 1``: the paper's Theorem 1).  Hooks are
+    (for LayerNorm-simple ``recentring`` 0 and ``rescaling <= 1``: the paper's Theorem 1; AdaNorm's
+    factor can re-scale above 1).  Hooks are
     attached in ``on_step_begin`` of a measuring step only and removed in
     ``on_pre_optimizer_step``, once every micro-batch's backward is done; other
     steps run with no hook at all. Under fp16 with a GradScaler the statistics are

@@ -3,7 +3,9 @@
 Every module normalizes over its trailing ``normalized_shape`` (size ``D``) and
 has no parameters.  With ``y = (x - mean(x)) / sigma`` (LayerNorm family) or
 ``y = x / rms(x)`` (RMS family), and ``sigma = sqrt(var(x) + eps)`` by default
-(``eps_mode="fairseq"``: ``sigma = std_unbiased(x) + eps``, the paper's code):
+(``eps_mode="fairseq"``: ``sigma = std_unbiased(x) + eps``, the paper's code; ``rms(x) + eps`` for
+the RMS family). The gradients below are those of the torch mode; :mod:`hf_adanorm.functional` gives
+the fairseq mode's, whose last term carries ``sigma D / ((D - 1) sqrt(v))``:
 
 =====================  =====================================================
 module                 output ``z`` (backward)

@@ -81,6 +81,8 @@ def get_record(model: nn.Module) -> Optional[dict]:
 
 
 def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` holds a patch of :func:`hf_adanorm.patch_model` (or was loaded with one), which
+    :func:`hf_adanorm.unpatch_model` would undo."""
     return get_state(model) is not None
 
 

@@ -75,10 +75,11 @@ class ConvertArgs:
     tokenizer: Optional[str] = field(default=None, metadata=_help("Tokenizer hub id or folder; default: the model's."))
     model_class: str = field(default="auto", metadata=_help(
         "'causal_lm' (AutoModelForCausalLM: distil next-token distributions), 'base' (AutoModel: distil "
-        "the last hidden state and the mean-pooled embedding) or 'auto' (causal_lm when the model's "
-        "config names a *ForCausalLM / *LMHeadModel architecture, sequence_classification for a "
-        "*ForSequenceClassification (AutoModelForSequenceClassification: distil its class probabilities and "
-        "its encoder's last hidden state; the head is kept), base for a base model, a pretraining head or "
+        "the last hidden state and the mean-pooled embedding), 'sequence_classification' "
+        "(AutoModelForSequenceClassification: distil its class probabilities and its encoder's last hidden "
+        "state; the head is kept) or 'auto' (causal_lm when the model's config names a *ForCausalLM / "
+        "*LMHeadModel architecture, sequence_classification for a *ForSequenceClassification, "
+        "base for a base model, a pretraining head or "
         "none; a model with another task head (token classification, question answering ...) is refused: "
         "pass 'base' to convert its base model and drop the head)."))
     dataset: Optional[str] = field(default=None, metadata=_help(

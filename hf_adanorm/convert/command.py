@@ -6,12 +6,17 @@ import argparse
 import sys
 
 DESCRIPTION = """\
-Convert a pretrained model to LayerNorm-simple, AdaNorm or a DetachNorm while keeping its
-function: the model with the new norms (the student) is distilled from the original (the
+Convert a pretrained model to LayerNorm-simple, AdaNorm, a DetachNorm or no norm while keeping
+its function: the model with the new norms (the student) is distilled from the original (the
 teacher) on unlabeled text while each norm is blended from the original into the new one.
 Writes OUTPUT_DIR/model (load it with hf_adanorm.from_pretrained, or give it to the recipes
-and `hf-adanorm compare` as --model), conversion.json, conversion.md and drift.png.
+and `hf-adanorm compare` as --model), conversion.json, conversion.md, convert_args.json (the
+options, which a resume checks) and, when there was training, drift.png.
 An interrupted conversion resumes from its last checkpoint when rerun."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every option's default, as the recipes' --help shows them."""
 
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
@@ -21,7 +26,7 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
 
     options = options_parser(ConvertArgs, add_help=False)
     p = subparsers.add_parser("convert", parents=[options], help="convert a pretrained model to another norm",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, formatter_class=_HelpFormatter)
     p.set_defaults(func=run_convert)
     return p
 
