@@ -377,3 +377,56 @@ def test_ctrl_c_says_what_is_kept_and_the_same_command_resumes(tmp_path, monkeyp
     monkeypatch.setattr(sweep_module, "run_in_process", fake)
     assert main(argv) == 0
     assert fake.calls == [("layernorm", 0), ("adanorm", 0)], "the rerun should train only the interrupted run"
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*")) if ".lock" not in p.name}
+
+
+def test_overwrite_deletes_only_what_a_sweep_wrote(tmp_path):
+    """--overwrite_output_dir deleted runs/ and report/ whatever they held: a user's report/thesis.tex and
+    runs/exp1.log went with them."""
+    fake = FakeRun()
+    home = tmp_path / "home"
+    (home / "report").mkdir(parents=True)
+    (home / "report" / "thesis.tex").write_text("years of work")
+    (home / "runs").mkdir()
+    (home / "runs" / "exp1.log").write_text("mine")
+    before = _tree(home)
+    with pytest.raises(ValueError, match=r"would delete .*home/runs, which holds files a sweep does not write "
+                                         r"\(exp1\.log\)"):
+        run_sweep(SETUP, ["layernorm"], [0], home, run_fn=fake, progress=False, overwrite=True)
+    assert _tree(home) == before and fake.calls == []
+    # a sweep's own folders are deleted, and a link to runs/ is removed, not what it points to
+    sweep = tmp_path / "sweep"
+    run_sweep(SETUP, ["layernorm"], [0], sweep, run_fn=fake, progress=False)
+    elsewhere = tmp_path / "elsewhere"
+    (sweep / "runs").rename(elsewhere)
+    (sweep / "runs").symlink_to(elsewhere, target_is_directory=True)
+    run_sweep(SETUP, ["layernorm"], [0], sweep, run_fn=fake, progress=False, overwrite=True)
+    assert (elsewhere / "layernorm_seed0" / METRICS_FILE).is_file() and not (sweep / "runs").is_symlink()
+
+
+@pytest.mark.parametrize("where", ["model in runs", "dataset is the sweep folder"])
+def test_an_input_inside_what_the_sweep_writes_is_refused_before_any_write(tmp_path, where):
+    """--model sweep/runs/layernorm_seed0/model with --overwrite_output_dir deleted the model, then said it did
+    not exist; a --dataset folder of .txt files as the sweep folder got sweep.json, which broke the data."""
+    fake = FakeRun()
+    sweep = tmp_path / "sweep"
+    run_sweep(SETUP, ["layernorm"], [0], sweep, run_fn=fake, progress=False)
+    (sweep / "runs" / "layernorm_seed0" / "model").mkdir()
+    (sweep / "novel.txt").write_text("It is a truth universally acknowledged.")
+    setup = (dict(SETUP, model=str(sweep / "runs" / "layernorm_seed0" / "model")) if where == "model in runs"
+             else dict(SETUP, dataset=str(sweep)))
+    before = _tree(sweep)
+    with pytest.raises(ValueError, match=r"is (inside )?.*which this sweep writes \(--output-dir"):
+        run_sweep(setup, ["layernorm"], [0], sweep, run_fn=fake, progress=False, overwrite=True)
+    assert _tree(sweep) == before
+
+
+def test_a_torn_sweep_json_gets_a_clear_message(tmp_path):
+    run_sweep(SETUP, ["layernorm"], [0], tmp_path, run_fn=FakeRun(), progress=False)
+    (tmp_path / "sweep.json").write_text("")  # what an older hf_adanorm killed mid-write left
+    with pytest.raises(ValueError, match="sweep.json is not readable JSON .* start afresh with --overwrite_output_dir"):
+        run_sweep(SETUP, ["layernorm"], [0, 1], tmp_path, run_fn=FakeRun(), progress=False)

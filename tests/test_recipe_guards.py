@@ -437,3 +437,28 @@ def test_a_model_that_sees_later_tokens_is_refused_as_a_language_model(tmp_path)
     assert not (tmp_path / "run").exists()
     result = run_training(TrainingArgs(**common, model_config={**TINY_BERT, "is_decoder": True}))
     assert result["final"]["eval_bpc"] > 1.0  # no longer reading the answer
+
+
+def _files(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["model in the run's model/", "dataset is the output folder"])
+def test_an_input_inside_what_the_run_writes_is_refused_before_any_write(tmp_path, where):
+    """--model r3/model --output_dir r3 --overwrite_output_dir deleted the input model and trained from nothing
+    that exists any more; a --dataset folder as the output folder got run_config.json and metrics.json,
+    which every later use of the data then read as data."""
+    out = tmp_path / "r3"
+    args = tiny_args(tmp_path, output_dir=str(out), overwrite_output_dir=True)
+    if where.startswith("model"):
+        (out / "model").mkdir(parents=True)
+        (out / "model" / "config.json").write_text("{}")  # a model saved there by an earlier run
+        args.update(model=str(out / "model"), model_config=None)
+    else:
+        out.mkdir()
+        (out / "train.csv").write_text((Path(args["dataset"]) / "train.csv").read_text())
+        args.update(dataset=str(out))
+    before = _files(out)
+    with pytest.raises(ValueError, match=r"which this run writes \(--output_dir .*\): it would write over its own input"):
+        run_training(TrainingArgs(**args))
+    assert _files(out) == before

@@ -8,6 +8,7 @@ Runs go one after another, either in this process or each through ``accelerate l
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -21,7 +22,8 @@ from tqdm.auto import tqdm
 from ..convert.fingerprint import files_fingerprint, model_fingerprint
 from ..registry import available_norms
 from ..training.args import BASELINE, MAX_SEED  # "layernorm": the unpatched model
-from ..training.checkpoints import METRICS_FILE, RESULTS_VERSION, RUN_CONFIG_FILE
+from ..sources import check_apart
+from ..training.checkpoints import METRICS_FILE, RESULTS_VERSION, RUN_CONFIG_FILE, write_json_atomic
 from ..training.data import local_data_files
 from ..training.locks import check_not_in_use, folder_lock
 
@@ -98,7 +100,12 @@ def check_same_setup(output_dir: Path, setup: dict) -> None:
     path = Path(output_dir) / SWEEP_FILE
     if not path.is_file() or not any(run_dir(output_dir, "*", "*").parent.glob(f"*/{METRICS_FILE}")):
         return  # no finished run to mix with (a sweep whose first run failed on a bad option starts again)
-    before = json.loads(path.read_text())
+    try:
+        before = json.loads(path.read_text())
+    except ValueError as err:  # cut off by an older hf_adanorm, killed while writing it (it is atomic now)
+        raise ValueError(f"{path} is not readable JSON ({err}), so the finished runs there cannot be checked "
+                         "against these options: start afresh with --overwrite_output_dir, or use a new "
+                         "--output-dir") from None
     setup = json.loads(json.dumps(setup))  # as stored: tuples become lists, keys strings
     changed = sorted(k for k in set(before) | set(setup) if before.get(k) != setup.get(k))
     # (a sweep from before fingerprints were recorded has none to compare)
@@ -177,10 +184,43 @@ def check_sweep(setup: dict, norms, seeds, output_dir, overwrite: bool = False,
         raise ValueError(f"{sorted(clash)} are set per run by the sweep; leave them out of the options")
     check_training_options(setup, norms)
     output_dir = check_output_dir(output_dir)
+    # sweep.json and .lock go at the top (a --dataset folder would read them as data); runs/ and report/ are
+    # written over, and deleted by --overwrite_output_dir, as are conversions/ converted again
+    check_apart({k: setup.get(k) for k in ("model", "tokenizer", "dataset")},
+                [(output_dir, False), *((output_dir / name, True) for name in (*OWN_FOLDERS, "conversions"))],
+                "this sweep", "output-dir", output_dir)
     check_not_in_use(output_dir, LOCK_USER)
-    if not overwrite:
+    if overwrite:
+        check_only_sweep_files(output_dir)
+    else:
         check_same_setup(output_dir, _recorded(setup, conversion))
     return output_dir
+
+
+# What a sweep writes in its runs/ and report/ folders: --overwrite_output_dir deletes those folders only
+# when they hold nothing else (a user's own runs/ or report/ beside other files is not a sweep's to delete).
+OWN_FOLDERS = ("runs", "report")
+_OWN_ENTRIES = {"runs": re.compile(r"[A-Za-z0-9_.-]+_seed\d+|\.lock(\.owner)?"),
+                "report": re.compile(r"report\.md|runs\.csv|runs\.json|summary\.json|(curve|final|paired)_.+\.png"
+                                     r"|\.tmp-.+")}
+
+
+def check_only_sweep_files(output_dir: Path) -> None:
+    """Refuse --overwrite_output_dir where runs/ or report/ hold entries a sweep does not write."""
+    for name in OWN_FOLDERS:
+        folder = Path(output_dir) / name
+        if folder.is_symlink() or not folder.is_dir():
+            continue  # a link is removed, never what it points to; a file is refused by name below
+        foreign = sorted(p.name for p in folder.iterdir() if not _OWN_ENTRIES[name].fullmatch(p.name))
+        if foreign:
+            raise ValueError(f"--overwrite_output_dir would delete {folder}, which holds files a sweep does not "
+                             f"write ({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}): move them, "
+                             "or pass another --output-dir")
+    for name in SWEEP_OUTPUTS:
+        path = Path(output_dir) / name
+        if name in OWN_FOLDERS and path.exists() and not path.is_symlink() and not path.is_dir():
+            raise ValueError(f"--overwrite_output_dir: {path} is a file, not a sweep's folder: move it, or pass "
+                             "another --output-dir")
 
 
 def data_fingerprint(dataset) -> str | None:
@@ -223,12 +263,14 @@ def run_sweep(setup: dict, norms, seeds, output_dir, run_fn: RunFn | None = None
     output_dir = check_sweep(setup, norms, seeds, output_dir, overwrite, conversion)
     with folder_lock(output_dir, LOCK_USER):
         if overwrite:
+            check_only_sweep_files(output_dir)  # again, now that no other sweep can write there
             for name in SWEEP_OUTPUTS:
                 path = output_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                # a link goes, never what it points to
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
         recorded = _recorded(setup, conversion)
         check_same_setup(output_dir, recorded)  # again, now that no other sweep can write there
-        (output_dir / SWEEP_FILE).write_text(json.dumps(recorded, indent=2, sort_keys=True))
+        write_json_atomic(output_dir / SWEEP_FILE, recorded)  # a kill leaves the old file or the new one
         return _run_all(setup, norms, seeds, output_dir, run_fn or run_in_process, progress, models or {})
 
 

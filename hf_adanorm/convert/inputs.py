@@ -12,10 +12,11 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 
 from ..atomic_folder import is_staging_leftover
 from ..checkpoint import load_config
+from ..sources import check_apart
 from ..training import checkpoints
 from ..training.locks import LOCK_FILE, OWNER_FILE
 from .args import BEFORE_THE_OPTION, DEFAULTS, PATH_OPTIONS, ConvertArgs, local_path
-from .fingerprint import check_same_teacher, model_folder
+from .fingerprint import check_same_teacher
 from .report import ARGS_FILE, MODEL_DIR, OWN_FILES, PLOT_FILE, REPORT_FILE, RESULT_FILE
 
 LOCK_FILES = (LOCK_FILE, OWNER_FILE)  # a conversion's own, kept when --overwrite_output_dir clears the rest
@@ -72,27 +73,12 @@ def _own_file(name: str) -> bool:
 
 
 def _check_apart(args: ConvertArgs) -> None:
-    """Refuse a local input that is, or lies inside, what the conversion writes: the output folder, its
-    ``model`` (the final save replaces it: the teacher itself, if it is there or linked there) or its
-    ``checkpoints``. Paths are compared resolved, links followed, as the writes follow them. (An output
-    folder *inside* an input folder is harmless: neither the text nor the model is read recursively.)"""
+    """Refuse a local input that is, or lies inside, the output folder, its ``model`` (the final save replaces
+    it: the teacher itself, if it is there or linked there) or its ``checkpoints``."""
     out = Path(args.output_dir)
-    targets = [out.resolve(), (out / MODEL_DIR).resolve(), (out / checkpoints.CHECKPOINT_DIR).resolve()]
-    for name in PATH_OPTIONS:
-        value = getattr(args, name)
-        if not (isinstance(value, str) and value):
-            continue
-        # a hub id's files are its cached snapshot, which a link could also put in the way of the save
-        path = (Path(value) if Path(value).exists()
-                else model_folder(value) if name in ("model", "tokenizer") else None)
-        if path is None:
-            continue
-        path = path.resolve()
-        for target in targets:
-            if path == target or target in path.parents:
-                raise ValueError(f"the --{name} {value} is {'' if path == target else 'inside '}{target}, which "
-                                 f"this conversion writes (--output_dir {args.output_dir}): it would write over "
-                                 "its own input; pass an --output_dir elsewhere")
+    check_apart({name: getattr(args, name) for name in PATH_OPTIONS},
+                [(out, True), (out / MODEL_DIR, True), (out / checkpoints.CHECKPOINT_DIR, True)],
+                "this conversion", "output_dir", args.output_dir)
 
 
 def check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | None = None,

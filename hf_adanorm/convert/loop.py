@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 import warnings
@@ -126,7 +127,10 @@ def _closer(a: dict, b: dict) -> bool:
 def _clearly_farther(final: dict, naive: dict) -> bool:
     """Whether a conversion ended clearly farther from the teacher than the naive swap: by more than
     noise (a KL 1.5 times and 1e-4 nats above, or a cosine 0.01 below), not by the last digits of two
-    figures that are both about 0."""
+    figures that are both about 0). A figure that is not a number (a diverged distillation: NaN weights)
+    is as far as it gets; compared, it would read as not farther."""
+    if not math.isfinite(final["kl"] if "kl" in final else final["embedding_cosine"]):
+        return True
     if "kl" in final:
         return final["kl"] > 1.5 * naive["kl"] and final["kl"] - naive["kl"] > 1e-4
     return final["embedding_cosine"] < naive["embedding_cosine"] - 0.01

@@ -31,6 +31,7 @@ from transformers import get_scheduler
 
 from ..checkpoint import save_pretrained as save_patched
 from ..patch import is_patched
+from ..sources import check_apart
 from . import checkpoints
 from .args import FP16_ON_CPU, TrainingArgs
 from .checkpoints import CHECKPOINT_DIR, METRICS_FILE, RUN_CONFIG_FILE
@@ -242,6 +243,12 @@ def train(args: TrainingArgs, build_task: Callable[[TrainingArgs], Task]) -> Tra
 def _check_start(args: TrainingArgs, accelerator) -> Optional[Path]:
     """The checkpoint to resume from (None: a fresh start), refusing an inexact resume or
     a fresh start over another run's results."""
+    output_dir = Path(args.output_dir)
+    # --overwrite_output_dir deletes model/ and checkpoints/, and the run writes its JSON files at the top,
+    # where a --dataset folder would take them for data
+    check_apart({name: getattr(args, name) for name in ("model", "tokenizer", "dataset")},
+                [(output_dir, False), (output_dir / MODEL_DIR, True), (output_dir / CHECKPOINT_DIR, True)],
+                "this run", "output_dir", args.output_dir)
     resume_path = checkpoints.resolve_resume(args)
     if resume_path is not None:
         checkpoints.check_resume(resume_path, args, accelerator.num_processes, accelerator.mixed_precision,
