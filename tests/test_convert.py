@@ -251,6 +251,31 @@ def test_a_resume_under_another_launch_is_refused_by_name(workspace, tmp_path):
     assert _check_output_dir(args, 1, None, "no", "NO") == step
 
 
+
+def test_a_resume_on_changed_text_is_refused(workspace, tmp_path):
+    """Killed after a checkpoint, its text edited at the same path, the conversion went on distilling other
+    text, and its report set the naive figures of the old held-out text beside the new."""
+    from hf_adanorm.convert.inputs import check_output_dir as _check_output_dir
+    from hf_adanorm.convert.loop import _text_fingerprint
+    from hf_adanorm.convert.report import ARGS_FILE
+    from hf_adanorm.training.checkpoints import STATE_FILE, run_record
+    text = tmp_path / "text.txt"
+    text.write_text((workspace / "texts.txt").read_text())
+    out = tmp_path / "out"
+    args = _args(workspace, out, max_steps=12, checkpointing_steps=5, dataset=str(text))
+    step = out / "checkpoints" / "step_5"
+    step.mkdir(parents=True)
+    (out / ARGS_FILE).write_text(json.dumps(args.to_dict()))
+    recorded = _text_fingerprint(args)
+    assert recorded is not None
+    (step / STATE_FILE).write_text(json.dumps({"step": 5, "run": {**run_record(args, 1), "data_fingerprint": recorded}}))
+    write_random_states(step)
+    assert _check_output_dir(args, 1, None, None, None, _text_fingerprint(args)) == step
+    text.write_text("\n".join(reversed(text.read_text().splitlines())))
+    with pytest.raises(ValueError, match=r"was made from other data: the files of .*text.txt have changed since"):
+        _check_output_dir(args, 1, None, None, None, _text_fingerprint(args))
+
+
 def _snapshot(folder: Path):
     if not folder.exists():
         return None

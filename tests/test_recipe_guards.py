@@ -462,3 +462,20 @@ def test_an_input_inside_what_the_run_writes_is_refused_before_any_write(tmp_pat
     with pytest.raises(ValueError, match=r"which this run writes \(--output_dir .*\): it would write over its own input"):
         run_training(TrainingArgs(**args))
     assert _files(out) == before
+
+
+def test_a_resume_on_changed_data_is_refused(tmp_path):
+    """Killed after a checkpoint, its train.csv relabelled at the same path, the run resumed on the new labels
+    and wrote metrics.json as if it were one run."""
+    args = tiny_args(tmp_path, num_epochs=1, checkpointing_steps=2, checkpoints_total_limit=None)
+    run_training(TrainingArgs(**args))
+    (Path(args["output_dir"]) / METRICS_FILE).unlink()  # as if killed after its last checkpoint
+    train = Path(args["dataset"]) / "train.csv"
+    original = train.read_bytes()
+    rows = train.read_text().splitlines()
+    train.write_text("\n".join([rows[0], *(r[:-1] + ("1" if r.endswith("0") else "0") for r in rows[1:])]) + "\n")
+    with pytest.raises(ValueError, match=r"was made from other data: the files of .*data have changed since"):
+        run_training(TrainingArgs(**args, resume_from_checkpoint="latest"))
+    train.write_bytes(original)  # the data as it was: the resume goes on
+    run_training(TrainingArgs(**args, resume_from_checkpoint="latest"))
+    assert (Path(args["output_dir"]) / METRICS_FILE).is_file()

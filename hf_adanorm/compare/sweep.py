@@ -19,12 +19,11 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from ..convert.fingerprint import files_fingerprint, model_fingerprint
+from ..convert.fingerprint import data_fingerprint, model_fingerprint
 from ..registry import available_norms
 from ..training.args import BASELINE, MAX_SEED  # "layernorm": the unpatched model
 from ..sources import check_apart
 from ..training.checkpoints import METRICS_FILE, RESULTS_VERSION, RUN_CONFIG_FILE, write_json_atomic
-from ..training.data import local_data_files
 from ..training.locks import check_not_in_use, folder_lock
 
 TEACHER_FINGERPRINT = "model_fingerprint"  # in sweep.json: convert/fingerprint.py
@@ -221,18 +220,6 @@ def check_only_sweep_files(output_dir: Path) -> None:
         if name in OWN_FOLDERS and path.exists() and not path.is_symlink() and not path.is_dir():
             raise ValueError(f"--overwrite_output_dir: {path} is a file, not a sweep's folder: move it, or pass "
                              "another --output-dir")
-
-
-def data_fingerprint(dataset) -> str | None:
-    """The fingerprint of the files a local ``--dataset`` is read from (not of other files beside them);
-    None for a hub dataset, or a path that holds no data (the run then says why)."""
-    if not (isinstance(dataset, str) and Path(dataset).exists()):
-        return None
-    try:
-        by_split = local_data_files(Path(dataset))
-    except FileNotFoundError:
-        return None
-    return files_fingerprint([f for split in sorted(by_split) for f in by_split[split]])
 
 
 def _recorded(setup: dict, conversion: dict | None) -> dict:

@@ -89,6 +89,27 @@ def files_fingerprint(paths) -> str:
                    model_files=False)
 
 
+def data_fingerprint(dataset) -> str | None:
+    """The fingerprint of the files a local ``--dataset`` is read from (not of other files beside them);
+    None for a hub dataset, or a path that holds no data (the run then says why)."""
+    from ..training.data import local_data_files
+
+    if not (isinstance(dataset, str) and Path(dataset).exists()):
+        return None
+    try:
+        by_split = local_data_files(Path(dataset))
+    except FileNotFoundError:
+        return None
+    return files_fingerprint([f for split in sorted(by_split) for f in by_split[split]])
+
+
+def check_same_data(recorded: str | None, current: str | None, dataset: str, what: str, remedy: str) -> None:
+    """Refuse when ``what`` was made from other files of ``dataset`` than those there now."""
+    if recorded is not None and current is not None and recorded != current:
+        raise ValueError(f"{what} was made from other data: the files of {dataset} have changed since, so going "
+                         f"on would train on data its first part did not see; {remedy}")
+
+
 def check_same_teacher(recorded: str | None, current: str | None, model: str, what: str, remedy: str) -> None:
     """Refuse when ``what`` was made from other files of ``model`` than those there now."""
     if recorded is not None and current is not None and recorded != current:

@@ -16,7 +16,7 @@ from ..sources import check_apart
 from ..training import checkpoints
 from ..training.locks import LOCK_FILE, OWNER_FILE
 from .args import BEFORE_THE_OPTION, DEFAULTS, PATH_OPTIONS, ConvertArgs, local_path
-from .fingerprint import check_same_teacher
+from .fingerprint import check_same_data, check_same_teacher
 from .report import ARGS_FILE, MODEL_DIR, OWN_FILES, PLOT_FILE, REPORT_FILE, RESULT_FILE
 
 LOCK_FILES = (LOCK_FILE, OWNER_FILE)  # a conversion's own, kept when --overwrite_output_dir clears the rest
@@ -82,9 +82,11 @@ def _check_apart(args: ConvertArgs) -> None:
 
 
 def check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | None = None,
-                     mixed_precision: str | None = None, distributed_type: str | None = None) -> Path | None:
+                     mixed_precision: str | None = None, distributed_type: str | None = None,
+                     text_fingerprint: str | None = None) -> Path | None:
     """The checkpoint to resume from, or None; refuses a folder that holds something else, and a
-    checkpoint of another conversion or of another version of the teacher (``fingerprint``)."""
+    checkpoint of another conversion, of another version of the teacher (``fingerprint``) or of other
+    text files (``text_fingerprint``)."""
     _check_apart(args)
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
@@ -154,6 +156,8 @@ def check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | 
     if run is not None:  # the same options, so the same --model: is it still the same model?
         check_same_teacher(run.get("teacher_fingerprint"), fingerprint, args.model, f"the checkpoint {path}",
                            "pass --overwrite_output_dir to convert the model as it is now")
+        check_same_data(run.get("data_fingerprint"), text_fingerprint, args.dataset, f"the checkpoint {path}",
+                        "pass --overwrite_output_dir to convert on the text as it is now")
     checkpoints.check_random_states(path, world_size)
     return path
 

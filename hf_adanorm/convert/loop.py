@@ -34,7 +34,7 @@ from .args import ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import FORWARD_OPTIONS, choose_objective, distill_loss, drift
 from .exact_grad import exact_backward
-from .fingerprint import model_fingerprint
+from .fingerprint import data_fingerprint, model_fingerprint
 from .inputs import check_output_dir, load_teacher
 from .rescale import RESCALABLE, NormTargets, apply_sites, output_scale, restore, verified_sites
 from .report import ARGS_FILE, MODEL_DIR, OWN_FILES, summarize, write_reports
@@ -124,6 +124,12 @@ def _closer(a: dict, b: dict) -> bool:
     return a["embedding_cosine"] > b["embedding_cosine"]
 
 
+def _text_fingerprint(args) -> str | None:
+    """The fingerprint of the local text files distilled on and measured on (None: none is local)."""
+    found = [data_fingerprint(args.dataset), data_fingerprint(args.eval_dataset)]
+    return None if found == [None, None] else "+".join(str(f) for f in found)
+
+
 def _clearly_farther(final: dict, naive: dict) -> bool:
     """Whether a conversion ended clearly farther from the teacher than the naive swap: by more than
     noise (a KL 1.5 times and 1e-4 nats above, or a cosine 0.01 below), not by the last digits of two
@@ -199,8 +205,9 @@ def convert_model(args: ConvertArgs) -> dict:
     # read on the main process only (every weight byte), then shared
     fingerprint = broadcast_object_list([model_fingerprint(args.model, args.tokenizer)
                                          if accelerator.is_main_process else None])[0]
+    text_files = broadcast_object_list([_text_fingerprint(args) if accelerator.is_main_process else None])[0]
     resume_path = check_output_dir(args, accelerator.num_processes, fingerprint, accelerator.mixed_precision,
-                                   accelerator.distributed_type.value)
+                                   accelerator.distributed_type.value, text_files)
     norm_config = args.norm_config()
     tokenizer = load_tokenizer(args)
     teacher, kind = load_teacher(args)
@@ -250,7 +257,7 @@ def convert_model(args: ConvertArgs) -> dict:
         if accelerator.is_main_process:  # one conversion per folder; the kernel frees the lock if we are killed
             lock.enter_context(folder_lock(out, "conversion"))
             if check_output_dir(args, accelerator.num_processes, fingerprint, accelerator.mixed_precision,
-                                accelerator.distributed_type.value) != resume_path:
+                                accelerator.distributed_type.value, text_files) != resume_path:
                 raise RuntimeError(f"{out} changed while this conversion was being set up: is another process "
                                    "writing there?")
         loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "history": [], "naive": naive,
@@ -302,7 +309,7 @@ def convert_model(args: ConvertArgs) -> dict:
                     checkpoints.save_checkpoint(accelerator, out, loop["step"], loop, total_limit=1,
                                                 run={**checkpoints.run_record(args, accelerator.num_processes, accelerator.mixed_precision,
                                                                                    accelerator.distributed_type.value),
-                                                     "teacher_fingerprint": fingerprint})
+                                                     "teacher_fingerprint": fingerprint, "data_fingerprint": text_files})
                 if loop["step"] >= total_steps:
                     break
             epoch += 1

@@ -64,10 +64,13 @@ def remove_incomplete(output_dir) -> None:
 
 
 def run_record(args, num_processes: int, mixed_precision: Optional[str] = None,
-               distributed_type: Optional[str] = None) -> dict:
+               distributed_type: Optional[str] = None, data_fingerprint: Optional[str] = None) -> dict:
     """What a checkpoint records of its run, for :func:`check_resume` (JSON values). ``mixed_precision`` and
-    ``distributed_type`` are the accelerator's own (a launcher's config sets them where no option does)."""
+    ``distributed_type`` are the accelerator's own (a launcher's config sets them where no option does);
+    ``data_fingerprint`` that of the local files the run reads (convert/fingerprint.py)."""
     record = {"args": args.to_dict(), "world_size": num_processes}
+    if data_fingerprint is not None:
+        record["data_fingerprint"] = data_fingerprint
     if mixed_precision is not None:
         record["mixed_precision"] = mixed_precision
     if distributed_type is not None:
@@ -158,7 +161,7 @@ def _defaults(args) -> dict:
 
 
 def check_resume(path: Path, args, num_processes: int, mixed_precision: Optional[str] = None,
-                 distributed_type: Optional[str] = None) -> None:
+                 distributed_type: Optional[str] = None, data_fingerprint: Optional[str] = None) -> None:
     """Refuse a resume that would not continue the checkpoint's run exactly: other options (each
     difference named), another launch (:func:`launch_differences`), or a missing or corrupt random state."""
     start_afresh = ("Resume with the run's own options, or start afresh with --overwrite_output_dir "
@@ -176,6 +179,9 @@ def check_resume(path: Path, args, num_processes: int, mixed_precision: Optional
     if differences:
         raise ValueError(f"cannot resume {path} exactly: its run was trained with {', '.join(differences)}. "
                          f"{start_afresh}")
+    from ..convert.fingerprint import check_same_data
+    check_same_data(recorded.get("data_fingerprint"), data_fingerprint, args.dataset, f"the checkpoint {path}",
+                    start_afresh)
     check_random_states(path, num_processes)
 
 

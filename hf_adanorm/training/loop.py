@@ -31,6 +31,7 @@ from transformers import get_scheduler
 
 from ..checkpoint import save_pretrained as save_patched
 from ..patch import is_patched
+from ..convert.fingerprint import data_fingerprint
 from ..sources import check_apart
 from . import checkpoints
 from .args import FP16_ON_CPU, TrainingArgs
@@ -252,7 +253,7 @@ def _check_start(args: TrainingArgs, accelerator) -> Optional[Path]:
     resume_path = checkpoints.resolve_resume(args)
     if resume_path is not None:
         checkpoints.check_resume(resume_path, args, accelerator.num_processes, accelerator.mixed_precision,
-                                  accelerator.distributed_type.value)
+                                  accelerator.distributed_type.value, data_fingerprint(args.dataset))
     _check_output_dir(args, resume_path)
     return resume_path
 
@@ -260,6 +261,7 @@ def _check_start(args: TrainingArgs, accelerator) -> Optional[Path]:
 def _train(args: TrainingArgs, accelerator, task: Task, resume_path: Optional[Path]) -> TrainResult:
     output_dir = Path(args.output_dir)
     model = task.model
+    data_files = data_fingerprint(args.dataset)  # in each checkpoint: a resume on changed data is refused
     fold = fold_outcome(model, args)  # read before prepare() wraps the model
     warning = unfolded_warning(fold)
     if warning:
@@ -356,7 +358,8 @@ def _train(args: TrainingArgs, accelerator, task: Task, resume_path: Optional[Pa
                                             args.checkpoints_total_limit,
                                             run=checkpoints.run_record(args, accelerator.num_processes,
                                                                        accelerator.mixed_precision,
-                                                                       accelerator.distributed_type.value))
+                                                                       accelerator.distributed_type.value,
+                                                                       data_files))
             if loop["step"] >= total_steps:
                 break
         last_epoch = epoch == num_epochs - 1
