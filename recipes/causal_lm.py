@@ -12,8 +12,9 @@
 The loop itself is hf_adanorm/training/loop.py; the task pieces are hf_adanorm/training/causal_lm.py.
 """
 
-from hf_adanorm.training import parse_args
-from hf_adanorm.training.causal_lm import training_function
+import sys
+
+from hf_adanorm.training import run_recipe
 
 # training_function(args) (hf_adanorm/training/causal_lm.py): load the text with datasets,
 # tokenize it and cut it into blocks of max_length, build or load the AutoModelForCausalLM and
@@ -21,9 +22,9 @@ from hf_adanorm.training.causal_lm import training_function
 # hf_adanorm/training/loop.py; returns what it writes to output_dir/metrics.json.
 
 
-def main():
-    training_function(parse_args(task="causal_lm"))  # --help lists every option
+def main() -> int:
+    return run_recipe("causal_lm")  # parse_args (--help lists every option), then training_function
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,8 +13,9 @@ The loop itself is hf_adanorm/training/loop.py; the task pieces (data, model, me
 hf_adanorm/training/classification.py.
 """
 
-from hf_adanorm.training import parse_args
-from hf_adanorm.training.classification import training_function
+import sys
+
+from hf_adanorm.training import run_recipe
 
 # training_function(args) (hf_adanorm/training/classification.py): load the dataset with
 # datasets, check its columns, tokenize, load the AutoModelForSequenceClassification and swap its
@@ -24,9 +25,9 @@ from hf_adanorm.training.classification import training_function
 # metrics.json and the final model/.
 
 
-def main():
-    training_function(parse_args(task="classification"))  # --help lists every option
+def main() -> int:
+    return run_recipe("classification")  # parse_args (--help lists every option), then training_function
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -42,6 +42,21 @@ def test_recipe_command_line(recipe, capsys):
     assert done.returncode == 2 and "max_length must be >= 1" in done.stderr, done.stderr[-2000:]
 
 
+
+@pytest.mark.parametrize("recipe", ["classification", "causal_lm"])
+def test_bad_data_is_one_line_from_the_script_not_a_traceback(recipe, tmp_path):
+    """A non-UTF-8 file gave the clear message only after three chained tracebacks (27 frames)."""
+    (tmp_path / "train.csv").write_bytes(b"text,label\ncaf\xe9 good,1\nbad,0\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "recipes" / f"{recipe}.py"), "--model", "config:bert",
+                           "--tokenizer", "word", "--dataset", str(tmp_path / "train.csv"),
+                           "--output_dir", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{recipe}.py: error: " in done.stderr and "is not UTF-8 text" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_blocks_are_cut_from_groups_of_a_thousand_examples():
     from datasets import Dataset
 
