@@ -328,6 +328,10 @@ def test_what_a_kill_during_an_atomic_write_left_does_not_block_the_rerun(worksp
     result = convert_model(_args(workspace, out, max_steps=2))
     assert result["steps"] == 2 and (out / "conversion.json").is_file()
     assert not staging.exists()  # the model's save removed it
+    # a kill during the final cleanup of checkpoints/: the refusal of the finished folder says it can go
+    (out / "checkpoints" / "step_1").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="its checkpoints/ is what a kill during the final cleanup left"):
+        convert_model(_args(workspace, out, max_steps=2))
     for stranger in (".tmp-notes.txt", ".tmp-model", ".model.hf_adanorm-tmp-mine"):  # no write of a conversion's
         (out / stranger).write_text("mine")
         with pytest.raises(FileExistsError, match=rf"not a conversion's \({re.escape(stranger)}\)"):

@@ -108,8 +108,10 @@ def check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | 
     if args.overwrite_output_dir:
         return None
     if (out / RESULT_FILE).exists():
+        leftover = (f"; its {checkpoints.CHECKPOINT_DIR}/ is what a kill during the final cleanup left, and can "
+                    "be deleted" if (out / checkpoints.CHECKPOINT_DIR).exists() else "")
         raise FileExistsError(f"{out} already holds a finished conversion ({RESULT_FILE}): pass "
-                              "--overwrite_output_dir to redo it, or another --output_dir")
+                              f"--overwrite_output_dir to redo it, or another --output_dir{leftover}")
     if args.resume_from_checkpoint is None:
         if checkpoints.latest_checkpoint(out) is not None:
             raise FileExistsError(f"{out} holds checkpoints of an interrupted conversion: resume it with "
