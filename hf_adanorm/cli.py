@@ -20,8 +20,12 @@ def _load_model(model_name: str | None, arch: str):
         check_model_source("model", model_name)  # a missing folder is named as one, not as a bad repo id
         return AutoModel.from_pretrained(model_name)
     torch.manual_seed(0)
-    config = AutoConfig.for_model(arch, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128)
+    try:
+        config = AutoConfig.for_model(arch, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128)
+    except Exception as err:  # an unknown type, or one whose config takes no hidden_size (SegFormer)
+        raise ValueError(f"cannot build a tiny {arch!r} (hidden size 64, 2 layers, 4 heads): "
+                         f"{type(err).__name__}: {err}; pass --model with a model of it") from None
     return AutoModel.from_config(config)
 
 
@@ -35,17 +39,23 @@ def inspect(args) -> int:
     try:
         model = _load_model(args.model, args.arch).eval()
         print(patch_model(model, args.norm, include_rmsnorm=args.include_rmsnorm, dry_run=True))
-        inputs = probe_inputs(model)  # token ids (and decoder ids), or images, as fold_affine's probe
-    except (OSError, ValueError) as err:  # unloadable model, nothing to patch, no random batch for it
+    except (OSError, ValueError) as err:  # unloadable model, nothing to patch
         print(f"hf-adanorm inspect: {err}", file=sys.stderr)
+        return 2
+    unchecked = "so the patched output and the unpatch were not checked"
+    try:
+        inputs = probe_inputs(model)  # token ids (and decoder ids), or images
+    except ValueError:  # audio models
+        print(f"hf-adanorm inspect: the list above stands, but no random batch is built for {type(model).__name__}'s "
+              f"main input {getattr(model, 'main_input_name', None)!r} (only token ids and images), {unchecked}",
+              file=sys.stderr)
         return 2
     try:
         with torch.no_grad():
             before = primary_output(model(**inputs))
     except (TypeError, AttributeError, RuntimeError, ValueError) as err:  # it needs more inputs (CLIP)
         print(f"hf-adanorm inspect: the list above stands, but {type(model).__name__} cannot run a random batch of "
-              f"{', '.join(sorted(inputs))} alone ({type(err).__name__}: {err}), so the patched output and the "
-              "unpatch were not checked", file=sys.stderr)
+              f"{', '.join(sorted(inputs))} alone ({type(err).__name__}: {err}), {unchecked}", file=sys.stderr)
         return 2
     with torch.no_grad():
         patch_model(model, args.norm, include_rmsnorm=args.include_rmsnorm)

@@ -24,7 +24,7 @@ class PatchReport:
     entries: list[ModuleEntry] = field(default_factory=list)
     dry_run: bool = False
     effect: str = ""  # what the swap does to a pretrained model's function
-    output_drift: Optional[float] = None  # fold_affine: ||f' - f|| / ||f|| of the output on a probe batch
+    output_drift: Optional[float] = None  # fold_affine: ||f' - f|| / ||f|| on a probe batch, largest over outputs
 
     @property
     def replaced(self) -> list[ModuleEntry]:

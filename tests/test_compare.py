@@ -34,7 +34,7 @@ class FakeRun:
         path = f"{options['output_dir']}/{METRICS_FILE}"
         __import__("os").makedirs(options["output_dir"], exist_ok=True)
         with open(path, "w") as f:
-            json.dump(dict(config=options, history=history, final=final), f)
+            json.dump(dict(config=options, history=history, final=final, results_version=RESULTS_VERSION), f)
         return final
 
 
@@ -110,32 +110,28 @@ class LaunchedRun(FakeRun):
         return final
 
 
-class VersionedRun(FakeRun):
-    """A FakeRun whose metrics.json says which RESULTS_VERSION scored it."""
-
-    def __init__(self, version):
-        super().__init__()
-        self.version = version
+class LegacyRun(FakeRun):
+    """A FakeRun as an hf_adanorm from before results_version wrote it: no version (1)."""
 
     def __call__(self, options):
         final = super().__call__(options)
         path = Path(options["output_dir"]) / METRICS_FILE
-        path.write_text(json.dumps({**json.loads(path.read_text()), "results_version": self.version}))
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "results_version"}))
         return final
 
 
 def test_sweep_refuses_to_pair_runs_scored_by_another_version(tmp_path):
     """A sweep started by an older hf_adanorm (macro-F1 over the predicted classes, unrecorded: version 1) and
     continued by this one would pair runs scored two ways."""
-    run_sweep(SETUP, ["layernorm", "adanorm"], [0], tmp_path, run_fn=FakeRun(), progress=False)
-    now = VersionedRun(RESULTS_VERSION)
+    run_sweep(SETUP, ["layernorm", "adanorm"], [0], tmp_path, run_fn=LegacyRun(), progress=False)
+    now = FakeRun()
     with pytest.raises(ValueError, match=rf"versions of hf_adanorm that compute or score a run differently \(version 1: "
                                          rf"layernorm seed 0, adanorm seed 0; version {RESULTS_VERSION}: layernorm "
                                          rf"seed 1; this one makes version {RESULTS_VERSION}\)"):
         run_sweep(SETUP, ["layernorm", "adanorm"], [0, 1], tmp_path, run_fn=now, progress=False)
-    assert now.calls == [("layernorm", 1)], "the sweep should stop at the first run scored the other way"
+    assert now.calls == [], "the sweep should stop before the first run it would score the other way"
     # an old sweep on its own is still reported, and so is one made wholly by this version
-    assert len(run_sweep(SETUP, ["layernorm", "adanorm"], [0], tmp_path, run_fn=FakeRun(), progress=False)) == 2
+    assert len(run_sweep(SETUP, ["layernorm", "adanorm"], [0], tmp_path, run_fn=LegacyRun(), progress=False)) == 2
     runs = run_sweep(SETUP, ["layernorm", "adanorm"], [0, 1], tmp_path / "new", run_fn=now, progress=False)
     assert {r["results_version"] for r in runs} == {RESULTS_VERSION}
 

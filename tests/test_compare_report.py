@@ -18,7 +18,7 @@ from test_recipe_guards import hold_lock
 from hf_adanorm.cli import main
 from hf_adanorm.compare import compare, run_sweep
 from hf_adanorm.compare.stats import describe, holm, min_detectable_effect, seeds_needed
-from hf_adanorm.compare.sweep import METRICS_FILE
+from hf_adanorm.compare.sweep import METRICS_FILE, RESULTS_VERSION
 from hf_adanorm.training.locks import FolderInUseError
 
 
@@ -32,7 +32,8 @@ class FixedRun:
         os.makedirs(options["output_dir"], exist_ok=True)
         final = self.finals(options["norm"], options["seed"])
         with open(f"{options['output_dir']}/{METRICS_FILE}", "w") as f:
-            json.dump(dict(config=options, history=[dict(epoch=1, step=1, **final)], final=final), f)
+            json.dump(dict(config=options, history=[dict(epoch=1, step=1, **final)], final=final,
+                           results_version=RESULTS_VERSION), f)
 
 
 def test_holm_on_a_hand_worked_example_and_as_a_step_down_test():

@@ -262,17 +262,28 @@ def test_a_resume_on_changed_text_is_refused(workspace, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text((workspace / "texts.txt").read_text())
     out = tmp_path / "out"
-    args = _args(workspace, out, max_steps=12, checkpointing_steps=5, dataset=str(text))
     step = out / "checkpoints" / "step_5"
     step.mkdir(parents=True)
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "test.txt").write_text("\n".join(text.read_text().splitlines()[:20]))
+    (evaluation / "train.txt").write_text("not read: the test split is")
+    args = _args(workspace, out, max_steps=12, checkpointing_steps=5, dataset=str(text), eval_dataset=str(evaluation))
     (out / ARGS_FILE).write_text(json.dumps(args.to_dict()))
     recorded = _text_fingerprint(args)
-    assert recorded is not None
+    assert recorded["dataset"] is not None and recorded["eval_dataset"] is not None
     (step / STATE_FILE).write_text(json.dumps({"step": 5, "run": {**run_record(args, 1), "data_fingerprint": recorded}}))
     write_random_states(step)
     assert _check_output_dir(args, 1, None, None, None, _text_fingerprint(args)) == step
+    (evaluation / "train.txt").write_text("edited, and still not read")
+    assert _check_output_dir(args, 1, None, None, None, _text_fingerprint(args)) == step
+    (evaluation / "test.txt").write_text("other held-out text")
+    with pytest.raises(ValueError, match=r"the files of .*eval have changed since, so going on would measure the "
+                                         r"drift on data"):
+        _check_output_dir(args, 1, None, None, None, _text_fingerprint(args))
+    (evaluation / "test.txt").write_text("\n".join(text.read_text().splitlines()[:20]))
     text.write_text("\n".join(reversed(text.read_text().splitlines())))
-    with pytest.raises(ValueError, match=r"was made from other data: the files of .*text.txt have changed since"):
+    with pytest.raises(ValueError, match=r"the files of .*text.txt have changed since, so going on would distil on"):
         _check_output_dir(args, 1, None, None, None, _text_fingerprint(args))
 
 

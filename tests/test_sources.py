@@ -109,3 +109,16 @@ def test_inspect_says_what_it_could_not_check(capsys):
     assert main(["inspect", "--arch", "clip"]) == 2
     err = capsys.readouterr().err
     assert "the list above stands, but CLIPModel cannot run a random batch of input_ids alone" in err
+    assert main(["inspect", "--arch", "wav2vec2"]) == 2  # it said "fold_affine=True needs a probe batch"
+    err = capsys.readouterr().err
+    assert "no random batch is built for Wav2Vec2Model's main input 'input_values'" in err and "fold_affine" not in err
+    assert main(["inspect", "--arch", "segformer"]) == 2  # a traceback from its config before
+    assert "cannot build a tiny 'segformer'" in capsys.readouterr().err
+
+
+def test_convert_help_shows_no_default_of_none(capsys):
+    """ArgumentDefaultsHelpFormatter wrote "(default: None)" after help that names the real default."""
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: 600)" in text

@@ -269,7 +269,8 @@ def _run_all(setup: dict, norms: list, seeds: list, output_dir: Path, run_fn: Ru
         tqdm.write(f"hf-adanorm compare: {len(plan) - len(todo)} of {len(plan)} runs already "
                    f"finished in {output_dir}; running the other {len(todo)}")
     done = [load_run(folder, norm, seed) for norm, seed, folder in plan if is_finished(folder)]
-    check_runs_alike(done)
+    # the first run to train would be made by this version: refused before it trains, not after
+    check_runs_alike([*done, *({"norm": n, "seed": s, "results_version": RESULTS_VERSION} for n, s, _ in todo[:1])])
     bar = tqdm(todo, desc="runs", unit="run", disable=not progress)
     for norm, seed, folder in bar:
         bar.set_postfix_str(f"{norm} seed {seed}")

@@ -16,7 +16,13 @@ An interrupted conversion resumes from its last checkpoint when rerun."""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written, and every option's default, as the recipes' --help shows them."""
+    """The description as written, and every option's default, as the recipes' --help shows them (not
+    None: those options' help says what they default to, the model's tokenizer or a norm's own value)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:

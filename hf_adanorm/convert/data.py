@@ -40,15 +40,22 @@ def load_tokenizer(args):
     return tokenizer
 
 
+def eval_files(path: str) -> list[str]:
+    """The files of ``--eval_dataset`` that are read: the file, or the test (else validation, else every)
+    split of a folder."""
+    from ..training.data import local_data_files
+    by_split = local_data_files(Path(path).expanduser())
+    return next(by_split[s] for s in ("test", "validation", "train") if s in by_split)
+
+
 def eval_text(path: str, causal: bool):
-    """The local file, or the test (else validation, else every) split of a folder, as one Dataset."""
+    """:func:`eval_files` as one Dataset."""
     import datasets
 
-    from ..training.data import _builder, local_data_files
+    from ..training.data import _builder
     if not Path(path).expanduser().exists():
         raise FileNotFoundError(f"eval_dataset {path!r} does not exist: pass a local text/csv/json file or folder")
-    by_split = local_data_files(Path(path).expanduser())
-    files = next(by_split[s] for s in ("test", "validation", "train") if s in by_split)
+    files = eval_files(path)
     builder = _builder([Path(f) for f in files])
     kwargs = {"sample_by": "paragraph" if causal else "line"} if builder == "text" else {}
     return datasets.load_dataset(builder, data_files=files, **kwargs)["train"]

@@ -103,11 +103,12 @@ def data_fingerprint(dataset) -> str | None:
     return files_fingerprint([f for split in sorted(by_split) for f in by_split[split]])
 
 
-def check_same_data(recorded: str | None, current: str | None, dataset: str, what: str, remedy: str) -> None:
+def check_same_data(recorded: str | None, current: str | None, dataset: str, what: str, remedy: str,
+                    use: str = "train on") -> None:
     """Refuse when ``what`` was made from other files of ``dataset`` than those there now."""
     if recorded is not None and current is not None and recorded != current:
         raise ValueError(f"{what} was made from other data: the files of {dataset} have changed since, so going "
-                         f"on would train on data its first part did not see; {remedy}")
+                         f"on would {use} data its first part did not see; {remedy}")
 
 
 def check_same_teacher(recorded: str | None, current: str | None, model: str, what: str, remedy: str) -> None:

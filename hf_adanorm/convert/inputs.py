@@ -83,7 +83,7 @@ def _check_apart(args: ConvertArgs) -> None:
 
 def check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | None = None,
                      mixed_precision: str | None = None, distributed_type: str | None = None,
-                     text_fingerprint: str | None = None) -> Path | None:
+                     text_fingerprint: dict | None = None) -> Path | None:
     """The checkpoint to resume from, or None; refuses a folder that holds something else, and a
     checkpoint of another conversion, of another version of the teacher (``fingerprint``) or of other
     text files (``text_fingerprint``)."""
@@ -158,8 +158,10 @@ def check_output_dir(args: ConvertArgs, world_size: int = 1, fingerprint: str | 
     if run is not None:  # the same options, so the same --model: is it still the same model?
         check_same_teacher(run.get("teacher_fingerprint"), fingerprint, args.model, f"the checkpoint {path}",
                            "pass --overwrite_output_dir to convert the model as it is now")
-        check_same_data(run.get("data_fingerprint"), text_fingerprint, args.dataset, f"the checkpoint {path}",
-                        "pass --overwrite_output_dir to convert on the text as it is now")
+        recorded, now = run.get("data_fingerprint") or {}, text_fingerprint or {}
+        for option, use in (("dataset", "distil on"), ("eval_dataset", "measure the drift on")):
+            check_same_data(recorded.get(option), now.get(option), getattr(args, option), f"the checkpoint {path}",
+                            "pass --overwrite_output_dir to convert on the text as it is now", use)
     checkpoints.check_random_states(path, world_size)
     return path
 

@@ -34,7 +34,8 @@ from .args import ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import FORWARD_OPTIONS, choose_objective, distill_loss, drift
 from .exact_grad import exact_backward
-from .fingerprint import data_fingerprint, model_fingerprint
+from .data import eval_files
+from .fingerprint import data_fingerprint, files_fingerprint, model_fingerprint
 from .inputs import check_output_dir, load_teacher
 from .rescale import RESCALABLE, NormTargets, apply_sites, output_scale, restore, verified_sites
 from .report import ARGS_FILE, MODEL_DIR, OWN_FILES, summarize, write_reports
@@ -124,10 +125,16 @@ def _closer(a: dict, b: dict) -> bool:
     return a["embedding_cosine"] > b["embedding_cosine"]
 
 
-def _text_fingerprint(args) -> str | None:
-    """The fingerprint of the local text files distilled on and measured on (None: none is local)."""
-    found = [data_fingerprint(args.dataset), data_fingerprint(args.eval_dataset)]
-    return None if found == [None, None] else "+".join(str(f) for f in found)
+def _text_fingerprint(args) -> dict:
+    """The fingerprints of the local text files distilled on (``dataset``) and, with ``--eval_dataset``,
+    of those measured on (None where an option is unset, a hub dataset or not on disk)."""
+    measured = None
+    if args.eval_dataset and Path(args.eval_dataset).exists():
+        try:
+            measured = files_fingerprint(eval_files(args.eval_dataset))
+        except FileNotFoundError:  # no data file there: loading it says so
+            pass
+    return {"dataset": data_fingerprint(args.dataset), "eval_dataset": measured}
 
 
 def _clearly_farther(final: dict, naive: dict) -> bool:
