@@ -131,12 +131,16 @@ def test_a_norm_registered_under_two_names_is_never_folded(options):
         assert torch.equal(model(input_ids=x), before)
 
 
-class MaskedInPlace(nn.Module):
-    """The padding of the norm's output zeroed in place before the Linear: the probe batch has no padding."""
+class _NormThenHead(nn.Module):
+    """Embedding -> LayerNorm -> Linear head; each subclass reads the norm's output its own way."""
 
     def __init__(self):
         super().__init__()
         self.embed, self.norm, self.head = nn.Embedding(50, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+
+
+class MaskedInPlace(_NormThenHead):
+    """The padding of the norm's output zeroed in place before the Linear: the probe batch has no padding."""
 
     def forward(self, input_ids=None):
         z = self.norm(self.embed(input_ids))
@@ -144,23 +148,15 @@ class MaskedInPlace(nn.Module):
         return self.head(z)
 
 
-class FunctionalDropout(nn.Module):
+class FunctionalDropout(_NormThenHead):
     """F.dropout between the norm and the Linear: no autograd node in eval mode, where the probe runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed, self.norm, self.head = nn.Embedding(50, 16), nn.LayerNorm(16), nn.Linear(16, 4)
 
     def forward(self, input_ids=None):
         return self.head(F.dropout(self.norm(self.embed(input_ids)), 0.1, self.training))
 
 
-class SmallDetachedRead(nn.Module):
+class SmallDetachedRead(_NormThenHead):
     """A read the autograd graph cannot show (detached), at weight 1e-4: only the numerical check sees it."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed, self.norm, self.head = nn.Embedding(50, 16), nn.LayerNorm(16), nn.Linear(16, 4)
 
     def forward(self, input_ids=None):
         z = self.norm(self.embed(input_ids))
