@@ -43,7 +43,7 @@ from .gather import agree_before_collective, full_state_dict, sharding
 from .portable import CheckpointError
 from .record import (CONFIG_KEY, PatchState, check_record, get_record, record_from_config, set_state,
                      swap_module)
-from .registry import build_norm
+from .registry import build_norm, keep_output_dtype
 from .remote_code import (MODELING_FILE, auto_map, base_model_class, guarded_field, modeling_source,
                           stock_class)
 
@@ -71,11 +71,13 @@ def rebuild_patch(model: nn.Module, record: dict) -> None:
     :func:`portable.record_for` maps it."""
     config = check_record(record)
     record = portable.record_for(model, record, (getattr(model.config, "architectures", None) or [None])[0])
-    portable.check_against_model(model, record)
+    found = portable.check_against_model(model, record)
     swaps = []
     for name, entry in record["modules"].items():
         eps = config.eps if config.eps is not None else entry["eps"]
-        swaps.append((name, build_norm(config, entry["kind"], (entry["size"],), eps)))
+        new = build_norm(config, entry["kind"], (entry["size"],), eps)
+        keep_output_dtype(new, found[name][1], found[name][0])
+        swaps.append((name, new))
     for name, new in swaps:
         new.train(model.get_submodule(name).training)
         swap_module(model, name, new)

@@ -34,6 +34,7 @@ from .functional import normalize
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
 DETACH_CHOICES = ("mean", "variance", "both")
+OUTPUT_DTYPE_BUFFER = "hf_adanorm_output_dtype"  # see _ParameterFreeNorm.output_in_dtype_of
 
 
 def _as_shape(normalized_shape: ShapeLike) -> tuple[int, ...]:
@@ -111,15 +112,26 @@ class _ParameterFreeNorm(nn.Module):
         self.eps = check_eps(eps)
         self.eps_mode = check_eps_mode(eps_mode)
 
+    def output_in_dtype_of(self, witness: torch.Tensor) -> None:
+        """Return outputs in ``witness``'s dtype, as the replaced norm did (T5's casts to its half gain's
+        dtype): ``witness`` is a 0-element tensor kept as a non-persistent buffer, so the dtype follows
+        ``.to()`` and ``.half()`` as the replaced gain's would."""
+        self.register_buffer(OUTPUT_DTYPE_BUFFER, witness, persistent=False)
+
+    def _in_output_dtype(self, z: torch.Tensor) -> torch.Tensor:
+        witness = self._buffers.get(OUTPUT_DTYPE_BUFFER)
+        return z if witness is None else z.to(witness.dtype)
+
     def _normalize(self, x: torch.Tensor, **kw) -> torch.Tensor:
-        return _normalize_trailing(x, self.normalized_shape, type(self).__name__, self.eps,
-                                   centre=self.centre, eps_mode=self.eps_mode, **kw)
+        return self._in_output_dtype(_normalize_trailing(x, self.normalized_shape, type(self).__name__, self.eps,
+                                                         centre=self.centre, eps_mode=self.eps_mode, **kw))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._normalize(x)
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, eps_mode={self.eps_mode!r}"
+        in_gain_dtype = ", output in the replaced gain's dtype" if OUTPUT_DTYPE_BUFFER in self._buffers else ""
+        return f"{self.normalized_shape}, eps={self.eps}, eps_mode={self.eps_mode!r}{in_gain_dtype}"
 
 
 def _refuse_peft_ln_tuning(module: nn.Module, name: str, submodule):
@@ -202,7 +214,7 @@ class NoNorm(_ParameterFreeNorm):
     """The identity, ``z = x``: the paper's "w/o Norm" baseline."""
 
     def forward(self, x):
-        return x
+        return self._in_output_dtype(x)
 
 
 class RMSNormSimple(_ParameterFreeNorm):

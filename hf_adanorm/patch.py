@@ -31,7 +31,7 @@ from .fold_state import apply_fold, converted, unfold
 from .norms import _ParameterFreeNorm, check_eps
 from .record import (CONFIG_KEY, PatchState, build_record, clear_state, get_record, get_state,
                      is_patched, set_state, swap_module)
-from .registry import build_norm, get_spec
+from .registry import build_norm, get_spec, keep_output_dtype
 from .report import ModuleEntry, PatchReport
 from .wrappers import refuse_wrappers
 
@@ -179,6 +179,7 @@ def _build_replacements(config: NormConfig, chosen: dict) -> dict:
                                  "replacement needs a finite eps > 0: pass eps=... to patch_model, "
                                  "or exclude this module") from None
             new = build_norm(config, info.kind, (info.size,), eps)
+            keep_output_dtype(new, module, info)
             new.train(module.training)
             by_original[id(module)] = new
         built[name] = by_original[id(module)]

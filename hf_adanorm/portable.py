@@ -167,19 +167,22 @@ def _submodule(model, name, field):
 
 
 def describe_norm(module):
-    """``(kind, size)`` of a module the norm detector recognises as a last-dimension norm, else ``(None, None)``."""
+    """The :class:`NormInfo` of a module the norm detector recognises as a last-dimension norm, else None."""
     with torch.device("cpu"):  # transformers builds models under a meta-device context; the probe runs on CPU
         info, _ = classify(module)
-    return (info.kind, info.size) if info is not None else (None, None)
+    return info
 
 
-def check_against_model(model, record):
+def check_against_model(model, record) -> dict:
     """Check that every module the record names exists in ``model`` and is a norm of the recorded
     kind and size (probed by the norm detector, as when patching), and that ``fold.added_bias``
-    names Linear layers."""
+    names Linear layers. Returns ``{name: (NormInfo, module)}`` of the recorded norms."""
+    found = {}
     for name, entry in record["modules"].items():
         module = _submodule(model, name, "modules entry")
-        kind, size = describe_norm(module)
+        info = describe_norm(module)
+        kind, size = (info.kind, info.size) if info is not None else (None, None)
+        found[name] = (info, module)
         if size is None:
             raise CheckpointError(f"the hf_adanorm record names {name!r}, but in {type(model).__name__} that is "
                                   f"a {type(module).__name__}, not a norm: the record does not belong to this model")
@@ -198,6 +201,16 @@ def check_against_model(model, record):
         if not isinstance(getattr(_submodule(model, module_name, "fold.kept_ties"), attr, None), nn.Parameter):
             raise CheckpointError(f"the hf_adanorm record's fold.kept_ties names {name!r}, which is not a parameter "
                                   f"of {type(model).__name__}: load the checkpoint with the class it was saved from")
+    return found
+
+
+def output_dtype_witness(module, info):
+    """For a norm whose output is in its gain's dtype (T5's: half after T5's float32 ``wo``), a 0-element
+    tensor of that dtype: a non-persistent buffer of the replacement, it follows ``.to()`` as the gain would."""
+    if not info.output_in_gain_dtype:
+        return None
+    gain = getattr(module, info.gain)
+    return torch.empty(0, dtype=gain.dtype, device=gain.device)
 
 
 def keep_ties(model, ties: dict) -> None:
@@ -233,6 +246,7 @@ class NormInfo:
     gain: Optional[str]  # parameter name of the gain, if any
     gain_offset: float  # 1.0 when the scale is (1 + w)
     bias: Optional[str]  # parameter name of the bias, if any
+    output_in_gain_dtype: bool = False  # returns its output in its gain's dtype, whatever the input's (T5)
 
 
 def looks_like_norm(module: nn.Module) -> bool:
@@ -385,13 +399,27 @@ def _probe(module, params, size, named) -> tuple[Optional[NormInfo], Optional[st
                 eps = own_eps
                 return NormInfo(kind, size, eps if eps is not None else _estimate_eps(clone, module, size, offset or 0.0),
                                 gains[0] if gains else None, offset or 0.0,
-                                biases[0] if biases else None), None
+                                biases[0] if biases else None, _output_in_gain_dtype(module, values, gains, x)), None
     return None, ("does not compute a last-dimension LayerNorm or RMSNorm" if named else None)
+
+
+def _output_in_gain_dtype(module, values, gains, x) -> bool:
+    """Whether a half gain makes a float32 input's output half (T5LayerNorm casts to its weight's dtype)."""
+    if not gains:
+        return False
+    clone = _probe_copy(module, {n: v.half() if n == gains[0] else v for n, v in values.items()})
+    try:
+        with torch.no_grad():
+            out = type(module).forward(clone, x)
+    except Exception:  # noqa: BLE001 - mixed dtypes refused (nn.LayerNorm): the output dtype is the input's
+        return False
+    return isinstance(out, torch.Tensor) and out.dtype == torch.float16
 
 
 def _estimate_eps(clone, module, size, offset) -> float:
     """Solve z = x / sqrt(v + eps) for eps on a low-variance input (no eps attribute found)."""
-    for name in clone._parameters:  # neutral affine: gain 1 (0 for 1 + w), bias 0
+    # neutral affine: gain 1 (0 for 1 + w), bias 0; an unused slot (elementwise_affine=False) is None
+    for name in (n for n, p in clone._parameters.items() if p is not None):
         clone._parameters[name].data.fill_(0.0 if _BIAS_NAMES.search(name) else 1.0 - offset)
     x = torch.zeros(1, 2, size, dtype=torch.float64)
     x[..., 0], x[..., 1 % size] = 1e-3, -1e-3
@@ -452,9 +480,11 @@ class _Normalize(torch.autograd.Function):
 class HFAdaNorm(nn.Module):
     """A parameter-free norm of hf_adanorm: layernorm_simple, adanorm, detachnorm or no_norm."""
 
-    def __init__(self, size, eps, centre, options):
+    def __init__(self, size, eps, centre, options, output_dtype=None):
         super().__init__()
         self.size, self.eps, self.centre = size, float(eps), centre
+        if output_dtype is not None:  # see output_dtype_witness
+            self.register_buffer("hf_adanorm_output_dtype", output_dtype, persistent=False)
         self.norm, self.fairseq = options["norm"], options["eps_mode"] == "fairseq"
         ada = self.norm == "adanorm"
         self.k, self.C = (float(options["k"]), float(options["C"])) if ada else (0.0, 1.0)
@@ -462,13 +492,13 @@ class HFAdaNorm(nn.Module):
         self.detach_mean, self.detach_scale = detach in ("mean", "both"), detach in ("variance", "both")
 
     def forward(self, x):
-        if self.norm == "no_norm":
-            return x
-        if x.shape[-1:] != (self.size,):
+        if self.norm != "no_norm" and x.shape[-1:] != (self.size,):
             raise RuntimeError(f"{self.norm} expects inputs ending in [{self.size}], got shape {list(x.shape)}")
-        z = _Normalize.apply(x.reshape(-1, self.size), self.eps, self.centre, self.fairseq,
-                             self.detach_mean, self.detach_scale, self.k, self.C)
-        return z.reshape(x.shape)
+        z = x if self.norm == "no_norm" else _Normalize.apply(x.reshape(-1, self.size), self.eps, self.centre,
+                                                              self.fairseq, self.detach_mean, self.detach_scale,
+                                                              self.k, self.C).reshape(x.shape)
+        witness = self._buffers.get("hf_adanorm_output_dtype")
+        return z if witness is None else z.to(witness.dtype)
 
     def extra_repr(self):
         return f"{self.norm}, {self.size}, eps={self.eps}, centre={self.centre}, fairseq={self.fairseq}"
@@ -524,11 +554,12 @@ def apply_patch(model, record, saved_class=None):
     check_record(record)
     record = record_for(model, record, saved_class)
     options = record["config"]
-    check_against_model(model, record)
+    found = check_against_model(model, record)
     swaps = []
     for name, entry in record["modules"].items():
         eps = options["eps"] if options.get("eps") is not None else entry["eps"]
-        swaps.append((name, HFAdaNorm(entry["size"], eps, entry["kind"] == "layernorm", options)))
+        swaps.append((name, HFAdaNorm(entry["size"], eps, entry["kind"] == "layernorm", options,
+                                      output_dtype_witness(*reversed(found[name])))))
     for name, norm in swaps:
         parent_name, _, attr = name.rpartition(".")
         norm.train(model.get_submodule(name).training)

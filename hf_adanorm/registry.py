@@ -14,6 +14,7 @@ from typing import Callable
 from torch import nn
 
 from . import norms
+from .portable import output_dtype_witness
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,14 @@ def build_norm(config, kind: str, normalized_shape, eps: float) -> nn.Module:
     if cls is norms.NoNorm:
         return cls(normalized_shape, eps=eps)
     return cls(normalized_shape, eps=eps, eps_mode=config.eps_mode, **kwargs)
+
+
+def keep_output_dtype(new: nn.Module, original: nn.Module, info) -> None:
+    """Give ``new`` the output dtype rule of the norm it replaces (see ``portable.output_dtype_witness``);
+    a registered norm of another class keeps its own."""
+    witness = output_dtype_witness(original, info)
+    if witness is not None and isinstance(new, norms._ParameterFreeNorm):
+        new.output_in_dtype_of(witness)
 
 
 register_norm(
