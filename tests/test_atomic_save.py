@@ -30,6 +30,7 @@ def patched(norm="adanorm", seed=0, **options):
     return model
 
 
+@pytest.mark.slow
 def test_sigkill_at_many_points_leaves_the_old_or_the_new_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}

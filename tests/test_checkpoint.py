@@ -55,6 +55,7 @@ ROUND_TRIPS = {  # one fresh interpreter loads them all (starting one costs seco
 }
 
 
+@pytest.mark.slow
 def test_round_trip_in_a_fresh_process_is_bitwise(tmp_path):
     expected = {}
     for name, (model_type, norm, options) in ROUND_TRIPS.items():
@@ -98,6 +99,7 @@ def test_loaded_model_is_patched_like_the_saved_one(tmp_path):
         hf_adanorm.unpatch_model(loaded)
 
 
+@pytest.mark.slow
 def test_remote_code_loads_without_hf_adanorm(tmp_path):
     model = patched("gpt2", "adanorm", fold_affine=True)
     save_pretrained(model, tmp_path / "ckpt")

@@ -296,6 +296,7 @@ def test_cli_bad_options_fail_before_anything_is_written(tmp_path, capsys, argv,
     assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_tiny_digits_sweep_resumes(tmp_path, capsys):
     """The real thing, shrunk: the built-in digits demo, 2 norms x 2 seeds, 3 steps per run."""
     from hf_adanorm.training import METRICS_FILE as WRITTEN_BY_TRAINING
@@ -330,6 +331,7 @@ def test_cli_end_to_end_tiny_digits_sweep_resumes(tmp_path, capsys):
     assert (cut_off / METRICS_FILE).is_file() and not (cut_off / "model").exists()  # save_model=False
 
 
+@pytest.mark.slow
 def test_accelerate_launcher_runs_each_run_as_its_own_job(tmp_path):
     """--launcher accelerate: a real `accelerate launch` per run, options passed intact (None too)."""
     from hf_adanorm.compare.default import default_setup, write_digits_csv
@@ -348,6 +350,7 @@ def test_accelerate_launcher_runs_each_run_as_its_own_job(tmp_path):
         accelerate_runner(tmp_path / "missing.yaml")
 
 
+@pytest.mark.slow
 def test_accelerate_launcher_with_two_cpu_processes_per_run(tmp_path):
     """--launcher accelerate with recipes/configs/cpu_2proc.yaml: every run is one 2-rank gloo job."""
     from test_recipes import REPO, TINY_BERT, write_sentiment_csvs

@@ -61,6 +61,7 @@ def on_reference(model: nn.Module, variant) -> nn.Module:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_training_on_each_path_follows_the_reference(case, cpu_kernels_mode):
     (norm, options), variant_id = CASES[case]

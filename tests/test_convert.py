@@ -147,6 +147,7 @@ KILLED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_conversion_then_resume_equals_uninterrupted(workspace, tmp_path):
     killed = _args(workspace, tmp_path / "killed", max_steps=30, checkpointing_steps=8)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -418,6 +419,7 @@ def test_the_student_starts_as_the_teacher_with_dropout_off(workspace, tmp_path)
     assert result["history"][0]["loss"] < 1e-6
 
 
+@pytest.mark.slow
 def test_a_folder_held_by_another_conversion_is_refused_and_nothing_is_written(workspace, tmp_path, monkeypatch):
     from test_recipe_guards import hold_lock
 
@@ -521,6 +523,7 @@ TOKENIZER_LOAD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_converted_models_tokenizer_loads_without_the_remote_code_prompt(workspace, tmp_path):
     # config.json names the model's remote code; AutoTokenizer alone would print transformers'
     # "Do you wish to run the custom code? [y/N]" and wait 15 s wherever stdin is open (a terminal).

@@ -114,6 +114,7 @@ def test_a_teacher_saved_again_at_its_path_is_not_resumed_from_its_old_checkpoin
     assert _snapshot(tmp_path / "out") == before
 
 
+@pytest.mark.slow
 def test_compare_does_not_reuse_a_conversion_of_an_older_teacher(workspace, tmp_path):  # noqa: F811
     from hf_adanorm.compare import compare
     from hf_adanorm.convert.fingerprint import model_fingerprint

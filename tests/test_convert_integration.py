@@ -65,6 +65,7 @@ def test_the_recipes_refuse_a_converted_model_with_other_norms(converted, tmp_pa
     assert not (tmp_path / f"run-{norm}").exists()
 
 
+@pytest.mark.slow
 def test_compare_convert_converts_once_per_norm_and_reports_the_start(workspace, tmp_path, monkeypatch):  # noqa: F811
     from hf_adanorm.compare import compare
     setup = {"model": str(workspace / "bert"), "dataset": str(write_sentiment_csvs(tmp_path / "data")),
@@ -181,6 +182,7 @@ def test_gradual_swap_callback_refuses_bad_options_and_a_patched_model(tmp_path,
             "adanorm", ramp_steps=2)])
 
 
+@pytest.mark.slow
 def test_conversion_under_accelerate_launch_on_two_gloo_processes(workspace, tmp_path):  # noqa: F811
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
@@ -258,6 +260,7 @@ def test_gradual_swap_rescale_probe_refusals_leave_the_model_as_it_was(tmp_path,
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("probe", [None, _probe()], ids=["blend", "rescaled"])
 def test_gradual_swap_resumes_inside_the_ramp_exactly(tmp_path, token_dataset, probe):
     # A checkpoint inside the ramp holds the blended norms' frozen originals; a fresh model given the

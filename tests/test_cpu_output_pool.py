@@ -158,6 +158,7 @@ def test_a_bad_limit_is_refused(pool, value):
         cpu_kernels.set_cache_limit(value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value,limit", [("0", 0), ("64", 64 * MIB), ("", 2 ** 30), ("lots", None), ("-1", None), ("nan", None)])
 def test_the_limit_from_the_environment(value, limit):
     # the limit before the kernels load (they are not built for that), and the library's once loaded
@@ -194,6 +195,7 @@ def test_a_forked_child_uses_the_pool(pool):
 LARGE = [(torch.float32, 1024, 1e-5), (torch.bfloat16, 1023, 2e-2), (torch.float16, 4096, 5e-3)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [KINDS[1], KINDS[5], KINDS[7]], ids=lambda k: k.id)
 @pytest.mark.parametrize("dtype,d,tol", LARGE, ids=["fp32-aligned", "bf16-unaligned-rows", "fp16"])
 def test_large_outputs_match_the_reference(pool, kind, dtype, d, tol):

@@ -41,6 +41,7 @@ def test_row_lengths_around_the_vector_step(variant, eps_mode, dtype, cpu_kernel
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("dtype,shape", [(torch.float32, (2048, 4096)), (torch.bfloat16, (4096 + 3, 4096))],
                          ids=["fp32-32MiB", "bf16-32MiB"])
+@pytest.mark.slow
 def test_large_outputs_split_over_threads(dtype, shape, threads, cpu_kernels_mode):
     """32 MiB outputs (fresh pages from mmap), rows split over threads: the prefetch of each
     thread's next row stops at its last, and every row is normalized once."""
@@ -152,6 +153,7 @@ print(worst, len(ran))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_each_vector_isa_build_matches_reference(capability, cpu_kernels_mode):
     """The portable build (plain arrays), the AVX2 build (8 lanes) and the AVX512 build without

@@ -38,6 +38,7 @@ def train(folder, dataset, callbacks, seed=0, resume=None, **settings):
     return trainer
 
 
+@pytest.mark.slow
 def test_a_checkpoint_inside_the_ramp_is_refused_by_both_readers_and_by_patch_callback(tmp_path, token_dataset):
     train(tmp_path, token_dataset, [hf_adanorm.GradualSwapCallback("adanorm", ramp_steps=RAMP)])
     inside, after = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"  # alpha 1/3 at step 2; 1 from step 4
@@ -53,6 +54,7 @@ def test_a_checkpoint_inside_the_ramp_is_refused_by_both_readers_and_by_patch_ca
         train(tmp_path, token_dataset, [hf_adanorm.PatchCallback("adanorm")], resume=str(inside))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_the_swap_file_still_resumes(tmp_path, token_dataset):
     train(tmp_path, token_dataset, [hf_adanorm.GradualSwapCallback("adanorm", ramp_steps=RAMP)])
     (tmp_path / "checkpoint-2" / "hf_adanorm_swap.json").unlink()  # as written before every checkpoint had it
@@ -60,6 +62,7 @@ def test_a_checkpoint_from_before_the_swap_file_still_resumes(tmp_path, token_da
           resume=str(tmp_path / "checkpoint-2"))  # its weights hold the blended originals: a swap's checkpoint
 
 
+@pytest.mark.slow
 def test_a_resume_must_continue_the_same_swap(tmp_path, token_dataset):
     train(tmp_path / "patched", token_dataset, [hf_adanorm.PatchCallback("adanorm")])
     with pytest.raises(RuntimeError, match="was not trained with GradualSwapCallback"):

@@ -168,6 +168,7 @@ def test_patched_model_round_trips_and_still_unpatches(trip, tmp_path):
     assert hf_adanorm.is_patched(model)  # the original is untouched
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trip", list(ROUND_TRIPS))
 def test_loaded_model_round_trips(trip, tmp_path):
     model = tiny_lm("gpt2")
@@ -181,6 +182,7 @@ def test_loaded_model_round_trips(trip, tmp_path):
     assert torch.equal(logits(again), logits(model))
 
 
+@pytest.mark.slow
 def test_a_spawned_worker_receives_a_patched_and_a_loaded_model(tmp_path):
     model = tiny_lm("gpt2")
     hf_adanorm.patch_model(model, "adanorm")

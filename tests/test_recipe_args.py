@@ -27,6 +27,7 @@ def test_norm_options_share_norm_configs_help_and_defaults():
     assert (args.norm_config().detach, args.norm_config().eps_mode) == ("mean", "fairseq")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["classification", "causal_lm"])
 def test_recipe_command_line(recipe, capsys):
     args = parse_args(recipe, ["--model", "m", "--dataset", "d.csv", "--k", "0.3"])
@@ -43,6 +44,7 @@ def test_recipe_command_line(recipe, capsys):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["classification", "causal_lm"])
 def test_bad_data_is_one_line_from_the_script_not_a_traceback(recipe, tmp_path):
     """A non-UTF-8 file gave the clear message only after three chained tracebacks (27 frames)."""

@@ -122,6 +122,7 @@ def test_the_baseline_ignores_fold_affine(tmp_path, caplog):
     assert not [r for r in caplog.records if "fold_affine" in r.getMessage()]
 
 
+@pytest.mark.slow
 @NEEDS_DEEPSPEED
 def test_a_deepspeed_config_that_disagrees_with_the_run_is_refused(tmp_path):
     # the shipped ZeRO-2 config accumulates 1 micro-batch and clips at 1.0: DeepSpeed, not the
@@ -135,6 +136,7 @@ def test_a_deepspeed_config_that_disagrees_with_the_run_is_refused(tmp_path):
     assert not (tmp_path / "run").exists(), "something was written before the error"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, world_size", [("single_gpu.yaml", 1), ("multi_gpu.yaml", 2)])
 def test_the_gpu_configs_launch_as_shipped_on_cpu(tmp_path, config, world_size):
     # No override at all (bf16 included): the launcher starts the config's processes, the

@@ -97,6 +97,7 @@ def metrics_of(args: dict) -> dict:
     return json.loads((Path(args["output_dir"]) / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_same_global_batch(tmp_path):
     # global batch 16 = 2 processes x 4 x 2 accumulation steps = 1 process x 8 x 2; no dropout,
     # so the only difference left is round-off in the gradient all-reduce and padding.
@@ -153,6 +154,7 @@ def shipped_config_launcher(config: str, overrides=()) -> list:
 
 @pytest.mark.parametrize("launch", ["fsdp2", pytest.param("deepspeed_zero2", marks=NEEDS_DEEPSPEED),
                                     pytest.param("deepspeed_zero3", marks=NEEDS_DEEPSPEED)])
+@pytest.mark.slow
 def test_sharded_training_on_two_cpu_processes_saves_the_model_of_one_process(tmp_path, launch):
     # accelerate's FSDP / DeepSpeed path on 2 gloo ranks with the same global batch as 1 process,
     # clipping on; the final model is gathered, saved by the recipe and loaded with hf_adanorm.
@@ -197,6 +199,7 @@ def test_sharded_training_on_two_cpu_processes_saves_the_model_of_one_process(tm
         assert e2["eval_loss"] == pytest.approx(e1["eval_loss"], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 @NEEDS_DEEPSPEED
 def test_deepspeed_on_cpu_is_refused_with_the_cpu_config_to_use(tmp_path):
     # without the test driver's gloo backend, accelerate would run every rank as a lone process
@@ -214,6 +217,7 @@ def weights_at_init(tmp_path, common) -> dict:
     return classification.build_task(args).model.state_dict()
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_then_resume_equals_uninterrupted(tmp_path):
     # 6 steps per epoch, checkpoints every 4 steps: the 3rd checkpoint (step 12) is killed half
     # written, so the resume starts from step 8, mid-epoch 2, with dropout on.
@@ -241,6 +245,7 @@ def test_sigkill_during_checkpoint_then_resume_equals_uninterrupted(tmp_path):
     assert [e["step"] for e in want["history"]] == [6, 12]
 
 
+@pytest.mark.slow
 def test_two_processes_resumed_mid_epoch_log_the_uninterrupted_train_loss(tmp_path):
     # Each rank sums its own training losses; a checkpoint kept only the main process's sum, and a resume
     # gave it to every rank, so the train_loss of the epoch it resumed in was off (the weights were exact).
@@ -379,6 +384,7 @@ def test_causal_lm_evaluation_on_hand_computed_models(margin):
     assert metrics["perplexity"] == pytest.approx(math.exp(expected), rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "rt-polarity").is_dir(), reason="needs ../shared/data/rt-polarity")
 def test_minilm_on_rotten_tomatoes(tmp_path, minilm_path):
     from transformers import AutoModelForSequenceClassification

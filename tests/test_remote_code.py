@@ -173,6 +173,7 @@ def test_the_generated_file_refuses_a_bad_record_naming_the_field(generated, sav
     assert [type(m) for m in model.modules()] == before  # nothing was swapped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_RECORDS))
 def test_the_library_refuses_a_bad_record_naming_the_field(tmp_path, saved_record, case):
     edit, message = BAD_RECORDS[case]
@@ -273,6 +274,7 @@ def test_remote_code_loads_the_weights_transformers_renames(tmp_path, monkeypatc
     ("deit", "AutoModel", "DeiTModel"),
     ("funnel", "AutoModel", "FunnelBaseModel"),
 ])
+@pytest.mark.slow
 def test_an_auto_class_that_builds_several_classes_loads_the_saved_one(tmp_path, monkeypatch, arch_id, auto_class,
                                                                        saved_class):
     """transformers' Auto mapping can give a tuple of classes (chosen by config.architectures): saving

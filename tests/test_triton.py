@@ -204,6 +204,7 @@ def compile_ahead_of_time(requests: list[dict]) -> list[dict]:
 FLAGS = list(itertools.product((True, False), repeat=2))
 
 
+@pytest.mark.slow
 def test_every_variant_compiles_for_nvidia_gpus():
     block, warps = triton_norm.launch_settings(4096)
     requests = []
@@ -221,6 +222,7 @@ def test_every_variant_compiles_for_nvidia_gpus():
         assert result["cubin_bytes"] > 0 and result["num_warps"] == warps, (request, result)
 
 
+@pytest.mark.slow
 def test_aligned_rows_are_read_and_written_128_bits_at_a_time():
     # A norm is bound by memory traffic: each thread must move 16 bytes per access, as it
     # does when the rows are aligned (Triton's launcher then marks the pointers and strides).
@@ -245,6 +247,7 @@ def test_launch_settings_cover_the_row():
         assert block // (32 * warps) <= 64, "too many elements per thread: registers would spill"
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_times_and_checks_every_path(tmp_path, monkeypatch):
     # benchmarks/bench_gpu.py end to end on a tiny shape (on CPU: the kernels in the interpreter)
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
