@@ -43,7 +43,7 @@ from .gather import agree_before_collective, full_state_dict, sharding
 from .portable import CheckpointError
 from .record import (CONFIG_KEY, PatchState, check_record, get_record, record_from_config, set_state,
                      swap_module)
-from .registry import build_norm, keep_output_dtype
+from .registry import build_norm, keep_output_dtype, warn_output_dtype
 from .remote_code import (MODELING_FILE, auto_map, base_model_class, guarded_field, modeling_source,
                           stock_class)
 
@@ -72,12 +72,14 @@ def rebuild_patch(model: nn.Module, record: dict) -> None:
     config = check_record(record)
     record = portable.record_for(model, record, (getattr(model.config, "architectures", None) or [None])[0])
     found = portable.check_against_model(model, record)
-    swaps = []
+    swaps, unfollowed = [], {}
     for name, entry in record["modules"].items():
         eps = config.eps if config.eps is not None else entry["eps"]
         new = build_norm(config, entry["kind"], (entry["size"],), eps)
-        keep_output_dtype(new, found[name][1], found[name][0])
+        if not keep_output_dtype(new, found[name][1], found[name][0]):
+            unfollowed[name] = new
         swaps.append((name, new))
+    warn_output_dtype(unfollowed)
     for name, new in swaps:
         new.train(model.get_submodule(name).training)
         swap_module(model, name, new)

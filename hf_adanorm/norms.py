@@ -37,6 +37,16 @@ DETACH_CHOICES = ("mean", "variance", "both")
 OUTPUT_DTYPE_BUFFER = "hf_adanorm_output_dtype"  # see _ParameterFreeNorm.output_in_dtype_of
 
 
+def in_witness_dtype(module: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """``z`` cast to the half dtype of ``module``'s output-dtype witness, if it has one (see
+    ``_ParameterFreeNorm.output_in_dtype_of``). A float32 witness casts nothing: T5 casts only to a half
+    gain's dtype, and FSDP2's mixed precision casts the parameters, never this buffer."""
+    witness = module._buffers.get(OUTPUT_DTYPE_BUFFER)
+    if witness is None or witness.dtype not in (torch.float16, torch.bfloat16):
+        return z
+    return z.to(witness.dtype)
+
+
 def _as_shape(normalized_shape: ShapeLike) -> tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
@@ -113,14 +123,13 @@ class _ParameterFreeNorm(nn.Module):
         self.eps_mode = check_eps_mode(eps_mode)
 
     def output_in_dtype_of(self, witness: torch.Tensor) -> None:
-        """Return outputs in ``witness``'s dtype, as the replaced norm did (T5's casts to its half gain's
-        dtype): ``witness`` is a 0-element tensor kept as a non-persistent buffer, so the dtype follows
-        ``.to()`` and ``.half()`` as the replaced gain's would."""
+        """Cast outputs to ``witness``'s dtype when it is float16 or bfloat16, as the replaced norm did with
+        its gain's (T5's): ``witness`` is a 0-element tensor kept as a non-persistent buffer, so its dtype
+        follows ``.to()`` and ``.half()`` as the replaced gain's would."""
         self.register_buffer(OUTPUT_DTYPE_BUFFER, witness, persistent=False)
 
     def _in_output_dtype(self, z: torch.Tensor) -> torch.Tensor:
-        witness = self._buffers.get(OUTPUT_DTYPE_BUFFER)
-        return z if witness is None else z.to(witness.dtype)
+        return in_witness_dtype(self, z)
 
     def _normalize(self, x: torch.Tensor, **kw) -> torch.Tensor:
         return self._in_output_dtype(_normalize_trailing(x, self.normalized_shape, type(self).__name__, self.eps,
@@ -130,7 +139,7 @@ class _ParameterFreeNorm(nn.Module):
         return self._normalize(x)
 
     def extra_repr(self) -> str:
-        in_gain_dtype = ", output in the replaced gain's dtype" if OUTPUT_DTYPE_BUFFER in self._buffers else ""
+        in_gain_dtype = ", output in the replaced gain's half dtype" if OUTPUT_DTYPE_BUFFER in self._buffers else ""
         return f"{self.normalized_shape}, eps={self.eps}, eps_mode={self.eps_mode!r}{in_gain_dtype}"
 
 

@@ -31,7 +31,7 @@ from .fold_state import apply_fold, converted, unfold
 from .norms import _ParameterFreeNorm, check_eps
 from .record import (CONFIG_KEY, PatchState, build_record, clear_state, get_record, get_state,
                      is_patched, set_state, swap_module)
-from .registry import build_norm, get_spec, keep_output_dtype
+from .registry import build_norm, get_spec, keep_output_dtype, warn_output_dtype
 from .report import ModuleEntry, PatchReport
 from .wrappers import refuse_wrappers
 
@@ -168,7 +168,7 @@ def _copy_hooks(old: nn.Module, new: nn.Module) -> None:
 
 
 def _build_replacements(config: NormConfig, chosen: dict) -> dict:
-    built, by_original = {}, {}
+    built, by_original, unfollowed = {}, {}, {}
     for name, (info, module) in chosen.items():
         if id(module) not in by_original:  # one replacement per module: aliases stay tied
             eps = config.eps if config.eps is not None else info.eps
@@ -179,10 +179,12 @@ def _build_replacements(config: NormConfig, chosen: dict) -> dict:
                                  "replacement needs a finite eps > 0: pass eps=... to patch_model, "
                                  "or exclude this module") from None
             new = build_norm(config, info.kind, (info.size,), eps)
-            keep_output_dtype(new, module, info)
+            if not keep_output_dtype(new, module, info):
+                unfollowed[name] = new
             new.train(module.training)
             by_original[id(module)] = new
         built[name] = by_original[id(module)]
+    warn_output_dtype(unfollowed)
     return built
 
 

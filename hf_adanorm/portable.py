@@ -205,8 +205,8 @@ def check_against_model(model, record) -> dict:
 
 
 def output_dtype_witness(module, info):
-    """For a norm whose output is in its gain's dtype (T5's: half after T5's float32 ``wo``), a 0-element
-    tensor of that dtype: a non-persistent buffer of the replacement, it follows ``.to()`` as the gain would."""
+    """For a norm that casts its output to its gain's half dtype (T5's: half after T5's float32 ``wo``), a
+    0-element tensor of the gain's dtype: a non-persistent buffer of the replacement, it follows ``.to()``."""
     if not info.output_in_gain_dtype:
         return None
     gain = getattr(module, info.gain)
@@ -246,7 +246,7 @@ class NormInfo:
     gain: Optional[str]  # parameter name of the gain, if any
     gain_offset: float  # 1.0 when the scale is (1 + w)
     bias: Optional[str]  # parameter name of the bias, if any
-    output_in_gain_dtype: bool = False  # returns its output in its gain's dtype, whatever the input's (T5)
+    output_in_gain_dtype: bool = False  # casts its output to its gain's dtype when that is half (T5)
 
 
 def looks_like_norm(module: nn.Module) -> bool:
@@ -497,8 +497,8 @@ class HFAdaNorm(nn.Module):
         z = x if self.norm == "no_norm" else _Normalize.apply(x.reshape(-1, self.size), self.eps, self.centre,
                                                               self.fairseq, self.detach_mean, self.detach_scale,
                                                               self.k, self.C).reshape(x.shape)
-        witness = self._buffers.get("hf_adanorm_output_dtype")
-        return z if witness is None else z.to(witness.dtype)
+        witness = self._buffers.get("hf_adanorm_output_dtype")  # T5 casts to a half gain's dtype only
+        return z.to(witness.dtype) if witness is not None and witness.dtype in (torch.float16, torch.bfloat16) else z
 
     def extra_repr(self):
         return f"{self.norm}, {self.size}, eps={self.eps}, centre={self.centre}, fairseq={self.fairseq}"

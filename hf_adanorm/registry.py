@@ -9,6 +9,7 @@ fields it takes, and one line on what the swap does.  New methods are added with
 from __future__ import annotations
 
 from dataclasses import dataclass
+import warnings
 from typing import Callable
 
 from torch import nn
@@ -34,7 +35,10 @@ def register_norm(name: str, layer_cls, rms_cls, options=(), effect: str = "") -
 
     ``layer_cls(normalized_shape, eps=..., eps_mode=..., **options)`` replaces
     LayerNorms and ``rms_cls(...)`` RMSNorms; ``options`` names the
-    :class:`~hf_adanorm.NormConfig` fields forwarded to them.
+    :class:`~hf_adanorm.NormConfig` fields forwarded to them. Where a replaced norm casts
+    its output to its half gain's dtype (T5's), the replacement's
+    ``output_in_dtype_of(witness)`` is called with a 0-element tensor of the gain's dtype
+    (hf_adanorm's own norms have it); without it, a warning.
     """
     if name in NORM_REGISTRY:
         raise ValueError(f"a norm named {name!r} is already registered")
@@ -67,12 +71,29 @@ def build_norm(config, kind: str, normalized_shape, eps: float) -> nn.Module:
     return cls(normalized_shape, eps=eps, eps_mode=config.eps_mode, **kwargs)
 
 
-def keep_output_dtype(new: nn.Module, original: nn.Module, info) -> None:
-    """Give ``new`` the output dtype rule of the norm it replaces (see ``portable.output_dtype_witness``);
-    a registered norm of another class keeps its own."""
+def keep_output_dtype(new: nn.Module, original: nn.Module, info) -> bool:
+    """Give ``new`` the output dtype rule of the norm it replaces (see ``portable.output_dtype_witness``),
+    through its ``output_in_dtype_of(witness)``. False where it needs the rule and has no such method (a
+    norm added with :func:`register_norm`): pass those to :func:`warn_output_dtype`."""
     witness = output_dtype_witness(original, info)
-    if witness is not None and isinstance(new, norms._ParameterFreeNorm):
-        new.output_in_dtype_of(witness)
+    if witness is None:
+        return True
+    if not callable(getattr(new, "output_in_dtype_of", None)):
+        return False
+    new.output_in_dtype_of(witness)
+    return True
+
+
+def warn_output_dtype(unfollowed: dict) -> None:
+    """One warning for the norms ({name: replacement}) that could not take the output dtype rule."""
+    if unfollowed:
+        names, classes = list(unfollowed), sorted({type(m).__name__ for m in unfollowed.values()})
+        warnings.warn(
+            f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)} norms) cast their output to "
+            f"their gain's dtype when that is float16 or bfloat16 (T5's norms do), and {', '.join(classes)} has no "
+            "output_in_dtype_of(witness) method to do the same: in a half model the next layer may get float32 "
+            "and fail. Give the registered class that method (see hf_adanorm.norms), or keep the model in float32",
+            UserWarning, stacklevel=3)
 
 
 register_norm(

@@ -98,3 +98,62 @@ def test_gradients_flow_through_the_cast(saved_t5):
     model(**inputs()).logits.float().square().mean().backward()
     grad = model.encoder.block[0].layer[0].SelfAttention.q.weight.grad
     assert grad is not None and grad.dtype == torch.float16 and grad.abs().sum() > 0
+
+
+def test_a_float32_gain_casts_nothing():
+    # T5 casts only to a half gain's dtype; FSDP2's mixed precision casts the gain but not the witness buffer
+    original = T5LayerNorm(8).to(torch.float64)
+    model = nn.Sequential(T5LayerNorm(8))
+    hf_adanorm.patch_model(model, "adanorm", include_rmsnorm=True)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    assert model(x).dtype == original(x).dtype == torch.float64
+    model.float()
+    assert model(x).dtype == torch.float64  # float32 witness: the input's dtype, as T5 with a float32 gain
+
+
+def t5_with_two_layers(path):
+    config = T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=8)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    return T5ForConditionalGeneration.from_pretrained(path, dtype=torch.float16).eval()
+
+
+@pytest.mark.parametrize("fold_affine", [False, True])
+def test_the_gradual_swap_blends_in_the_original_dtype(tmp_path, fold_affine):
+    # a folded norm's blend source is the plain normalization: it takes the target's dtype rule too
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from hf_adanorm import GradualSwapCallback
+    model = t5_with_two_layers(tmp_path / "t5")
+    original = model(**inputs()).logits
+    callback = GradualSwapCallback("layernorm_simple", ramp_steps=10, include_rmsnorm=True, fold_affine=fold_affine)
+    callback.on_init_end(TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[]), TrainerState(),
+                         TrainerControl(), model=model)
+    for alpha in (0.0, 0.5, 1.0):
+        for blended in callback.wrapped.values():
+            blended.alpha = alpha
+        out = model(**inputs()).logits
+        assert out.dtype == torch.float16 and torch.isfinite(out).all()
+        if alpha == 0.0:  # the blend starts at the teacher's function (up to half rounding in a fold)
+            torch.testing.assert_close(out, original, rtol=1e-2, atol=5e-3)
+
+
+def test_a_registered_norm_without_the_dtype_rule_is_warned_about(saved_t5):
+    from hf_adanorm.registry import NORM_REGISTRY, register_norm
+
+    class PlainRMS(nn.Module):
+        def __init__(self, normalized_shape, eps, eps_mode):
+            super().__init__()
+            self.eps = eps
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    register_norm("plain_rms_for_dtype_test", nn.LayerNorm, PlainRMS)
+    try:
+        model_cls, path = saved_t5
+        model = model_cls.from_pretrained(path, dtype=torch.float16)
+        with pytest.warns(UserWarning, match=r"PlainRMS has no output_in_dtype_of\(witness\) method"):
+            hf_adanorm.patch_model(model, "plain_rms_for_dtype_test", include_rmsnorm=True)
+    finally:
+        NORM_REGISTRY.pop("plain_rms_for_dtype_test")

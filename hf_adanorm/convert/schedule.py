@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..blend import BlendedNorm  # noqa: F401 - here too: the wrapper this module's functions put in
+from ..norms import OUTPUT_DTYPE_BUFFER, in_witness_dtype
 
 SCHEDULES = ("blend", "layerwise", "swap")
 
@@ -53,7 +54,11 @@ def wrap_norms(model: nn.Module, sources: dict[str, nn.Module]) -> dict[str, Ble
     for name, source in sources.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        blended = BlendedNorm(source, getattr(parent, attr))
+        target = getattr(parent, attr)
+        witness = target._buffers.get(OUTPUT_DTYPE_BUFFER)
+        if isinstance(source, PlainNormalization) and witness is not None:  # its output's dtype is the target's
+            source.register_buffer(OUTPUT_DTYPE_BUFFER, witness, persistent=False)
+        blended = BlendedNorm(source, target)
         setattr(parent, attr, blended)
         wrapped[name] = blended
     return wrapped
@@ -80,8 +85,8 @@ class PlainNormalization(nn.Module):
 
     def forward(self, x):
         if self.rms:
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps)
+            return in_witness_dtype(self, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        return in_witness_dtype(self, nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps))
 
 
 def blend_sources(record: dict, original: Callable[[str], nn.Module]) -> dict:
