@@ -79,7 +79,8 @@ class PatchCallback(TrainerCallback):
     that moment has passed: an optimizer handed to the Trainer, an already wrapped
     model, a model created later by ``model_init``, or a callback added with
     ``trainer.add_callback`` after construction.  A model already patched with the
-    same configuration is left alone (e.g. a second Trainer on the same model).
+    same configuration is left alone (e.g. a second Trainer on the same model, or a PEFT
+    ``PeftModel`` of it: patch, then ``get_peft_model``).
     On every save it writes the patch record into ``checkpoint-N``
     (:data:`PATCH_RECORD_FILE` and ``config.json["hf_adanorm"]``).
     """
@@ -130,20 +131,28 @@ class PatchCallback(TrainerCallback):
 
     def _check_resumed_checkpoint(self, args, state) -> None:
         """A resumed run must be patched as the checkpoint it continues (checked when that
-        checkpoint is ``output_dir/checkpoint-N``, where the Trainer writes them)."""
-        config_file = checkpoint_folder(args, state) / "config.json"
-        if state.global_step == 0 or not config_file.is_file():
+        checkpoint is ``output_dir/checkpoint-N``, where the Trainer writes them). A PEFT run's
+        checkpoint has its adapters and no config.json: the record is in :data:`PATCH_RECORD_FILE`
+        (written by :meth:`on_save`; without it, nothing tells how the run was patched)."""
+        folder = checkpoint_folder(args, state)
+        config_file, record_file = folder / "config.json", folder / PATCH_RECORD_FILE
+        if state.global_step == 0:
             return
-        record = json.loads(config_file.read_text()).get(_CONFIG_KEY) or {}
+        if config_file.is_file():
+            record = json.loads(config_file.read_text()).get(_CONFIG_KEY) or {}
+        elif record_file.is_file():  # a PeftModel's checkpoint (adapter_config.json, adapter weights)
+            record = json.loads(record_file.read_text()) or {}
+        else:
+            return
         if SWAP_IN_PROGRESS in record and not self.resumes_a_swap:
-            raise RuntimeError(f"PatchCallback: the run resumed from {config_file.parent} was inside "
+            raise RuntimeError(f"PatchCallback: the run resumed from {folder} was inside "
                                "GradualSwapCallback's ramp (its original norms still blended in); resume it with "
                                "the same GradualSwapCallback")
         saved = record.get("config")
         if saved != self.config.to_dict():
             saved_as = f"patched with {saved}" if saved else "not patched by hf_adanorm"
             raise RuntimeError(
-                f"PatchCallback: the run resumed from {config_file.parent} was {saved_as}, but this "
+                f"PatchCallback: the run resumed from {folder} was {saved_as}, but this "
                 f"callback patches with {self.config.to_dict()}; its weights would continue under "
                 "different norms. Resume with the same PatchCallback arguments.")
 

@@ -158,6 +158,8 @@ def load_config(path, model_class=None, *, return_unused_kwargs: bool = False, *
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
     config_dict, _ = PreTrainedConfig.get_config_dict(path, **hub)
+    if not config_dict:  # a local folder without config.json
+        raise CheckpointError(_no_config(path))
     config_dict = portable.unguard_config_dict(config_dict)
     ours = f"{MODELING_FILE[:-3]}."  # entries pointing at the remote code: not run here, not kept
     kept = {k: v for k, v in (config_dict.pop("auto_map", None) or {}).items()
@@ -172,6 +174,21 @@ def load_config(path, model_class=None, *, return_unused_kwargs: bool = False, *
         raise CheckpointError(f"{path}'s config.json has the model_type {config_dict.get('model_type')!r}, which "
                               "this transformers does not know; upgrade transformers or pass the concrete class")
     return config_class.from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+
+def _no_config(path) -> str:
+    """Why a folder without config.json loads no model, and, for PEFT adapters, what to load instead."""
+    adapter_config = Path(path) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return f"{path} has no config.json: it is not a saved model folder"
+    try:
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    where = repr(str(base)) if base else "<the patched model's folder>"
+    return (f"{path} holds PEFT adapters (adapter_config.json), not a model: load the patched model they were "
+            f"trained on, base = hf_adanorm.from_pretrained(model_class, {where}), then "
+            f"peft.PeftModel.from_pretrained(base, {str(path)!r})")
 
 
 def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **kwargs):

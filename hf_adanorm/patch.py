@@ -30,13 +30,25 @@ from .fold import fold_summary, plan_fold
 from .fold_state import apply_fold, converted, unfold
 from .norms import _ParameterFreeNorm, check_eps
 from .record import (CONFIG_KEY, PatchState, build_record, clear_state, get_record, get_state,
-                     is_patched, set_state, swap_module)
+                     set_state, swap_module)
 from .registry import build_norm, get_spec, keep_output_dtype, warn_output_dtype
 from .report import ModuleEntry, PatchReport
-from .wrappers import refuse_wrappers
+from .wrappers import peft_base, refuse_wrappers
 
 _ORIGINAL_PREFIX = "hf_adanorm_original__"
-get_patch_record = get_record  # the public name
+
+
+def get_patch_record(model: nn.Module) -> Optional[dict]:
+    """The JSON-serializable record of the patch on ``model`` (None if unpatched). For a PEFT
+    ``PeftModel`` (patched first, then ``get_peft_model``), the record of the model inside it, whose
+    module names (``bert.encoder...``, not ``base_model.model.bert.encoder...``) it holds."""
+    return get_record(peft_base(model))
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` holds a patch of :func:`patch_model` (or was loaded with one); for a PEFT
+    ``PeftModel``, whether the model inside it does (``unpatch_model`` takes that model)."""
+    return get_patch_record(model) is not None
 
 
 def _matches(name: str, patterns) -> bool:
@@ -340,6 +352,10 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     error while restoring (every change already made is undone before it propagates).
     """
     state = get_state(model)
+    if state is None and is_patched(model):  # a PeftModel around a patched model
+        raise ValueError("the model is a PEFT PeftModel around a patched model: unpatch the model inside it, "
+                         "hf_adanorm.unpatch_model(peft_model.get_base_model()) (the adapters stay), or the "
+                         "model that peft_model.merge_and_unload() or peft_model.unload() returns")
     if state is None:
         raise ValueError("model is not patched by hf_adanorm; nothing to undo"
                          + refuse_wrappers(model, hint_only=True))

@@ -45,6 +45,12 @@ def _kind(module: nn.Module):
     return None
 
 
+def peft_base(model: nn.Module) -> nn.Module:
+    """The model a PEFT ``PeftModel`` wraps (``get_base_model()``: the model that was patched, under its
+    own module names); any other model as it is."""
+    return model.get_base_model() if _kind(model) == "PeftModel" else model
+
+
 def refuse_wrappers(model: nn.Module, *, hint_only: bool = False) -> str:
     """Raise ``TypeError`` if ``model`` is, or contains, a wrapper; ``hint_only``: return the advice."""
     found = None

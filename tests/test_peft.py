@@ -1,5 +1,6 @@
 """PEFT on a patched model: LN tuning is refused with a reason, the alternative it names works;
-unpatching under LoRA adapters on folded layers is refused, changing nothing.
+unpatching under LoRA adapters on folded layers is refused, changing nothing; a PeftModel of a patched
+model is patched for is_patched, the monitors, PatchCallback and its checkpoints and resumes.
 
 Skipped without ``peft`` (in the ``test`` extra).
 """
@@ -96,3 +97,106 @@ def test_saving_with_lora_layers_injected_is_refused_before_writing(tmp_path):
     hf_adanorm.save_pretrained(merged, tmp_path / "ckpt")
     loaded = hf_adanorm.from_pretrained(AutoModelForCausalLM, tmp_path / "ckpt").eval()
     torch.testing.assert_close(logits(loaded), expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- a PeftModel of a patched model
+def lora_of_patched(norm="adanorm", **options):
+    """(patched base model, PeftModel around it): the supported order, patch first, then get_peft_model."""
+    model = tiny_bert()
+    hf_adanorm.patch_model(model, norm, **options)
+    return model, peft.get_peft_model(model, peft.LoraConfig(target_modules=["query", "value"], r=2))
+
+
+def train_args(output_dir, **overrides):
+    from transformers import TrainingArguments
+    settings = dict(per_device_train_batch_size=4, report_to="none", use_cpu=True, disable_tqdm=True,
+                    logging_steps=1000, save_strategy="no", max_steps=2, seed=0)
+    return TrainingArguments(str(output_dir), **{**settings, **overrides})
+
+
+def test_is_patched_and_the_record_look_through_the_peft_model(state_of, assert_unchanged):
+    """A PeftModel of a patched model computes the patched norms: it is patched, with the inner model's
+    record (whose names are the inner model's); unpatch_model says which model to unpatch."""
+    model, lora = lora_of_patched()
+    assert hf_adanorm.is_patched(lora) and hf_adanorm.get_patch_record(lora) is hf_adanorm.get_patch_record(model)
+    before = state_of(model)
+    with pytest.raises(ValueError, match=r"PeftModel around a patched model.*"
+                                         r"unpatch_model\(peft_model\.get_base_model\(\)\).*merge_and_unload\(\)"):
+        hf_adanorm.unpatch_model(lora)
+    assert_unchanged(model, before)
+    hf_adanorm.unpatch_model(lora.get_base_model())  # what the message says: the adapters stay
+    assert not hf_adanorm.is_patched(lora) and any("lora_A" in n for n, _ in lora.named_parameters())
+
+
+@pytest.mark.parametrize("norm, options", [("adanorm", {}), ("layernorm_simple", {"eps_mode": "fairseq"}),
+                                           ("no_norm", {}), ("detachnorm", {"detach": "mean"})])
+def test_the_gradient_probe_finds_the_patched_norms_inside_a_peft_model(norm, options):
+    """They were looked for under the PeftModel's names (base_model.model.<name>), which the record
+    lacks: AdaNorm, NoNorm and fairseq-eps norms were not found, the others measured as stock LayerNorms."""
+    from hf_adanorm.grad_stats import find_norm_sites
+    model, lora = lora_of_patched(norm, **options)
+    assert find_norm_sites(lora) == find_norm_sites(model) and len(find_norm_sites(model)) == 3
+
+
+def test_the_monitors_measure_every_norm_of_a_peft_model_under_its_own_names(token_dataset, tmp_path):
+    """One LayerNorm left unpatched: the gradient statistics were of that one only ('all' included),
+    silently; now every norm is measured, under the names a run without PEFT logs."""
+    from transformers import Trainer
+    from hf_adanorm.callbacks import AdaNormMonitorCallback, AffineDriftCallback, NormGradientStatsCallback
+    _, lora = lora_of_patched("adanorm", exclude=["attention.output.LayerNorm"])
+    trainer = Trainer(lora, train_args(tmp_path, logging_steps=1), train_dataset=token_dataset,
+                      callbacks=[NormGradientStatsCallback(every_n_steps=1), AdaNormMonitorCallback(every_n_steps=1),
+                                 AffineDriftCallback(every_n_steps=1)])
+    trainer.train()
+    logged = set().union(*trainer.state.log_history)
+    patched, kept = "bert.encoder.layer.0.output.LayerNorm", "bert.encoder.layer.0.attention.output.LayerNorm"
+    assert {f"norm_grad/{patched}/recentring", f"norm_grad/{kept}/recentring", f"adanorm/{patched}/factor_min",
+            f"affine/{kept}/gain_dev"} <= logged
+    assert not any("base_model.model" in key for key in logged)
+    last = [logs for logs in trainer.state.log_history if f"norm_grad/{patched}/recentring" in logs][-1]
+    assert last[f"norm_grad/{patched}/recentring"] < 1e-3  # AdaNorm re-centres (theory: 0)
+
+
+def test_patch_callback_on_a_peft_model_of_the_patched_model(token_dataset, tmp_path):
+    """The same patch is left alone (it raised the TypeError for patching a PeftModel, whose advice had
+    been followed); another patch is refused; checkpoints carry the record, and a resume checks it."""
+    import json
+    from transformers import Trainer
+    from hf_adanorm.callbacks import PATCH_RECORD_FILE, PatchCallback
+    _, lora = lora_of_patched("adanorm", k=0.2)
+    with pytest.raises(RuntimeError, match=r"already patched with .*'k': 0\.2.*not .*'k': 0\.1"):
+        Trainer(lora, train_args(tmp_path), train_dataset=token_dataset, callbacks=[PatchCallback("adanorm")])
+    args = train_args(tmp_path, save_strategy="steps", save_steps=1)
+    Trainer(lora, args, train_dataset=token_dataset, callbacks=[PatchCallback("adanorm", k=0.2)]).train()
+    checkpoint = tmp_path / "checkpoint-1"
+    assert (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "config.json").exists()
+    assert json.loads((checkpoint / PATCH_RECORD_FILE).read_text()) == hf_adanorm.get_patch_record(lora)
+
+    _, other = lora_of_patched("adanorm", k=0.3)  # resumed with another patch: its adapters would continue
+    resumed = Trainer(other, args, train_dataset=token_dataset, callbacks=[PatchCallback("adanorm", k=0.3)])
+    with pytest.raises(RuntimeError, match=r"resumed from .*checkpoint-1 was patched with .*'k': 0\.2.*'k': 0\.3"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    _, same = lora_of_patched("adanorm", k=0.2)
+    Trainer(same, args, train_dataset=token_dataset,
+            callbacks=[PatchCallback("adanorm", k=0.2)]).train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_from_pretrained_on_an_adapter_folder_says_what_to_load(tmp_path):
+    """A PEFT run's checkpoint holds adapters only: the message said to upgrade transformers."""
+    from transformers import AutoModelForSequenceClassification
+    model = tiny_bert()
+    hf_adanorm.patch_model(model, "adanorm")
+    hf_adanorm.save_pretrained(model, tmp_path / "base")
+    base = hf_adanorm.from_pretrained(AutoModelForSequenceClassification, tmp_path / "base")
+    lora = peft.get_peft_model(base, peft.LoraConfig(target_modules=["query", "value"], r=2))
+    lora.save_pretrained(tmp_path / "adapters", save_embedding_layers=False)
+    with pytest.raises(hf_adanorm.CheckpointError, match=r"holds PEFT adapters.*hf_adanorm\.from_pretrained\("
+                                                         r"model_class, '[^']*base'\), then peft\.PeftModel\."):
+        hf_adanorm.from_pretrained(AutoModelForSequenceClassification, tmp_path / "adapters")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(hf_adanorm.CheckpointError, match="has no config.json"):
+        hf_adanorm.from_pretrained(AutoModelForSequenceClassification, tmp_path / "empty")
+    reloaded = peft.PeftModel.from_pretrained(  # what the message says to do
+        hf_adanorm.from_pretrained(AutoModelForSequenceClassification, tmp_path / "base"), tmp_path / "adapters")
+    ids = torch.randint(1, 64, (2, 6))
+    torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, lora.eval()(input_ids=ids).logits)
