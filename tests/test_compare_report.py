@@ -431,3 +431,34 @@ def test_a_torn_sweep_json_gets_a_clear_message(tmp_path):
     (tmp_path / "sweep.json").write_text("")  # what an older hf_adanorm killed mid-write left
     with pytest.raises(ValueError, match="sweep.json is not readable JSON .* start afresh with --overwrite_output_dir"):
         run_sweep(SETUP, ["layernorm"], [0, 1], tmp_path, run_fn=FakeRun(), progress=False)
+
+
+@pytest.mark.parametrize("flag", [["--no-progress"], []])
+def test_no_progress_hides_every_runs_bar_and_restores_the_environment(tmp_path, monkeypatch, flag):
+    """--no-progress hid the sweep's bar only: each run's training bar passed disable=False to tqdm."""
+    import hf_adanorm.compare.sweep as sweep_module
+    fake, seen = FakeRun(), []
+
+    def recording(options):
+        seen.append(os.environ.get("TQDM_DISABLE"))
+        return fake(options)
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setattr(sweep_module, "run_in_process", recording)
+    assert main(["compare", "--model", str(tmp_path), "--dataset", str(tmp_path), "--output-dir",
+                 str(tmp_path / "o"), "--norms", "layernorm", "adanorm", "--seeds", "0", *flag]) == 0
+    assert seen == (["1", "1"] if flag else [None, None])
+    assert "TQDM_DISABLE" not in os.environ
+
+
+def test_the_training_bar_follows_tqdm_disable(tmp_path, monkeypatch, capfd):
+    from test_recipes import tiny_args
+
+    from hf_adanorm.training import TrainingArgs, run_training
+    for disable, expected in (("1", False), (None, True)):
+        if disable:
+            monkeypatch.setenv("TQDM_DISABLE", disable)
+        else:
+            monkeypatch.delenv("TQDM_DISABLE", raising=False)
+        run_training(TrainingArgs(**tiny_args(tmp_path, num_epochs=1, output_dir=str(tmp_path / f"run{disable}"))))
+        assert ("classification [adanorm]" in capfd.readouterr().err) is expected

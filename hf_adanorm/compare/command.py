@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -48,7 +49,8 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                        help="train each run in this process, or through `accelerate launch`")
     sweep.add_argument("--accelerate-config", "--accelerate_config", dest="accelerate_config",
                        help="accelerate config file for --launcher accelerate (e.g. recipes/configs/*.yaml)")
-    sweep.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    sweep.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="no progress bars: the sweep's, and each run's and conversion's (TQDM_DISABLE=1)")
     sweep.add_argument("--convert", action="store_true",
                        help="start every non-baseline norm from a model converted once from --model "
                        "(`hf-adanorm convert`: distilled from the original while the norms are blended in), "
@@ -116,6 +118,9 @@ def run_compare(args) -> int:
         # machine its spin-waiting made each step 10-25x slower in our measurements.
         torch.set_num_threads(1)
     datasets.disable_progress_bars()  # per-run data loading bars would bury the sweep's own
+    tqdm_disable = os.environ.get("TQDM_DISABLE")
+    if not args.progress:  # the runs' and conversions' bars too, in this process and in launched ones
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         report = compare(setup, args.norms, args.seeds, args.output_dir, run_fn=run_fn,
                          progress=args.progress, overwrite=args.overwrite_output_dir, conversion=conversion)
@@ -125,6 +130,10 @@ def run_compare(args) -> int:
         torch.set_num_threads(threads)
         if data_bars:
             datasets.enable_progress_bars()
+        if tqdm_disable is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_disable
     print(f"report: {report}\n" + Path(report).read_text())
     return 0
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..checkpoint import save_pretrained
@@ -29,7 +28,7 @@ from ..patch import get_patch_record, patch_model
 from ..sources import check_model_source
 from ..training import checkpoints
 from ..training.locks import check_not_in_use, folder_lock
-from ..training.loop import backward_and_step, make_accelerator, resumed_batches
+from ..training.loop import backward_and_step, make_accelerator, progress_bar, resumed_batches
 from .args import ConvertArgs
 from .data import collator, load_texts, load_tokenizer, tokenize
 from .distill import FORWARD_OPTIONS, choose_objective, distill_loss, drift
@@ -282,8 +281,7 @@ def convert_model(args: ConvertArgs) -> dict:
             checkpoints.remove_incomplete(out)
             checkpoints.write_json_atomic(out / ARGS_FILE, args.to_dict())
 
-        progress = tqdm(total=total_steps, initial=loop["step"], disable=not accelerator.is_local_main_process,
-                        desc=f"convert -> {args.norm}")
+        progress = progress_bar(accelerator, total=total_steps, initial=loop["step"], desc=f"convert -> {args.norm}")
         model.eval()
         epoch = loop["epoch"]
         while loop["step"] < total_steps:

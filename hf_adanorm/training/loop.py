@@ -66,6 +66,13 @@ class TrainResult:
     accelerator: Accelerator
 
 
+def progress_bar(accelerator: Accelerator, **kwargs):
+    """A tqdm bar on the main process only, hidden while TQDM_DISABLE is set: `compare --no-progress` sets
+    it for its runs, and tqdm itself reads it once, when it is first imported."""
+    hidden = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
+    return tqdm(disable=hidden or not accelerator.is_local_main_process, **kwargs)
+
+
 def make_accelerator(args: TrainingArgs) -> Accelerator:
     # Under torchrun/accelerate launch with no GPU, Accelerator(cpu=False) would start N
     # independent single-process runs; cpu=True makes them one gloo process group.
@@ -333,8 +340,7 @@ def _train(args: TrainingArgs, accelerator, task: Task, resume_path: Optional[Pa
         loop.pop("loss_sums", None)
         accelerator.print(entry)
 
-    progress = tqdm(total=total_steps, initial=loop["step"], disable=not accelerator.is_local_main_process,
-                    desc=f"{args.task} [{args.norm}]")
+    progress = progress_bar(accelerator, total=total_steps, initial=loop["step"], desc=f"{args.task} [{args.norm}]")
     model.train()
     for epoch in range(loop["epoch"], num_epochs):
         for batch in resumed_batches(accelerator, train_dataloader, loop, epoch):
