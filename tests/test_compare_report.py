@@ -225,6 +225,7 @@ def test_the_verdict_follows_from_the_numbers(tmp_path):
     assert simple["mde"] == pytest.approx(min_detectable_effect(simple["diff_std"], 4))
 
 
+@pytest.mark.slow
 def test_the_sweep_folder_is_locked_and_recovered_after_kill_9(tmp_path, capsys):
     fake = FakeRun()
     holder = hold_lock(tmp_path / "sweep", "hf-adanorm compare")

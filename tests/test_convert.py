@@ -449,6 +449,7 @@ def test_a_folder_held_by_another_conversion_is_refused_and_nothing_is_written(w
     assert again["steps"] == 4
 
 
+@pytest.mark.slow
 def test_a_running_conversion_is_named_as_the_holder_not_called_interrupted(workspace, tmp_path, monkeypatch):
     # A running conversion's folder holds checkpoints, as an interrupted one's does: another conversion
     # there must be told the folder is in use, not to resume it or to change its options.

@@ -205,6 +205,7 @@ def test_tensor_subclasses_take_the_eager_path(cpu_kernels_mode):
     assert calls == {"forward": 1, "input_grad": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variable,value", [("HF_ADANORM_CPU_KERNELS", "0"), ("HF_ADANORM_TRITON", "on")])
 def test_a_misspelt_switch_is_an_error(variable, value):
     out = subprocess.run([sys.executable, "-c", "import hf_adanorm"], env={**os.environ, variable: value},

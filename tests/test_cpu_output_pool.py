@@ -205,6 +205,7 @@ def test_large_outputs_match_the_reference(pool, kind, dtype, d, tol):
     assert_matches_reference(kind, kind.make(d), x, g, tol)
 
 
+@pytest.mark.slow
 def test_the_pool_answers_without_building_the_kernels(tmp_path):
     """cache_info, set_cache_limit and empty_cache work where the kernels cannot be built (no compiler),
     and build nothing."""
@@ -232,6 +233,7 @@ print(cpu_kernels.cache_info()["cached_bytes"] // MIB, bool(torch.isfinite(z[:64
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
 def test_an_allocation_that_fails_empties_the_pool_and_tries_again(cpu_kernels_mode):
     cpu_kernels_mode("auto")

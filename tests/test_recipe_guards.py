@@ -141,6 +141,7 @@ def hold_lock(folder: Path, what: str = "training run") -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow
 def test_a_run_folder_held_by_another_process_is_refused_and_recovered_after_kill_9(tmp_path):
     args = tiny_args(tmp_path, num_epochs=1, max_steps=1)
     holder = hold_lock(Path(args["output_dir"]))
@@ -158,6 +159,7 @@ def test_a_run_folder_held_by_another_process_is_refused_and_recovered_after_kil
         pass
 
 
+@pytest.mark.slow
 def test_a_running_run_is_named_as_the_holder_not_as_another_runs_results(tmp_path):
     # A running run's folder holds checkpoints and metrics, as a finished or interrupted one's does:
     # another run there must be told the folder is in use, not to resume it or to overwrite it.
@@ -189,6 +191,7 @@ def test_a_lock_file_that_is_a_link_is_refused_clearly(tmp_path, target):
     assert sorted(p.name for p in folder.iterdir()) == [".lock"] and (folder / ".lock").is_symlink()
 
 
+@pytest.mark.slow
 def test_folder_lock_is_exclusive_between_processes_and_nests_within_one(tmp_path):
     holder = hold_lock(tmp_path)
     try:

@@ -105,6 +105,7 @@ def test_inspect_runs_every_kind_of_tiny_model(arch, flag, capsys):
         assert "T5LayerNorm" in out and "RMSAdaNorm" in out
 
 
+@pytest.mark.slow
 def test_inspect_says_what_it_could_not_check(capsys):
     assert main(["inspect", "--arch", "clip"]) == 2
     err = capsys.readouterr().err
