@@ -183,12 +183,17 @@ def _no_config(path) -> str:
         return f"{path} has no config.json: it is not a saved model folder"
     try:
         base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        base = None
-    where = repr(str(base)) if base else "<the patched model's folder>"
-    return (f"{path} holds PEFT adapters (adapter_config.json), not a model: load the patched model they were "
-            f"trained on, base = hf_adanorm.from_pretrained(model_class, {where}), then "
-            f"peft.PeftModel.from_pretrained(base, {str(path)!r})")
+        saved_patched = CONFIG_KEY in json.loads((Path(base) / "config.json").read_text())
+    except (OSError, ValueError, AttributeError, TypeError):  # no base named, or not a local model folder
+        saved_patched = False
+    adapters = f"peft.PeftModel.from_pretrained(base, {str(path)!r})"
+    if saved_patched:
+        return (f"{path} holds PEFT adapters (adapter_config.json), not a model: load the patched model they were "
+                f"trained on, base = hf_adanorm.from_pretrained(model_class, {str(base)!r}), then {adapters}")
+    return (f"{path} holds PEFT adapters (adapter_config.json), not a model, and the model they were trained on "
+            "was patched in memory: load that model, patch it as it was (a Trainer checkpoint written with "
+            f"PatchCallback holds the record in hf_adanorm_patch.json), then {adapters}. A model patched otherwise, "
+            "or not at all, takes the adapters without an error")
 
 
 def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **kwargs):

@@ -30,21 +30,11 @@ import torch
 from torch import nn
 
 from .functional import normalize
+from .portable import OUTPUT_DTYPE_BUFFER, in_witness_dtype
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
 DETACH_CHOICES = ("mean", "variance", "both")
-OUTPUT_DTYPE_BUFFER = "hf_adanorm_output_dtype"  # see _ParameterFreeNorm.output_in_dtype_of
-
-
-def in_witness_dtype(module: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """``z`` cast to the half dtype of ``module``'s output-dtype witness, if it has one (see
-    ``_ParameterFreeNorm.output_in_dtype_of``). A float32 witness casts nothing: T5 casts only to a half
-    gain's dtype, and FSDP2's mixed precision casts the parameters, never this buffer."""
-    witness = module._buffers.get(OUTPUT_DTYPE_BUFFER)
-    if witness is None or witness.dtype not in (torch.float16, torch.bfloat16):
-        return z
-    return z.to(witness.dtype)
 
 
 def _as_shape(normalized_shape: ShapeLike) -> tuple[int, ...]:
@@ -128,18 +118,16 @@ class _ParameterFreeNorm(nn.Module):
         follows ``.to()`` and ``.half()`` as the replaced gain's would."""
         self.register_buffer(OUTPUT_DTYPE_BUFFER, witness, persistent=False)
 
-    def _in_output_dtype(self, z: torch.Tensor) -> torch.Tensor:
-        return in_witness_dtype(self, z)
-
     def _normalize(self, x: torch.Tensor, **kw) -> torch.Tensor:
-        return self._in_output_dtype(_normalize_trailing(x, self.normalized_shape, type(self).__name__, self.eps,
+        return in_witness_dtype(self, _normalize_trailing(x, self.normalized_shape, type(self).__name__, self.eps,
                                                          centre=self.centre, eps_mode=self.eps_mode, **kw))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._normalize(x)
 
     def extra_repr(self) -> str:
-        in_gain_dtype = ", output in the replaced gain's half dtype" if OUTPUT_DTYPE_BUFFER in self._buffers else ""
+        witness = self._buffers.get(OUTPUT_DTYPE_BUFFER)
+        in_gain_dtype = f", output in the replaced gain's dtype ({witness.dtype})" if witness is not None else ""
         return f"{self.normalized_shape}, eps={self.eps}, eps_mode={self.eps_mode!r}{in_gain_dtype}"
 
 
@@ -223,7 +211,7 @@ class NoNorm(_ParameterFreeNorm):
     """The identity, ``z = x``: the paper's "w/o Norm" baseline."""
 
     def forward(self, x):
-        return self._in_output_dtype(x)
+        return in_witness_dtype(self, x)
 
 
 class RMSNormSimple(_ParameterFreeNorm):

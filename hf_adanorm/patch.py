@@ -196,7 +196,7 @@ def _build_replacements(config: NormConfig, chosen: dict) -> dict:
             new.train(module.training)
             by_original[id(module)] = new
         built[name] = by_original[id(module)]
-    warn_output_dtype(unfollowed)
+    warn_output_dtype(unfollowed, stacklevel=4)  # the caller of patch_model
     return built
 
 

@@ -27,6 +27,7 @@ RECORD_VERSION = 1
 BUILTIN_NORMS = ("adanorm", "detachnorm", "layernorm_simple", "no_norm")
 NORM_KINDS = ("layernorm", "rmsnorm")
 MODEL_TYPE_PREFIX = "hf_adanorm_"  # config.json's model_type is MODEL_TYPE_PREFIX + the stock one
+OUTPUT_DTYPE_BUFFER = "hf_adanorm_output_dtype"  # a replacement's 0-element buffer: see output_dtype_witness
 STOCK_KEY = "hf_adanorm_stock"  # what the guard replaced: {"base_model_type", "field", "value"}
 GUARD = ("not a stock transformers checkpoint: its LayerNorms were replaced by hf_adanorm. Load it with "
          "transformers.AutoModel...from_pretrained(path, trust_remote_code=True) (the class in its README), "
@@ -211,6 +212,13 @@ def output_dtype_witness(module, info):
         return None
     gain = getattr(module, info.gain)
     return torch.empty(0, dtype=gain.dtype, device=gain.device)
+
+
+def in_witness_dtype(module, z):
+    """``z`` cast to the half dtype of ``module``'s output dtype witness, if it has one. A float32 witness casts
+    nothing: T5 casts only to a half gain's dtype, and FSDP2's mixed precision casts the gain, not the buffer."""
+    witness = module._buffers.get(OUTPUT_DTYPE_BUFFER)
+    return z.to(witness.dtype) if witness is not None and witness.dtype in (torch.float16, torch.bfloat16) else z
 
 
 def keep_ties(model, ties: dict) -> None:
@@ -484,7 +492,7 @@ class HFAdaNorm(nn.Module):
         super().__init__()
         self.size, self.eps, self.centre = size, float(eps), centre
         if output_dtype is not None:  # see output_dtype_witness
-            self.register_buffer("hf_adanorm_output_dtype", output_dtype, persistent=False)
+            self.register_buffer(OUTPUT_DTYPE_BUFFER, output_dtype, persistent=False)
         self.norm, self.fairseq = options["norm"], options["eps_mode"] == "fairseq"
         ada = self.norm == "adanorm"
         self.k, self.C = (float(options["k"]), float(options["C"])) if ada else (0.0, 1.0)
@@ -497,8 +505,7 @@ class HFAdaNorm(nn.Module):
         z = x if self.norm == "no_norm" else _Normalize.apply(x.reshape(-1, self.size), self.eps, self.centre,
                                                               self.fairseq, self.detach_mean, self.detach_scale,
                                                               self.k, self.C).reshape(x.shape)
-        witness = self._buffers.get("hf_adanorm_output_dtype")  # T5 casts to a half gain's dtype only
-        return z.to(witness.dtype) if witness is not None and witness.dtype in (torch.float16, torch.bfloat16) else z
+        return in_witness_dtype(self, z)
 
     def extra_repr(self):
         return f"{self.norm}, {self.size}, eps={self.eps}, centre={self.centre}, fairseq={self.fairseq}"

@@ -84,7 +84,7 @@ def keep_output_dtype(new: nn.Module, original: nn.Module, info) -> bool:
     return True
 
 
-def warn_output_dtype(unfollowed: dict) -> None:
+def warn_output_dtype(unfollowed: dict, stacklevel: int = 3) -> None:
     """One warning for the norms ({name: replacement}) that could not take the output dtype rule."""
     if unfollowed:
         names, classes = list(unfollowed), sorted({type(m).__name__ for m in unfollowed.values()})
@@ -93,7 +93,7 @@ def warn_output_dtype(unfollowed: dict) -> None:
             f"their gain's dtype when that is float16 or bfloat16 (T5's norms do), and {', '.join(classes)} has no "
             "output_in_dtype_of(witness) method to do the same: in a half model the next layer may get float32 "
             "and fail. Give the registered class that method (see hf_adanorm.norms), or keep the model in float32",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=stacklevel)
 
 
 register_norm(

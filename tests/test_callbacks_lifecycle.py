@@ -29,7 +29,6 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-@pytest.mark.slow
 def test_resume_continues_a_patched_run_exactly(token_dataset, tmp_path):
     settings = dict(max_steps=6, save_strategy="steps", save_steps=3)
 

@@ -101,14 +101,16 @@ def test_gradients_flow_through_the_cast(saved_t5):
 
 
 def test_a_float32_gain_casts_nothing():
-    # T5 casts only to a half gain's dtype; FSDP2's mixed precision casts the gain but not the witness buffer
+    # T5 casts only to a half gain's dtype: with a float32 one, a float64 input stays float64
     original = T5LayerNorm(8).to(torch.float64)
     model = nn.Sequential(T5LayerNorm(8))
     hf_adanorm.patch_model(model, "adanorm", include_rmsnorm=True)
     x = torch.randn(3, 8, dtype=torch.float64)
     assert model(x).dtype == original(x).dtype == torch.float64
-    model.float()
-    assert model(x).dtype == torch.float64  # float32 witness: the input's dtype, as T5 with a float32 gain
+    # FSDP2's mixed precision casts the parameters, not the buffers: the original's gain is then bf16 and
+    # it returns bf16 for a bf16 input; the replacement, whose witness stayed float32, keeps the input's
+    original = T5LayerNorm(8).to(torch.bfloat16)
+    assert model(x.bfloat16()).dtype == original(x.bfloat16()).dtype == torch.bfloat16
 
 
 def t5_with_two_layers(path):

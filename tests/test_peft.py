@@ -164,7 +164,8 @@ def test_patch_callback_on_a_peft_model_of_the_patched_model(token_dataset, tmp_
     from transformers import Trainer
     from hf_adanorm.callbacks import PATCH_RECORD_FILE, PatchCallback
     _, lora = lora_of_patched("adanorm", k=0.2)
-    with pytest.raises(RuntimeError, match=r"already patched with .*'k': 0\.2.*not .*'k': 0\.1"):
+    with pytest.raises(RuntimeError, match=r"already patched with .*'k': 0\.2.*not .*'k': 0\.1.*"
+                                           r"unpatch_model\(peft_model\.get_base_model\(\)\)"):
         Trainer(lora, train_args(tmp_path), train_dataset=token_dataset, callbacks=[PatchCallback("adanorm")])
     args = train_args(tmp_path, save_strategy="steps", save_steps=1)
     Trainer(lora, args, train_dataset=token_dataset, callbacks=[PatchCallback("adanorm", k=0.2)]).train()
@@ -193,6 +194,17 @@ def test_from_pretrained_on_an_adapter_folder_says_what_to_load(tmp_path):
     with pytest.raises(hf_adanorm.CheckpointError, match=r"holds PEFT adapters.*hf_adanorm\.from_pretrained\("
                                                          r"model_class, '[^']*base'\), then peft\.PeftModel\."):
         hf_adanorm.from_pretrained(AutoModelForSequenceClassification, tmp_path / "adapters")
+    # adapters of a stock model patched in memory: its folder is no patched checkpoint, so it is not named
+    from transformers import BertForSequenceClassification
+    stock = tiny_bert()
+    stock.save_pretrained(tmp_path / "stock")
+    stock = BertForSequenceClassification.from_pretrained(tmp_path / "stock")
+    hf_adanorm.patch_model(stock, "adanorm")
+    peft.get_peft_model(stock, peft.LoraConfig(target_modules=["query", "value"], r=2)).save_pretrained(
+        tmp_path / "stock_adapters")
+    with pytest.raises(hf_adanorm.CheckpointError, match=r"was patched in memory: load that model, patch it as it "
+                                                         r"was .*hf_adanorm_patch\.json.*without an error"):
+        hf_adanorm.from_pretrained(AutoModelForSequenceClassification, tmp_path / "stock_adapters")
     (tmp_path / "empty").mkdir()
     with pytest.raises(hf_adanorm.CheckpointError, match="has no config.json"):
         hf_adanorm.from_pretrained(AutoModelForSequenceClassification, tmp_path / "empty")

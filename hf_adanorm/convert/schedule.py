@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..blend import BlendedNorm  # noqa: F401 - here too: the wrapper this module's functions put in
-from ..norms import OUTPUT_DTYPE_BUFFER, in_witness_dtype
+from ..portable import OUTPUT_DTYPE_BUFFER, in_witness_dtype
 
 SCHEDULES = ("blend", "layerwise", "swap")
 
