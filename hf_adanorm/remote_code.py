@@ -55,7 +55,8 @@ class {name}(_transformers.{name}):
     config_class = {config_class}
 
     def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
+        with _stock_base_for(config):
+            super().__init__(config, *args, **kwargs)
         saved = (config.architectures or [None])[0]
         applied = apply_patch(self, getattr(config, "hf_adanorm", None), saved)
         if saved not in (None, type(self).__name__):  # built as another class: a re-save must describe this one
@@ -102,6 +103,20 @@ class {config_class}(_BaseConfig):
         return {{**super().to_diff_dict(), **{{k: full[k] for k in kept}}}}
 
 
+@contextmanager
+def _stock_base_for(config):
+    """Generic heads (LlamaForSequenceClassification ...) build their base with AutoModel.from_config(config):
+    while a class here is built, that gives the stock base (the class patches the whole model), and only then."""
+    extra, kind = _transformers.AutoModel._model_mapping._extra_content, type(config)
+    before = extra.get(kind)
+    if {stock_base} is not None:
+        extra[kind] = {stock_base}
+    try:
+        yield
+    finally:
+        extra.pop(kind, None) if before is None else extra.__setitem__(kind, before)
+
+
 {models}'''
 
 
@@ -123,7 +138,8 @@ def modeling_source(base: type) -> str:
     return (_HEADER.format(base=base.__name__, auto=auto) + "\n" + _portable_source()
             + _CLASSES.format(config=config.__name__, config_class=CONFIG_CLASS, model_type=config.model_type,
                               field=guarded_field(config), own_type=portable.MODEL_TYPE_PREFIX + config.model_type,
-                              stock_key=portable.STOCK_KEY, models=models))
+                              stock_key=portable.STOCK_KEY, models=models,
+                              stock_base=f"_transformers.{built['AutoModel'].__name__}" if "AutoModel" in built else None))
 
 
 def guarded_field(config_class: type) -> Optional[list]:

@@ -138,7 +138,7 @@ def test_generated_code_is_small_deterministic_and_pickle_free(tmp_path):
     save_pretrained(second, tmp_path / "b")
     code_a = (tmp_path / "a" / MODELING_FILE).read_text()
     assert code_a == (tmp_path / "b" / MODELING_FILE).read_text()  # the record lives in config.json
-    assert len(code_a.splitlines()) < 700  # (about 170 of them the norm detector, which both readers share)
+    assert len(code_a.splitlines()) < 720  # (about 170 of them the norm detector, which both readers share)
     for banned in ("pickle", "torch.load", "hf_adanorm import", "import hf_adanorm", "eval(", "exec("):
         assert banned not in code_a
 

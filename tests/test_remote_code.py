@@ -317,3 +317,32 @@ def test_a_remote_load_as_another_class_saves_a_checkpoint_of_that_class(tmp_pat
                        AutoModel.from_pretrained(tmp_path / "b", trust_remote_code=True)):
             torch.testing.assert_close(loaded.eval()(input_ids=ids).last_hidden_state, expected,
                                        rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("saved", ["LlamaForSequenceClassification", "LlamaModel"])
+def test_a_generic_task_head_loads_through_the_remote_code(tmp_path, monkeypatch, saved):
+    """transformers 5's generic heads build their base with AutoModel.from_config(config): that asked to run
+    the remote code again (a 15 s prompt, then ValueError), and the base it built patched itself, so the head
+    refused the record ("is a HFAdaNorm, not a norm"). The stock base is built inside, and only meanwhile."""
+    import transformers
+    from transformers import AutoModel, AutoModelForSequenceClassification
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    config = transformers.LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=64, pad_token_id=0)
+    torch.manual_seed(0)
+    model = getattr(transformers, saved)(config)
+    hf_adanorm.patch_model(model, "layernorm_simple", include_rmsnorm=True, fold_affine=True)
+    save_pretrained(model, tmp_path / "ckpt")
+    monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("transformers asked whether to run the code"))
+    remote = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt", trust_remote_code=True).eval()
+    library = from_pretrained(AutoModelForSequenceClassification, tmp_path / "ckpt").eval()
+    assert type(remote.model.layers[0].input_layernorm).__name__ == "HFAdaNorm"
+    # only while the head is built: AutoModel never builds this checkpoint as the stock (unpatched) base
+    assert AutoModel._model_mapping._extra_content.get(type(remote.config)) is not transformers.LlamaModel
+    if saved == "LlamaForSequenceClassification":  # (a saved base gives each loader a new random head)
+        ids = torch.randint(3, 99, (2, 8), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(remote(input_ids=ids).logits, library(input_ids=ids).logits,
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(remote(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                                       rtol=1e-5, atol=1e-5)
