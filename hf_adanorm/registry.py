@@ -8,8 +8,8 @@ fields it takes, and one line on what the swap does.  New methods are added with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
