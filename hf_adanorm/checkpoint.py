@@ -40,6 +40,7 @@ from .atomic_folder import check_target, staged_folder
 from .blend import SWAP_IN_PROGRESS, mark_swap_in_progress
 from .config import NormConfig
 from .gather import agree_before_collective, full_state_dict, sharding
+from .loaded_config import reading_config_class
 from .portable import CheckpointError
 from .record import (CONFIG_KEY, PatchState, check_record, get_record, record_from_config, set_state,
                      swap_module)
@@ -231,6 +232,7 @@ def from_pretrained(model_class, pretrained_model_name_or_path, *model_args, **k
                                                   config=config, **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
     model.__class__ = base  # the subclass only adds __init__: hand back a plain transformers object
+    model.config.__class__ = reading_config_class(type(model.config))  # reads its own folder: see loaded_config
     return loaded
 
 

@@ -212,3 +212,56 @@ def test_from_pretrained_on_an_adapter_folder_says_what_to_load(tmp_path):
         hf_adanorm.from_pretrained(AutoModelForSequenceClassification, tmp_path / "base"), tmp_path / "adapters")
     ids = torch.randint(1, 64, (2, 6))
     torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, lora.eval()(input_ids=ids).logits)
+
+
+# --------------------------------------------------------------------------- PEFT on a loaded checkpoint
+def test_a_lora_run_on_a_loaded_checkpoint_saves_with_peft_defaults(token_dataset, tmp_path):
+    """PEFT's save_pretrained re-reads the base folder through type(model.config) to compare vocabulary
+    sizes; the folder's guard refused the stock class ("Validation error for field 'hidden_size'"), so
+    every Trainer checkpoint of a LoRA run on a converted model failed. The adapters now save with the
+    defaults, and reload onto the same base to the same outputs."""
+    from transformers import AutoModelForSequenceClassification, Trainer
+    model = tiny_bert()
+    hf_adanorm.patch_model(model, "adanorm")
+    hf_adanorm.save_pretrained(model, tmp_path / "base")
+    base = hf_adanorm.from_pretrained(AutoModelForSequenceClassification, tmp_path / "base")
+    lora = peft.get_peft_model(base, peft.LoraConfig(target_modules=["query", "value"], r=2, init_lora_weights=False))
+    Trainer(lora, train_args(tmp_path / "run", save_strategy="steps", save_steps=1),
+            train_dataset=token_dataset).train()
+    assert (tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    lora.save_pretrained(tmp_path / "adapters")  # save_embedding_layers="auto"
+    reloaded = peft.PeftModel.from_pretrained(
+        hf_adanorm.from_pretrained(AutoModelForSequenceClassification, tmp_path / "base"), tmp_path / "adapters")
+    ids = torch.randint(1, 64, (2, 6))
+    expected = lora.eval()(input_ids=ids).logits
+    with lora.disable_adapter():  # the adapters change the output, so the comparison below sees them
+        assert not torch.allclose(lora(input_ids=ids).logits, expected)
+    torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, expected)
+
+
+def test_the_loaded_config_reads_its_folder_and_nothing_else_changes(tmp_path):
+    """Only get_config_dict differs: the same name (the Auto classes look classes up by name), an
+    instance of the stock class, the same config.json when saved again, pickles; the stock class still
+    refuses the folder, so no stock load builds the model without its patch."""
+    import copy
+    import json
+    import pickle
+    from transformers import AutoModel, AutoModelForSequenceClassification, BertConfig, BertModel
+    model = tiny_bert()
+    hf_adanorm.patch_model(model, "adanorm")
+    hf_adanorm.save_pretrained(model, tmp_path / "saved")
+    loaded = hf_adanorm.from_pretrained(AutoModelForSequenceClassification, tmp_path / "saved")
+    config = loaded.config
+    assert type(config) is not BertConfig and isinstance(config, BertConfig) and type(config).__name__ == "BertConfig"
+    reread = type(config).from_pretrained(tmp_path / "saved")
+    assert reread.hidden_size == 32 and reread.vocab_size == 64 and reread.model_type == "bert"
+    for copied in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert type(copied) is type(config) and copied.to_dict() == config.to_dict()
+    assert type(AutoModel.from_config(config)).__name__ == "BertModel"
+    hf_adanorm.save_pretrained(loaded, tmp_path / "again")
+    assert (json.loads((tmp_path / "again" / "config.json").read_text())
+            == json.loads((tmp_path / "saved" / "config.json").read_text()))
+    with pytest.raises(Exception, match="not a stock transformers checkpoint"):
+        BertConfig.from_pretrained(tmp_path / "saved")
+    with pytest.raises(Exception, match="not a stock transformers checkpoint"):
+        BertModel.from_pretrained(tmp_path / "saved")
