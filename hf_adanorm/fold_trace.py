@@ -35,8 +35,34 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def is_linear(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    return ((type(module) is nn.Linear or is_conv1d(module)) and isinstance(weight, torch.Tensor)
-            and weight.is_floating_point() and weight.dim() == 2)
+    if not (isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2):
+        return False
+    if type(module) is nn.Linear or is_conv1d(module):
+        return True
+    return isinstance(module, nn.Linear) and _computes_linear(module)
+
+
+def _computes_linear(module: nn.Linear) -> bool:
+    """Whether a subclass of nn.Linear with a forward of its own computes ``F.linear(x, W, b)``, as
+    Falcon's FalconLinear (``x @ W.T + b``) does, so that a fold into ``W`` and ``b`` is a fold of it.
+
+    The rows of the test input are 0, unit vectors and a unit vector times -2: each output is then one
+    column of W (times -2) plus b, computed without rounding in any summation order, so the two must
+    agree bitwise. A forward that adds, scales, concatenates or gates anything differs. (The fold's
+    numerical check of the whole model stays behind this, as for every fold.)"""
+    weight, n = module.weight, module.weight.shape[1]
+    if weight.device.type == "meta":
+        return False
+    x = torch.zeros(4, n, dtype=weight.dtype, device=weight.device)
+    x[1, 0], x[2, n - 1], x[3, n // 2] = 1, 1, -2
+    try:
+        with torch.no_grad():
+            got = type(module).forward(module, x)  # the class's forward, without the probe's hooks
+    except Exception:  # noqa: BLE001 - a forward that takes no plain 2-D input is not taken for a Linear
+        return False
+    with torch.no_grad():
+        want = F.linear(x, weight, module.bias)
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and bool(torch.equal(got, want))
 
 
 def primary_output(out) -> torch.Tensor:

@@ -18,6 +18,8 @@ TINY = {
     "llama": dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                   num_key_value_heads=2),
     "gptj": dict(n_layer=2, n_embd=32, n_head=2, rotary_dim=8, n_positions=64),  # parallel block
+    "falcon": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_kv_heads=2,
+                   ffn_hidden_size=64),  # its Linear layers are FalconLinear, a subclass of nn.Linear
 }
 RMS = {"llama"}
 
@@ -45,9 +47,11 @@ def logits(model, seed: int = 3) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "opt", "llama", "gptj"])
-def test_layernorm_simple_with_fold_keeps_logits(model_type):
-    model = tiny_lm(model_type)
+@pytest.mark.parametrize("model_type, overrides", [
+    ("gpt2", {}), ("opt", {}), ("llama", {}), ("gptj", {}), ("falcon", {}),
+    ("falcon", {"new_decoder_architecture": True, "num_ln_in_parallel_attn": 2})])
+def test_layernorm_simple_with_fold_keeps_logits(model_type, overrides):
+    model = tiny_lm(model_type, **overrides)
     before = logits(model)
     report = hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True,
                                     include_rmsnorm=model_type in RMS)
@@ -60,7 +64,7 @@ def test_layernorm_simple_with_fold_keeps_logits(model_type):
     # what the report says of the rest: the last hidden state is the last norm's output, now y
     assert all("a hidden state the model returns from this norm's output is now y" in e.reason for e in report.replaced)
     # ... while dropping the same gains and biases without folding changes the model.
-    plain = tiny_lm(model_type)
+    plain = tiny_lm(model_type, **overrides)
     hf_adanorm.patch_model(plain, "layernorm_simple", include_rmsnorm=model_type in RMS)
     assert (logits(plain) - before).abs().max() > 1e-2
 
@@ -80,6 +84,51 @@ def test_bf16_one_plus_w_gain_is_folded_in_float64():
     expected = (q_proj.double() * (1 + w)[None, :]).to(torch.bfloat16)  # one rounding, at the end
     assert not torch.equal(expected, q_proj)
     torch.testing.assert_close(layer.self_attn.q_proj.weight.detach(), expected, rtol=0, atol=0)
+
+
+class _SameAsLinear(nn.Linear):  # FalconLinear's forward, written another way
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight.t()).reshape(*x.shape[:-1], -1)
+
+
+class _Scaled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _Relu(nn.Linear):
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class _PlusOne(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+class _Decoupled(nn.Linear):  # as Idefics' DecoupledLinear, some outputs come from elsewhere
+    def forward(self, x):
+        return torch.cat([super().forward(x)[..., :-2], x[..., :2]], dim=-1)
+
+
+@pytest.mark.parametrize("subclass, folds", [(_SameAsLinear, True), (_Scaled, False), (_Relu, False),
+                                             (_PlusOne, False), (_Decoupled, False)])
+def test_a_linear_subclass_is_folded_into_only_when_it_computes_a_linear(subclass, folds):
+    """Subclasses of nn.Linear were never folded into (Falcon's norms: "feeds FalconLinear, not only
+    Linear layers"); one is taken for a Linear when its forward gives F.linear on a test input."""
+    model = tiny_lm("opt")
+    layer = model.model.decoder.layers[0]
+    custom = subclass(layer.fc1.in_features, layer.fc1.out_features)
+    custom.load_state_dict(layer.fc1.state_dict())
+    layer.fc1 = custom
+    before = logits(model)
+    report = hf_adanorm.patch_model(model, "layernorm_simple", fold_affine=True)
+    entry = next(e for e in report.replaced if e.name == "model.decoder.layers.0.final_layer_norm")
+    if folds:
+        assert "folded into model.decoder.layers.0.fc1" in entry.reason, entry.reason
+        torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
+    else:
+        assert f"feeds model.decoder.layers.0.fc1 ({subclass.__name__}), not only Linear layers" in entry.reason
 
 
 def test_parallel_block_folds_into_attention_and_mlp():
