@@ -22,6 +22,10 @@ def _file_name(prefix: str, metric: str) -> str:
     return f"{prefix}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png"
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)  # (None: a NaN stored as null)
+
+
 def history_frame(runs: list[dict]) -> pd.DataFrame:
     """One row per logged history point, with the run's norm and seed."""
     rows = [dict(point, norm=r["norm"], seed=r["seed"]) for r in runs for point in r.get("history", [])]
@@ -41,10 +45,20 @@ def plot_learning_curves(runs: list[dict], norms: list[str], folder: Path) -> li
         fig, ax = plt.subplots(figsize=(6, 4))
         for norm in norms:
             points = frame[frame.norm == norm].dropna(subset=[metric])
+            # a seed that diverged logs NaN or inf from some point on; the mean of the seeds left would be
+            # another mean than the table's, so the curve ends before the first such point
+            bad = [p[x_key] for r in runs if r["norm"] == norm for p in r.get("history", [])
+                   if metric in p and x_key in p and not _finite(p[metric])]
+            if bad:
+                points = points[points[x_key] < min(bad)]
             if points.empty:
                 continue
             curve = points.groupby(x_key)[metric].agg(["mean", "std", "count"])
-            line, = ax.plot(curve.index, curve["mean"], label=f"{norm} (n={points.seed.nunique()})")
+            diverged = len({r["seed"] for r in runs if r["norm"] == norm for p in r.get("history", [])
+                            if metric in p and not _finite(p[metric])})
+            label = f"{norm} (n={frame[frame.norm == norm].seed.nunique()}" + (
+                f"; {diverged} diverged where the curve ends)" if diverged else ")")
+            line, = ax.plot(curve.index, curve["mean"], label=label)
             spread = curve["std"].fillna(0.0)  # a single seed has no band
             ax.fill_between(curve.index, curve["mean"] - spread, curve["mean"] + spread,
                             color=line.get_color(), alpha=0.2, linewidth=0)

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 
 from .plots import plot_final_metrics, plot_learning_curves, plot_paired_differences
-from .stats import ALPHA, BASELINE, CONFIDENCE, MAX_SEEDS, POWER, SPLIT_ORDER, bounds_of, is_diagnostic, summarize
+from .stats import (ALPHA, BASELINE, CONFIDENCE, MAX_SEEDS, POWER, SPLIT_ORDER, bounds_of, is_diagnostic,
+                    min_detectable_effect, seeds_needed, summarize)
+
+
+PLOT_NAME = re.compile(r"(curve|final|paired)_.+\.png")  # the plots a report writes
 
 
 def _is_nan(x) -> bool:
@@ -159,7 +165,7 @@ def verdict(runs: list[dict], summary: list[dict], norms: list[str], baseline: s
             text = f"- **{norm}**: no test against {baseline} was possible"
         head = next((row for row in mine if row["metric"] == headline), None)
         if head is not None:
-            text += "; " + _detectable(head, found_here=head in found)
+            text += "; " + _detectable(head, found_here=head in found, tests=tests)
         lines.append(text + ".")
     return lines
 
@@ -175,8 +181,10 @@ def _diverged(runs: list[dict]) -> dict[tuple[str, int], list[str]]:
     return found
 
 
-def _detectable(row: dict, found_here: bool) -> str:
-    """What this number of seeds could detect in ``row``'s metric."""
+def _detectable(row: dict, found_here: bool, tests: int = 1) -> str:
+    """What this number of seeds could detect in ``row``'s metric: by one t-test at ALPHA (the table's
+    column) and, over several tests, at ALPHA / tests, the strictest step of the Holm adjustment the
+    verdict applies (so the most seeds the verdict could need)."""
     m, metric = row["n_pairs"], row["metric"]
     lost = [f"{row['norm']} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
             for seeds in [row.get("nonfinite_seeds", [])] if seeds]
@@ -193,12 +201,24 @@ def _detectable(row: dict, found_here: bool) -> str:
     if row["mde"] > high - low:  # e.g. an accuracy difference above 1
         return (f"with {m} seeds no difference in {metric} was detectable: it would take |Δ| > {fmt(row['mde'], 2)}, "
                 f"beyond the metric's range ({POWER:.0%} power)")
-    text = f"with {m} seeds only |Δ| > {fmt(row['mde'], 2)} in {metric} was detectable ({POWER:.0%} power)"
+    strict = ALPHA / tests
+    text = (f"with {m} seeds only |Δ| > {fmt(row['mde'], 2)} in {metric} was detectable ({POWER:.0%} power, one "
+            f"t-test at α = {ALPHA:g}")
+    if tests > 1:
+        adjusted = min_detectable_effect(row["diff_std"], m, strict)
+        text += (f"; at α/{tests} = {strict:.2g}, the strictest Holm step over this report's {tests} tests: |Δ| > "
+                 + (f"{fmt(adjusted, 2)}" if adjusted <= high - low else "more than the metric's range"))
+    text += ")"
     needed = row["seeds_needed"]
     if not found_here and needed is not None and not math.isnan(needed) and needed > m:
-        text += (f"; the observed |Δ| = {abs(row['mean_diff']):.2g} would need "
-                 + (f"about {int(needed)} seeds" if math.isfinite(needed) else f"more than {MAX_SEEDS} seeds"))
+        text += f"; the observed |Δ| = {abs(row['mean_diff']):.2g} would need {_seeds(needed)}"
+        if tests > 1:
+            text += f" ({_seeds(seeds_needed(abs(row['mean_diff']), row['diff_std'], strict))} at α/{tests})"
     return text
+
+
+def _seeds(needed: float) -> str:
+    return f"about {int(needed)} seeds" if math.isfinite(needed) else f"more than {MAX_SEEDS} seeds"
 
 
 def caveats(runs: list[dict], summary: list[dict], norms: list[str], baseline: str) -> list[str]:
@@ -264,13 +284,18 @@ def write_report(runs: list[dict], norms: list[str], folder: str | Path, setup: 
     ``setup`` (the shared training options) is printed at the top.  Returns report.md's path.
     """
     folder = Path(folder)
+    runs = [r for r in runs if r["norm"] in norms]  # a baseline left out of norms is not paired against
+    twice = sorted(key for key, count in Counter((r["norm"], r["seed"]) for r in runs).items() if count > 1)
+    if twice:
+        raise ValueError(f"runs are paired by seed, and these (norm, seed) come more than once: {twice}")
     folder.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs, norms, baseline)
     with_paired = any(r["norm"] == baseline for r in runs)
 
     runs_table(runs).to_csv(folder / "runs.csv", index=False)
-    (folder / "runs.json").write_text(json.dumps(
-        [{k: r[k] for k in ("norm", "seed", "run_dir", "final")} for r in runs], indent=2))
+    (folder / "runs.json").write_text(json.dumps(  # NaN and inf are not JSON: null, as in summary.json
+        [{**{k: r[k] for k in ("norm", "seed", "run_dir")}, "final": {k: _json_number(v) for k, v in r["final"].items()}}
+         for r in runs], indent=2))
     (folder / "summary.json").write_text(json.dumps(
         {"baseline": baseline if with_paired else None, "confidence": CONFIDENCE,
          "rows": [{k: _json_number(v) for k, v in row.items()} for row in summary]},
@@ -278,6 +303,9 @@ def write_report(runs: list[dict], norms: list[str], folder: str | Path, setup: 
     curves = plot_learning_curves(runs, norms, folder)
     finals = plot_final_metrics(runs, summary, norms, folder)
     paired = plot_paired_differences(runs, summary, norms, baseline, folder) if with_paired else []
+    for stale in set(folder.glob("*.png")) - {*curves, *finals, *paired}:  # an earlier report's, of other norms
+        if PLOT_NAME.fullmatch(stale.name):
+            stale.unlink()
 
     md = ["# hf-adanorm comparison", "", "**Verdict.**", *verdict(runs, summary, norms, baseline), ""]
     if setup:

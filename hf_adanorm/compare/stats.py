@@ -116,6 +116,7 @@ def paired_vs_baseline(values: dict[int, float], baseline: dict[int, float],
     # difference (per pair: one seed's large values must not swallow the others' real differences).
     tolerance = 64 * np.finfo(float).eps * np.maximum(1.0, np.maximum(np.abs(x), np.abs(b)))
     diffs = np.where(np.abs(diffs) <= tolerance, 0.0, diffs)
+    out["mean_diff"] = float(diffs.mean()) if len(seeds) else math.nan  # (not 5.55e-17 for "the same Δ = 0")
     high, low = (int(np.argmax(diffs)), int(np.argmin(diffs))) if len(seeds) else (0, 0)
     spread = bool(len(seeds)) and diffs[high] - diffs[low] > tolerance[high] + tolerance[low]
     width = bounds[1] - bounds[0]
@@ -139,29 +140,29 @@ def paired_vs_baseline(values: dict[int, float], baseline: dict[int, float],
     return out
 
 
-def _power(noncentrality: float, n: int) -> float:
-    """Power of the two-sided paired t-test at ALPHA over n pairs (scipy's noncentral t)."""
-    critical = stats.t.ppf(1 - ALPHA / 2, n - 1)
+def _power(noncentrality: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired t-test at ``alpha`` over n pairs (scipy's noncentral t)."""
+    critical = stats.t.ppf(1 - alpha / 2, n - 1)
     # The wrong-sign tail is below P(Z < -noncentrality); scipy's nct.cdf returns NaN there
     # where it is tiny (scipy 1.17), and 0 is then exact to that bound.
     wrong_sign = stats.nct.cdf(-critical, n - 1, noncentrality)
     return float(stats.nct.sf(critical, n - 1, noncentrality) + (wrong_sign if math.isfinite(wrong_sign) else 0.0))
 
 
-def min_detectable_effect(diff_std: float, n: int) -> float:
-    """The |mean difference| the paired t-test detects with POWER over n pairs of this std."""
+def min_detectable_effect(diff_std: float, n: int, alpha: float = ALPHA) -> float:
+    """The |mean difference| the paired t-test at ``alpha`` detects with POWER over n pairs of this std."""
     from scipy.optimize import brentq
 
-    noncentrality = brentq(lambda nc: _power(nc, n) - POWER, 0.0, 1e3, xtol=1e-10)
+    noncentrality = brentq(lambda nc: _power(nc, n, alpha) - POWER, 0.0, 1e3, xtol=1e-10)
     return float(noncentrality * diff_std / math.sqrt(n))
 
 
-def seeds_needed(effect: float, diff_std: float) -> float:
-    """The fewest pairs giving POWER against ``effect`` (NaN for no effect, inf past MAX_SEEDS)."""
+def seeds_needed(effect: float, diff_std: float, alpha: float = ALPHA) -> float:
+    """The fewest pairs giving POWER against ``effect`` at ``alpha`` (NaN for no effect, inf past MAX_SEEDS)."""
     if not effect > 0:
         return math.nan
     for n in range(2, MAX_SEEDS + 1):
-        if _power(effect * math.sqrt(n) / diff_std, n) >= POWER:
+        if _power(effect * math.sqrt(n) / diff_std, n, alpha) >= POWER:
             return n
     return math.inf
 

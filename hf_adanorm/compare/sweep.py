@@ -23,7 +23,7 @@ from ..convert.fingerprint import data_fingerprint, model_fingerprint
 from ..registry import available_norms
 from ..training.args import BASELINE, MAX_SEED  # "layernorm": the unpatched model
 from ..sources import check_apart
-from ..training.checkpoints import METRICS_FILE, RESULTS_VERSION, RUN_CONFIG_FILE, write_json_atomic
+from ..training.checkpoints import METRICS_FILE, RESULTS_VERSION, RESUME_MAY_CHANGE, RUN_CONFIG_FILE, write_json_atomic
 from ..training.locks import check_not_in_use, folder_lock
 
 TEACHER_FINGERPRINT = "model_fingerprint"  # in sweep.json: convert/fingerprint.py
@@ -106,6 +106,9 @@ def check_same_setup(output_dir: Path, setup: dict) -> None:
                          "against these options: start afresh with --overwrite_output_dir, or use a new "
                          "--output-dir") from None
     setup = json.loads(json.dumps(setup))  # as stored: tuples become lists, keys strings
+    defaults = _training_defaults()  # an option given at its default is the option left out
+    before, setup = ({k: v for k, v in {**defaults, **d}.items() if k not in RESUME_MAY_CHANGE}
+                     for d in (before, setup))
     changed = sorted(k for k in set(before) | set(setup) if before.get(k) != setup.get(k))
     # (a sweep from before fingerprints were recorded has none to compare)
     changed = [k for k in changed if not (k in (TEACHER_FINGERPRINT, DATA_FINGERPRINT) and k not in before)
@@ -123,6 +126,16 @@ def check_same_setup(output_dir: Path, setup: dict) -> None:
             f"{output_dir} holds runs made with other training options ("
             + "; ".join(f"{k}: {before.get(k)!r} then, {setup.get(k)!r} now" for k in changed) + "). "
             "Use a new --output-dir, or --overwrite_output_dir to start the sweep afresh.")
+
+
+def _training_defaults() -> dict:
+    """{option: its default} of every TrainingArgs option that has one, as sweep.json would store it."""
+    from dataclasses import MISSING
+
+    from ..training import TrainingArgs
+    return json.loads(json.dumps({f.name: f.default if f.default is not MISSING else f.default_factory()
+                                  for f in fields(TrainingArgs)
+                                  if f.default is not MISSING or f.default_factory is not MISSING}))
 
 
 def run_in_process(options: dict):
@@ -165,7 +178,16 @@ def accelerate_runner(config_file: str | Path | None = None) -> RunFn:
 
 def load_run(folder: Path, norm: str, seed: int) -> dict:
     """A finished run as the report uses it: norm, seed, folder, final metrics, history."""
-    metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
+    path = Path(folder) / METRICS_FILE
+    try:
+        metrics = json.loads(path.read_text())
+    except ValueError as err:  # (UnicodeDecodeError is one)
+        metrics, why = None, f"not JSON: {err}"
+    else:
+        why = "no final metrics"
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("final"), dict):
+        raise ValueError(f"{path} is not a finished run's metrics ({why}): delete the folder {folder} to train "
+                         "that run again")
     run_config = Path(folder) / RUN_CONFIG_FILE
     launch = json.loads(run_config.read_text()) if run_config.is_file() else {}
     return dict(norm=norm, seed=seed, run_dir=str(folder), final=metrics["final"],
@@ -315,6 +337,7 @@ def check_runs_alike(runs: list[dict]) -> None:
                          f"differently ({described}; this one makes version {RESULTS_VERSION}), so they cannot be "
                          "paired in one report: start the sweep afresh with --overwrite_output_dir, or use a new "
                          "--output-dir")
+    _check_options_alike(runs)
     kinds: dict[tuple, list[str]] = {}
     for r in runs:
         if r.get("launch"):
@@ -325,3 +348,29 @@ def check_runs_alike(runs: list[dict]) -> None:
         raise ValueError(f"the runs of this sweep were launched differently ({described}), so they cannot be paired "
                          "in one report: rerun with the launcher and accelerate config of the first runs, or start "
                          "afresh with --overwrite_output_dir")
+
+
+# What may differ between the recorded options of two runs of one sweep: the run itself, where and what it
+# saves, and the model (a converted arm starts from its own; runs of one norm must share theirs).
+_PER_RUN = {"norm", "seed", "model", *RESUME_MAY_CHANGE}
+
+
+def _check_options_alike(runs: list[dict]) -> None:
+    """Refuse runs whose own recorded options (metrics.json's config) differ: sweep.json guards the sweep's
+    options, but a sweep folder whose sweep.json was lost, or with run folders copied in from elsewhere, has
+    only these; they also hold the defaults each run was made under."""
+    defaults = _training_defaults()
+    recorded = [dict(r, config={**defaults, **r["config"]}) for r in runs if r.get("config")]
+    first_of_norm: dict[str, dict] = {}
+    for run in recorded:
+        first, same_norm = recorded[0], first_of_norm.setdefault(run["norm"], run)
+        differ = [(first, k) for k in sorted((set(first["config"]) | set(run["config"])) - _PER_RUN)
+                  if first["config"].get(k) != run["config"].get(k)]
+        if same_norm["config"].get("model") != run["config"].get("model"):
+            differ.append((same_norm, "model"))
+        if differ:
+            described = "; ".join(f"{k}: {other['config'].get(k)!r} in {other['norm']} seed {other['seed']}, "
+                                  f"{run['config'].get(k)!r} in {run['norm']} seed {run['seed']}" for other, k in differ)
+            raise ValueError(f"the runs of this sweep were made with other options ({described}), so they cannot "
+                             "be paired in one report: start the sweep afresh with --overwrite_output_dir, or use "
+                             "a new --output-dir")

@@ -98,7 +98,11 @@ def eval_step(model, batch) -> dict:
 
 def compute_metrics(arrays: dict, char_level: bool) -> dict:
     loss = float(np.mean(arrays["loss"]))
-    metrics = {"loss": loss, "perplexity": math.exp(loss)}
+    try:
+        perplexity = math.exp(loss)
+    except OverflowError:  # a diverged run's mean loss can be finite and past 709.78: inf, not a crash
+        perplexity = math.inf
+    metrics = {"loss": loss, "perplexity": perplexity}
     if char_level:
         metrics["bpc"] = loss / math.log(2)
     return metrics
