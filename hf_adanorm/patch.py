@@ -33,7 +33,7 @@ from .record import (CONFIG_KEY, PatchState, build_record, clear_state, get_reco
                      set_state, swap_module)
 from .registry import build_norm, get_spec, keep_output_dtype, warn_output_dtype
 from .report import ModuleEntry, PatchReport
-from .wrappers import peft_base, refuse_wrappers
+from .wrappers import is_peft_model, peft_base, refuse_wrappers
 
 _ORIGINAL_PREFIX = "hf_adanorm_original__"
 
@@ -352,7 +352,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     error while restoring (every change already made is undone before it propagates).
     """
     state = get_state(model)
-    if state is None and is_patched(model):  # a PeftModel around a patched model
+    if state is None and is_patched(model) and is_peft_model(model):  # a PeftModel around a patched model
         raise ValueError("the model is a PEFT PeftModel around a patched model: unpatch the model inside it, "
                          "hf_adanorm.unpatch_model(peft_model.get_base_model()) (the adapters stay), or the "
                          "model that peft_model.merge_and_unload() or peft_model.unload() returns")

@@ -45,9 +45,16 @@ def _kind(module: nn.Module):
     return None
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    return _kind(model) == "PeftModel"
+
+
 def peft_base(model: nn.Module) -> nn.Module:
     """The model a PEFT ``PeftModel`` wraps (``get_base_model()``: the model that was patched, under its
-    own module names); any other model as it is."""
+    own module names); any other model as it is. ``torch.compile`` and DDP wrappers (patch first, then
+    wrap) are looked through first, as accelerate's ``extract_model_from_parallel`` does."""
+    from accelerate.utils import extract_model_from_parallel
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
     return model.get_base_model() if _kind(model) == "PeftModel" else model
 
 

@@ -265,3 +265,16 @@ def test_the_loaded_config_reads_its_folder_and_nothing_else_changes(tmp_path):
         BertConfig.from_pretrained(tmp_path / "saved")
     with pytest.raises(Exception, match="not a stock transformers checkpoint"):
         BertModel.from_pretrained(tmp_path / "saved")
+
+
+def test_a_compiled_patched_model_is_measured_under_its_own_names():
+    """Patch, then wrap (the documented order): torch.compile's wrapper hid the patched norms from the
+    monitors, so with one LayerNorm left unpatched only that one was measured ('all' included), silently,
+    under '_orig_mod.' names."""
+    from hf_adanorm.grad_stats import find_norm_sites
+    model = tiny_bert()
+    hf_adanorm.patch_model(model, "adanorm", exclude=["embeddings.LayerNorm"])
+    compiled = torch.compile(model, backend="eager")
+    sites = [(s.name, s.module) for s in find_norm_sites(compiled)]
+    assert sites == [(s.name, s.module) for s in find_norm_sites(model)] and len(sites) == 3
+    assert hf_adanorm.is_patched(compiled) and hf_adanorm.get_patch_record(compiled) is hf_adanorm.get_patch_record(model)

@@ -229,7 +229,7 @@ class TrainingArgs:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.max_grad_norm is not None and not (_is_real(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a finite number > 0, or None for no clipping; got "
-                             f"{self.max_grad_norm} (a negative norm would ascend the gradient, 0 would "
+                             f"{self.max_grad_norm!r} (a negative norm would ascend the gradient, 0 would "
                              "zero every step)")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; choose one of {SCHEDULERS}")
