@@ -26,7 +26,7 @@ from .monitors import AdaNormMonitorCallback, AffineDriftCallback, NormGradientS
 from .patch import get_patch_record, is_patched, patch_model
 from .record import CONFIG_KEY as _CONFIG_KEY
 from .training.checkpoints import write_json_atomic
-from .wrappers import peft_base
+from .wrappers import inner_model
 
 __all__ = ["AdaNormMonitorCallback", "AffineDriftCallback", "NormGradientStatsCallback", "PatchCallback",
            "PATCH_RECORD_FILE", "write_patch_record"]
@@ -102,7 +102,7 @@ class PatchCallback(TrainerCallback):
         if is_patched(model):
             if not self._same_patch(model):
                 done = get_patch_record(model)["config"]
-                inner = "peft_model.get_base_model()" if peft_base(model) is not model else "model"
+                inner = "peft_model.get_base_model()" if inner_model(model) is not model else "model"
                 raise RuntimeError(f"PatchCallback: the model is already patched with {done}, not "
                                    f"{self.config.to_dict()}; call hf_adanorm.unpatch_model({inner}) first.")
             logger.info("hf_adanorm: model already patched with the same configuration; nothing to do")
@@ -165,5 +165,5 @@ class PatchCallback(TrainerCallback):
         if not folder.is_dir():
             logger.warning("hf_adanorm: checkpoint folder %s not found; patch record not written", folder)
             return
-        unwrapped = peft_base(extract_model_from_parallel(model))  # the record's names are the patched model's
+        unwrapped = inner_model(model)  # the record's names are the patched model's
         write_patch_record(folder, mark_swap_in_progress(unwrapped, get_patch_record(unwrapped)))

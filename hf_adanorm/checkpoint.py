@@ -47,6 +47,7 @@ from .record import (CONFIG_KEY, PatchState, check_record, get_record, record_fr
 from .registry import build_norm, keep_output_dtype, warn_output_dtype
 from .remote_code import (MODELING_FILE, auto_map, base_model_class, guarded_field, modeling_source,
                           stock_class)
+from .wrappers import unwrap
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 # Options of the model's from_pretrained, not config values: load_config would set some of them on the
@@ -251,20 +252,6 @@ def _model_kwargs(kwargs: dict) -> dict:
     return {k: kwargs.pop(k) for k in _model_option_names() if k in kwargs}
 
 
-@functools.lru_cache(maxsize=1)
-def _unwrap_options() -> dict:
-    from accelerate.utils import extract_model_from_parallel
-    # accelerate >= 1.2 keeps a torch.compile wrapper unless told not to (before, it always unwrapped)
-    supported = "keep_torch_compile" in inspect.signature(extract_model_from_parallel).parameters
-    return {"keep_torch_compile": False} if supported else {}
-
-
-def _unwrap(model) -> nn.Module:
-    """The model inside DDP / accelerate / DeepSpeed / torch.compile wrappers."""
-    from accelerate.utils import extract_model_from_parallel
-    return extract_model_from_parallel(model, **_unwrap_options())
-
-
 def _is_main_process() -> bool:
     import torch.distributed as dist
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -364,7 +351,7 @@ def save_pretrained(model, save_directory, *, remote_code: Optional[bool] = None
     writes (others return None).  ``kwargs`` go to transformers' ``save_pretrained``.
     """
     from .card import model_card
-    model = _unwrap(model)
+    model = unwrap(model)
     sharded = sharding(model) if kwargs.get("state_dict") is None else None
     with agree_before_collective(sharded):  # a rank that fails here fails them all, before gathering
         _refuse_peft_layers(model)
@@ -469,7 +456,7 @@ def push_to_hub(model, repo_id: str, *, private: Optional[bool] = None, token=No
     (None on non-main processes).
     """
     from huggingface_hub import HfApi
-    model = _unwrap(model)
+    model = unwrap(model)
     if not _is_main_process():
         return None
     api = HfApi(token=token)

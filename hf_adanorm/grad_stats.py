@@ -42,7 +42,7 @@ from .blend import blends_of, inside
 from .detect import classify
 from .norms import NoNorm
 from .patch import get_patch_record
-from .wrappers import peft_base
+from .wrappers import inner_model
 
 STATISTICS = ("grad_out_mean", "grad_out_var", "grad_in_mean", "grad_in_var", "recentring", "rescaling")
 
@@ -63,7 +63,7 @@ def find_norm_sites(model: nn.Module) -> list[NormSite]:
     """Every norm of ``model``: the hf_adanorm replacements and the original norms left in place. Of a
     norm being blended in, the new one (the module that stays once the ramp ends; not the frozen original).
     Of a PEFT ``PeftModel``, those of the model inside it, under that model's names (as its patch record)."""
-    model = peft_base(model)
+    model = inner_model(model)
     record = get_patch_record(model)
     patched = set(record["modules"]) if record else set()
     blends = blends_of(model)

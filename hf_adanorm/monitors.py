@@ -23,7 +23,7 @@ from .blend import blends_of, inside
 from .grad_stats import STATISTICS, GradientProbe, find_norm_sites
 from .norms import AdaNorm, _is_int
 from .patch import get_patch_record
-from .wrappers import peft_base
+from .wrappers import inner_model
 
 logger = logging.get_logger(__name__)
 
@@ -177,7 +177,7 @@ class AdaNormMonitorCallback(_PeriodicMonitor):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
-        model = peft_base(model)  # a PeftModel: the patched model inside it, under its own names
+        model = inner_model(model)  # a PeftModel: the patched model inside it, under its own names
         blends = blends_of(model)  # a norm being blended in is logged under its own name, not '<name>.target'
         self._modules = {name: m for name, m in model.named_modules() if isinstance(m, AdaNorm) and not inside(name, blends)}
         self._modules.update({name: blend.target for name, blend in blends.items() if isinstance(blend.target, AdaNorm)})
@@ -247,7 +247,7 @@ class AffineDriftCallback(_PeriodicMonitor):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
-        model = peft_base(model)  # a PeftModel: the model inside it, whose names the patch record holds
+        model = inner_model(model)  # a PeftModel: the model inside it, whose names the patch record holds
         patched = set((get_patch_record(model) or {}).get("modules", {}))
         blends = blends_of(model)  # a norm being blended in: its original is a frozen copy, dropped at the end
         self._norms = {}

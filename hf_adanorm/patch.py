@@ -33,7 +33,7 @@ from .record import (CONFIG_KEY, PatchState, build_record, clear_state, get_reco
                      set_state, swap_module)
 from .registry import build_norm, get_spec, keep_output_dtype, warn_output_dtype
 from .report import ModuleEntry, PatchReport
-from .wrappers import is_peft_model, peft_base, refuse_wrappers
+from .wrappers import is_peft_model, inner_model, refuse_wrappers
 
 _ORIGINAL_PREFIX = "hf_adanorm_original__"
 
@@ -42,7 +42,7 @@ def get_patch_record(model: nn.Module) -> Optional[dict]:
     """The JSON-serializable record of the patch on ``model`` (None if unpatched). For a PEFT
     ``PeftModel`` (patched first, then ``get_peft_model``), the record of the model inside it, whose
     module names (``bert.encoder...``, not ``base_model.model.bert.encoder...``) it holds."""
-    return get_record(peft_base(model))
+    return get_record(inner_model(model))
 
 
 def is_patched(model: nn.Module) -> bool:

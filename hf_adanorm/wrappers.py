@@ -9,6 +9,9 @@ patch the plain model first, then wrap it.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from torch import nn
 
 _ADVICE = {
@@ -49,13 +52,26 @@ def is_peft_model(model: nn.Module) -> bool:
     return _kind(model) == "PeftModel"
 
 
-def peft_base(model: nn.Module) -> nn.Module:
-    """The model a PEFT ``PeftModel`` wraps (``get_base_model()``: the model that was patched, under its
-    own module names); any other model as it is. ``torch.compile`` and DDP wrappers (patch first, then
-    wrap) are looked through first, as accelerate's ``extract_model_from_parallel`` does."""
+@functools.lru_cache(maxsize=1)
+def _unwrap_options() -> dict:
     from accelerate.utils import extract_model_from_parallel
-    model = extract_model_from_parallel(model, keep_torch_compile=False)
-    return model.get_base_model() if _kind(model) == "PeftModel" else model
+    # accelerate >= 1.2 keeps a torch.compile wrapper unless told not to (before, it always unwrapped)
+    supported = "keep_torch_compile" in inspect.signature(extract_model_from_parallel).parameters
+    return {"keep_torch_compile": False} if supported else {}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / accelerate / DeepSpeed / torch.compile wrappers."""
+    from accelerate.utils import extract_model_from_parallel
+    return extract_model_from_parallel(model, **_unwrap_options())
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The model that was patched, under its own module names: inside torch.compile, DDP and
+    accelerate wrappers (patch first, then wrap), then inside a PEFT ``PeftModel``
+    (``get_base_model()``); any other model as it is."""
+    model = unwrap(model)
+    return model.get_base_model() if is_peft_model(model) else model
 
 
 def refuse_wrappers(model: nn.Module, *, hint_only: bool = False) -> str:

@@ -47,15 +47,15 @@ def plot_learning_curves(runs: list[dict], norms: list[str], folder: Path) -> li
             points = frame[frame.norm == norm].dropna(subset=[metric])
             # a seed that diverged logs NaN or inf from some point on; the mean of the seeds left would be
             # another mean than the table's, so the curve ends before the first such point
-            bad = [p[x_key] for r in runs if r["norm"] == norm for p in r.get("history", [])
-                   if metric in p and x_key in p and not _finite(p[metric])]
-            if bad:
-                points = points[points[x_key] < min(bad)]
+            bad = [(r["seed"], p.get(x_key)) for r in runs if r["norm"] == norm for p in r.get("history", [])
+                   if metric in p and not _finite(p[metric])]
+            ends = [x for _, x in bad if x is not None]
+            if ends:
+                points = points[points[x_key] < min(ends)]
             if points.empty:
                 continue
             curve = points.groupby(x_key)[metric].agg(["mean", "std", "count"])
-            diverged = len({r["seed"] for r in runs if r["norm"] == norm for p in r.get("history", [])
-                            if metric in p and not _finite(p[metric])})
+            diverged = len({seed for seed, _ in bad})
             label = f"{norm} (n={frame[frame.norm == norm].seed.nunique()}" + (
                 f"; {diverged} diverged where the curve ends)" if diverged else ")")
             line, = ax.plot(curve.index, curve["mean"], label=label)
